@@ -1,0 +1,153 @@
+"""Typed settings from a TOML file, with secrets from the environment.
+
+``load_config(path)`` validates every key; an error names the key (``scheduler.gpus: ...``).
+Tokens are ``SecretStr``: they never show in a repr, a log line or an error.
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+TELEGRAM_TOKEN_ENV = "FACECHAIN_TELEGRAM_TOKEN"
+DISCORD_TOKEN_ENV = "FACECHAIN_DISCORD_TOKEN"
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names each bad key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TelegramSettings(_Section):
+    token: SecretStr = SecretStr("")
+    base_url: str = "https://api.telegram.org/bot"
+    base_file_url: str = "https://api.telegram.org/file/bot"
+    # Polling timeout in seconds for getUpdates (long polling).
+    poll_timeout: float = Field(default=10.0, ge=0)
+    # How many times a request is retried after a 429 "retry_after".
+    max_retries: int = Field(default=3, ge=0)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.token.get_secret_value())
+
+
+class DiscordSettings(_Section):
+    token: SecretStr = SecretStr("")
+    # Guild ids where slash commands are synced instantly (global sync can take an hour).
+    guild_ids: list[int] = []
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.token.get_secret_value())
+
+
+class KindOverride(_Section):
+    timeout_s: float | None = Field(default=None, gt=0)
+    max_tries: int | None = Field(default=None, ge=1)
+
+
+class SchedulerSettings(_Section):
+    # CUDA device indexes, one worker process each; empty: one CPU worker.
+    gpus: list[int] = []
+    queue_max: int = Field(default=200, ge=1)
+    user_max_queued: int = Field(default=3, ge=1)
+    # Seconds a running job gets after SIGTERM before it is put back in the queue.
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
+    # Minimum seconds between two edits of a progress message.
+    progress_interval_s: float = Field(default=2.0, ge=0)
+    # Seconds between two attempts to deliver a result that failed to send.
+    delivery_retry_s: float = Field(default=30.0, gt=0)
+    # Per job kind: timeout and tries, overriding the built-in table.
+    kinds: dict[str, KindOverride] = {}
+
+
+class LimitSettings(_Section):
+    max_upload_mb: float = Field(default=20.0, gt=0)
+    max_pixels: int = Field(default=50_000_000, gt=0)
+    # Commands a user may send per minute (0: no limit).
+    commands_per_minute: int = Field(default=20, ge=0)
+    # Selfies kept per user; the oldest is replaced.
+    max_selfies: int = Field(default=10, ge=1)
+    # Seconds a pending input ("send me the outfit photo") waits.
+    pending_input_ttl_s: float = Field(default=600.0, gt=0)
+
+
+class AccessSettings(_Section):
+    # User keys ("telegram:123") allowed admin commands.
+    admins: list[str] = []
+    # Empty: everyone may use the bot. Otherwise only these user keys.
+    allowed_users: list[str] = []
+    # Empty: every chat. Otherwise only these chat keys ("telegram:-100123").
+    allowed_chats: list[str] = []
+
+
+class SelfieSettings(_Section):
+    detector: Literal["yunet", "scrfd"] = "yunet"
+    # File under models_dir (or an absolute path).
+    detector_model: str = "yunet_s_640_640.onnx"
+    min_face_px: int = Field(default=80, ge=16)
+
+
+class Settings(_Section):
+    data_dir: Path = Path("data")
+    models_dir: Path = Path("models")
+    language: Literal["en", "zh"] = "en"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    telegram: TelegramSettings = TelegramSettings()
+    discord: DiscordSettings = DiscordSettings()
+    scheduler: SchedulerSettings = SchedulerSettings()
+    limits: LimitSettings = LimitSettings()
+    access: AccessSettings = AccessSettings()
+    selfie: SelfieSettings = SelfieSettings()
+    # Per-feature settings handed to pipelines (paths under models_dir, sizes, flags).
+    features: dict[str, dict[str, object]] = {}
+
+    @field_validator("data_dir", "models_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "facechain.sqlite3"
+
+    def secrets(self) -> list[str]:
+        """Every secret value, for the log redaction filter."""
+        return [s for s in (self.telegram.token.get_secret_value(), self.discord.token.get_secret_value()) if s]
+
+
+def _format_errors(error: ValidationError, source: str) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(root)"
+        lines.append(f"{key}: {item['msg']}")
+    return f"invalid configuration in {source}:\n  " + "\n  ".join(lines)
+
+
+def load_config(path: Path | None = None, environ: dict[str, str] | None = None) -> Settings:
+    """Reads `path` (optional) and applies token overrides from the environment."""
+    env = os.environ if environ is None else environ
+    raw: dict = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {path}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    for section, var in (("telegram", TELEGRAM_TOKEN_ENV), ("discord", DISCORD_TOKEN_ENV)):
+        if env.get(var):
+            raw.setdefault(section, {})["token"] = env[var]
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None

@@ -1,0 +1,58 @@
+"""The job kinds table: for each kind its pipeline, priority class, tries and timeout.
+
+Pipelines are named by import path and imported lazily inside the worker process, so the
+bot process never loads torch. Priority: a lower class runs first.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from bot.config import KindOverride
+
+INTERACTIVE = 0  # quick jobs a user waits for in the chat (identity, cartoon)
+GENERATE = 1  # generation jobs (portraits, try-on, talking head)
+LONG = 2  # long jobs that yield at checkpoints (LoRA training)
+
+
+@dataclass(frozen=True)
+class JobKind:
+    name: str
+    pipeline: str  # "module:Class" implementing facechain_core.pipeline.Pipeline
+    priority: int
+    max_tries: int
+    timeout_s: float
+    # A long job yields at checkpoints: the worker may run short jobs inside it.
+    preemptible: bool = False
+
+
+BUILTIN_KINDS: tuple[JobKind, ...] = (
+    JobKind("identity", "facechain_core.identity:IdentityPipeline", INTERACTIVE, 3, 300),
+    JobKind("portrait", "facechain_core.portrait:PortraitPipeline", GENERATE, 2, 900),
+    JobKind("train", "facechain_core.train_lora:TrainLoraPipeline", LONG, 3, 4 * 3600, preemptible=True),
+)
+
+
+class JobKinds:
+    """Kinds by name, with the operator's overrides applied."""
+
+    def __init__(self, kinds: tuple[JobKind, ...] = BUILTIN_KINDS, overrides: dict[str, KindOverride] | None = None):
+        self._kinds: dict[str, JobKind] = {}
+        for kind in kinds:
+            self.register(kind)
+        for name, override in (overrides or {}).items():
+            if name not in self._kinds:
+                raise KeyError(f"scheduler.kinds.{name}: unknown job kind")
+            changes = {k: v for k, v in override.model_dump().items() if v is not None}
+            self._kinds[name] = replace(self._kinds[name], **changes)
+
+    def register(self, kind: JobKind) -> None:
+        self._kinds[kind.name] = kind
+
+    def __getitem__(self, name: str) -> JobKind:
+        return self._kinds[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._kinds
+
+    def names(self) -> list[str]:
+        return sorted(self._kinds)

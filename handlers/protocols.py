@@ -1,0 +1,199 @@
+"""What handlers see of the world: platform-neutral events, a reply channel, and services.
+
+Adapters in ``bot/`` turn platform updates into an ``Event`` and implement ``ReplyChannel``;
+``bot`` implements ``JobQueue`` and passes everything in through ``Services``.
+Handlers import nothing of telegram, discord or bot.
+"""
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class NotSupported(Exception):
+    """The platform cannot do this (e.g. a round video note on Discord); handlers fall back."""
+
+
+class Visibility(str, Enum):
+    """Who sees a message."""
+
+    CHAT = "chat"  # everyone in the chat
+    REQUESTER = "requester"  # only the user who asked, where the platform can (Discord ephemeral)
+
+
+@dataclass(frozen=True)
+class User:
+    platform: str  # "telegram", "discord"
+    id: str
+    name: str = ""
+    language: str | None = None
+
+    @property
+    def key(self) -> str:
+        """The user key used in rows, paths, access lists and logs: ``telegram:123``."""
+        return f"{self.platform}:{self.id}"
+
+
+@dataclass(frozen=True)
+class Chat:
+    platform: str
+    id: str
+    is_private: bool
+    title: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.platform}:{self.id}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"platform": self.platform, "id": self.id, "is_private": self.is_private}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Chat:
+        return cls(platform=data["platform"], id=str(data["id"]), is_private=bool(data["is_private"]))
+
+
+@dataclass(frozen=True)
+class Button:
+    """An inline button; `payload` is ``action:id`` (<= 64 bytes) resolved against the database."""
+
+    label: str
+    payload: str
+
+    def __post_init__(self) -> None:
+        if len(self.payload.encode()) > 64:
+            raise ValueError(f"button payload over 64 bytes: {self.payload!r}")
+
+
+@dataclass
+class Attachment:
+    """A file the user sent; its bytes are fetched lazily (and capped by the adapter)."""
+
+    kind: str  # "photo", "document", "voice", "audio", "video"
+    size: int | None
+    mime_type: str | None
+    filename: str | None
+    fetch: Callable[[], Awaitable[bytes]]
+
+
+@dataclass
+class Event:
+    """One incoming message or button press, platform-neutral."""
+
+    user: User
+    chat: Chat
+    text: str = ""
+    command: str | None = None  # "style" for "/style hanfu 2"
+    args: list[str] = field(default_factory=list)
+    attachments: list[Attachment] = field(default_factory=list)
+    message_id: str | None = None
+    button_payload: str | None = None  # set for a button press
+    language: str = "en"  # the catalogue language for replies
+
+
+@dataclass(frozen=True)
+class MessageRef:
+    """Where a sent message lives, JSON-able so a job can edit it after a restart."""
+
+    chat: Chat
+    message_id: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"chat": self.chat.to_dict(), "message_id": self.message_id}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MessageRef:
+        return cls(chat=Chat.from_dict(data["chat"]), message_id=str(data["message_id"]))
+
+
+@dataclass(frozen=True)
+class SentFile:
+    """A file that reached the chat, with the platform's id for re-sending without upload."""
+
+    message: MessageRef
+    file_id: str | None
+
+
+@dataclass(frozen=True)
+class Media:
+    """A file to send: a local path, or a platform file id from an earlier send."""
+
+    path: Path | None = None
+    file_id: str | None = None
+    caption: str | None = None
+
+
+class ReplyChannel(Protocol):
+    """Sends into one chat. Implemented by each adapter."""
+
+    chat: Chat
+
+    async def send_text(
+        self, text: str, buttons: list[list[Button]] | None = None, visibility: Visibility = Visibility.CHAT
+    ) -> MessageRef: ...
+
+    async def edit_text(self, ref: MessageRef, text: str, buttons: list[list[Button]] | None = None) -> None: ...
+
+    async def delete_message(self, ref: MessageRef) -> None: ...
+
+    async def send_images(
+        self, images: list[Media], caption: str | None = None, buttons: list[list[Button]] | None = None,
+        visibility: Visibility = Visibility.CHAT,
+    ) -> list[SentFile]:
+        """Sends one photo or an album (the adapter splits albums at the platform's limit)."""
+
+    async def send_video(self, video: Media, caption: str | None = None,
+                         buttons: list[list[Button]] | None = None) -> SentFile: ...
+
+    async def send_video_note(self, video: Media) -> SentFile:
+        """A round video; raises NotSupported where the platform has none."""
+
+    async def send_audio(self, audio: Media, caption: str | None = None, voice: bool = False) -> SentFile: ...
+
+    async def send_document(self, document: Media, caption: str | None = None) -> SentFile: ...
+
+    async def answer_button(self, text: str | None = None, alert: bool = False) -> None:
+        """Acknowledges the button press that produced this event (no-op elsewhere)."""
+
+
+@dataclass
+class Submitted:
+    """A job the queue accepted."""
+
+    job_id: int
+    position: int  # 1: next to run (0: running)
+    eta_s: float | None
+
+
+@dataclass
+class JobView:
+    """What a handler may know of a job."""
+
+    id: int
+    kind: str
+    state: str
+    position: int | None
+    eta_s: float | None
+    progress: float | None  # 0..1 while running
+
+
+class JobQueue(Protocol):
+    """The scheduler as handlers see it."""
+
+    async def submit(self, user_key: str, kind: str, params: dict[str, Any], chat: Chat,
+                     progress_ref: MessageRef | None = None) -> Submitted:
+        """Writes the job row and queues it; raises UserFacingError("queue.*") when refused."""
+
+    async def attach_progress(self, job_id: int, ref: MessageRef) -> None:
+        """Records the message that shows the job's progress."""
+
+    async def cancel(self, user_key: str, job_id: int | None = None) -> list[int]:
+        """Cancels the user's job (or all of them); returns the ids cancelled."""
+
+    async def user_jobs(self, user_key: str) -> list[JobView]: ...
+
+    async def forget_user(self, user_key: str) -> None:
+        """Cancels and drops every job of the user (before /delete removes their files)."""
