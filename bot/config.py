@@ -92,12 +92,14 @@ class SelfieSettings(_Section):
     detector: Literal["yunet", "scrfd"] = "yunet"
     # File under models_dir (or an absolute path).
     detector_model: str = "yunet_s_640_640.onnx"
-    min_face_px: int = Field(default=80, ge=16)
+    min_face_px: int = Field(default=64, ge=16)
 
 
 class Settings(_Section):
     data_dir: Path = Path("data")
     models_dir: Path = Path("models")
+    # Style definitions, one TOML file each; default: the `styles/` folder of this checkout.
+    styles_dir: Path = Path(__file__).resolve().parent.parent / "styles"
     language: Literal["en", "zh"] = "en"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     telegram: TelegramSettings = TelegramSettings()
@@ -109,7 +111,7 @@ class Settings(_Section):
     # Per-feature settings handed to pipelines (paths under models_dir, sizes, flags).
     features: dict[str, dict[str, object]] = {}
 
-    @field_validator("data_dir", "models_dir")
+    @field_validator("data_dir", "models_dir", "styles_dir")
     @classmethod
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
@@ -117,6 +119,10 @@ class Settings(_Section):
     @property
     def db_path(self) -> Path:
         return self.data_dir / "facechain.sqlite3"
+
+    @property
+    def heartbeat_path(self) -> Path:
+        return self.data_dir / "heartbeat.json"
 
     def secrets(self) -> list[str]:
         """Every secret value, for the log redaction filter."""

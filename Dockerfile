@@ -1,0 +1,35 @@
+# FaceChain Bot for a CUDA host: docker build -t facechain-bot . &&
+#   docker run --gpus all -e FACECHAIN_TELEGRAM_TOKEN=... -v fc-data:/data -v fc-models:/models facechain-bot
+FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+
+ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3.11 python3.11-venv ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
+
+RUN useradd --create-home --uid 10001 facechain
+WORKDIR /app
+RUN python3.11 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+# The CUDA build of the same torch release the project pins.
+RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128
+COPY pyproject.toml README.md ./
+COPY bot bot
+COPY handlers handlers
+COPY facechain_core facechain_core
+COPY styles styles
+RUN pip install .
+
+USER facechain
+ENV FACECHAIN_DATA_DIR=/data FACECHAIN_MODELS_DIR=/models
+VOLUME ["/data", "/models"]
+COPY --chown=facechain config.example.toml /app/config.toml
+RUN sed -i 's#^data_dir = .*#data_dir = "/data"#; s#^models_dir = .*#models_dir = "/models"#; s#^gpus = .*#gpus = [0]#' /app/config.toml
+
+# Healthy while the service's heartbeat file is fresh (written by the scheduler loop).
+HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \
+  CMD ["facechain-bot", "health", "--config", "/app/config.toml"]
+
+ENTRYPOINT ["facechain-bot"]
+CMD ["run", "--config", "/app/config.toml"]

@@ -1,0 +1,135 @@
+"""Builds the service: config -> storage -> scheduler -> adapters, nested on one event loop.
+
+``run_service(settings, stop)`` runs until `stop` is set (SIGINT/SIGTERM in the CLI), then
+stops taking jobs, gives running jobs the grace period, and closes everything in reverse order.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from bot.config import Settings
+from bot.jobkinds import JobKind, JobKinds
+from bot.scheduler import Scheduler
+from bot.storage import Artifact, Job, Storage
+from handlers import progress as job_views
+from handlers.protocols import Chat, ReplyChannel
+from handlers.services import Services
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL_S = 10.0
+
+
+class HandlerSink:
+    """The scheduler's JobSink: hands job events to the platform-neutral handlers."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    async def on_progress(self, job: Job, step: int, total: int, text: str | None) -> None:
+        await job_views.show_progress(self.services, job, step, total, text)
+
+    async def deliver(self, job: Job, artifacts: list[Artifact]) -> None:
+        await job_views.deliver_result(self.services, job, artifacts)
+
+    async def on_failed(self, job: Job, error: dict[str, Any]) -> None:
+        await job_views.report_failure(self.services, job, error)
+
+    async def on_cancelled(self, job: Job) -> None:
+        await job_views.report_cancelled(self.services, job)
+
+
+@dataclass
+class Service:
+    """The running service, for tests and the CLI."""
+
+    settings: Settings
+    storage: Storage
+    scheduler: Scheduler
+    services: Services
+    adapters: dict[str, Any] = field(default_factory=dict)
+
+
+def pipeline_context(settings: Settings) -> dict[str, Any]:
+    """What every worker gets to build its PipelineContext."""
+    return {
+        "models_dir": str(settings.models_dir.resolve()),
+        "styles_dir": str(settings.styles_dir),
+        "settings": {name: dict(values) for name, values in settings.features.items()},
+    }
+
+
+def _devices(settings: Settings) -> list[str]:
+    return [f"cuda:{index}" for index in settings.scheduler.gpus] or ["cpu"]
+
+
+async def _heartbeat(settings: Settings, scheduler: Scheduler) -> None:
+    """Writes a small JSON heartbeat that `facechain-bot health` (and Docker's HEALTHCHECK) reads."""
+    while True:
+        state = {"time": time.time(), **scheduler.health()}
+        tmp = settings.heartbeat_path.with_suffix(".tmp")
+        await asyncio.to_thread(tmp.write_text, json.dumps(state))
+        await asyncio.to_thread(tmp.replace, settings.heartbeat_path)
+        await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+
+
+def _build_adapters(settings: Settings, services: Services) -> dict[str, Any]:
+    adapters: dict[str, Any] = {}
+    if settings.telegram.enabled:
+        from bot.telegram_adapter import TelegramAdapter
+
+        adapters["telegram"] = TelegramAdapter(settings, services)
+    if settings.discord.enabled:
+        from bot.discord_adapter import DiscordAdapter
+
+        adapters["discord"] = DiscordAdapter(settings, services)
+    return adapters
+
+
+@asynccontextmanager
+async def open_service(settings: Settings, extra_kinds: Iterable[JobKind] = ()) -> AsyncIterator[Service]:
+    """Opens storage, starts the workers and the adapters; closes them in reverse order."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    async with AsyncExitStack() as stack:
+        storage = await stack.enter_async_context(Storage(settings.db_path))
+        kinds = JobKinds(overrides=settings.scheduler.kinds)
+        for kind in extra_kinds:
+            kinds.register(kind)
+        adapters: dict[str, Any] = {}
+
+        def channel_for(chat: Chat) -> ReplyChannel:
+            return adapters[chat.platform].channel_for(chat)
+
+        services = Services.build(settings, storage, channel_for=channel_for)
+        scheduler = Scheduler(
+            storage, kinds, settings.scheduler, data_dir=settings.data_dir,
+            context=pipeline_context(settings), sink=HandlerSink(services), devices=_devices(settings),
+        )
+        services.jobs = scheduler
+        await stack.enter_async_context(scheduler)
+        adapters.update(_build_adapters(settings, services))
+        for name, adapter in adapters.items():
+            log.info("starting the %s adapter", name)
+            await stack.enter_async_context(adapter)
+        heartbeat = asyncio.create_task(_heartbeat(settings, scheduler), name="heartbeat")
+        stack.callback(heartbeat.cancel)
+        try:
+            yield Service(settings, storage, scheduler, services, adapters)
+        finally:
+            log.info("shutting down: no new jobs; running jobs get %.0f s", settings.scheduler.shutdown_grace_s)
+            await scheduler.stop(settings.scheduler.shutdown_grace_s)
+
+
+async def run_service(settings: Settings, stop: asyncio.Event) -> None:
+    """Runs the service until `stop` is set."""
+    async with open_service(settings) as service:
+        log.info("FaceChain Bot running: %s; workers on %s", ", ".join(service.adapters) or "no chat platform",
+                 ", ".join(_devices(settings)))
+        await stop.wait()
