@@ -375,6 +375,14 @@ class Storage:
         await self.db.execute("UPDATE jobs SET state = ? WHERE id = ?", (JobState.QUEUED, job_id))
         await self.db.commit()
 
+    async def release_job(self, job_id: int) -> None:
+        """Puts a job that was stopped by us (shutdown, a neighbour's timeout) back, refunding its attempt."""
+        await self.db.execute(
+            "UPDATE jobs SET state = ?, attempts = MAX(attempts - 1, 0), started_at = NULL WHERE id = ?",
+            (JobState.QUEUED, job_id),
+        )
+        await self.db.commit()
+
     async def set_progress_ref(self, job_id: int, ref: dict[str, Any]) -> None:
         await self.db.execute("UPDATE jobs SET progress_ref = ? WHERE id = ?", (json.dumps(ref), job_id))
         await self.db.commit()
@@ -404,6 +412,20 @@ class Storage:
             (state, json.dumps(error) if error else None, time.time(), job_id),
         )
         await self.db.commit()
+
+    async def mark_job_delivered(self, job_id: int) -> None:
+        """Marks the job and every artifact of it not yet marked as delivered, in one transaction."""
+        now = time.time()
+        await self.db.execute("BEGIN")
+        try:
+            await self.db.execute(
+                "UPDATE artifacts SET delivered_at = ? WHERE job_id = ? AND delivered_at IS NULL", (now, job_id)
+            )
+            await self.db.execute("UPDATE jobs SET state = ? WHERE id = ?", (JobState.DELIVERED, job_id))
+            await self.db.commit()
+        except BaseException:
+            await self.db.rollback()
+            raise
 
     # -- artifacts -----------------------------------------------------------------------
     async def add_artifact(self, artifact: Artifact) -> None:

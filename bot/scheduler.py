@@ -1,0 +1,921 @@
+"""The GPU scheduler: admission, fair ordering, worker processes, retries, delivery, shutdown.
+
+One worker process per device (``bot.worker``), spawned fresh and kept for many jobs. Jobs are
+picked by priority class, then round-robin over users (the user served least recently first), FIFO
+within a user. The job row is written before ``submit`` returns; a job in DONE is never run again
+(its artifacts are stored in the same transaction), and delivery is at-least-once: a DONE job is
+re-delivered after a restart. A preemptible job (training) yields at checkpoints: the worker then
+runs waiting short jobs in place. A job past its kind's timeout has its worker killed and respawned.
+
+Pipelines get ``params["job_id"]`` and ``params["out_dir"]`` (``data_dir/users/<user>/jobs/<id>``
+unless the handler set one). A result's files become artifacts of the job's kind, unless its meta
+names ``artifact_kind``; ``meta["file_meta"]`` (a list, one dict per file) becomes each artifact's meta.
+
+Usage::
+
+    async with Scheduler(storage, kinds, settings.scheduler, data_dir=..., context=..., sink=sink) as queue:
+        ...  # handlers call queue.submit(...)
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import mimetypes
+import os
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from bot import worker_protocol as wp
+from bot.config import SchedulerSettings
+from bot.jobkinds import JobKinds
+from bot.storage import Artifact, Job, JobState, Storage, new_artifact_id
+from facechain_core.errors import UserFacingError
+from handlers.protocols import Chat, JobView, MessageRef, Submitted
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Message codes (handlers/messages/queue.toml).
+QUEUE_FULL = "queue.full"
+QUEUE_USER_FULL = "queue.user_full"
+QUEUE_STOPPING = "queue.stopping"
+JOB_FAILED = "job.failed"  # the pipeline had a bug on every try
+JOB_CRASHED = "job.crashed"  # the worker died on every try
+JOB_TIMEOUT = "job.timeout"
+JOB_UNAVAILABLE = "job.unavailable"  # its kind is no longer configured
+JOB_UNDELIVERABLE = "job.undeliverable"
+
+WORKER_START_TIMEOUT_S = 60.0
+WORKER_EXIT_WAIT_S = 5.0
+# Respawn delays after successive deaths before "ready" (a broken environment backs off).
+RESPAWN_DELAYS_S = (0.0, 1.0, 5.0, 30.0)
+# How long a final message (result, failure) waits for an in-flight progress edit of the same job.
+PROGRESS_FLUSH_S = 10.0
+# How long forget_user waits for the user's running jobs to stop before killing their worker.
+FORGET_WAIT_S = 10.0
+DELIVERY_MAX_TRIES = 20
+# Weight of the newest run in the running average of a kind's duration (ETA estimates).
+DURATION_ALPHA = 0.2
+
+_MEDIA_TYPES = {
+    ".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp", ".gif": "image/gif",
+    ".mp4": "video/mp4", ".webm": "video/webm", ".wav": "audio/wav", ".mp3": "audio/mpeg", ".ogg": "audio/ogg",
+    ".opus": "audio/ogg", ".txt": "text/plain", ".json": "application/json",
+}
+
+
+class JobSink(Protocol):
+    """Where job events go (the app routes them to the adapter of the job's platform).
+
+    Every call runs as its own task: a slow network never blocks the scheduler, and an exception
+    is logged, never propagated. Progress calls are not rate-limited here.
+    """
+
+    async def on_progress(self, job: Job, step: int, total: int, text: str | None) -> None:
+        """Shows a running job's progress (rate-limit edits here)."""
+
+    async def deliver(self, job: Job, artifacts: list[Artifact]) -> None:
+        """Sends a DONE job's results; raises on a transient failure (retried later).
+
+        `artifacts` are all of the job's; those with ``delivered_at`` set already reached the chat.
+        Call ``Storage.mark_delivered`` per artifact to keep its platform file id; after this
+        returns, the scheduler marks the job and any remaining artifacts delivered.
+        """
+
+    async def on_failed(self, job: Job, error: dict[str, Any]) -> None:
+        """Tells the user the job failed; `error` is ``{"code": ..., "details": {...}}``."""
+
+    async def on_cancelled(self, job: Job) -> None:
+        """Tells the user the job was cancelled."""
+
+
+def media_type(path: str | Path) -> str:
+    """The media type of a result file, from its suffix."""
+    suffix = Path(path).suffix.lower()
+    return _MEDIA_TYPES.get(suffix) or mimetypes.guess_type(str(path))[0] or "application/octet-stream"
+
+
+def _error(code: str, **details: Any) -> dict[str, Any]:
+    return {"code": code, "details": details}
+
+
+# -- ordering and estimates (pure) -------------------------------------------------------------
+def pick_key(job: Job, last_served: dict[str, int]) -> tuple[int, int, int]:
+    """Sort key of the pick order: priority class, the user served least recently, then FIFO."""
+    return (job.priority, last_served.get(job.user_key, 0), job.id)
+
+
+def pick_order(queued: Iterable[Job], last_served: dict[str, int]) -> list[Job]:
+    """The order in which `queued` jobs will start, simulating the round-robin bookkeeping."""
+    served = dict(last_served)
+    counter = max(served.values(), default=0)
+    lanes: dict[tuple[str, int], deque[Job]] = {}
+    for job in sorted(queued, key=lambda j: j.id):
+        lanes.setdefault((job.user_key, job.priority), deque()).append(job)
+    heap = [(prio, served.get(user, 0), lane[0].id, user) for (user, prio), lane in lanes.items()]
+    heapq.heapify(heap)
+    order: list[Job] = []
+    while heap:
+        prio, seen, head, user = heapq.heappop(heap)
+        if seen != served.get(user, 0):  # the user was served meanwhile: re-sort this lane
+            heapq.heappush(heap, (prio, served[user], head, user))
+            continue
+        lane = lanes[(user, prio)]
+        order.append(lane.popleft())
+        counter += 1
+        served[user] = counter
+        if lane:
+            heapq.heappush(heap, (prio, counter, lane[0].id, user))
+    return order
+
+
+@dataclass(frozen=True)
+class Busy:
+    """What a worker is running now, for estimates."""
+
+    remaining_s: float | None  # None: unknown
+    preemptible: bool = False  # short jobs can run inside it at its next checkpoint
+
+
+def plan_queue(
+    order: list[Job], busy: list[Busy | None], averages: dict[str, float], preemptible_kinds: frozenset[str] = frozenset()
+) -> dict[int, tuple[int, float | None]]:
+    """Maps each job of `order` to (position, seconds until it is done), given each worker's load.
+
+    Durations are the running averages per kind; a job whose estimate depends on an unknown
+    duration gets None. A short job may run inside a preemptible job (delaying it).
+    """
+    if not busy:
+        return {job.id: (pos, None) for pos, job in enumerate(order, 1)}
+    workers = range(len(busy))
+    # Per worker: when its main slot frees, when a short job can start, and whether each is a guess.
+    free = [(b.remaining_s or 0.0) if b else 0.0 for b in busy]
+    short = [0.0 if b and b.preemptible else free[i] for i, b in enumerate(busy)]
+    free_unknown = [bool(b and b.remaining_s is None) for b in busy]
+    short_unknown = [False if b and b.preemptible else free_unknown[i] for i, b in enumerate(busy)]
+    plan: dict[int, tuple[int, float | None]] = {}
+    for pos, job in enumerate(order, 1):
+        duration = averages.get(job.kind)
+        took = duration or 0.0
+        if job.kind in preemptible_kinds:
+            w = min(workers, key=lambda i: free[i])
+            start, unknown = free[w], free_unknown[w]
+            free[w], free_unknown[w] = start + took, unknown or duration is None
+            short[w], short_unknown[w] = max(short[w], start), short_unknown[w] or unknown
+        else:
+            w = min(workers, key=lambda i: short[i])
+            start, unknown = short[w], short_unknown[w]
+            short[w], short_unknown[w] = start + took, unknown or duration is None
+            if free[w] > start:  # inside a preemptible job: it delays that job
+                free[w], free_unknown[w] = free[w] + took, free_unknown[w] or duration is None
+            else:
+                free[w], free_unknown[w] = short[w], short_unknown[w]
+        plan[job.id] = (pos, None if unknown or duration is None else start + duration)
+    return plan
+
+
+# -- workers -----------------------------------------------------------------------------------
+@dataclass
+class _Worker:
+    """One device slot; its process is replaced when it dies."""
+
+    index: int
+    device: str  # what the pipelines see: "cuda:0" or "cpu"
+    env: dict[str, str]
+    gen: int = 0  # bumped at each spawn
+    proc: asyncio.subprocess.Process | None = None
+    ready: bool = False
+    was_ready: bool = False  # this process said "ready" at some point
+    ready_event: asyncio.Event = field(default_factory=asyncio.Event)
+    jobs: list[int] = field(default_factory=list)  # outermost first; a nested short job after its host
+    doom: dict[int, str] = field(default_factory=dict)  # job id -> why we killed the process
+    reader: asyncio.Task[None] | None = None
+    start_failures: int = 0  # deaths in a row before "ready"
+    stopping: bool = False
+
+    @property
+    def idle(self) -> bool:
+        return self.ready and not self.jobs
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None and self.proc.returncode is None else None
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Writes to the worker; a dead worker's pipe is ignored (its exit handler takes its jobs)."""
+        if self.proc is None or self.proc.stdin is None or self.proc.stdin.is_closing():
+            return
+        try:
+            self.proc.stdin.write(wp.encode(message))
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def kill(self) -> None:
+        """SIGKILLs the worker's process group (pipelines may have started children)."""
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def close_stdin(self) -> None:
+        if self.proc is not None and self.proc.stdin is not None and not self.proc.stdin.is_closing():
+            self.proc.stdin.close()
+
+
+@dataclass
+class _Run:
+    """A job handed to a worker."""
+
+    job: Job
+    worker: _Worker
+    gen: int
+    nested: bool
+    started: float  # monotonic
+    sent: bool = False
+    cancel: bool = False  # the user asked to cancel
+    notify: bool = True  # tell the sink when it ends cancelled
+    step: int = 0
+    total: int = 0
+    timer: asyncio.TimerHandle | None = None
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class _Lane:
+    """Progress of one job: the latest unsent step and the task sending them in order."""
+
+    pending: tuple[int, int, str | None] | None = None
+    task: asyncio.Task[None] | None = None
+
+
+async def _wait_ended(runs: list[_Run], timeout: float) -> bool:
+    """Waits until every run ended; False on timeout."""
+    if not runs:
+        return True
+    waiters = [asyncio.ensure_future(r.ended.wait()) for r in runs]
+    _, pending = await asyncio.wait(waiters, timeout=timeout)
+    for waiter in pending:
+        waiter.cancel()
+    return not pending
+
+
+def _device_env(device: str) -> tuple[str, dict[str, str]]:
+    """Maps a configured device to what the worker sees and its CUDA_VISIBLE_DEVICES."""
+    if device.startswith("cuda"):
+        index = device.partition(":")[2] or "0"
+        return "cuda:0", {"CUDA_VISIBLE_DEVICES": index}
+    return "cpu", {"CUDA_VISIBLE_DEVICES": ""}
+
+
+class Scheduler:
+    """The job queue and its worker processes; implements ``handlers.protocols.JobQueue``."""
+
+    def __init__(
+        self, storage: Storage, kinds: JobKinds, settings: SchedulerSettings, *, data_dir: Path,
+        context: dict[str, Any], sink: JobSink, devices: list[str] | None = None,
+    ) -> None:
+        self._storage = storage
+        self._kinds = kinds
+        self._settings = settings
+        self._data_dir = Path(data_dir)
+        self._context = context
+        self._sink = sink
+        if devices is None:
+            devices = [f"cuda:{i}" for i in settings.gpus] or ["cpu"]
+        if not devices:
+            raise ValueError("at least one device is needed")
+        root = str(Path(__file__).resolve().parent.parent)
+        self._workers: list[_Worker] = []
+        for index, configured in enumerate(devices):
+            device, extra = _device_env(configured)
+            env = {**os.environ, **extra, "PYTHONUNBUFFERED": "1"}
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+            self._workers.append(_Worker(index, device, env))
+        self._queued: dict[int, Job] = {}
+        self._running: dict[int, _Run] = {}
+        self._delivering: dict[int, tuple[Job, asyncio.Task[None]]] = {}
+        self._last_served: dict[str, int] = {}
+        self._served = 0
+        self._averages: dict[str, float] = {}
+        self._lanes: dict[int, _Lane] = {}
+        self._counters = {"done": 0, "failed": 0, "cancelled": 0, "retried": 0, "worker_deaths": 0}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._admit_lock = asyncio.Lock()
+        # One coroutine at a time on the shared connection: a transaction must not interleave.
+        self._db_lock = asyncio.Lock()
+        self._pump_task: asyncio.Task[None] | None = None
+        self._started = False
+        self._stopping = False
+        self._stopped = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def __aenter__(self) -> Scheduler:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Resumes queued and running jobs, re-delivers DONE ones and starts the workers."""
+        if self._started:
+            return
+        self._averages = await self._db(self._storage.kind_averages)
+        for job in await self._db(self._storage.jobs_in_states, [JobState.RUNNING]):
+            # Interrupted by a crash of the service: its attempt stays counted.
+            await self._db(self._storage.requeue, job.id)
+        for job in await self._db(self._storage.jobs_in_states, [JobState.QUEUED]):
+            if job.kind in self._kinds:
+                self._queued[job.id] = job
+            else:
+                log.error("job %d has kind %r, which is no longer configured", job.id, job.kind)
+                await self._fail(job, _error(JOB_UNAVAILABLE, kind=job.kind))
+        self._started = True
+        try:
+            for worker in self._workers:
+                await self._spawn(worker)
+            try:
+                await asyncio.wait_for(
+                    asyncio.gather(*(w.ready_event.wait() for w in self._workers)), WORKER_START_TIMEOUT_S
+                )
+            except TimeoutError:
+                raise RuntimeError(
+                    f"worker processes did not start within {WORKER_START_TIMEOUT_S:.0f} s (see their log above)"
+                ) from None
+        except BaseException:
+            self._stopping = True
+            for worker in self._workers:
+                worker.stopping = True
+                worker.kill()
+            raise
+        for job in await self._db(self._storage.jobs_in_states, [JobState.DONE]):
+            self._start_delivery(job)
+        self._pump_task = asyncio.create_task(self._pump(), name="scheduler-pump")
+        self._wake.set()
+        log.info("scheduler started: %d worker(s) on %s, %d job(s) queued",
+                 len(self._workers), ", ".join(w.device for w in self._workers), len(self._queued))
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stops taking jobs, lets running ones finish for `grace_s`, puts the rest back, stops workers."""
+        if not self._started or self._stopped:
+            return
+        self._stopping = True
+        grace = self._settings.shutdown_grace_s if grace_s is None else grace_s
+        deadline = time.monotonic() + grace
+        if self._running:
+            log.info("stopping: %d running job(s) get %.1f s to finish", len(self._running), grace)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), grace)
+        # Killing a busy worker runs its exit handler, which puts unfinished jobs back (attempt refunded).
+        readers = [w.reader for w in self._workers if w.reader is not None]
+        for worker in self._workers:
+            worker.stopping = True
+            if worker.jobs:
+                worker.kill()
+            else:
+                worker.close_stdin()
+        if readers:
+            _, late = await asyncio.wait(readers, timeout=WORKER_EXIT_WAIT_S)
+            if late:
+                for worker in self._workers:
+                    worker.kill()
+                await asyncio.wait(late, timeout=WORKER_EXIT_WAIT_S)
+        if self._pump_task is not None:
+            self._pump_task.cancel()
+            await asyncio.gather(self._pump_task, return_exceptions=True)
+        # Deliveries and messages in flight get what is left of the grace; DONE jobs resume at start.
+        tasks = set(self._tasks)
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=max(deadline - time.monotonic(), 0.0))
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        self._stopped = True
+        log.info("scheduler stopped: %d job(s) left queued", len(self._queued))
+
+    def job_dir(self, job: Job) -> Path:
+        """Where a job's pipeline writes its files (``params["out_dir"]`` in the worker)."""
+        return (self._data_dir / "users" / job.user_key / "jobs" / str(job.id)).resolve()
+
+    def worker_pids(self) -> list[int | None]:
+        """The live worker process ids, one per device (None while one restarts)."""
+        return [w.pid if w.ready else None for w in self._workers]
+
+    def health(self) -> dict[str, Any]:
+        """Counters for the heartbeat file: workers alive, queue sizes, outcomes since start."""
+        return {
+            "accepting": self._started and not self._stopping,
+            "workers": len(self._workers),
+            "workers_alive": sum(1 for w in self._workers if w.ready),
+            "queued": len(self._queued),
+            "running": len(self._running),
+            "delivering": len(self._delivering),
+            **self._counters,
+        }
+
+    # -- JobQueue ----------------------------------------------------------------------------
+    async def submit(self, user_key: str, kind: str, params: dict[str, Any], chat: Chat,
+                     progress_ref: MessageRef | None = None) -> Submitted:
+        """Writes the job row and queues it; raises UserFacingError("queue.*") when refused."""
+        if kind not in self._kinds:
+            raise ValueError(f"unknown job kind: {kind!r}")
+        if not self._started or self._stopping:
+            raise UserFacingError(QUEUE_STOPPING)
+        spec = self._kinds[kind]
+        async with self._admit_lock:
+            if len(self._queued) >= self._settings.queue_max:
+                raise UserFacingError(QUEUE_FULL, max=self._settings.queue_max)
+            active = sum(1 for j in self._active_jobs() if j.user_key == user_key)
+            if active >= self._settings.user_max_queued:
+                raise UserFacingError(QUEUE_USER_FULL, max=self._settings.user_max_queued)
+            job = await self._db(
+                self._storage.insert_job, user_key, kind, spec.priority, params, chat.to_dict(), spec.max_tries
+            )
+            if progress_ref is not None:
+                job.progress_ref = progress_ref.to_dict()
+                await self._db(self._storage.set_progress_ref, job.id, job.progress_ref)
+            self._queued[job.id] = job
+        log.info("job %d queued: %s for %s", job.id, kind, user_key)
+        self._wake.set()
+        position, eta = self._plan().get(job.id, (1, None))
+        return Submitted(job_id=job.id, position=position, eta_s=eta)
+
+    async def attach_progress(self, job_id: int, ref: MessageRef) -> None:
+        """Records the message that shows the job's progress."""
+        data = ref.to_dict()
+        await self._db(self._storage.set_progress_ref, job_id, data)
+        job = self._find(job_id)
+        if job is not None:
+            job.progress_ref = data
+
+    async def cancel(self, user_key: str, job_id: int | None = None) -> list[int]:
+        """Cancels the user's job (or all of them); a running one stops at its next progress step."""
+        return await self._cancel(user_key, job_id, notify=True)
+
+    async def user_jobs(self, user_key: str) -> list[JobView]:
+        """The user's queued, running and undelivered jobs with position, ETA and progress."""
+        plan = self._plan()
+        now = time.monotonic()
+        views: list[JobView] = []
+        for job in self._queued.values():
+            if job.user_key == user_key:
+                position, eta = plan.get(job.id, (None, None))
+                views.append(JobView(job.id, job.kind, job.state, position, eta, None))
+        for run in self._running.values():
+            if run.job.user_key == user_key:
+                progress = run.step / run.total if run.total else None
+                views.append(JobView(run.job.id, run.job.kind, JobState.RUNNING, 0, self._remaining(run, now), progress))
+        for job, _ in self._delivering.values():
+            if job.user_key == user_key:
+                views.append(JobView(job.id, job.kind, JobState.DONE, None, None, 1.0))
+        return sorted(views, key=lambda v: v.id)
+
+    async def forget_user(self, user_key: str) -> None:
+        """Cancels and drops every job of the user, silently (before /delete removes their files)."""
+        await self._cancel(user_key, None, notify=False)
+        runs = [r for r in self._running.values() if r.job.user_key == user_key]
+        if not await _wait_ended(runs, FORGET_WAIT_S):
+            for run in runs:
+                if not run.ended.is_set():
+                    log.warning("job %d did not stop for forget_user: killing its worker", run.job.id)
+                    run.worker.doom[run.job.id] = "forget"
+                    run.worker.kill()
+            await _wait_ended(runs, WORKER_EXIT_WAIT_S)
+        for job_id, (job, task) in list(self._delivering.items()):
+            if job.user_key == user_key:
+                task.cancel()
+                self._delivering.pop(job_id, None)
+        self._last_served.pop(user_key, None)
+
+    # -- internals: bookkeeping --------------------------------------------------------------
+    async def _db(self, call: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Runs one storage call alone on the connection, shielded from cancellation."""
+        async with self._db_lock:
+            task = asyncio.ensure_future(call(*args))
+            try:
+                return await asyncio.shield(task)
+            except asyncio.CancelledError:
+                with contextlib.suppress(BaseException):
+                    await task
+                raise
+
+    def _spawn_task(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _active_jobs(self) -> Iterable[Job]:
+        yield from self._queued.values()
+        yield from (r.job for r in self._running.values())
+
+    def _find(self, job_id: int) -> Job | None:
+        if job_id in self._queued:
+            return self._queued[job_id]
+        if job_id in self._running:
+            return self._running[job_id].job
+        if job_id in self._delivering:
+            return self._delivering[job_id][0]
+        return None
+
+    def _job_params(self, job: Job) -> dict[str, Any]:
+        """The params the pipeline sees: the job id, and an ``out_dir`` unless the handler chose one."""
+        return {"out_dir": str(self.job_dir(job)), **job.params, "job_id": job.id}
+
+    def _remaining(self, run: _Run, now: float) -> float | None:
+        elapsed = now - run.started
+        if run.step > 0 and run.total:
+            return elapsed * (run.total - run.step) / run.step
+        average = self._averages.get(run.job.kind)
+        return None if average is None else max(average - elapsed, 0.0)
+
+    def _plan(self) -> dict[int, tuple[int, float | None]]:
+        now = time.monotonic()
+        busy: list[Busy | None] = []
+        for worker in self._workers:
+            host = self._running.get(worker.jobs[0]) if worker.jobs else None
+            if host is None:
+                busy.append(None)
+            else:
+                preemptible = host.job.kind in self._kinds and self._kinds[host.job.kind].preemptible
+                busy.append(Busy(self._remaining(host, now), preemptible))
+        preemptible_kinds = frozenset(n for n in self._kinds.names() if self._kinds[n].preemptible)
+        order = pick_order(self._queued.values(), self._last_served)
+        return plan_queue(order, busy, self._averages, preemptible_kinds)
+
+    def _pick(self, short_only: bool = False) -> Job | None:
+        candidates = (
+            j for j in self._queued.values() if not (short_only and self._kinds[j.kind].preemptible)
+        )
+        return min(candidates, key=lambda j: pick_key(j, self._last_served), default=None)
+
+    # -- internals: dispatch -------------------------------------------------------------------
+    async def _pump(self) -> None:
+        """Hands queued jobs to idle workers whenever something changes."""
+        while not self._stopping:
+            await self._wake.wait()
+            self._wake.clear()
+            while not self._stopping:
+                worker = next((w for w in self._workers if w.idle), None)
+                job = self._pick() if worker is not None else None
+                if worker is None or job is None:
+                    break
+                await self._dispatch(worker, job, nested=False)
+
+    async def _dispatch(self, worker: _Worker, job: Job, nested: bool) -> bool:
+        """Marks the job running (the attempt counts now) and sends it; False if it did not go."""
+        del self._queued[job.id]
+        if job.attempts >= job.max_tries:
+            # It was running when the service itself died, as many times as it may run.
+            log.error("job %d: %d of %d tries used, giving up", job.id, job.attempts, job.max_tries)
+            await self._fail(job, _error(JOB_CRASHED, tries=job.attempts))
+            return False
+        kind = self._kinds[job.kind]
+        run = _Run(job, worker, worker.gen, nested, time.monotonic())
+        self._running[job.id] = run
+        worker.jobs.append(job.id)
+        self._idle.clear()
+        self._served += 1
+        self._last_served[job.user_key] = self._served
+        job.attempts += 1
+        job.state = JobState.RUNNING
+        job.started_at = time.time()
+        await self._db(self._storage.mark_running, job.id)
+        if self._running.get(job.id) is not run or worker.gen != run.gen:
+            return False  # the worker died meanwhile; its exit handler put the job back
+        run.started = time.monotonic()
+        run.timer = asyncio.get_running_loop().call_later(kind.timeout_s, self._on_timeout, run)
+        run.sent = True
+        worker.send({
+            "op": wp.RUN, "job": job.id, "kind": job.kind, "pipeline": kind.pipeline,
+            "params": self._job_params(job), "preemptible": kind.preemptible,
+        })
+        log.info("job %d (%s) started on worker %d%s, try %d of %d", job.id, job.kind, worker.index,
+                 " inside a long job" if nested else "", job.attempts, job.max_tries)
+        return True
+
+    def _on_timeout(self, run: _Run) -> None:
+        if self._running.get(run.job.id) is not run or run.worker.gen != run.gen:
+            return
+        log.warning("job %d (%s) passed its timeout: killing worker %d", run.job.id, run.job.kind, run.worker.index)
+        run.worker.doom[run.job.id] = "timeout"
+        run.worker.kill()
+
+    def _end_run(self, run: _Run) -> None:
+        """Forgets a run that ended (its outcome is recorded by the caller)."""
+        self._running.pop(run.job.id, None)
+        with contextlib.suppress(ValueError):
+            run.worker.jobs.remove(run.job.id)
+        if run.timer is not None:
+            run.timer.cancel()
+        run.ended.set()
+        if not self._running:
+            self._idle.set()
+        if run.worker.idle:
+            self._wake.set()
+
+    # -- internals: workers ----------------------------------------------------------------------
+    async def _spawn(self, worker: _Worker) -> None:
+        """Starts (or restarts) the worker's process and sends it the init message."""
+        if self._stopping:
+            return
+        worker.gen += 1
+        worker.ready = worker.was_ready = False
+        worker.ready_event.clear()  # cleared, not replaced: start() may be waiting on it
+        worker.doom = {}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bot.worker", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            env=worker.env, start_new_session=True, limit=wp.MAX_LINE,
+        )
+        worker.proc = proc
+        ctx = self._context
+        worker.send({
+            "op": wp.INIT, "models_dir": str(ctx.get("models_dir", "models")), "device": worker.device,
+            "dtype": ctx.get("dtype") or ("float16" if worker.device.startswith("cuda") else "float32"),
+            "memory_budget_mb": int(ctx.get("memory_budget_mb", 0)), "settings": ctx.get("settings") or {},
+            "log_level": ctx.get("log_level", logging.getLevelName(logging.getLogger().getEffectiveLevel())),
+        })
+        worker.reader = self._spawn_task(self._read(worker, proc), f"worker-{worker.index}-reader")
+        if self._stopping:
+            worker.stopping = True
+            worker.kill()
+
+    async def _read(self, worker: _Worker, proc: asyncio.subprocess.Process) -> None:
+        """Handles one worker process's messages until it exits, then handles its exit."""
+        assert proc.stdout is not None
+        while True:
+            try:
+                line = await proc.stdout.readline()
+            except (ValueError, asyncio.LimitOverrunError):
+                log.error("worker %d sent an over-long line: killing it", worker.index)
+                worker.kill()
+                break
+            if not line:
+                break  # the process is exiting
+            try:
+                message = wp.decode(line)
+            except ValueError:
+                log.error("worker %d sent a bad line: %r", worker.index, line[:200])
+                continue
+            try:
+                await self._on_message(worker, message)
+            except Exception:
+                log.exception("handling %r from worker %d failed", message.get("op"), worker.index)
+        if worker.proc is proc:
+            worker.ready = False  # before the exit status arrives: dispatch nothing more to it
+        code = await proc.wait()
+        await self._on_exit(worker, proc, code)
+
+    async def _on_exit(self, worker: _Worker, proc: asyncio.subprocess.Process, code: int) -> None:
+        """Settles the jobs of a worker that exited, then respawns it."""
+        if worker.proc is not proc:
+            return
+        worker.ready = False
+        doom, worker.doom = worker.doom, {}
+        killed_by_us = bool(doom) or worker.stopping
+        if not killed_by_us:
+            self._counters["worker_deaths"] += 1
+            log.warning("worker %d (pid %d) died (exit %s) while running %s",
+                        worker.index, proc.pid, code, worker.jobs or "nothing")
+        elif worker.jobs:
+            log.info("worker %d (pid %d) stopped while running %s", worker.index, proc.pid, worker.jobs)
+        for depth, job_id in enumerate(reversed(list(worker.jobs))):
+            run = self._running.get(job_id)
+            if run is None:
+                continue
+            self._end_run(run)
+            job = run.job
+            if doom.get(job_id) == "timeout":
+                await self._fail(job, _error(JOB_TIMEOUT, timeout_s=self._kinds[job.kind].timeout_s))
+            elif run.cancel:
+                await self._cancelled(job, run.notify)
+            elif killed_by_us or self._stopping or not run.sent or depth > 0:
+                # Not its own fault (shutdown, a neighbour's timeout, not yet started): no attempt used.
+                await self._release(job)
+            elif job.attempts < job.max_tries:
+                log.info("job %d will be retried (try %d of %d used)", job.id, job.attempts, job.max_tries)
+                await self._requeue(job)
+            else:
+                await self._fail(job, _error(JOB_CRASHED, tries=job.attempts))
+        worker.jobs.clear()
+        if self._stopping or worker.stopping:
+            return
+        # A worker that dies before it is ready is broken (not a job's fault): back off.
+        worker.start_failures = 0 if worker.was_ready or killed_by_us else worker.start_failures + 1
+        delay = RESPAWN_DELAYS_S[min(worker.start_failures, len(RESPAWN_DELAYS_S) - 1)]
+        if delay:
+            log.error("worker %d died before it was ready: respawning in %.0f s", worker.index, delay)
+            await asyncio.sleep(delay)
+        await self._spawn(worker)
+
+    async def _on_message(self, worker: _Worker, message: dict[str, Any]) -> None:
+        op = message["op"]
+        if op == wp.READY:
+            worker.ready = worker.was_ready = True
+            worker.ready_event.set()
+            self._wake.set()
+            return
+        run = self._running.get(int(message.get("job", -1)))
+        if run is None or run.worker is not worker:
+            log.warning("worker %d sent %r for job %s, which it does not run", worker.index, op, message.get("job"))
+            if op == wp.YIELD:
+                worker.send({"op": wp.RESUME})
+            return
+        if op == wp.PROGRESS:
+            run.step, run.total = int(message["step"]), int(message["total"])
+            if not run.cancel:
+                self._emit_progress(run.job, run.step, run.total, message.get("text"))
+        elif op == wp.YIELD:
+            await self._on_yield(worker, run)
+        elif op == wp.DONE:
+            await self._on_done(run, message.get("result") or {})
+        elif op == wp.ERROR:
+            self._end_run(run)
+            if run.cancel:
+                await self._cancelled(run.job, run.notify)
+            else:
+                await self._fail(run.job, _error(message["code"], **(message.get("details") or {})))
+        elif op == wp.CRASH:
+            self._end_run(run)
+            job = run.job
+            if run.cancel:
+                await self._cancelled(job, run.notify)
+            elif job.attempts < job.max_tries:
+                log.info("job %d crashed (%s): retrying", job.id, message.get("error"))
+                await self._requeue(job)
+            else:
+                await self._fail(job, _error(JOB_FAILED, tries=job.attempts))
+        elif op == wp.CANCELLED:
+            self._end_run(run)
+            await self._cancelled(run.job, run.notify)
+        else:
+            log.warning("worker %d sent an unknown op %r", worker.index, op)
+
+    async def _on_yield(self, worker: _Worker, host: _Run) -> None:
+        """A preemptible job is at a checkpoint: give its worker a waiting short job, or let it resume."""
+        while not self._stopping and not host.cancel:
+            job = self._pick(short_only=True)
+            if job is None:
+                break
+            if await self._dispatch(worker, job, nested=True):
+                return
+            if worker.gen != host.gen:
+                return
+        worker.send({"op": wp.RESUME})
+
+    async def _on_done(self, run: _Run, result: dict[str, Any]) -> None:
+        """Stores the result and its artifacts (DONE: never run again), then delivers."""
+        self._end_run(run)
+        job = run.job
+        if run.cancel:
+            await self._cancelled(job, run.notify)
+            return
+        meta = result.get("meta") or {}
+        kind = str(meta.get("artifact_kind") or job.kind)
+        file_meta = meta.get("file_meta") or []
+        now = time.time()
+        artifacts = [
+            Artifact(
+                id=new_artifact_id(), job_id=job.id, owner_key=job.user_key, kind=kind, path=str(path),
+                media_type=media_type(path), created_at=now,
+                meta=file_meta[i] if i < len(file_meta) and isinstance(file_meta[i], dict) else {},
+            )
+            for i, path in enumerate(result.get("files") or [])
+        ]
+        await self._db(self._storage.finish_job, job.id, result, artifacts)
+        job.state, job.result, job.finished_at = JobState.DONE, result, now
+        self._counters["done"] += 1
+        seconds = time.monotonic() - run.started
+        log.info("job %d (%s) done in %.2f s: %d file(s)", job.id, job.kind, seconds, len(artifacts))
+        await self._db(self._storage.record_duration, job.kind, seconds, DURATION_ALPHA)
+        previous = self._averages.get(job.kind)
+        self._averages[job.kind] = seconds if previous is None else previous * (1 - DURATION_ALPHA) + DURATION_ALPHA * seconds
+        self._start_delivery(job, artifacts)
+
+    async def _requeue(self, job: Job) -> None:
+        self._counters["retried"] += 1
+        await self._db(self._storage.requeue, job.id)
+        job.state = JobState.QUEUED
+        self._queued[job.id] = job
+        self._wake.set()
+
+    async def _release(self, job: Job) -> None:
+        """Puts a job back without using up its attempt."""
+        await self._db(self._storage.release_job, job.id)
+        job.state = JobState.QUEUED
+        job.attempts = max(job.attempts - 1, 0)
+        job.started_at = None
+        self._queued[job.id] = job
+        self._wake.set()
+
+    async def _fail(self, job: Job, error: dict[str, Any]) -> None:
+        self._counters["failed"] += 1
+        await self._db(self._storage.end_job, job.id, JobState.FAILED, error)
+        job.state, job.error = JobState.FAILED, error
+        log.info("job %d (%s) failed: %s", job.id, job.kind, error["code"])
+        self._final(job, lambda: self._sink.on_failed(job, error), "failed")
+
+    async def _cancelled(self, job: Job, notify: bool) -> None:
+        self._counters["cancelled"] += 1
+        await self._db(self._storage.end_job, job.id, JobState.CANCELLED)
+        job.state = JobState.CANCELLED
+        log.info("job %d (%s) cancelled", job.id, job.kind)
+        if notify:
+            self._final(job, lambda: self._sink.on_cancelled(job), "cancelled")
+        else:
+            self._lanes.pop(job.id, None)
+
+    async def _cancel(self, user_key: str, job_id: int | None, notify: bool) -> list[int]:
+        wanted = [j for j in self._queued.values() if j.user_key == user_key and job_id in (None, j.id)]
+        for job in wanted:
+            del self._queued[job.id]  # before any await: the pump can no longer pick it
+        ids = [j.id for j in wanted]
+        for run in list(self._running.values()):
+            if run.job.user_key == user_key and job_id in (None, run.job.id):
+                ids.append(run.job.id)
+                run.notify = run.notify and notify if run.cancel else notify
+                if not run.cancel:
+                    run.cancel = True
+                    run.worker.send({"op": wp.CANCEL, "job": run.job.id})
+                    log.info("job %d: cancel sent to worker %d", run.job.id, run.worker.index)
+        for job in wanted:
+            await self._cancelled(job, notify)
+        return sorted(ids)
+
+    # -- internals: sink ---------------------------------------------------------------------
+    async def _sink_call(self, what: str, job: Job, call: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await call()
+        except Exception:
+            log.exception("sink %s for job %d failed", what, job.id)
+
+    def _emit_progress(self, job: Job, step: int, total: int, text: str | None) -> None:
+        lane = self._lanes.setdefault(job.id, _Lane())
+        lane.pending = (step, total, text)
+        if lane.task is None or lane.task.done():
+            lane.task = self._spawn_task(self._send_progress(job, lane), f"progress-{job.id}")
+
+    async def _send_progress(self, job: Job, lane: _Lane) -> None:
+        # Only the latest step is sent: a slow sink sees fewer, never stale, updates.
+        while lane.pending is not None:
+            step, total, text = lane.pending
+            lane.pending = None
+            await self._sink_call("on_progress", job, lambda: self._sink.on_progress(job, step, total, text))
+
+    async def _flush_progress(self, job_id: int) -> None:
+        """Drops unsent progress of a finished job and waits for an edit in flight."""
+        lane = self._lanes.pop(job_id, None)
+        if lane is None:
+            return
+        lane.pending = None
+        if lane.task is not None and not lane.task.done():
+            await asyncio.wait({lane.task}, timeout=PROGRESS_FLUSH_S)
+
+    def _final(self, job: Job, call: Callable[[], Awaitable[None]], what: str) -> None:
+        async def run() -> None:
+            await self._flush_progress(job.id)
+            await self._sink_call(what, job, call)
+        self._spawn_task(run(), f"{what}-{job.id}")
+
+    def _start_delivery(self, job: Job, artifacts: list[Artifact] | None = None) -> None:
+        if job.id not in self._delivering:
+            task = self._spawn_task(self._deliver(job, artifacts), f"deliver-{job.id}")
+            self._delivering[job.id] = (job, task)
+
+    async def _deliver(self, job: Job, artifacts: list[Artifact] | None) -> None:
+        """Sends a DONE job's artifacts until the sink succeeds; then marks it delivered."""
+        try:
+            await self._flush_progress(job.id)
+            for attempt in range(1, DELIVERY_MAX_TRIES + 1):
+                if artifacts is None or attempt > 1:  # re-read: the sink may have marked some delivered
+                    artifacts = await self._db(self._storage.job_artifacts, job.id)
+                try:
+                    await self._sink.deliver(job, artifacts)
+                except Exception:
+                    log.warning("delivering job %d failed (try %d of %d)", job.id, attempt, DELIVERY_MAX_TRIES,
+                                exc_info=True)
+                    if attempt < DELIVERY_MAX_TRIES:
+                        await asyncio.sleep(self._settings.delivery_retry_s)
+                    continue
+                await self._db(self._storage.mark_job_delivered, job.id)
+                job.state = JobState.DELIVERED
+                log.info("job %d delivered", job.id)
+                return
+            log.error("job %d could not be delivered after %d tries", job.id, DELIVERY_MAX_TRIES)
+            error = _error(JOB_UNDELIVERABLE, tries=DELIVERY_MAX_TRIES)
+            await self._db(self._storage.end_job, job.id, JobState.FAILED, error)
+            job.state, job.error = JobState.FAILED, error
+        finally:
+            self._delivering.pop(job.id, None)

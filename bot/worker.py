@@ -1,0 +1,230 @@
+"""A worker process for one device: ``python -m bot.worker``, driven by the scheduler over a pipe.
+
+The protocol (``bot.worker_protocol``) runs on a duplicate of the original stdout; fd 1 and
+``sys.stdout`` point at stderr, so a library that prints cannot corrupt it. A reader thread takes
+stdin, so a cancel arrives while a job runs. Pipelines are imported lazily by import path and stay
+resident. A preemptible job's ``progress.yield_point()`` asks the lead for short jobs and runs them
+in place before going on.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import queue
+import sys
+import threading
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from bot import worker_protocol as wp
+from facechain_core.errors import JobCancelled, UserFacingError
+from facechain_core.pipeline import JobResult, Pipeline, PipelineContext
+
+log = logging.getLogger("bot.worker")
+
+
+class Channel:
+    """Writes protocol messages to the lead, from any thread."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+
+    def send(self, message: dict[str, Any]) -> None:
+        data = wp.encode(message)
+        with self._lock:
+            try:
+                self._stream.write(data)
+                self._stream.flush()
+            except BrokenPipeError:
+                os._exit(0)  # the lead is gone: no one is left to take a result
+
+
+class Inbox:
+    """Reads the lead's messages on a thread: cancels are recorded at once, the rest queued."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._cancelled: set[int] = set()
+        self._lock = threading.Lock()
+        self.busy = False  # set while a job runs: an EOF then means the lead is gone
+        self._thread = threading.Thread(target=self._read, name="worker-inbox", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _read(self) -> None:
+        for line in self._stream:
+            try:
+                message = wp.decode(line)
+            except ValueError:
+                log.error("bad message from the lead: %r", line[:200])
+                continue
+            if message["op"] == wp.CANCEL:
+                with self._lock:
+                    self._cancelled.add(int(message["job"]))
+            else:
+                self._queue.put(message)
+        # The lead closed our stdin (or died): no one is left to take a result.
+        if self.busy:
+            os._exit(0)
+        self._queue.put(None)
+
+    def get(self) -> dict[str, Any] | None:
+        """Blocks for the next message; None once the lead closed the pipe."""
+        return self._queue.get()
+
+    def is_cancelled(self, job_id: int) -> bool:
+        with self._lock:
+            return job_id in self._cancelled
+
+    def forget(self, job_id: int) -> None:
+        with self._lock:
+            self._cancelled.discard(job_id)
+
+
+class JobProgress:
+    """The ``Progress`` handed to a pipeline: streams steps, raises JobCancelled, yields."""
+
+    def __init__(self, worker: Worker, job_id: int, preemptible: bool) -> None:
+        self._worker = worker
+        self.job_id = job_id
+        self._preemptible = preemptible
+
+    def _check(self) -> None:
+        if self._worker.inbox.is_cancelled(self.job_id):
+            raise JobCancelled(self.job_id)
+
+    def __call__(self, step: int, total: int, text: str | None = None) -> None:
+        self._check()
+        self._worker.channel.send({"op": wp.PROGRESS, "job": self.job_id, "step": step, "total": total, "text": text})
+
+    def yield_point(self) -> None:
+        self._check()
+        if self._preemptible:
+            self._worker.serve_yield(self.job_id)
+            self._check()
+
+
+class Worker:
+    """Runs jobs one at a time (short jobs nested inside a preemptible one), pipelines resident."""
+
+    def __init__(self, channel: Channel, inbox: Inbox, context: PipelineContext) -> None:
+        self.channel = channel
+        self.inbox = inbox
+        self.context = context
+        self._pipelines: dict[str, Pipeline] = {}
+
+    def pipeline(self, path: str) -> Pipeline:
+        """Imports, builds and loads the pipeline at ``module:Class`` once."""
+        pipeline = self._pipelines.get(path)
+        if pipeline is None:
+            module_name, _, class_name = path.partition(":")
+            cls = getattr(importlib.import_module(module_name), class_name)
+            pipeline = cls()
+            log.info("loading pipeline %s on %s", path, self.context.device)
+            pipeline.load(self.context)
+            self._pipelines[path] = pipeline
+        return pipeline
+
+    def serve(self) -> None:
+        """Runs jobs until the lead closes the pipe."""
+        while (message := self.inbox.get()) is not None:
+            if message["op"] == wp.RUN:
+                self.inbox.busy = True
+                try:
+                    self.run_job(message, nested=False)
+                finally:
+                    self.inbox.busy = False
+            elif message["op"] != wp.RESUME:
+                log.warning("unexpected message %r", message["op"])
+
+    def serve_yield(self, job_id: int) -> None:
+        """At a checkpoint of `job_id`: runs the short jobs the lead sends until it says resume."""
+        while True:
+            self.channel.send({"op": wp.YIELD, "job": job_id})
+            message = self.inbox.get()
+            if message is None:
+                os._exit(0)
+            if message["op"] == wp.RESUME:
+                return
+            if message["op"] == wp.RUN:
+                self.run_job(message, nested=True)
+            else:
+                log.warning("unexpected message %r during a yield", message["op"])
+
+    def run_job(self, message: dict[str, Any], nested: bool) -> None:
+        """Runs one job and reports how it ended; never raises."""
+        job_id = int(message["job"])
+        send = self.channel.send
+        try:
+            if self.inbox.is_cancelled(job_id):
+                raise JobCancelled(job_id)
+            params = message["params"]
+            if params.get("out_dir"):
+                Path(params["out_dir"]).mkdir(parents=True, exist_ok=True)
+            pipeline = self.pipeline(message["pipeline"])
+            progress = JobProgress(self, job_id, preemptible=bool(message.get("preemptible")) and not nested)
+            result = pipeline.run(params, progress)
+            payload = result.to_dict() if isinstance(result, JobResult) else dict(result or {})
+            send({"op": wp.DONE, "job": job_id, "result": payload})
+        except JobCancelled:
+            log.info("job %d cancelled", job_id)
+            send({"op": wp.CANCELLED, "job": job_id})
+        except UserFacingError as exc:
+            log.info("job %d failed: %s", job_id, exc.code)
+            send({"op": wp.ERROR, "job": job_id, "code": exc.code, "details": exc.details})
+        except Exception as exc:
+            log.exception("job %d (%s) crashed", job_id, message.get("kind"))
+            send({"op": wp.CRASH, "job": job_id, "error": f"{type(exc).__name__}: {exc}"})
+        finally:
+            self.inbox.forget(job_id)
+
+    def close(self) -> None:
+        for path, pipeline in self._pipelines.items():
+            try:
+                pipeline.close()
+            except Exception:
+                log.exception("closing pipeline %s failed", path)
+        self._pipelines.clear()
+
+
+def _take_protocol_stdout() -> BinaryIO:
+    """Moves the protocol to a duplicate of fd 1 and points fd 1 and sys.stdout at stderr."""
+    sys.stdout.flush()
+    protocol = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return protocol
+
+
+def main() -> int:
+    """Entry point of the worker process."""
+    channel = Channel(_take_protocol_stdout())
+    inbox = Inbox(sys.stdin.buffer)
+    inbox.start()
+    init = inbox.get()
+    if init is None or init.get("op") != wp.INIT:
+        print(f"bot.worker: expected an init message, got {init!r}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        stream=sys.stderr, level=init.get("log_level", "INFO"),
+        format=f"%(asctime)s %(levelname)s worker[{init['device']} pid {os.getpid()}] %(name)s: %(message)s",
+    )
+    context = PipelineContext(
+        models_dir=Path(init["models_dir"]), device=init["device"], dtype=init.get("dtype", "float32"),
+        memory_budget_mb=int(init.get("memory_budget_mb", 0)), settings=init.get("settings") or {},
+    )
+    worker = Worker(channel, inbox, context)
+    channel.send({"op": wp.READY, "pid": os.getpid()})
+    try:
+        worker.serve()
+    finally:
+        worker.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,113 @@
+"""Test-only pipelines that exercise the scheduler and workers without any model.
+
+``SleepPipeline`` params (all optional):
+
+- ``steps`` (3), ``delay_s`` (0): report `steps` progress steps, sleeping `delay_s` before each.
+- ``yield_every``: call ``progress.yield_point()`` after every k-th step (a preemptible job).
+- ``ledger``: a file that gets one line ``<tag>`` appended per generation (proves nothing runs twice).
+- ``tag``: the ledger line and output file stem (default: the job id).
+- ``suffix`` (".txt"): the output file's suffix; the file lands in ``out_dir``.
+- ``crash_at``: ``os._exit`` at that step; with ``crash_marker`` only while that file is missing
+  (it is created first, so the next attempt passes).
+- ``hang_at``: sleep forever at that step (for timeouts).
+- ``fail_code`` (+ ``fail_details``): raise ``UserFacingError`` at the start.
+- ``bug``: raise ``RuntimeError`` at the start.
+- ``chatter``: print to stdout (Python and fd 1) at each step, as noisy libraries do.
+
+The result's meta holds ``pid``, ``device``, ``dtype``, ``cuda_visible_devices``, ``loads`` (times
+``load`` ran in this process), ``run_s`` (seconds inside ``run``) and ``steps_done``.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from facechain_core.errors import UserFacingError
+from facechain_core.pipeline import JobResult, PipelineContext, Progress
+
+CRASH_EXIT_CODE = 87
+
+
+def _hang() -> None:
+    while True:
+        time.sleep(3600)
+
+
+def _should_crash(params: dict[str, Any]) -> bool:
+    marker = params.get("crash_marker")
+    if not marker:
+        return True
+    path = Path(marker)
+    if path.exists():
+        return False
+    path.touch()
+    return True
+
+
+def append_ledger(path: str | Path, line: str) -> None:
+    """Appends one line in a single write (O_APPEND keeps concurrent writers whole)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, f"{line}\n".encode())
+    finally:
+        os.close(fd)
+
+
+def read_ledger(path: str | Path) -> list[str]:
+    """Returns the ledger's lines (empty when it does not exist)."""
+    path = Path(path)
+    return path.read_text().splitlines() if path.exists() else []
+
+
+class SleepPipeline:
+    """Sleeps through progress steps and writes a small file; can crash, hang or fail on demand."""
+
+    loads = 0  # per process: proves the pipeline stays resident between jobs
+
+    def load(self, context: PipelineContext) -> None:
+        """Records the context; takes no time unless ``settings["devtools"]["load_delay_s"]`` says so."""
+        type(self).loads += 1
+        self.context = context
+        time.sleep(float(context.settings.get("devtools", {}).get("load_delay_s", 0)))
+
+    def run(self, params: dict[str, Any], progress: Progress) -> JobResult:
+        """Runs the requested steps, then writes the output file and the ledger line."""
+        started = time.perf_counter()
+        # 1. Fail on demand.
+        if params.get("fail_code"):
+            raise UserFacingError(params["fail_code"], **params.get("fail_details", {}))
+        if params.get("bug"):
+            raise RuntimeError("devtools: a requested bug")
+        # 2. Steps.
+        steps = int(params.get("steps", 3))
+        delay = float(params.get("delay_s", 0))
+        yield_every = int(params.get("yield_every", 0))
+        for step in range(1, steps + 1):
+            if params.get("hang_at") == step:
+                _hang()
+            if params.get("crash_at") == step and _should_crash(params):
+                os._exit(CRASH_EXIT_CODE)
+            if delay:
+                time.sleep(delay)
+            if params.get("chatter"):
+                print(f"devtools chatter {step}", flush=True)
+                os.write(1, b"devtools raw chatter\n")
+            progress(step, steps, f"step {step}/{steps}")
+            if yield_every and step % yield_every == 0 and step < steps:
+                progress.yield_point()
+        # 3. Output and ledger.
+        tag = str(params.get("tag", params.get("job_id", "job")))
+        out = Path(params["out_dir"]) / f"{tag}{params.get('suffix', '.txt')}"
+        out.write_text(f"{tag}\n")
+        if params.get("ledger"):
+            append_ledger(params["ledger"], tag)
+        return JobResult(files=[out], meta={
+            "pid": os.getpid(), "device": self.context.device, "loads": type(self).loads,
+            "run_s": time.perf_counter() - started, "steps_done": steps,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "dtype": self.context.dtype,
+        })
+
+    def close(self) -> None:
+        """Nothing to free."""
