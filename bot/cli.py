@@ -65,10 +65,10 @@ def cmd_health(args: argparse.Namespace) -> int:
 def cmd_check_selfie(args: argparse.Namespace) -> int:
     """Prints the selfie verdict for each photo; exits 1 if any was rejected."""
     from handlers.messages import t
-    from bot.selfies import build_selfie_checker
+    from handlers.selfie import lazy_selfie_checker
 
     settings = _settings(args)
-    check = build_selfie_checker(settings)
+    check = lazy_selfie_checker(settings)
     rejected = 0
     for path in args.photos:
         try:

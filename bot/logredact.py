@@ -1,0 +1,92 @@
+"""Keep secrets (bot tokens) out of every log line.
+
+Telegram puts the bot token in every request URL, and httpx logs URLs at INFO; exception texts
+can carry them too. ``install_redaction(secrets)`` puts one ``RedactingFilter`` on the root
+logger's handlers and wraps the log record factory, so a record is cleaned when it is created:
+handlers added later (pytest's caplog, a file handler) never see the secret either.
+"""
+from __future__ import annotations
+
+import logging
+import traceback
+import urllib.parse
+from collections.abc import Iterable
+
+MASK = "***"
+# A secret shorter than this is not masked on its own (masking "a" would mangle every line).
+MIN_SECRET_LENGTH = 6
+
+
+def secret_variants(secret: str) -> list[str]:
+    """Returns the forms a secret takes in text: raw, URL-quoted, and a token's secret half."""
+    variants = {secret, urllib.parse.quote(secret, safe=""), urllib.parse.quote(secret)}
+    # A Telegram token is "<bot id>:<secret>"; the bot id alone is public, the secret half is not.
+    _, sep, tail = secret.partition(":")
+    if sep and len(tail) >= MIN_SECRET_LENGTH:
+        variants.add(tail)
+    return sorted((v for v in variants if len(v) >= MIN_SECRET_LENGTH), key=len, reverse=True)
+
+
+class RedactingFilter(logging.Filter):
+    """Replaces every secret in a record's message, arguments, exception and stack text with ***."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        super().__init__()
+        self._secrets: set[str] = set()
+        self._variants: list[str] = []
+        self.add_secrets(secrets)
+
+    def add_secrets(self, secrets: Iterable[str]) -> None:
+        self._secrets.update(s for s in secrets if s)
+        variants = {v for secret in self._secrets for v in secret_variants(secret)}
+        self._variants = sorted(variants, key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        for variant in self._variants:
+            if variant in text:
+                text = text.replace(variant, MASK)
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self._variants or getattr(record, "_redacted", None) is self:
+            return True
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string must not hide the record, nor leak through repr
+            message = f"{record.msg!s} {record.args!s}"
+        record.msg = self.redact(message)
+        record.args = None
+        if record.exc_info and record.exc_info[1] is not None and not record.exc_text:
+            record.exc_text = "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
+        if record.exc_text:
+            record.exc_text = self.redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.redact(record.stack_info)
+        record._redacted = self  # type: ignore[attr-defined]
+        return True
+
+
+_installed: RedactingFilter | None = None
+
+
+def install_redaction(secrets: Iterable[str], root: logging.Logger | None = None) -> RedactingFilter:
+    """Installs (or extends) the process-wide redaction; returns the filter. Idempotent."""
+    global _installed
+    root = root or logging.getLogger()
+    if _installed is None:
+        _installed = RedactingFilter(secrets)
+        previous = logging.getLogRecordFactory()
+        active = _installed
+
+        def factory(*args: object, **kwargs: object) -> logging.LogRecord:
+            record = previous(*args, **kwargs)
+            active.filter(record)
+            return record
+
+        logging.setLogRecordFactory(factory)
+    else:
+        _installed.add_secrets(secrets)
+    for handler in root.handlers:
+        if _installed not in handler.filters:
+            handler.addFilter(_installed)
+    return _installed

@@ -1,0 +1,450 @@
+"""The Telegram adapter: python-telegram-bot updates in, platform-neutral events out.
+
+``TelegramAdapter`` owns one PTB ``Application`` (long polling, concurrent updates, a rate
+limiter that retries 429s) and runs beside other adapters on the service's event loop: it is
+started and stopped explicitly (``async with adapter:``), never with ``run_polling``. Each update
+becomes an ``Event`` and a ``TelegramChannel`` for its chat, handed to the dispatch callable
+(``router.handle_event`` bound to the services). Handlers return fast: they only submit jobs.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime as dtm
+import functools
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from telegram import (
+    BotCommand,
+    CallbackQuery,
+    InlineKeyboardButton,
+    InlineKeyboardMarkup,
+    InputMediaPhoto,
+    Message,
+    Update,
+)
+from telegram import Chat as TgChat
+from telegram import User as TgUser
+from telegram.error import BadRequest, Forbidden, TelegramError
+from telegram.ext import AIORateLimiter, Application, ApplicationBuilder, ContextTypes, TypeHandler
+
+from bot.config import Settings
+from facechain_core.errors import UserFacingError
+from handlers import router
+from handlers.messages import normalise_language, t
+from handlers.protocols import (
+    Attachment,
+    Button,
+    Chat,
+    Event,
+    Media,
+    MessageRef,
+    NotSupported,
+    ReplyChannel,
+    SentFile,
+    User,
+    Visibility,
+)
+from handlers.services import Services
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "telegram"
+MEDIA_GROUP_MAX = 10  # Telegram's album limit
+TEXT_MAX = 4096  # characters in one message
+CAPTION_MAX = 1024
+COMMAND_DESCRIPTION_MAX = 256
+# The Bot API serves files up to 20 MB to bots.
+BOT_API_DOWNLOAD_MAX = 20_000_000
+MENU_LANGUAGES = ("zh",)  # besides the default (English) menu
+ALLOWED_UPDATES = ("message", "callback_query")
+
+Dispatch = Callable[[Event, ReplyChannel], Awaitable[None]]
+
+
+def parse_command(text: str, bot_username: str | None) -> tuple[str | None, list[str], bool]:
+    """Splits ``/name@bot arg ...``; returns (name, args, for_us). Commands for another bot aren't for us."""
+    if not text.startswith("/") or len(text) < 2:
+        return None, [], True
+    head, *args = text.split()
+    name, _, target = head[1:].partition("@")
+    if target and bot_username and target.lower() != bot_username.lower():
+        return None, [], False
+    if not name:
+        return None, [], True
+    return name.lower(), args, True
+
+
+def to_chat(chat: TgChat) -> Chat:
+    return Chat(platform=PLATFORM, id=str(chat.id), is_private=chat.type == TgChat.PRIVATE,
+                title=chat.title or chat.full_name or "")
+
+
+def to_user(user: TgUser) -> User:
+    return User(platform=PLATFORM, id=str(user.id), name=user.first_name or user.username or "",
+                language=user.language_code)
+
+
+def _keyboard(buttons: list[list[Button]] | None) -> InlineKeyboardMarkup | None:
+    if not buttons:
+        return None
+    return InlineKeyboardMarkup([[InlineKeyboardButton(b.label, callback_data=b.payload) for b in row]
+                                 for row in buttons if row])
+
+
+def _ref(message: Message) -> MessageRef:
+    return MessageRef(chat=to_chat(message.chat), message_id=str(message.message_id))
+
+
+def _split_text(text: str) -> list[str]:
+    """Cuts text into messages Telegram accepts, at line ends where possible."""
+    parts: list[str] = []
+    while len(text) > TEXT_MAX:
+        cut = text.rfind("\n", 0, TEXT_MAX)
+        cut = cut if cut > 0 else TEXT_MAX
+        parts.append(text[:cut])
+        text = text[cut:].lstrip("\n")
+    parts.append(text)
+    return parts
+
+
+def _album_chunks(items: list[Any]) -> list[list[Any]]:
+    """Chunks of at most 10 (a chunk of one cannot be an album: the caller sends it as a photo)."""
+    return [items[i:i + MEDIA_GROUP_MAX] for i in range(0, len(items), MEDIA_GROUP_MAX)]
+
+
+class TelegramChannel:
+    """A ReplyChannel for one Telegram chat (and the button press it answers, if any)."""
+
+    def __init__(self, bot: Any, chat: Chat, *, requester: User | None = None, language: str = "en",
+                 query: CallbackQuery | None = None) -> None:
+        self._bot = bot
+        self.chat = chat
+        self.requester = requester
+        self.language = language
+        self._query = query
+        self.answered = False
+
+    def _target(self, visibility: Visibility) -> Chat:
+        if visibility is Visibility.CHAT or self.chat.is_private:
+            return self.chat
+        # Telegram has no ephemeral messages: "only the requester" means their private chat.
+        if self.requester is None:
+            raise NotSupported("no requester to reach privately")
+        return Chat(platform=PLATFORM, id=self.requester.id, is_private=True)
+
+    async def _to(self, target: Chat, call: Callable[..., Awaitable[Any]], **kwargs: Any) -> Any:
+        try:
+            return await call(chat_id=int(target.id), **kwargs)
+        except Forbidden as exc:
+            if target is not self.chat:
+                raise NotSupported("the user has not started a private chat with the bot") from exc
+            raise
+
+    async def send_text(self, text: str, buttons: list[list[Button]] | None = None,
+                        visibility: Visibility = Visibility.CHAT) -> MessageRef:
+        target = self._target(visibility)
+        parts = _split_text(text)
+        message = None
+        for index, part in enumerate(parts):
+            last = index == len(parts) - 1
+            message = await self._to(target, self._bot.send_message, text=part,
+                                     reply_markup=_keyboard(buttons) if last else None)
+        assert message is not None
+        return _ref(message)
+
+    async def edit_text(self, ref: MessageRef, text: str, buttons: list[list[Button]] | None = None) -> None:
+        try:
+            await self._bot.edit_message_text(text=text[:TEXT_MAX], chat_id=int(ref.chat.id),
+                                              message_id=int(ref.message_id), reply_markup=_keyboard(buttons))
+        except BadRequest as exc:
+            if "not modified" not in str(exc).lower():
+                raise
+
+    async def delete_message(self, ref: MessageRef) -> None:
+        try:
+            await self._bot.delete_message(chat_id=int(ref.chat.id), message_id=int(ref.message_id))
+        except BadRequest as exc:
+            log.info("could not delete message %s in %s: %s", ref.message_id, ref.chat.key, exc)
+
+    async def send_images(self, images: list[Media], caption: str | None = None,
+                          buttons: list[list[Button]] | None = None,
+                          visibility: Visibility = Visibility.CHAT) -> list[SentFile]:
+        if not images:
+            return []
+        target = self._target(visibility)
+        sources = [await _source(m) for m in images]
+        captions = [(caption if i == 0 and caption else m.caption) for i, m in enumerate(images)]
+        captions = [c[:CAPTION_MAX] if c else None for c in captions]
+        if len(images) == 1:
+            content, filename = sources[0]
+            message = await self._to(target, self._bot.send_photo, photo=content, filename=filename,
+                                     caption=captions[0], reply_markup=_keyboard(buttons))
+            return [SentFile(_ref(message), _photo_id(message))]
+        sent: list[SentFile] = []
+        for chunk in _album_chunks(list(zip(sources, captions, strict=True))):
+            if len(chunk) == 1:
+                (content, filename), text = chunk[0]
+                message = await self._to(target, self._bot.send_photo, photo=content, filename=filename, caption=text)
+                sent.append(SentFile(_ref(message), _photo_id(message)))
+                continue
+            media = [InputMediaPhoto(media=content, filename=filename, caption=text)
+                     for (content, filename), text in chunk]
+            messages = await self._to(target, self._bot.send_media_group, media=media)
+            sent.extend(SentFile(_ref(m), _photo_id(m)) for m in messages)
+        if buttons:
+            # An album cannot carry buttons: they follow in a message of their own.
+            await self.send_text(t("core.more_actions", self.language), buttons, visibility)
+        return sent
+
+    async def send_video(self, video: Media, caption: str | None = None,
+                         buttons: list[list[Button]] | None = None) -> SentFile:
+        content, filename = await _source(video)
+        message = await self._to(self.chat, self._bot.send_video, video=content, filename=filename,
+                                 caption=_caption(caption or video.caption), reply_markup=_keyboard(buttons))
+        file = message.video or message.document or message.animation
+        return SentFile(_ref(message), file.file_id if file else None)
+
+    async def send_video_note(self, video: Media) -> SentFile:
+        content, filename = await _source(video)
+        message = await self._to(self.chat, self._bot.send_video_note, video_note=content, filename=filename)
+        return SentFile(_ref(message), message.video_note.file_id if message.video_note else None)
+
+    async def send_audio(self, audio: Media, caption: str | None = None, voice: bool = False) -> SentFile:
+        content, filename = await _source(audio)
+        if voice:
+            message = await self._to(self.chat, self._bot.send_voice, voice=content, filename=filename,
+                                     caption=_caption(caption or audio.caption))
+            file = message.voice
+        else:
+            message = await self._to(self.chat, self._bot.send_audio, audio=content, filename=filename,
+                                     caption=_caption(caption or audio.caption))
+            file = message.audio
+        file = file or message.document
+        return SentFile(_ref(message), file.file_id if file else None)
+
+    async def send_document(self, document: Media, caption: str | None = None) -> SentFile:
+        content, filename = await _source(document)
+        message = await self._to(self.chat, self._bot.send_document, document=content, filename=filename,
+                                 caption=_caption(caption or document.caption))
+        return SentFile(_ref(message), message.document.file_id if message.document else None)
+
+    async def answer_button(self, text: str | None = None, alert: bool = False) -> None:
+        if self._query is None or self.answered:
+            return
+        self.answered = True
+        try:
+            await self._query.answer(text=text, show_alert=alert)
+        except BadRequest as exc:
+            # A press answered too late (over ~15 s) is refused by Telegram; the work still happened.
+            log.info("could not answer a button press: %s", exc)
+
+
+async def _source(media: Media) -> tuple[str | bytes, str | None]:
+    """A file id to re-send, or the file's bytes read off the event loop."""
+    if media.file_id:
+        return media.file_id, None
+    if media.path is None:
+        raise ValueError("Media needs a path or a file_id")
+    data = await asyncio.to_thread(media.path.read_bytes)
+    return data, media.path.name
+
+
+def _caption(text: str | None) -> str | None:
+    return text[:CAPTION_MAX] if text else None
+
+
+def _photo_id(message: Message) -> str | None:
+    if message.photo:
+        return max(message.photo, key=lambda p: p.width * p.height).file_id
+    return message.document.file_id if message.document else None
+
+
+class TelegramAdapter:
+    """Runs the bot on Telegram: ``async with TelegramAdapter(settings, services) as tg: ...``.
+
+    Events go to ``router.handle_event(services, ...)``, or to `dispatch` when given (tests).
+    """
+
+    def __init__(self, settings: Settings, services: Services | None = None, *, dispatch: Dispatch | None = None,
+                 command_menu: Callable[[str], list[tuple[str, str]]] = router.command_menu) -> None:
+        if not settings.telegram.enabled:
+            raise ValueError("telegram.token is empty: set it in the config or FACECHAIN_TELEGRAM_TOKEN")
+        if dispatch is None:
+            if services is None:
+                raise ValueError("TelegramAdapter needs the services (or a dispatch callable)")
+            dispatch = functools.partial(router.handle_event, services)
+        self.settings = settings.telegram
+        self._dispatch = dispatch
+        self._default_language = settings.language
+        self._max_download = min(int(settings.limits.max_upload_mb * 1_000_000), BOT_API_DOWNLOAD_MAX)
+        self._command_menu = command_menu
+        self.application: Application = self._build()
+        self._started = False
+
+    def _build(self) -> Application:
+        s = self.settings
+        application = (
+            ApplicationBuilder()
+            .token(s.token.get_secret_value())
+            .base_url(s.base_url)
+            .base_file_url(s.base_file_url)
+            .rate_limiter(AIORateLimiter(max_retries=s.max_retries))
+            .concurrent_updates(True)
+            .job_queue(None)
+            .build()
+        )
+        application.add_handler(TypeHandler(Update, self._on_update))
+        application.add_error_handler(self._on_error)
+        return application
+
+    @property
+    def bot(self) -> Any:
+        return self.application.bot
+
+    async def __aenter__(self) -> TelegramAdapter:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Connects (getMe), publishes the command menu and starts long polling."""
+        if self._started:
+            return
+        await self.application.initialize()
+        self._started = True
+        try:
+            await self.publish_commands()
+            await self.application.start()
+            assert self.application.updater is not None
+            await self.application.updater.start_polling(
+                timeout=dtm.timedelta(seconds=self.settings.poll_timeout),
+                allowed_updates=list(ALLOWED_UPDATES),
+                drop_pending_updates=False,
+            )
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("telegram: polling as @%s", self.bot.username)
+
+    async def stop(self) -> None:
+        """Stops polling, lets running handlers finish, and closes the connections. Idempotent."""
+        if not self._started:
+            return
+        self._started = False
+        updater = self.application.updater
+        if updater is not None and updater.running:
+            await updater.stop()
+        if self.application.running:
+            await self.application.stop()
+        await self.application.shutdown()
+        log.info("telegram: stopped")
+
+    async def publish_commands(self) -> None:
+        """Sets the command menu, in English by default and per language where translated."""
+        for language in (None, *MENU_LANGUAGES):
+            commands = commands_for(self._command_menu(language or "en"))
+            try:
+                await self.bot.set_my_commands(commands, language_code=language)
+            except TelegramError as exc:
+                log.warning("telegram: could not set the %s command menu: %s", language or "default", exc)
+
+    def channel_for(self, chat: Chat, language: str | None = None) -> TelegramChannel:
+        """A channel into any chat, e.g. to deliver a job's result after a restart."""
+        return TelegramChannel(self.bot, chat, language=language or self._default_language)
+
+    # -- updates ---------------------------------------------------------------------------------
+    async def _on_update(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        converted = self.to_event(update)
+        if converted is None:
+            return
+        event, query = converted
+        channel = TelegramChannel(self.bot, event.chat, requester=event.user, language=event.language, query=query)
+        await self._dispatch(event, channel)
+
+    async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+        update_id = update.update_id if isinstance(update, Update) else None
+        log.error("telegram: update %s failed", update_id, exc_info=context.error)
+
+    def to_event(self, update: Update) -> tuple[Event, CallbackQuery | None] | None:
+        """Converts an update into an Event (and the button press it carries); None to ignore it."""
+        if update.callback_query is not None:
+            return self._button_event(update.callback_query)
+        message = update.message
+        if message is None or message.from_user is None or message.from_user.is_bot:
+            return None
+        user = to_user(message.from_user)
+        text = message.text or message.caption or ""
+        command, args, for_us = parse_command(text, self.bot.username if self._started else None)
+        if not for_us:
+            return None
+        event = Event(user=user, chat=to_chat(message.chat), text=text, command=command, args=args,
+                      attachments=self._attachments(message), message_id=str(message.message_id),
+                      language=self._language(message.from_user))
+        return event, None
+
+    def _button_event(self, query: CallbackQuery) -> tuple[Event, CallbackQuery] | None:
+        message = query.message
+        if message is None or query.from_user is None:
+            return None  # a button of an inline message: not ours
+        event = Event(user=to_user(query.from_user), chat=to_chat(message.chat), button_payload=query.data or "",
+                      message_id=str(message.message_id), language=self._language(query.from_user))
+        return event, query
+
+    def _language(self, user: TgUser) -> str:
+        return normalise_language(user.language_code) if user.language_code else self._default_language
+
+    def _attachments(self, message: Message) -> list[Attachment]:
+        found: list[Attachment] = []
+        if message.photo:
+            largest = max(message.photo, key=lambda p: p.width * p.height)
+            found.append(self._attachment("photo", largest.file_id, largest.file_size, "image/jpeg", None))
+        if message.document:
+            d = message.document
+            found.append(self._attachment("document", d.file_id, d.file_size, d.mime_type, d.file_name))
+        if message.voice:
+            v = message.voice
+            found.append(self._attachment("voice", v.file_id, v.file_size, v.mime_type or "audio/ogg", None))
+        if message.audio:
+            a = message.audio
+            found.append(self._attachment("audio", a.file_id, a.file_size, a.mime_type, a.file_name))
+        if message.video:
+            v = message.video
+            found.append(self._attachment("video", v.file_id, v.file_size, v.mime_type, v.file_name))
+        if message.video_note:
+            n = message.video_note
+            found.append(self._attachment("video", n.file_id, n.file_size, "video/mp4", None))
+        return found
+
+    def _attachment(self, kind: str, file_id: str, size: int | None, mime: str | None,
+                    filename: str | None) -> Attachment:
+        async def fetch() -> bytes:
+            return await self.download(file_id, size)
+
+        return Attachment(kind=kind, size=size, mime_type=mime, filename=filename, fetch=fetch)
+
+    async def download(self, file_id: str, size: int | None = None) -> bytes:
+        """Fetches a file's bytes through getFile and the file URL, refusing files over the cap."""
+        if size is not None and size > self._max_download:
+            raise self._too_large(size)
+        try:
+            file = await self.bot.get_file(file_id)
+        except BadRequest as exc:
+            if "too big" in str(exc).lower():
+                raise self._too_large(size or self._max_download + 1) from exc
+            raise
+        if file.file_size is not None and file.file_size > self._max_download:
+            raise self._too_large(file.file_size)
+        return bytes(await file.download_as_bytearray())
+
+    def _too_large(self, size: int) -> UserFacingError:
+        return UserFacingError("file.too_large", size_mb=f"{size / 1_000_000:.1f}",
+                               max_mb=f"{self._max_download / 1_000_000:.1f}")
+
+
+def commands_for(menu: Sequence[tuple[str, str]]) -> list[BotCommand]:
+    """BotCommand objects for a ``(name, description)`` menu (descriptions cut to Telegram's limit)."""
+    return [BotCommand(name, description[:COMMAND_DESCRIPTION_MAX]) for name, description in menu]

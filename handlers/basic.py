@@ -1,0 +1,192 @@
+"""The core commands: /start, /help, /status, /cancel, /delete, and the cancel and delete buttons.
+
+/delete asks first; its Yes button carries a one-time nonce bound to the asking user, so nobody
+else can press it and an old one expires. Confirmed, it cancels and drops the user's jobs, removes
+``data_dir/users/<key>/`` and then every row of the user.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import shutil
+from pathlib import Path
+
+from handlers import buttons, router
+from handlers.messages import t
+from handlers.progress import ACTIVE_STATES, format_duration, kind_label
+from handlers.protocols import Button, Event, JobView, MessageRef, ReplyChannel
+from handlers.services import Services
+
+log = logging.getLogger(__name__)
+
+DELETE_CONFIRM_TTL_S = 600.0
+
+
+# -- commands -----------------------------------------------------------------------------------
+async def show_start(services: Services, event: Event, channel: ReplyChannel) -> None:
+    """Says what the bot does, how to begin, and how user data is kept."""
+    lang = event.language
+    name = event.user.name or t("core.friend", lang)
+    await channel.send_text(t("core.start", lang, name=name, max_selfies=services.settings.limits.max_selfies))
+
+
+async def show_help(services: Services, event: Event, channel: ReplyChannel) -> None:
+    """Lists the commands this user may run."""
+    lang = event.language
+    admin = router.is_admin(services, event.user.key)
+    lines = [t("core.help_header", lang)]
+    for command in router.commands():
+        if command.admin_only and not admin:
+            continue
+        lines.append(f"/{command.name} — {t(command.help_code, lang)}")
+    lines.append("")
+    lines.append(t("core.help_footer", lang))
+    await channel.send_text("\n".join(lines))
+
+
+async def show_status(services: Services, event: Event, channel: ReplyChannel) -> None:
+    """Shows the user's jobs with position and ETA, their selfie count and their likeness."""
+    lang, key = event.language, event.user.key
+    jobs = await services.jobs.user_jobs(key)
+    active = [j for j in jobs if j.state in (*ACTIVE_STATES, "done")]
+    lines = [t("status.jobs_header", lang) if active else t("status.no_jobs", lang)]
+    for job in active:
+        lines.append("• " + _job_line(job, lang))
+    selfies = await services.storage.selfies(key)
+    lines.append(t("status.selfies", lang, count=len(selfies), max=services.settings.limits.max_selfies))
+    identity = await services.storage.identity(key)
+    if any(j.kind == "identity" and j.state in ACTIVE_STATES for j in active):
+        lines.append(t("status.identity_building", lang))
+    elif identity is not None:
+        lines.append(t("status.identity_ready", lang, photos=identity.photos))
+    else:
+        lines.append(t("status.identity_none", lang))
+    await channel.send_text("\n".join(lines))
+
+
+def _job_line(job: JobView, lang: str) -> str:
+    label = kind_label(job.kind, lang)
+    if job.state == "done":
+        return t("status.job_sending", lang, id=job.id, kind=label)
+    if job.state == "running":
+        percent = round((job.progress or 0.0) * 100)
+        text = t("status.job_running", lang, id=job.id, kind=label, percent=percent)
+    else:
+        text = t("status.job_queued", lang, id=job.id, kind=label, position=job.position or "?")
+    if job.eta_s:
+        text += " · " + t("progress.eta", lang, eta=format_duration(job.eta_s, lang))
+    return text
+
+
+async def cancel_jobs(services: Services, event: Event, channel: ReplyChannel) -> None:
+    """Cancels every job of the user (and any file a command was waiting for)."""
+    lang, key = event.language, event.user.key
+    pending = await services.storage.take_pending(key, event.chat.key)
+    cancelled = await services.jobs.cancel(key)
+    if cancelled:
+        await channel.send_text(t("cancel.done", lang, count=len(cancelled)))
+    elif pending is not None:
+        await channel.send_text(t("cancel.pending_dropped", lang))
+    else:
+        await channel.send_text(t("cancel.nothing", lang))
+
+
+async def ask_delete(services: Services, event: Event, channel: ReplyChannel) -> None:
+    """Asks the user to confirm deleting everything about them."""
+    lang = event.language
+    nonce = secrets.token_urlsafe(9)
+    runtime = services.runtime
+    now = services.clock()
+    for old, (_, expires) in list(runtime.delete_confirms.items()):
+        if expires <= now:
+            del runtime.delete_confirms[old]
+    runtime.delete_confirms[nonce] = (event.user.key, now + DELETE_CONFIRM_TTL_S)
+    keyboard = [[Button(t("delete.yes", lang), buttons.payload("delete", nonce)),
+                 Button(t("delete.no", lang), buttons.payload("keep", nonce))]]
+    await channel.send_text(t("delete.confirm", lang), keyboard)
+
+
+# -- buttons ------------------------------------------------------------------------------------
+async def press_cancel(services: Services, event: Event, channel: ReplyChannel, argument: str) -> None:
+    """Cancels the job of a progress message, if the presser owns it."""
+    lang = event.language
+    job = await services.storage.job(int(argument)) if argument.isdigit() else None
+    if job is None:
+        await channel.answer_button(t("button.stale", lang))
+    elif job.user_key != event.user.key:
+        await channel.answer_button(t("button.not_yours", lang), alert=True)
+    elif job.state not in ACTIVE_STATES:
+        await channel.answer_button(t("button.job_over", lang))
+    else:
+        await services.jobs.cancel(event.user.key, job.id)
+        await channel.answer_button(t("button.cancelling", lang))
+
+
+async def press_delete(services: Services, event: Event, channel: ReplyChannel, argument: str) -> None:
+    """Deletes everything about the user who asked, once they confirm."""
+    owner = await _take_confirm(services, event, channel, argument)
+    if owner is None:
+        return
+    await channel.answer_button(t("delete.working", event.language))
+    counts = await delete_user_data(services, owner)
+    log.info("deleted user %s (%s)", owner, ", ".join(f"{k}={v}" for k, v in counts.items() if v))
+    await _replace_question(event, channel, t("delete.done", event.language))
+
+
+async def press_keep(services: Services, event: Event, channel: ReplyChannel, argument: str) -> None:
+    """Drops a /delete question without deleting anything."""
+    if await _take_confirm(services, event, channel, argument) is None:
+        return
+    await channel.answer_button()
+    await _replace_question(event, channel, t("delete.kept", event.language))
+
+
+async def _take_confirm(services: Services, event: Event, channel: ReplyChannel, nonce: str) -> str | None:
+    entry = services.runtime.delete_confirms.get(nonce)
+    if entry is None or entry[1] <= services.clock():
+        services.runtime.delete_confirms.pop(nonce, None)
+        await channel.answer_button(t("delete.expired", event.language), alert=True)
+        return None
+    owner = entry[0]
+    if owner != event.user.key:
+        await channel.answer_button(t("button.not_yours", event.language), alert=True)
+        return None
+    del services.runtime.delete_confirms[nonce]
+    return owner
+
+
+async def _replace_question(event: Event, channel: ReplyChannel, text: str) -> None:
+    if event.message_id is None:
+        await channel.send_text(text)
+        return
+    try:
+        await channel.edit_text(MessageRef(event.chat, event.message_id), text, None)
+    except Exception:
+        log.warning("could not edit the /delete question; sending a new message", exc_info=True)
+        await channel.send_text(text)
+
+
+async def delete_user_data(services: Services, user_key: str) -> dict[str, int]:
+    """Removes the user's jobs, folder and rows, in that order; returns row counts per table."""
+    await services.jobs.forget_user(user_key)
+    folder = services.user_dir(user_key)
+    await asyncio.to_thread(_remove_tree, folder)
+    counts = await services.storage.delete_user(user_key)
+    services.runtime.forget_user(user_key)
+    return counts
+
+
+def _remove_tree(folder: Path) -> None:
+    if folder.exists():
+        shutil.rmtree(folder)
+
+
+router.register_command("start", show_start, "help.start")
+router.register_command("help", show_help, "help.help")
+router.register_command("status", show_status, "help.status")
+router.register_command("cancel", cancel_jobs, "help.cancel")
+router.register_command("delete", ask_delete, "help.delete")
+buttons.register_core_button("cancel", press_cancel)
+buttons.register_core_button("delete", press_delete)
+buttons.register_core_button("keep", press_keep)

@@ -1,0 +1,259 @@
+"""What a job shows in its chat: the queued notice, one progress message edited in place, the result.
+
+The scheduler's job sink calls ``show_progress``, ``deliver_result``, ``report_failure`` and
+``report_cancelled`` with the job row (``bot.storage.Job``, duck-typed). Progress edits are
+throttled to ``settings.scheduler.progress_interval_s``; the final state is always shown.
+Delivery dispatches on the job kind to a registered presenter; the default one sends images as
+an album with the registered result buttons and records each delivered artifact.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from facechain_core.errors import UserFacingError
+from handlers import buttons
+from handlers.messages import catalogue, t
+from handlers.protocols import Button, Chat, Event, Media, MessageRef, ReplyChannel, Submitted
+from handlers.services import ProgressMemo, Services
+
+log = logging.getLogger(__name__)
+
+BAR_WIDTH = 10
+BAR_FULL, BAR_EMPTY = "▰", "▱"
+# Job states a user can still cancel (the strings of bot.storage.JobState).
+ACTIVE_STATES = ("queued", "running")
+
+
+class JobLike(Protocol):
+    id: int
+    user_key: str
+    kind: str
+    state: str
+    params: dict[str, Any]
+    chat: dict[str, Any]
+    progress_ref: dict[str, Any] | None
+
+
+class ArtifactLike(Protocol):
+    id: str
+    owner_key: str
+    kind: str
+    path: str
+    media_type: str
+    file_ids: dict[str, str]
+    delivered_at: float | None
+
+
+Presenter = Callable[[Services, JobLike, list[Any], ReplyChannel, str], Awaitable[None]]
+_presenters: dict[str, Presenter] = {}
+
+
+def register_presenter(kind: str, presenter: Presenter) -> None:
+    """Sets how results of a job kind reach the chat: ``presenter(services, job, artifacts, channel, lang)``."""
+    _presenters[kind] = presenter
+
+
+# -- formatting ---------------------------------------------------------------------------------
+def render_bar(fraction: float, width: int = BAR_WIDTH) -> str:
+    filled = round(min(max(fraction, 0.0), 1.0) * width)
+    return BAR_FULL * filled + BAR_EMPTY * (width - filled)
+
+
+def format_duration(seconds: float, lang: str) -> str:
+    """``45 s``, ``3 min``, ``2 h 5 min`` in the user's language."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return t("time.seconds", lang, n=max(seconds, 1))
+    minutes = round(seconds / 60)
+    if minutes < 60:
+        return t("time.minutes", lang, n=minutes)
+    return t("time.hours", lang, h=minutes // 60, m=minutes % 60)
+
+
+def kind_label(kind: str, lang: str) -> str:
+    code = f"job.kind.{kind}"
+    return t(code, lang) if code in catalogue() else kind
+
+
+def cancel_button(job_id: int, lang: str) -> list[list[Button]]:
+    return [[Button(t("cancel.button", lang), buttons.payload("cancel", job_id))]]
+
+
+def error_text(error: Any, lang: str) -> str:
+    """The user's words for a job failure: a UserFacingError, its stored dict, or anything else."""
+    if isinstance(error, UserFacingError):
+        code, details = error.code, error.details
+    elif isinstance(error, dict) and isinstance(error.get("code"), str):
+        code, details = error["code"], dict(error.get("details") or {})
+    else:
+        return t("job.failed", lang)
+    if code not in catalogue():
+        log.error("no catalogue message for job error code %r", code)
+        return t("job.failed", lang)
+    return t(code, lang, **details)
+
+
+# -- submitting ---------------------------------------------------------------------------------
+async def submit_with_progress(services: Services, event: Event, channel: ReplyChannel, kind: str,
+                               params: dict[str, Any]) -> Submitted:
+    """Submits a job, then answers with its queue position and a Cancel button (its progress message)."""
+    submitted = await services.jobs.submit(event.user.key, kind, params, event.chat)
+    text = queued_text(kind, submitted.position, submitted.eta_s, event.language)
+    ref = await channel.send_text(text, cancel_button(submitted.job_id, event.language))
+    await services.jobs.attach_progress(submitted.job_id, ref)
+    return submitted
+
+
+def queued_text(kind: str, position: int, eta_s: float | None, lang: str) -> str:
+    label = kind_label(kind, lang)
+    text = t("progress.starting", lang, kind=label) if position <= 0 else t(
+        "progress.queued", lang, kind=label, position=position)
+    if eta_s:
+        text += " · " + t("progress.eta", lang, eta=format_duration(eta_s, lang))
+    return text
+
+
+# -- the job sink's calls -----------------------------------------------------------------------
+async def show_progress(services: Services, job: JobLike, step: int, total: int, text: str | None = None) -> None:
+    """Edits the job's progress message (bar, percent, ETA), at most once per interval but always the last step."""
+    now = services.clock()
+    memo = services.runtime.progress.get(job.id)
+    if memo is None:
+        memo = services.runtime.progress[job.id] = ProgressMemo(started=now, first_step=step)
+    final = total > 0 and step >= total
+    interval = float(services.settings.scheduler.progress_interval_s)
+    if not final and memo.last_edit is not None and now - memo.last_edit < interval:
+        return
+    lang = await _memo_language(services, job, memo)
+    fraction = step / total if total > 0 else 0.0
+    body = _progress_body(job.kind, text, lang)
+    line = f"{render_bar(fraction)} {round(fraction * 100)}%"
+    if not final and step > memo.first_step and now > memo.started:
+        eta = (now - memo.started) / (step - memo.first_step) * (total - step)
+        line += " · " + t("progress.eta", lang, eta=format_duration(eta, lang))
+    message = f"{body}\n{line}"
+    if message == memo.last_text:
+        return
+    try:
+        await _put_progress(services, job, memo, message, None if final else cancel_button(job.id, lang))
+    except Exception:
+        log.warning("job %d: progress update failed", job.id, exc_info=True)
+        return
+    memo.last_edit, memo.last_text = now, message
+
+
+async def deliver_result(services: Services, job: JobLike, artifacts: list[Any]) -> None:
+    """Sends the job's undelivered artifacts through its kind's presenter; raises if sending failed."""
+    channel = services.channel_for(_job_chat(job))
+    lang = await _job_language(services, job)
+    presenter = _presenters.get(job.kind, present_default)
+    await presenter(services, job, artifacts, channel, lang)
+    await _finish_progress(services, job, channel, t("progress.done", lang))
+
+
+async def report_failure(services: Services, job: JobLike, error: Any) -> None:
+    """Tells the user why the job failed, in its progress message when there is one."""
+    lang = await _job_language(services, job)
+    channel = services.channel_for(_job_chat(job))
+    text = error_text(error, lang)
+    if not await _finish_progress(services, job, channel, text):
+        try:
+            await channel.send_text(text)
+        except Exception:
+            log.warning("job %d: could not report its failure", job.id, exc_info=True)
+
+
+async def report_cancelled(services: Services, job: JobLike) -> None:
+    """Marks the job's progress message as cancelled (a job without one needs no word: /cancel answered)."""
+    lang = await _job_language(services, job)
+    await _finish_progress(services, job, services.channel_for(_job_chat(job)), t("progress.cancelled", lang))
+
+
+# -- presenting ---------------------------------------------------------------------------------
+async def present_default(services: Services, job: JobLike, artifacts: list[Any], channel: ReplyChannel,
+                          lang: str) -> None:
+    """Sends images as one album (caption and result buttons), videos and audio one by one."""
+    platform = channel.chat.platform
+    todo = [a for a in artifacts if a.delivered_at is None]
+    images = [a for a in todo if a.media_type.startswith("image/")]
+    if images:
+        sent = await channel.send_images([_media(a, platform) for a in images], caption=t("result.caption", lang),
+                                         buttons=buttons.result_keyboard(images, lang))
+        for artifact, file in zip(images, sent, strict=False):
+            await services.storage.mark_delivered(artifact.id, platform, file.file_id)
+    image_ids = {a.id for a in images}
+    for artifact in todo:
+        if artifact.id in image_ids:
+            continue
+        keyboard = buttons.result_keyboard([artifact], lang)
+        if artifact.media_type.startswith("video/"):
+            file = await channel.send_video(_media(artifact, platform), buttons=keyboard)
+        elif artifact.media_type.startswith("audio/"):
+            file = await channel.send_audio(_media(artifact, platform))
+        else:
+            # Other files (embeddings, LoRA weights) are the bot's own, not for the chat.
+            await services.storage.mark_delivered(artifact.id, platform, None)
+            continue
+        await services.storage.mark_delivered(artifact.id, platform, file.file_id)
+
+
+def _media(artifact: Any, platform: str) -> Media:
+    file_id = (artifact.file_ids or {}).get(platform)
+    return Media(file_id=file_id) if file_id else Media(path=Path(artifact.path))
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def _job_chat(job: JobLike) -> Chat:
+    return Chat.from_dict(job.chat)
+
+
+def _progress_body(kind: str, text: str | None, lang: str) -> str:
+    if text and text in catalogue():
+        return t(text, lang)
+    return text or t("progress.working", lang, kind=kind_label(kind, lang))
+
+
+async def _job_language(services: Services, job: JobLike) -> str:
+    return await services.storage.user_language(job.user_key) or services.default_language
+
+
+async def _memo_language(services: Services, job: JobLike, memo: ProgressMemo) -> str:
+    if memo.language is None:
+        memo.language = await _job_language(services, job)
+    return memo.language
+
+
+def _stored_ref(services: Services, job: JobLike) -> MessageRef | None:
+    memo = services.runtime.progress.get(job.id)
+    if memo is not None and memo.ref is not None:
+        return memo.ref
+    return MessageRef.from_dict(job.progress_ref) if job.progress_ref else None
+
+
+async def _put_progress(services: Services, job: JobLike, memo: ProgressMemo, text: str,
+                        keyboard: list[list[Button]] | None) -> None:
+    channel = services.channel_for(_job_chat(job))
+    ref = _stored_ref(services, job)
+    if ref is not None:
+        await channel.edit_text(ref, text, keyboard)
+        memo.ref = ref
+        return
+    memo.ref = await channel.send_text(text, keyboard)
+    await services.jobs.attach_progress(job.id, memo.ref)
+
+
+async def _finish_progress(services: Services, job: JobLike, channel: ReplyChannel, text: str) -> bool:
+    """Puts the final words in the progress message without buttons; False when there is none."""
+    ref = _stored_ref(services, job)
+    services.runtime.progress.pop(job.id, None)
+    if ref is None:
+        return False
+    try:
+        await channel.edit_text(ref, text, None)
+    except Exception:
+        log.warning("job %d: could not update its progress message", job.id, exc_info=True)
+        return False
+    return True

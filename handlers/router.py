@@ -1,0 +1,243 @@
+"""The router: one entry point for every platform event.
+
+``handle_event(services, event, channel)`` applies access control and the per-user rate limit,
+then dispatches: button presses to the button registry, commands to the command table, files to
+the command waiting for one (pending input) or else to selfie intake. It never raises: an
+expected failure becomes its catalogue message, anything else is logged and answered plainly.
+Features register at import time::
+
+    register_command("style", make_portrait, "help.style")
+    register_pending("tryon", receive_outfit)
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from facechain_core.errors import UserFacingError
+from handlers import buttons
+from handlers.messages import catalogue, t
+from handlers.protocols import Event, ReplyChannel
+from handlers.services import Services
+
+log = logging.getLogger(__name__)
+
+CommandHandler = Callable[[Services, Event, ReplyChannel], Awaitable[None]]
+# Gets the pending input row (``command``, ``payload``, ``expires_at``) it was waiting for.
+PendingHandler = Callable[[Services, Event, ReplyChannel, Any], Awaitable[None]]
+
+RATE_WINDOW_S = 60.0
+# Telegram shows at most 200 characters in a button alert.
+ALERT_MAX_CHARS = 200
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    handler: CommandHandler
+    help_code: str  # a short description: the /help line and the platform's command menu
+    admin_only: bool = False
+    in_menu: bool = True
+
+
+_commands: dict[str, Command] = {}
+_pending_handlers: dict[str, PendingHandler] = {}
+
+
+def register_command(name: str, handler: CommandHandler, help_code: str, *,
+                     admin_only: bool = False, in_menu: bool = True) -> None:
+    """Adds a command to the dispatch table (names are lowercase, as platforms require)."""
+    if not name.isascii() or not name.replace("_", "").isalnum() or name != name.lower() or len(name) > 32:
+        raise ValueError(f"command names are 1-32 lowercase letters, digits or _, got {name!r}")
+    existing = _commands.get(name)
+    if existing is not None and existing.handler is not handler:
+        raise ValueError(f"command /{name} is already registered")
+    _commands[name] = Command(name, handler, help_code, admin_only, in_menu)
+
+
+def register_pending(command: str, handler: PendingHandler) -> None:
+    """Routes the next file a user sends after `command` asked for one (see ``expect_input``)."""
+    _pending_handlers[command] = handler
+
+
+def commands() -> list[Command]:
+    """Every registered command, in registration order."""
+    return list(_commands.values())
+
+
+def command_menu(lang: str) -> list[tuple[str, str]]:
+    """``(name, description)`` for the platform's command menu (admin commands left out)."""
+    return [(c.name, t(c.help_code, lang)) for c in _commands.values() if c.in_menu and not c.admin_only]
+
+
+def is_admin(services: Services, user_key: str) -> bool:
+    return user_key in services.settings.access.admins
+
+
+async def expect_input(services: Services, event: Event, command: str, payload: dict[str, Any] | None = None) -> None:
+    """Stores that `command` waits for the user's next file in this chat (expires per settings)."""
+    if command not in _pending_handlers:
+        raise ValueError(f"no pending handler registered for {command!r}")
+    await services.storage.set_pending(event.user.key, event.chat.key, command, payload or {},
+                                       services.settings.limits.pending_input_ttl_s)
+
+
+def message_for(error: UserFacingError, lang: str) -> str:
+    """The catalogue text of an expected failure (a generic line for an unknown code)."""
+    if error.code in catalogue():
+        return t(error.code, lang, **error.details)
+    log.error("no catalogue message for error code %r", error.code)
+    return t("core.error", lang)
+
+
+async def handle_event(services: Services, event: Event, channel: ReplyChannel) -> None:
+    """Handles one event; never raises (except cancellation)."""
+    if event.button_payload is not None:
+        channel = _AnswerOnce(channel)
+    try:
+        await _route(services, event, channel)
+    except UserFacingError as exc:
+        await _reply_safely(event, channel, message_for(exc, event.language))
+    except Exception:
+        log.exception("handling %s from %s in %s failed", _describe(event), event.user.key, event.chat.key)
+        await _reply_safely(event, channel, t("core.error", event.language))
+
+
+async def _route(services: Services, event: Event, channel: ReplyChannel) -> None:
+    if not _addressed_to_us(event):
+        return
+    lang = event.language
+    refusal = _access_refusal(services, event)
+    if refusal is not None:
+        log.info("refused %s from %s in %s (%s)", _describe(event), event.user.key, event.chat.key, refusal)
+        if event.button_payload is not None:
+            await channel.answer_button(t(refusal, lang), alert=True)
+        elif event.command or event.chat.is_private:
+            await channel.send_text(t(refusal, lang))
+        return
+    allowed, warn = _within_rate(services, event.user.key)
+    if not allowed:
+        if event.button_payload is not None:
+            await channel.answer_button(t("core.rate_limited", lang), alert=True)
+        elif warn:
+            await channel.send_text(t("core.rate_limited", lang))
+        return
+    if event.chat.is_private or event.command or event.button_payload is not None:
+        # A photo posted in a group is not kept, and neither is a row about its sender.
+        await services.storage.ensure_user(event.user.key, event.user.platform, lang)
+    if event.button_payload is not None:
+        await buttons.handle_button(services, event, channel)
+    elif event.command:
+        await _run_command(services, event, channel)
+    elif event.attachments:
+        await _route_attachments(services, event, channel)
+    else:
+        await channel.send_text(t("core.text_hint", lang))
+
+
+def _addressed_to_us(event: Event) -> bool:
+    """Group chatter without a command, file or button is not for the bot: stay silent."""
+    if event.chat.is_private or event.button_payload is not None or event.command:
+        return True
+    return bool(event.attachments)
+
+
+def _access_refusal(services: Services, event: Event) -> str | None:
+    access = services.settings.access
+    if access.allowed_users and event.user.key not in access.allowed_users and not is_admin(services, event.user.key):
+        return "core.access_denied"
+    if access.allowed_chats and event.chat.key not in access.allowed_chats:
+        return "core.chat_denied"
+    return None
+
+
+def _within_rate(services: Services, user_key: str) -> tuple[bool, bool]:
+    """Counts one action; returns (allowed, warn): warn once per window, not per message."""
+    limit = services.settings.limits.commands_per_minute
+    if not limit:
+        return True, False
+    now = services.clock()
+    runtime = services.runtime
+    window = runtime.rate_windows.setdefault(user_key, deque())
+    while window and window[0] <= now - RATE_WINDOW_S:
+        window.popleft()
+    if len(window) >= limit:
+        warned_until = runtime.rate_warned_until.get(user_key, float("-inf"))
+        warn = now >= warned_until
+        if warn:
+            runtime.rate_warned_until[user_key] = window[0] + RATE_WINDOW_S
+        return False, warn
+    window.append(now)
+    return True, False
+
+
+async def _run_command(services: Services, event: Event, channel: ReplyChannel) -> None:
+    name = (event.command or "").lower()
+    command = _commands.get(name)
+    if command is None:
+        # In a group an unknown command is likely another bot's: stay quiet there.
+        if event.chat.is_private:
+            await channel.send_text(t("core.unknown_command", event.language, command=name))
+        return
+    if command.admin_only and not is_admin(services, event.user.key):
+        await channel.send_text(t("core.admin_only", event.language))
+        return
+    log.info("/%s from %s in %s", name, event.user.key, event.chat.key)
+    await command.handler(services, event, channel)
+
+
+async def _route_attachments(services: Services, event: Event, channel: ReplyChannel) -> None:
+    pending = await services.storage.take_pending(event.user.key, event.chat.key)
+    if pending is not None:
+        handler = _pending_handlers.get(pending.command)
+        if handler is not None:
+            log.info("file from %s goes to pending /%s", event.user.key, pending.command)
+            await handler(services, event, channel, pending)
+            return
+        log.warning("pending input for unregistered command %r dropped", pending.command)
+    await _selfie.receive_attachments(services, event, channel)
+
+
+async def _reply_safely(event: Event, channel: ReplyChannel, text: str) -> None:
+    try:
+        if event.button_payload is not None and not getattr(channel, "answered", False):
+            await channel.answer_button(text[:ALERT_MAX_CHARS], alert=True)
+        else:
+            await channel.send_text(text)
+    except Exception:
+        log.warning("could not tell %s in %s about a failure", event.user.key, event.chat.key, exc_info=True)
+
+
+def _describe(event: Event) -> str:
+    if event.button_payload is not None:
+        return f"button {event.button_payload.partition(':')[0]}"
+    if event.command:
+        return f"/{event.command}"
+    if event.attachments:
+        return "+".join(a.kind for a in event.attachments)
+    return "text"
+
+
+class _AnswerOnce:
+    """Wraps a channel so a button press is answered at most once, whoever answers first."""
+
+    def __init__(self, inner: ReplyChannel) -> None:
+        self._inner = inner
+        self.answered = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def answer_button(self, text: str | None = None, alert: bool = False) -> None:
+        if self.answered:
+            return
+        self.answered = True
+        await self._inner.answer_button(text, alert)
+
+
+# The core commands register themselves on import; they import this module's registry above.
+from handlers import basic as _basic  # noqa: E402,F401
+from handlers import selfie as _selfie  # noqa: E402,F401

@@ -1,0 +1,135 @@
+"""The one object every handler gets: settings, storage, the job queue, channels and a clock.
+
+``bot/app.py`` builds one with ``Services.build`` and hands it to the adapters. Handlers keep their
+in-memory state (rate-limit windows, progress throttling, per-user locks) in ``Services.runtime``,
+never in module globals, so two services in one process (tests) never share it.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from handlers.protocols import Chat, JobQueue, MessageRef, ReplyChannel
+
+MB = 1_000_000  # decimal, as facechain_core.images reports sizes
+
+
+class StorageLike(Protocol):
+    """The part of ``bot.storage.Storage`` that handlers use (duck-typed, rows as dataclasses)."""
+
+    async def ensure_user(self, key: str, platform: str, language: str) -> bool: ...
+    async def user_language(self, key: str) -> str | None: ...
+    async def delete_user(self, key: str) -> dict[str, int]: ...
+    async def add_selfie(self, user_key: str, path: str, face: dict[str, Any]) -> int: ...
+    async def selfies(self, user_key: str) -> list[Any]: ...
+    async def remove_selfie(self, selfie_id: int) -> None: ...
+    async def identity(self, user_key: str) -> Any | None: ...
+    async def job(self, job_id: int) -> Any | None: ...
+    async def artifact(self, artifact_id: str) -> Any | None: ...
+    async def mark_delivered(self, artifact_id: str, platform: str, file_id: str | None) -> None: ...
+    async def set_pending(self, user_key: str, chat_key: str, command: str, payload: dict[str, Any],
+                          ttl_s: float) -> None: ...
+    async def take_pending(self, user_key: str, chat_key: str) -> Any | None: ...
+
+
+@dataclass
+class ProgressMemo:
+    """What the progress message of one job showed last, for throttling and the ETA."""
+
+    started: float  # clock time of the first progress report
+    first_step: int
+    last_edit: float | None = None
+    last_text: str | None = None
+    ref: MessageRef | None = None  # the progress message, once known
+    language: str | None = None
+
+
+@dataclass
+class RuntimeState:
+    """In-memory state of the handlers; lost on restart by design."""
+
+    rate_windows: dict[str, deque[float]] = field(default_factory=dict)
+    rate_warned_until: dict[str, float] = field(default_factory=dict)
+    progress: dict[int, ProgressMemo] = field(default_factory=dict)
+    user_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    # /delete confirmations: nonce -> (user key, expiry clock time).
+    delete_confirms: dict[str, tuple[str, float]] = field(default_factory=dict)
+    # Last time a user was told (in a group) to send selfies privately.
+    group_hints: dict[str, float] = field(default_factory=dict)
+
+    def user_lock(self, user_key: str) -> asyncio.Lock:
+        lock = self.user_locks.get(user_key)
+        if lock is None:
+            lock = self.user_locks[user_key] = asyncio.Lock()
+        return lock
+
+    def forget_user(self, user_key: str) -> None:
+        """Drops what memory holds about a user (after /delete)."""
+        self.rate_windows.pop(user_key, None)
+        self.rate_warned_until.pop(user_key, None)
+        self.group_hints.pop(user_key, None)
+        for nonce, (owner, _) in list(self.delete_confirms.items()):
+            if owner == user_key:
+                del self.delete_confirms[nonce]
+
+
+@dataclass
+class Services:
+    """Everything a handler needs, passed to every handler.
+
+    `settings` is ``bot.config.Settings`` (duck-typed: handlers read ``limits``, ``access``,
+    ``scheduler.progress_interval_s`` and ``language``). `check_selfie` judges uploaded bytes
+    (blocking: handlers run it in a thread) and returns a ``facechain_core.selfie.SelfieResult``
+    or raises ``UserFacingError``. `channel_for` reaches any chat, also after a restart.
+    """
+
+    settings: Any
+    storage: StorageLike
+    jobs: JobQueue
+    data_dir: Path
+    check_selfie: Callable[[bytes], Any]
+    channel_for: Callable[[Chat], ReplyChannel]
+    features_installed: set[str] = field(default_factory=set)
+    clock: Callable[[], float] = time.monotonic
+    runtime: RuntimeState = field(default_factory=RuntimeState)
+
+    @classmethod
+    def build(cls, settings: Any, storage: StorageLike, *, channel_for: Callable[[Chat], ReplyChannel],
+              jobs: JobQueue | None = None, check_selfie: Callable[[bytes], Any] | None = None,
+              features_installed: Iterable[str] = ()) -> Services:
+        """Services from the settings; `jobs` may be set later (the scheduler needs the services first).
+
+        Without `check_selfie`, the detector named in ``settings.selfie`` is loaded on first use.
+        """
+        if check_selfie is None:
+            from handlers.selfie import lazy_selfie_checker  # handlers.selfie imports this module
+
+            check_selfie = lazy_selfie_checker(settings)
+        return cls(settings=settings, storage=storage, jobs=jobs or _NoQueue(), data_dir=Path(settings.data_dir),
+                   check_selfie=check_selfie, channel_for=channel_for, features_installed=set(features_installed))
+
+    def user_dir(self, user_key: str) -> Path:
+        """Returns ``data_dir/users/<user key>``, refusing keys that could escape it."""
+        if not user_key or "/" in user_key or "\\" in user_key or user_key in (".", "..") or "\0" in user_key:
+            raise ValueError(f"unsafe user key: {user_key!r}")
+        return Path(self.data_dir) / "users" / user_key
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.settings.limits.max_upload_mb * MB)
+
+    @property
+    def default_language(self) -> str:
+        return str(getattr(self.settings, "language", "en"))
+
+
+class _NoQueue:
+    """Stands in until the scheduler is attached; using it is a wiring bug."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError(f"Services.jobs is not set (JobQueue.{name} called before the scheduler was attached)")
