@@ -5,18 +5,21 @@ version table. Timestamps are Unix seconds (float). JSON columns hold dicts.
 """
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import logging
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MIGRATIONS: list[str] = [
     # 1: the foundation.
@@ -198,6 +201,18 @@ def _artifact(row: aiosqlite.Row) -> Artifact:
     )
 
 
+def _serialised(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Runs a write method alone: on the one shared connection, another coroutine's commit
+    landing inside a BEGIN ... COMMIT would commit half a transaction."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Storage, *args: Any, **kwargs: Any) -> T:
+        async with self._write_lock:
+            return await method(self, *args, **kwargs)
+
+    return wrapper
+
+
 def new_artifact_id() -> str:
     """A short unguessable id; ``action:id`` fits Telegram's 64-byte callback data."""
     return secrets.token_urlsafe(9)
@@ -209,6 +224,7 @@ class Storage:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._db: aiosqlite.Connection | None = None
+        self._write_lock = asyncio.Lock()
 
     async def __aenter__(self) -> Storage:
         await self.open()
@@ -250,6 +266,7 @@ class Storage:
         await self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     # -- users ---------------------------------------------------------------------------
+    @_serialised
     async def ensure_user(self, key: str, platform: str, language: str) -> bool:
         """Creates the user row if missing; returns True when it was new."""
         cur = await self.db.execute(
@@ -259,6 +276,7 @@ class Storage:
         await self.db.commit()
         return cur.rowcount == 1
 
+    @_serialised
     async def set_language(self, key: str, language: str) -> None:
         await self.db.execute("UPDATE users SET language = ? WHERE key = ?", (language, key))
         await self.db.commit()
@@ -268,6 +286,7 @@ class Storage:
             row = await cur.fetchone()
         return row["language"] if row else None
 
+    @_serialised
     async def delete_user(self, key: str) -> dict[str, int]:
         """Deletes every row of the user in one transaction; returns counts per table."""
         counts: dict[str, int] = {}
@@ -284,6 +303,7 @@ class Storage:
         return counts
 
     # -- selfies -------------------------------------------------------------------------
+    @_serialised
     async def add_selfie(self, user_key: str, path: str, face: dict[str, Any]) -> int:
         cur = await self.db.execute(
             "INSERT INTO selfies (user_key, path, face, created_at) VALUES (?, ?, ?, ?)",
@@ -299,11 +319,13 @@ class Storage:
             rows = await cur.fetchall()
         return [Selfie(r["id"], r["user_key"], r["path"], json.loads(r["face"]), r["created_at"]) for r in rows]
 
+    @_serialised
     async def remove_selfie(self, selfie_id: int) -> None:
         await self.db.execute("DELETE FROM selfies WHERE id = ?", (selfie_id,))
         await self.db.commit()
 
     # -- identities ----------------------------------------------------------------------
+    @_serialised
     async def set_identity(self, user_key: str, path: str, photos: int) -> None:
         await self.db.execute(
             "INSERT INTO identities (user_key, path, photos, updated_at) VALUES (?, ?, ?, ?) "
@@ -313,6 +335,7 @@ class Storage:
         )
         await self.db.commit()
 
+    @_serialised
     async def set_lora(self, user_key: str, lora_path: str | None) -> None:
         await self.db.execute(
             "UPDATE identities SET lora_path = ?, updated_at = ? WHERE user_key = ?",
@@ -328,6 +351,7 @@ class Storage:
         return Identity(r["user_key"], r["path"], r["photos"], r["lora_path"], r["updated_at"])
 
     # -- jobs ----------------------------------------------------------------------------
+    @_serialised
     async def insert_job(
         self, user_key: str, kind: str, priority: int, params: dict[str, Any], chat: dict[str, Any], max_tries: int
     ) -> Job:
@@ -363,6 +387,7 @@ class Storage:
         ) as cur:
             return [_job(r) for r in await cur.fetchall()]
 
+    @_serialised
     async def mark_running(self, job_id: int) -> None:
         """Counts the attempt before the job runs (a worker death mid-job is an attempt)."""
         await self.db.execute(
@@ -371,10 +396,12 @@ class Storage:
         )
         await self.db.commit()
 
+    @_serialised
     async def requeue(self, job_id: int) -> None:
         await self.db.execute("UPDATE jobs SET state = ? WHERE id = ?", (JobState.QUEUED, job_id))
         await self.db.commit()
 
+    @_serialised
     async def release_job(self, job_id: int) -> None:
         """Puts a job that was stopped by us (shutdown, a neighbour's timeout) back, refunding its attempt."""
         await self.db.execute(
@@ -383,10 +410,12 @@ class Storage:
         )
         await self.db.commit()
 
+    @_serialised
     async def set_progress_ref(self, job_id: int, ref: dict[str, Any]) -> None:
         await self.db.execute("UPDATE jobs SET progress_ref = ? WHERE id = ?", (json.dumps(ref), job_id))
         await self.db.commit()
 
+    @_serialised
     async def finish_job(self, job_id: int, result: dict[str, Any], artifacts: list[Artifact]) -> None:
         """Stores the result and its artifacts in one transaction: the job is never generated twice."""
         await self.db.execute("BEGIN")
@@ -406,6 +435,7 @@ class Storage:
             await self.db.rollback()
             raise
 
+    @_serialised
     async def end_job(self, job_id: int, state: str, error: dict[str, Any] | None = None) -> None:
         await self.db.execute(
             "UPDATE jobs SET state = ?, error = ?, finished_at = ? WHERE id = ?",
@@ -413,6 +443,7 @@ class Storage:
         )
         await self.db.commit()
 
+    @_serialised
     async def mark_job_delivered(self, job_id: int) -> None:
         """Marks the job and every artifact of it not yet marked as delivered, in one transaction."""
         now = time.time()
@@ -428,6 +459,7 @@ class Storage:
             raise
 
     # -- artifacts -----------------------------------------------------------------------
+    @_serialised
     async def add_artifact(self, artifact: Artifact) -> None:
         await self.db.execute(
             "INSERT INTO artifacts (id, job_id, owner_key, kind, path, media_type, meta, created_at) "
@@ -446,6 +478,7 @@ class Storage:
         async with self.db.execute("SELECT * FROM artifacts WHERE job_id = ? ORDER BY rowid", (job_id,)) as cur:
             return [_artifact(r) for r in await cur.fetchall()]
 
+    @_serialised
     async def mark_delivered(self, artifact_id: str, platform: str, file_id: str | None) -> None:
         """Records that an artifact reached its chat (and its platform file id for re-sharing)."""
         art = await self.artifact(artifact_id)
@@ -460,6 +493,7 @@ class Storage:
         await self.db.commit()
 
     # -- pending inputs ------------------------------------------------------------------
+    @_serialised
     async def set_pending(self, user_key: str, chat_key: str, command: str, payload: dict[str, Any], ttl_s: float) -> None:
         await self.db.execute(
             "INSERT OR REPLACE INTO pending_inputs (user_key, chat_key, command, payload, expires_at) VALUES (?, ?, ?, ?, ?)",
@@ -467,6 +501,7 @@ class Storage:
         )
         await self.db.commit()
 
+    @_serialised
     async def take_pending(self, user_key: str, chat_key: str) -> PendingInput | None:
         """Removes and returns the user's unexpired pending input in that chat."""
         async with self.db.execute(
@@ -479,6 +514,7 @@ class Storage:
         return PendingInput(row["user_key"], row["chat_key"], row["command"], json.loads(row["payload"]), row["expires_at"])
 
     # -- statistics ----------------------------------------------------------------------
+    @_serialised
     async def record_duration(self, kind: str, seconds: float, alpha: float = 0.2) -> None:
         """Updates the running average (EWMA) of a kind's run time."""
         await self.db.execute(
