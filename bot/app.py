@@ -18,6 +18,8 @@ from bot.config import Settings
 from bot.jobkinds import JobKind, JobKinds
 from bot.scheduler import Scheduler
 from bot.storage import Artifact, Job, Storage
+from facechain_core.manifest import installed_features
+from facechain_core.styles import load_styles
 from handlers import progress as job_views
 from handlers.protocols import Chat, ReplyChannel
 from handlers.services import Services
@@ -62,7 +64,7 @@ def pipeline_context(settings: Settings) -> dict[str, Any]:
     return {
         "models_dir": str(settings.models_dir.resolve()),
         "styles_dir": str(settings.styles_dir),
-        "settings": {name: dict(values) for name, values in settings.features.items()},
+        "settings": {**settings.pipeline, "model_paths": {k: str(v) for k, v in settings.model_paths.items()}},
     }
 
 
@@ -107,7 +109,11 @@ async def open_service(settings: Settings, extra_kinds: Iterable[JobKind] = ()) 
         def channel_for(chat: Chat) -> ReplyChannel:
             return adapters[chat.platform].channel_for(chat)
 
-        services = Services.build(settings, storage, channel_for=channel_for)
+        features = await asyncio.to_thread(
+            installed_features, settings.models_dir, {k: str(v) for k, v in settings.model_paths.items()})
+        log.info("features installed: %s", ", ".join(sorted(features)) or "none")
+        services = Services.build(settings, storage, channel_for=channel_for, features_installed=features,
+                                  styles=load_styles(settings.styles_dir))
         scheduler = Scheduler(
             storage, kinds, settings.scheduler, data_dir=settings.data_dir,
             context=pipeline_context(settings), sink=HandlerSink(services), devices=_devices(settings),

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
@@ -108,8 +108,14 @@ class Settings(_Section):
     limits: LimitSettings = LimitSettings()
     access: AccessSettings = AccessSettings()
     selfie: SelfieSettings = SelfieSettings()
-    # Per-feature settings handed to pipelines (paths under models_dir, sizes, flags).
-    features: dict[str, dict[str, object]] = {}
+    # Model name (as in facechain_core/models.toml) -> your own local copy, used instead of
+    # models_dir/<manifest path>; it only has to exist (no size or hash check).
+    model_paths: dict[str, Path] = {}
+    # Settings handed to every pipeline in the workers: model path overrides and tuning knobs
+    # (see config.example.toml). Keys are documented by the pipelines that read them.
+    pipeline: dict[str, Any] = {}
+    # A fixed seed makes /style reproducible (same selfies, style and seed: same images).
+    portrait_seed: int | None = None
 
     @field_validator("data_dir", "models_dir", "styles_dir")
     @classmethod

@@ -541,3 +541,32 @@ def require(models_dir: Path | str, name: str, feature: str, manifest: Manifest 
         logger.warning("model %s for %s is %s at %s", name, feature, found.state.value, found.path)
         raise ModelNotInstalled(model=name, feature=feature, pull_command=manifest.pull_command([feature]))
     return found.path
+
+
+def resolve(models_dir: Path | str, name: str, feature: str, overrides: dict[str, Any] | None = None,
+            manifest: Manifest | None = None) -> Path:
+    """Returns where model `name` is: the operator's override (config ``[model_paths]``), which only has
+    to exist, or the manifest's place under models_dir, which must pass ``require``."""
+    if overrides and name in overrides:
+        path = Path(str(overrides[name])).expanduser()
+        path = path if path.is_absolute() else Path(models_dir) / path
+        if path.exists():
+            return path
+        logger.warning("model_paths.%s points at %s, which does not exist", name, path)
+        raise ModelNotInstalled(model=name, feature=feature, pull_command=f"fix model_paths.{name} ({path})")
+    return require(models_dir, name, feature, manifest)
+
+
+def installed_features(models_dir: Path | str, overrides: dict[str, Any] | None = None,
+                       manifest: Manifest | None = None) -> set[str]:
+    """Returns the features whose every model resolves (see ``resolve``)."""
+    manifest = manifest or load_manifest()
+    installed = set()
+    for feature in manifest.features():
+        try:
+            for entry in manifest.for_features([feature]):
+                resolve(models_dir, entry.name, feature, overrides, manifest)
+        except ModelNotInstalled:
+            continue
+        installed.add(feature)
+    return installed

@@ -31,6 +31,13 @@ class PipelineContext:
     settings: dict[str, Any] = field(default_factory=dict)  # per-feature settings from the config
     shared: dict[str, Any] = field(default_factory=dict)  # resources shared by pipelines in one worker
 
+    def model_path(self, name: str, feature: str) -> Path:
+        """Where manifest model `name` is (an override in settings["model_paths"] wins);
+        raises ModelNotInstalled with the operator's pull command."""
+        from facechain_core.manifest import resolve
+
+        return resolve(self.models_dir, name, feature, self.settings.get("model_paths"))
+
 
 @dataclass
 class JobResult:

@@ -174,13 +174,13 @@ async def report_cancelled(services: Services, job: JobLike) -> None:
 
 # -- presenting ---------------------------------------------------------------------------------
 async def present_default(services: Services, job: JobLike, artifacts: list[Any], channel: ReplyChannel,
-                          lang: str) -> None:
+                          lang: str, caption: str | None = None) -> None:
     """Sends images as one album (caption and result buttons), videos and audio one by one."""
     platform = channel.chat.platform
     todo = [a for a in artifacts if a.delivered_at is None]
     images = [a for a in todo if a.media_type.startswith("image/")]
     if images:
-        sent = await channel.send_images([_media(a, platform) for a in images], caption=t("result.caption", lang),
+        sent = await channel.send_images([_media(a, platform) for a in images], caption=caption or t("result.caption", lang),
                                          buttons=buttons.result_keyboard(images, lang))
         for artifact, file in zip(images, sent, strict=False):
             await services.storage.mark_delivered(artifact.id, platform, file.file_id)

@@ -241,3 +241,4 @@ class _AnswerOnce:
 # The core commands register themselves on import; they import this module's registry above.
 from handlers import basic as _basic  # noqa: E402,F401
 from handlers import selfie as _selfie  # noqa: E402,F401
+from handlers import portrait as _portrait  # noqa: E402,F401

@@ -95,13 +95,14 @@ class Services:
     check_selfie: Callable[[bytes], Any]
     channel_for: Callable[[Chat], ReplyChannel]
     features_installed: set[str] = field(default_factory=set)
+    styles: Any = None  # facechain_core.styles.StyleCatalog, loaded once at start
     clock: Callable[[], float] = time.monotonic
     runtime: RuntimeState = field(default_factory=RuntimeState)
 
     @classmethod
     def build(cls, settings: Any, storage: StorageLike, *, channel_for: Callable[[Chat], ReplyChannel],
               jobs: JobQueue | None = None, check_selfie: Callable[[bytes], Any] | None = None,
-              features_installed: Iterable[str] = ()) -> Services:
+              features_installed: Iterable[str] = (), styles: Any = None) -> Services:
         """Services from the settings; `jobs` may be set later (the scheduler needs the services first).
 
         Without `check_selfie`, the detector named in ``settings.selfie`` is loaded on first use.
@@ -111,7 +112,8 @@ class Services:
 
             check_selfie = lazy_selfie_checker(settings)
         return cls(settings=settings, storage=storage, jobs=jobs or _NoQueue(), data_dir=Path(settings.data_dir),
-                   check_selfie=check_selfie, channel_for=channel_for, features_installed=set(features_installed))
+                   check_selfie=check_selfie, channel_for=channel_for, features_installed=set(features_installed),
+                   styles=styles)
 
     def user_dir(self, user_key: str) -> Path:
         """Returns ``data_dir/users/<user key>``, refusing keys that could escape it."""

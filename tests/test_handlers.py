@@ -274,16 +274,16 @@ async def test_status_shows_jobs_selfies_and_likeness(world: World) -> None:
     for i in range(2):
         await world.storage.add_selfie(key, f"/x/{i}.jpg", {"box": [0, 0, 1, 1]})
     first = await world.jobs.submit(key, "identity", {}, private())
-    second = await world.jobs.submit(key, "portrait", {}, private())
+    second = await world.jobs.submit(key, "demo", {}, private())
     world.jobs.views[first.job_id] = JobView(first.job_id, "identity", "running", 0, 20.0, 0.4)
     text = (await world.send(make_event(text="/status"))).said[-1]
     assert f"#{first.job_id} likeness: running, 40% done" in text
-    assert f"#{second.job_id} portrait: waiting, position 2" in text and "about 1 min left" in text
+    assert f"#{second.job_id} demo: waiting, position 2" in text and "about 1 min left" in text
     assert "Selfies: 2 of 10." in text and "being learned" in text
 
-    world.jobs.views[second.job_id] = JobView(second.job_id, "portrait", "done", None, None, 1.0)
+    world.jobs.views[second.job_id] = JobView(second.job_id, "demo", "done", None, None, 1.0)
     text = (await world.send(make_event(text="/status"))).said[-1]
-    assert f"#{second.job_id} portrait: done, sending it to you" in text
+    assert f"#{second.job_id} demo: done, sending it to you" in text
 
     await world.jobs.cancel(key)
     await world.storage.set_identity(key, "/x/identity.npz", 2)
@@ -296,9 +296,9 @@ async def test_status_shows_jobs_selfies_and_likeness(world: World) -> None:
 # -- /cancel -------------------------------------------------------------------------------------
 async def test_cancel_command_cancels_jobs_and_pending_input(world: World) -> None:
     key = "telegram:1"
-    for kind in ("portrait", "portrait"):
+    for kind in ("demo", "demo"):
         await world.jobs.submit(key, kind, {}, private())
-    await world.jobs.submit("telegram:2", "portrait", {}, private(2))
+    await world.jobs.submit("telegram:2", "demo", {}, private(2))
     channel = await world.send(make_event(text="/cancel"))
     assert channel.said == [t("cancel.done", "en", count=2)]
     assert world.jobs.cancel_calls == [(key, None)]
@@ -315,7 +315,7 @@ async def test_cancel_button_checks_the_presser(world: World) -> None:
     owner, chat = "telegram:1", group()
     await world.storage.ensure_user(owner, "telegram", "en")
     submitted = await progress.submit_with_progress(world.services, make_event(chat=chat, text="/style"),
-                                                    world.channel(chat), "portrait", {"style": "x"})
+                                                    world.channel(chat), "demo", {"style": "x"})
     channel = world.channel(chat)
     text, keyboard, _ = channel.texts[-1]
     assert "position 1" in text
@@ -352,9 +352,9 @@ async def test_delete_confirms_then_leaves_nothing(world: World) -> None:
         (folder / "selfies" / "a.jpg").write_bytes(b"jpeg")
         await world.storage.add_selfie(user, str(folder / "selfies" / "a.jpg"), {})
         await world.storage.set_identity(user, str(folder / "identity.npz"), 1)
-        await world.storage.add_artifact(Artifact(new_artifact_id(), None, user, "portrait", str(folder / "r.png"),
+        await world.storage.add_artifact(Artifact(new_artifact_id(), None, user, "demo", str(folder / "r.png"),
                                                   "image/png"))
-        await world.jobs.submit(user, "portrait", {}, private())
+        await world.jobs.submit(user, "demo", {}, private())
         await world.storage.set_pending(user, private().key, "tryon", {}, 60)
     assert all((await _user_rows(world.storage.path, key)).values())
 
@@ -533,13 +533,13 @@ async def test_result_buttons_check_the_owner(world: World) -> None:
         pressed.append((event.user.key, artifact.id))
         await channel.answer_button("on it")
 
-    buttons.register_result_button("zzmore", "cancel.button", more, applies_to={"portrait"})
+    buttons.register_result_button("zzmore", "cancel.button", more, applies_to={"demo"})
     try:
-        mine = Artifact(new_artifact_id(), None, "telegram:1", "portrait", "/x.png", "image/png")
+        mine = Artifact(new_artifact_id(), None, "telegram:1", "demo", "/x.png", "image/png")
         cartoon = Artifact(new_artifact_id(), None, "telegram:1", "cartoon", "/y.png", "image/png")
         for a in (mine, cartoon):
             await world.storage.add_artifact(a)
-        assert [b.payload for b in buttons.result_buttons("portrait", mine.id, "en")] == [f"zzmore:{mine.id}"]
+        assert [b.payload for b in buttons.result_buttons("demo", mine.id, "en")] == [f"zzmore:{mine.id}"]
         assert buttons.result_buttons("cartoon", cartoon.id, "en") == []
         chat = group()
         channel = world.channel(chat)
@@ -621,7 +621,7 @@ async def test_failures_never_escape(world: World, caplog: pytest.LogCaptureFixt
 async def test_progress_is_one_message_throttled_with_final_state(world: World) -> None:
     key, chat = "telegram:1", private()
     await world.storage.ensure_user(key, "telegram", "en")
-    submitted = await world.jobs.submit(key, "portrait", {}, chat)
+    submitted = await world.jobs.submit(key, "demo", {}, chat)
     job = await world.storage.job(submitted.job_id)
     channel = world.channel(chat)
     services = world.services
@@ -646,13 +646,13 @@ async def test_deliver_result_sends_an_album_once_with_buttons(world: World, tmp
     async def noop(services: Services, event: Event, channel: Any, artifact: Any) -> None:
         return None
 
-    buttons.register_result_button("zzagain", "cancel.button", noop, applies_to={"portrait"})
+    buttons.register_result_button("zzagain", "cancel.button", noop, applies_to={"demo"})
     try:
         key, chat = "telegram:1", private()
         await world.storage.ensure_user(key, "telegram", "en")
-        submitted = await world.jobs.submit(key, "portrait", {}, chat)
+        submitted = await world.jobs.submit(key, "demo", {}, chat)
         await world.jobs.attach_progress(submitted.job_id, MessageRef(chat, "42"))
-        arts = [Artifact(new_artifact_id(), submitted.job_id, key, "portrait", str(tmp_path / f"{i}.png"), "image/png")
+        arts = [Artifact(new_artifact_id(), submitted.job_id, key, "demo", str(tmp_path / f"{i}.png"), "image/png")
                 for i in range(2)]
         await world.storage.finish_job(submitted.job_id, {}, arts)
         job = await world.storage.job(submitted.job_id)
@@ -675,7 +675,7 @@ async def test_deliver_result_sends_an_album_once_with_buttons(world: World, tmp
 async def test_failure_and_cancellation_reports(world: World) -> None:
     key, chat = "telegram:1", private()
     await world.storage.ensure_user(key, "telegram", "zh")
-    submitted = await world.jobs.submit(key, "portrait", {}, chat)
+    submitted = await world.jobs.submit(key, "demo", {}, chat)
     job = await world.storage.job(submitted.job_id)
     channel = world.channel(chat)
     await progress.report_failure(world.services, job, {"code": "selfie.no_face", "details": {}})

@@ -23,6 +23,8 @@ _HERE = Path(__file__).parent
 
 def _flatten(prefix: str, table: dict[str, Any], out: dict[str, dict[str, str]]) -> None:
     if any(lang in table and isinstance(table[lang], str) for lang in LANGUAGES):
+        if prefix in out:
+            raise ValueError(f"message code {prefix!r} is defined twice")
         out[prefix] = {k: v for k, v in table.items() if isinstance(v, str)}
         return
     for key, value in table.items():

@@ -1,0 +1,210 @@
+"""Portraits in chat: /style NAME [COUNT], /styles (paged catalogue), /train, "more like this".
+
+/style submits a "portrait" job over the user's identity (train-free IP-Adapter FaceID) and,
+once /train has finished, their LoRA. Identity and training jobs report back through presenters
+that record the result (storage.set_identity / set_lora) before telling the user.
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+from pathlib import Path
+from typing import Any
+
+from facechain_core.errors import UserFacingError
+from handlers import buttons, router
+from handlers.messages import t
+from handlers.progress import present_default, register_presenter, submit_with_progress
+from handlers.protocols import Button, Event, MessageRef, ReplyChannel
+from handlers.services import Services
+
+log = logging.getLogger(__name__)
+
+FEATURE = "portrait"
+SDXL_FEATURE = "portrait-sdxl"
+DEFAULT_COUNT = 2
+MAX_COUNT = 8
+STYLES_PER_PAGE = 8
+STYLE_BUTTONS_PER_ROW = 2
+MIN_TRAIN_SELFIES = 1
+
+
+# -- commands -----------------------------------------------------------------------------------
+async def make_portrait(services: Services, event: Event, channel: ReplyChannel) -> None:
+    """Queues portraits of the user in the named style (no name: shows the catalogue)."""
+    if not event.args:
+        await show_styles(services, event, channel)
+        return
+    words, count = _split_count(event.args)
+    style = _catalogue(services).find(" ".join(words), event.language)
+    await submit_portrait(services, event, channel, style, count)
+
+
+async def show_styles(services: Services, event: Event, channel: ReplyChannel) -> None:
+    """Shows the first page of the style catalogue; tapping a style runs it."""
+    text, keyboard = _styles_page(services, 0, event.language)
+    await channel.send_text(text, keyboard)
+
+
+async def train_lora(services: Services, event: Event, channel: ReplyChannel) -> None:
+    """Queues training of the user's personal LoRA on their selfies."""
+    _require(services, FEATURE)
+    key = event.user.key
+    selfies = await services.storage.selfies(key)
+    if len(selfies) < MIN_TRAIN_SELFIES:
+        raise UserFacingError("portrait.need_selfie")
+    params = {
+        "photos": [{"path": s.path, "face": s.face} for s in selfies],
+        # A fixed folder: a restarted or interrupted training resumes from its checkpoint here.
+        "out_dir": str((services.user_dir(key) / "lora").resolve()),
+    }
+    await submit_with_progress(services, event, channel, "train", params)
+
+
+# -- the job behind /style ----------------------------------------------------------------------
+async def submit_portrait(services: Services, event: Event, channel: ReplyChannel, style: Any,
+                          count: int = DEFAULT_COUNT) -> None:
+    """Checks what only the request can tell, then queues the portrait job."""
+    _require(services, FEATURE)
+    if style.family == "sdxl":
+        _require(services, SDXL_FEATURE)
+    key = event.user.key
+    selfies = await services.storage.selfies(key)
+    if not selfies:
+        raise UserFacingError("portrait.need_selfie")
+    identity = await services.storage.identity(key)
+    seed = services.settings.portrait_seed
+    params = {
+        "style": style.model_dump(mode="json"),
+        "style_id": style.id,
+        "count": count,
+        "seed": seed if seed is not None else secrets.randbelow(2**31),
+        "identity": str((services.user_dir(key) / "identity.npz").resolve()),
+        "selfies": [{"path": s.path, "face": s.face} for s in selfies],
+        "user_lora": identity.lora_path if identity and identity.lora_path else None,
+    }
+    await submit_with_progress(services, event, channel, "portrait", params)
+
+
+def _split_count(args: list[str]) -> tuple[list[str], int]:
+    """``["hanfu", "3"]`` -> (["hanfu"], 3); the count is optional and bounded."""
+    if len(args) > 1 and args[-1].isdigit():
+        count = int(args[-1])
+        if not 1 <= count <= MAX_COUNT:
+            raise UserFacingError("portrait.bad_count", max=MAX_COUNT)
+        return args[:-1], count
+    return args, DEFAULT_COUNT
+
+
+def _require(services: Services, feature: str) -> None:
+    if feature not in services.features_installed:
+        log.warning("feature %s requested but its models are not installed: run `facechain-bot models pull %s`",
+                    feature, feature)
+        raise UserFacingError("feature.not_installed", feature=feature)
+
+
+def _catalogue(services: Services) -> Any:
+    families = ["sd15"] + (["sdxl"] if SDXL_FEATURE in services.features_installed else [])
+    return services.styles.only(families)
+
+
+# -- the catalogue as buttons ---------------------------------------------------------------------
+def _styles_page(services: Services, number: int, lang: str) -> tuple[str, list[list[Button]]]:
+    catalogue = _catalogue(services)
+    page = catalogue.page(number, STYLES_PER_PAGE)
+    rows: list[list[Button]] = []
+    for i in range(0, len(page.styles), STYLE_BUTTONS_PER_ROW):
+        rows.append([Button(s.display_name(lang), buttons.payload("style", s.id))
+                     for s in page.styles[i:i + STYLE_BUTTONS_PER_ROW]])
+    nav = []
+    if page.has_previous:
+        nav.append(Button("◀", buttons.payload("styles", page.number - 1)))
+    if page.has_next:
+        nav.append(Button("▶", buttons.payload("styles", page.number + 1)))
+    if nav:
+        rows.append(nav)
+    text = t("portrait.catalogue", lang, page=page.number + 1, pages=page.total_pages, count=len(catalogue))
+    return text, rows
+
+
+async def press_style(services: Services, event: Event, channel: ReplyChannel, style_id: str) -> None:
+    """Runs the tapped style for the presser."""
+    style = _catalogue(services).get(style_id)
+    if style is None:
+        await channel.answer_button(t("button.stale", event.language))
+        return
+    await channel.answer_button(t("portrait.style_chosen", event.language, style=style.display_name(event.language)))
+    await submit_portrait(services, event, channel, style)
+
+
+async def press_page(services: Services, event: Event, channel: ReplyChannel, argument: str) -> None:
+    """Turns the catalogue message to another page."""
+    try:
+        text, keyboard = _styles_page(services, int(argument), event.language)
+    except ValueError:
+        await channel.answer_button(t("button.stale", event.language))
+        return
+    if event.message_id is None:
+        await channel.send_text(text, keyboard)
+    else:
+        await channel.edit_text(MessageRef(event.chat, event.message_id), text, keyboard)
+
+
+async def more_like_this(services: Services, event: Event, channel: ReplyChannel, artifact: Any) -> None:
+    """Queues new portraits in the style of the pressed result."""
+    job = await services.storage.job(artifact.job_id) if artifact.job_id is not None else None
+    style = services.styles.get(job.params.get("style_id", "")) if job else None
+    if style is None:
+        await channel.answer_button(t("button.stale", event.language))
+        return
+    await submit_portrait(services, event, channel, style, int(job.params.get("count", DEFAULT_COUNT)))
+
+
+# -- presenters: what finished jobs do ----------------------------------------------------------
+async def present_portraits(services: Services, job: Any, artifacts: list[Any], channel: ReplyChannel,
+                            lang: str) -> None:
+    """Sends the portraits as an album captioned with the style, with the result buttons."""
+    style = services.styles.get(job.params.get("style_id", "")) if services.styles else None
+    name = style.display_name(lang) if style else job.params.get("style_id", "")
+    caption = t("portrait.caption", lang, style=name)
+    await present_default(services, job, artifacts, channel, lang, caption=caption)
+
+
+async def record_identity(services: Services, job: Any, artifacts: list[Any], channel: ReplyChannel,
+                          lang: str) -> None:
+    """Stores the user's new identity; the first one is announced."""
+    files = [a for a in artifacts if a.path.endswith(".npz")]
+    if not files:
+        return
+    first = await services.storage.identity(job.user_key) is None
+    await services.storage.set_identity(job.user_key, files[0].path, len(job.params.get("selfies", [])))
+    for artifact in artifacts:
+        if artifact.delivered_at is None:
+            await services.storage.mark_delivered(artifact.id, channel.chat.platform, None)
+    if first:
+        await channel.send_text(t("portrait.identity_ready", lang))
+
+
+async def record_lora(services: Services, job: Any, artifacts: list[Any], channel: ReplyChannel, lang: str) -> None:
+    """Stores the trained LoRA as the user's; /style uses it from now on."""
+    out_dir = Path(job.params["out_dir"])
+    if await services.storage.identity(job.user_key) is None:
+        await services.storage.set_identity(job.user_key, str(services.user_dir(job.user_key) / "identity.npz"),
+                                            len(job.params.get("photos", [])))
+    await services.storage.set_lora(job.user_key, str(out_dir))
+    for artifact in artifacts:
+        if artifact.delivered_at is None:
+            await services.storage.mark_delivered(artifact.id, channel.chat.platform, None)
+    steps = (job.result or {}).get("meta", {}).get("steps")
+    await channel.send_text(t("portrait.lora_ready", lang, steps=steps or "?"))
+
+
+router.register_command("style", make_portrait, "help.style")
+router.register_command("styles", show_styles, "help.styles")
+router.register_command("train", train_lora, "help.train")
+buttons.register_core_button("style", press_style)
+buttons.register_core_button("styles", press_page)
+buttons.register_result_button("more", "portrait.button_more", more_like_this, applies_to={"portrait"})
+register_presenter("portrait", present_portraits)
+register_presenter("identity", record_identity)
+register_presenter("train", record_lora)
