@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-from pathlib import Path
 from typing import Any
 
 from facechain_core.errors import UserFacingError
@@ -187,11 +186,14 @@ async def record_identity(services: Services, job: Any, artifacts: list[Any], ch
 
 async def record_lora(services: Services, job: Any, artifacts: list[Any], channel: ReplyChannel, lang: str) -> None:
     """Stores the trained LoRA as the user's; /style uses it from now on."""
-    out_dir = Path(job.params["out_dir"])
+    weights = [a for a in artifacts if a.path.endswith(".safetensors")]
+    if not weights:
+        log.error("train job %d finished without a LoRA file", job.id)
+        return
     if await services.storage.identity(job.user_key) is None:
         await services.storage.set_identity(job.user_key, str(services.user_dir(job.user_key) / "identity.npz"),
                                             len(job.params.get("photos", [])))
-    await services.storage.set_lora(job.user_key, str(out_dir))
+    await services.storage.set_lora(job.user_key, weights[0].path)
     for artifact in artifacts:
         if artifact.delivered_at is None:
             await services.storage.mark_delivered(artifact.id, channel.chat.platform, None)

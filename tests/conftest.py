@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.fixtures.fake_telegram"]
+pytest_plugins = ["tests.fixtures.fake_telegram", "tests.fixtures.tiny_models"]
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"

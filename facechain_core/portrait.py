@@ -1,0 +1,492 @@
+"""Train-free portraits: IP-Adapter FaceID conditions Stable Diffusion on the user's ArcFace identity.
+
+The base model (SD1.5, or SDXL for styles of that family) stays resident in the worker's
+``ResidentPipelines``; a job only swaps the identity embedding and the LoRA adapters. LoRAs live in
+two slots, "user" and "style": a new file's weights are copied into its slot's adapter in place (a
+fresh adapter replaces it only when rank, scaling or targets differ), so memory stays at one adapter
+per slot and switching users never reloads the base. Each job generates ``count * oversample``
+candidates, drops those without exactly one face, ranks the rest by ArcFace similarity to the
+identity and keeps the best ``count``.
+
+Settings (``PipelineContext.settings``; paths absolute or relative to ``models_dir``):
+``sd15_path`` (diffusers folder), ``ip_adapter_path`` (IP-Adapter FaceID file for SD1.5),
+``sdxl_path`` and ``sdxl_ip_adapter_path`` (optional SDXL family), ``image_encoder_path`` (CLIP vision
+folder, FaceID Plus only), ``arcface_path``, ``detector_path``, ``detector_kind`` ("yunet"),
+``face_filter`` (True), ``oversample`` (2), ``batch_size`` (4), ``subject`` ("a person"; a job's
+``params["subject"]`` wins), ``default_family`` ("sd15"), ``plus_shortcut`` (True: Plus v2).
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from facechain_core.errors import ModelNotInstalled, UserFacingError
+from facechain_core.identity import ARCFACE_SIZE, ArcFace, Identity, align_face, build_identity, landmarks_of, \
+    load_identity, open_arcface, pull_command, save_identity
+from facechain_core.pipeline import JobResult, PipelineContext, Progress
+from facechain_core.ranking import Ranked, filter_and_rank
+from facechain_core.resident import SHARED_KEY, ResidentPipelines, modules_of
+
+log = logging.getLogger(__name__)
+
+MAX_COUNT = 16
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# family -> (setting of the base folder, setting of its IP-Adapter FaceID file)
+FAMILIES = {"sd15": ("sd15_path", "ip_adapter_path"), "sdxl": ("sdxl_path", "sdxl_ip_adapter_path")}
+# setting -> model name in the manifest, for the operator's pull command
+MODEL_NAMES = {
+    "sd15_path": "sd15", "ip_adapter_path": "ip-adapter-faceid-sd15", "sdxl_path": "sdxl",
+    "sdxl_ip_adapter_path": "ip-adapter-faceid-sdxl", "image_encoder_path": "ip-adapter-image-encoder",
+    "arcface_path": "arcface", "detector_path": "yunet",
+}
+DEFAULTS: dict[str, Any] = {
+    "face_filter": True, "oversample": 2, "batch_size": 4, "subject": "a person",
+    "default_family": "sd15", "plus_shortcut": True, "detector_kind": "yunet",
+}
+
+
+@dataclass
+class ResidentBase:
+    """One resident base pipeline with its IP-Adapter and the LoRA adapters currently loaded."""
+
+    pipe: Any  # StableDiffusionPipeline | StableDiffusionXLPipeline
+    family: str
+    plus: bool
+    slots: dict[str, str] = field(default_factory=dict)  # adapter slot ("user", "style") -> LoRA key
+    slot_params: dict[str, dict[str, torch.nn.Parameter]] = field(default_factory=dict)  # per slot, peft key -> tensor
+    # Adapters and weights last activated: () when LoRA is off, None when unknown.
+    active: tuple[tuple[str, float], ...] | None = None
+    schedulers: dict[str, Any] = field(default_factory=dict)
+
+    def resident_modules(self) -> list[torch.nn.Module]:
+        return modules_of(self.pipe)
+
+    def use_scheduler(self, name: str | None) -> None:
+        """Switch to scheduler `name` (a styles.SCHEDULERS key; None: the base's own) on the base's schedule."""
+        key = name or ""
+        if key not in self.schedulers:
+            import diffusers
+
+            from facechain_core.styles import SCHEDULERS
+
+            if key not in SCHEDULERS:
+                raise ValueError(f"unknown scheduler {name!r}, expected one of {sorted(SCHEDULERS)}")
+            class_name, extra = SCHEDULERS[key]
+            config = self.schedulers[""].config
+            self.schedulers[key] = getattr(diffusers, class_name).from_config(config, **extra)
+        self.pipe.scheduler = self.schedulers[key]
+
+
+@dataclass(frozen=True)
+class LoraRequest:
+    """A LoRA file to activate at a weight in an adapter slot; `key` changes when the file does."""
+
+    slot: str
+    path: Path
+    weight: float
+
+    @property
+    def key(self) -> str:
+        stat = self.path.stat()
+        return f"{self.path.resolve()}:{stat.st_mtime_ns}:{stat.st_size}"
+
+
+class PortraitPipeline:
+    """Job "portrait": identity + style -> ranked portraits (see the module docstring)."""
+
+    kind = "portrait"
+
+    def __init__(self, detector_factory: Callable[[str, Path], Any] | None = None) -> None:
+        self._detector_factory = detector_factory
+        self._context: PipelineContext | None = None
+        self._settings: dict[str, Any] = {}
+        self._resident: ResidentPipelines | None = None
+        self._arcface: ArcFace | None = None
+        self._detector: Any | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def load(self, context: PipelineContext) -> None:
+        """Open ArcFace and the face detector, and make the default family's base resident."""
+        self._context = context
+        self._settings = {**DEFAULTS, **context.settings}
+        budget = context.memory_budget_mb * 2**20
+        self._resident = context.shared.setdefault(SHARED_KEY, ResidentPipelines(budget))
+        self._arcface = open_arcface(context)
+        if self._settings["face_filter"]:
+            self._detector = self._open_detector()
+        self.base(self._settings["default_family"])
+
+    def close(self) -> None:
+        """Evict this pipeline's base models from the resident cache."""
+        if self._resident is not None:
+            for family in FAMILIES:
+                self._resident.evict(self.resident_key(family))
+        self._arcface = self._detector = None
+
+    @staticmethod
+    def resident_key(family: str) -> str:
+        """Return the key of the family's base in the worker's ResidentPipelines."""
+        return f"portrait:{family}"
+
+    def base(self, family: str) -> ResidentBase:
+        """Return the resident base of `family`, loading it on first use."""
+        if family not in FAMILIES:
+            raise ValueError(f"unknown family {family!r}, expected one of {sorted(FAMILIES)}")
+        if self._resident is None:
+            raise RuntimeError("PortraitPipeline used before load")
+        return self._resident.get(self.resident_key(family), lambda: self._load_base(family))
+
+    # -- one job ---------------------------------------------------------------------------------
+
+    def run(self, params: dict[str, Any], progress: Progress) -> JobResult:
+        """Generate, filter and rank portraits of the identity in the style; write PNGs."""
+        if self._arcface is None:
+            raise RuntimeError("PortraitPipeline.run called before load")
+        # 1. Resolve the style and the job's numbers.
+        style = _style_dict(params["style"])
+        sampler = style["sampler"]
+        count = int(params.get("count", 1))
+        if not 1 <= count <= MAX_COUNT:
+            raise ValueError(f"count must be in 1..{MAX_COUNT}, got {count}")
+        out_dir = Path(params["out_dir"])
+        first_seed = params.get("seed")
+        first_seed = secrets.randbelow(2**31) if first_seed is None else int(first_seed)
+        seeds = [first_seed + i for i in range(count * max(1, int(self._settings["oversample"])))]
+        # 2. Load the identity.
+        identity = self._load_identity(params["identity"], params.get("selfies"))
+        # 3. Set up the resident base: user and style LoRAs, identity scale, scheduler.
+        base = self.base(style["family"])
+        loras = self._lora_requests(style, params)
+
+        def set_up() -> None:
+            self.activate_loras(base, loras)
+            base.pipe.set_ip_adapter_scale(float(style.get("identity_weight", 1.0)))
+            base.use_scheduler(sampler.get("scheduler"))
+
+        set_up()
+        # 4. Generate the candidates; progress raising JobCancelled stops between steps.
+        batch = max(1, int(self._settings["batch_size"]))
+        chunks = [seeds[i:i + batch] for i in range(0, len(seeds), batch)]
+        total = int(sampler["steps"]) * len(chunks) + 1
+        prompt = style["prompt"].replace("{subject}", str(params.get("subject") or self._settings["subject"]))
+        candidates = self._generate(base, style, prompt, identity, chunks, progress, total, set_up)
+        # 5. Keep one-face candidates, best identity match first.
+        ranked = self._rank(candidates, identity, count)
+        progress(total, total)
+        if not ranked:
+            raise UserFacingError("portrait.no_good_candidates", candidates=len(candidates))
+        # 6. Write the kept portraits.
+        files = _write_pngs(out_dir, [candidates[r.index] for r in ranked], [seeds[r.index] for r in ranked])
+        user_lora = any(r.slot == "user" for r in loras)
+        meta = {
+            "seeds": [seeds[r.index] for r in ranked],
+            "similarity": [round(r.similarity, 4) for r in ranked],
+            "style": style.get("id"),
+            "lora_used": user_lora,
+        }
+        log.info("portrait style=%s kept %d of %d candidates, user lora=%s", style.get("id"), len(files),
+                 len(candidates), user_lora)
+        return JobResult(files=files, meta=meta)
+
+    # -- steps -----------------------------------------------------------------------------------
+
+    def _load_identity(self, path: str | Path, selfies: list[dict[str, Any]] | None = None) -> Identity:
+        """Loads the user's identity; builds it from `selfies` first when its job has not run yet."""
+        path = Path(path)
+        if not path.is_file():
+            if not selfies:
+                raise UserFacingError("portrait.no_identity")
+            assert self._arcface is not None
+            save_identity(build_identity([(s["path"], s.get("face")) for s in selfies], self._arcface), path)
+        return load_identity(path)
+
+    def _lora_requests(self, style: dict[str, Any], params: dict[str, Any]) -> list[LoraRequest]:
+        requests = []
+        if params.get("user_lora"):
+            path = Path(params["user_lora"])
+            if not path.is_file():
+                raise UserFacingError("portrait.user_lora_missing")
+            requests.append(LoraRequest("user", path, float(params.get("user_lora_scale", 1.0))))
+        spec = style.get("lora")
+        if spec:
+            path = Path(params["style_lora"]) if params.get("style_lora") else None
+            if path is None or not path.is_file():
+                name = f"style-lora-{style.get('id')}"
+                raise ModelNotInstalled(name, "portrait", pull_command(name))
+            requests.append(LoraRequest("style", path, float(spec.get("weight", 1.0))))
+        return requests
+
+    def activate_loras(self, base: ResidentBase, requests: list[LoraRequest]) -> None:
+        """Put each requested LoRA in its slot (weights copied in place when they fit), activate them."""
+        pipe = base.pipe
+        scale_reset = False
+        for req in requests:
+            if base.slots.get(req.slot) != req.key:
+                try:
+                    scale_reset |= self._load_into_slot(base, req)
+                except Exception:
+                    base.active = None  # peft's active set is unknown after a failed load
+                    raise
+        # The FaceID adapter's own LoRA (faceid_N) must stay active beside ours.
+        loaded = {n for names in pipe.get_list_adapters().values() for n in names}
+        names = sorted(n for n in loaded if n.startswith("faceid_")) + [req.slot for req in requests]
+        weights = [1.0] * (len(names) - len(requests)) + [req.weight for req in requests]
+        active = tuple(zip(names, weights, strict=True))
+        # set_adapters walks every UNet module (tens of ms at full size): skip it when nothing changed.
+        if active == base.active and not scale_reset:
+            return
+        if names:
+            if not base.active:  # None (unknown) or () (LoRA switched off)
+                pipe.enable_lora()
+            pipe.set_adapters(names, adapter_weights=weights)
+        elif loaded:
+            pipe.disable_lora()
+        base.active = active
+
+    def _load_into_slot(self, base: ResidentBase, req: LoraRequest) -> bool:
+        """Load req's LoRA into its slot; return True when a new adapter replaced the slot's.
+
+        Same keys, shapes and scaling as the slot's adapter: its tensors are overwritten in place
+        (milliseconds, and peft's config stays true). Otherwise the old adapter is deleted and
+        diffusers loads a fresh one, so memory holds one adapter per slot.
+        """
+        pipe = base.pipe
+        if req.slot in base.slots:
+            if _copy_into_slot(base, req):
+                base.slots[req.slot] = req.key
+                log.debug("copied %s LoRA %s into its slot", req.slot, req.path)
+                return False
+            _delete_adapter(pipe, req.slot)
+            del base.slots[req.slot]
+        base.slot_params.pop(req.slot, None)
+        try:
+            pipe.load_lora_weights(str(req.path), adapter_name=req.slot)
+        except (ValueError, KeyError, RuntimeError) as exc:
+            log.warning("LoRA %s does not fit the %s base: %s", req.path, base.family, str(exc).splitlines()[0])
+            _delete_adapter(pipe, req.slot)
+            raise UserFacingError("portrait.lora_incompatible", family=base.family) from exc
+        base.slots[req.slot] = req.key
+        return True
+
+    def _generate(self, base: ResidentBase, style: dict[str, Any], prompt: str, identity: Identity,
+                  chunks: list[list[int]], progress: Progress, total: int,
+                  set_up: Callable[[], None]) -> list[np.ndarray]:
+        """Run the base once per chunk of seeds, one image per seed; report each denoising step."""
+        sampler = style["sampler"]
+        guidance = float(sampler.get("guidance_scale", 7.0))
+        cfg = guidance > 1.0
+        done = 0
+        device = base.pipe.device
+        embedding = torch.from_numpy(identity.embedding).reshape(1, 1, -1).to(device, base.pipe.unet.dtype)
+        ip_embeds = torch.cat([torch.zeros_like(embedding), embedding]) if cfg else embedding
+
+        def on_step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            nonlocal done
+            done += 1
+            progress(done, total)
+            return kwargs
+
+        images: list[np.ndarray] = []
+        for index, chunk in enumerate(chunks):
+            if index:
+                yield_point = getattr(progress, "yield_point", None)
+                if yield_point is not None:
+                    yield_point()
+                    set_up()  # a short job may have used this base in between
+            if base.plus:
+                self._set_clip_embeds(base, identity, len(chunk), cfg)
+            result = base.pipe(
+                prompt=prompt,
+                negative_prompt=style.get("negative_prompt") or None,
+                num_inference_steps=int(sampler["steps"]),
+                guidance_scale=guidance,
+                width=int(sampler["width"]),
+                height=int(sampler["height"]),
+                num_images_per_prompt=len(chunk),
+                generator=[torch.Generator("cpu").manual_seed(s) for s in chunk],
+                ip_adapter_image_embeds=[ip_embeds],
+                callback_on_step_end=on_step_end,
+                output_type="np",
+            )
+            images.extend(_to_uint8(result.images))
+        return images
+
+    def _set_clip_embeds(self, base: ResidentBase, identity: Identity, n: int, cfg: bool) -> None:
+        """Give FaceID Plus the CLIP hidden states of the identity's face crop."""
+        pipe = base.pipe
+        crop = Image.fromarray(identity.crop)
+        clip = pipe.prepare_ip_adapter_image_embeds([crop], None, pipe.device, n, cfg)[0]
+        layer = pipe.unet.encoder_hid_proj.image_projection_layers[0]
+        layer.clip_embeds = clip.to(dtype=pipe.unet.dtype)
+        layer.shortcut = bool(self._settings["plus_shortcut"])
+
+    def _rank(self, candidates: list[np.ndarray], identity: Identity, keep: int) -> list[Ranked]:
+        arcface = self._arcface
+        assert arcface is not None
+
+        def embed(image: np.ndarray, face: Any | None) -> np.ndarray:
+            landmarks = landmarks_of(face) if face is not None else None
+            if landmarks is None:
+                crop = np.asarray(Image.fromarray(image).resize((ARCFACE_SIZE, ARCFACE_SIZE), Image.BICUBIC))
+            else:
+                crop = align_face(image, landmarks)
+            return arcface.embed([crop])[0]
+
+        detector = self._detector if self._settings["face_filter"] else None
+        return filter_and_rank(candidates, detector, embed, identity.embedding, keep)
+
+    # -- loading ---------------------------------------------------------------------------------
+
+    def _path(self, setting: str, *, required: bool = True) -> Path | None:
+        """Return the existing file or folder named by a setting, or raise ModelNotInstalled."""
+        assert self._context is not None
+        value = self._settings.get(setting)
+        path = None
+        if value:
+            path = Path(value)
+            path = path if path.is_absolute() else self._context.models_dir / path
+        elif setting in MODEL_NAMES:
+            # No explicit setting: the manifest's place (or the operator's model_paths override).
+            try:
+                path = self._context.model_path(MODEL_NAMES[setting], "portrait-sdxl" if "sdxl" in setting
+                                                else "portrait")
+            except ModelNotInstalled:
+                if required:
+                    raise
+                return None
+        if path is None or not path.exists():
+            if not required:
+                return None
+            name = MODEL_NAMES.get(setting, setting)
+            raise ModelNotInstalled(name, "portrait", pull_command(name))
+        return path
+
+    def _open_detector(self) -> Any:
+        path = self._path("detector_path")
+        assert path is not None
+        if self._detector_factory is not None:
+            return self._detector_factory(self._settings["detector_kind"], path)
+        from facechain_core.faces import create_detector
+
+        return create_detector(self._settings["detector_kind"], path)
+
+    def _load_base(self, family: str) -> ResidentBase:
+        """Load the family's base pipeline and its IP-Adapter FaceID (and image encoder for Plus)."""
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+        from diffusers.models.embeddings import IPAdapterFaceIDPlusImageProjection
+
+        assert self._context is not None
+        folder_setting, adapter_setting = FAMILIES[family]
+        folder = self._path(folder_setting)
+        adapter = self._path(adapter_setting)
+        assert folder is not None and adapter is not None
+        dtype = DTYPES.get(self._context.dtype, torch.float32)
+        if family == "sd15":
+            pipe = StableDiffusionPipeline.from_pretrained(
+                folder, dtype=dtype, local_files_only=True, safety_checker=None,
+                requires_safety_checker=False)
+        else:
+            pipe = StableDiffusionXLPipeline.from_pretrained(folder, dtype=dtype, local_files_only=True)
+        pipe.to(self._context.device)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.load_ip_adapter(str(adapter.parent), subfolder=None, weight_name=adapter.name,
+                             image_encoder_folder=None, local_files_only=True)
+        plus = isinstance(pipe.unet.encoder_hid_proj.image_projection_layers[0], IPAdapterFaceIDPlusImageProjection)
+        if plus:
+            _attach_image_encoder(pipe, self._path("image_encoder_path"), dtype)
+        log.info("loaded %s base from %s with IP-Adapter FaceID%s", family, folder, " Plus" if plus else "")
+        return ResidentBase(pipe=pipe, family=family, plus=plus, schedulers={"": pipe.scheduler})
+
+
+def _attach_image_encoder(pipe: Any, folder: Path | None, dtype: torch.dtype) -> None:
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    assert folder is not None
+    encoder = CLIPVisionModelWithProjection.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    size = encoder.config.image_size
+    pipe.register_modules(image_encoder=encoder.to(pipe.device),
+                          feature_extractor=CLIPImageProcessor(size=size, crop_size=size))
+
+
+def _style_dict(style: Any) -> dict[str, Any]:
+    if hasattr(style, "model_dump"):
+        style = style.model_dump(mode="json")
+    if not isinstance(style, dict):
+        raise ValueError(f"params['style'] must be a style dict, got {type(style).__name__}")
+    missing = [key for key in ("prompt", "family", "sampler") if key not in style]
+    if missing:
+        raise ValueError(f"style {style.get('id')!r} lacks {missing}")
+    if "{subject}" not in style["prompt"]:
+        raise ValueError(f"style {style.get('id')!r} prompt lacks {{subject}}: {style['prompt']!r}")
+    return style
+
+
+_SCALING_FIELDS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "lora_bias")
+
+
+def _slot_parameters(unet: torch.nn.Module, slot: str) -> dict[str, torch.nn.Parameter]:
+    """Map peft state-dict keys (adapter name removed) to the slot adapter's parameters."""
+    marks = (f".lora_A.{slot}.", f".lora_B.{slot}.")
+    return {name.replace(f".{slot}.", "."): param for name, param in unet.named_parameters()
+            if any(mark in name for mark in marks)}
+
+
+def _copy_into_slot(base: ResidentBase, req: LoraRequest) -> bool:
+    """Copy req's LoRA into the slot's tensors when keys, shapes and scaling match exactly; else False."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    pipe = base.pipe
+    config = getattr(pipe.unet, "peft_config", {}).get(req.slot)
+    if config is None:
+        return False
+    state, alphas, metadata = pipe.lora_state_dict(str(req.path), return_lora_metadata=True)
+    if alphas or any(not key.startswith("unet.") for key in state):
+        return False  # kohya alphas or text-encoder layers: leave those to diffusers' loader
+    state = {key.removeprefix("unet."): value for key, value in state.items()}
+    if state and "lora_A" not in next(iter(state)):
+        state = convert_unet_state_dict_to_peft(state)
+    if metadata:
+        meta = {key.removeprefix("unet."): value for key, value in metadata.items()}
+        if any(meta.get(name) != getattr(config, name, None) for name in _SCALING_FIELDS):
+            return False
+    elif config.lora_alpha != config.r or config.alpha_pattern or any(
+            v != config.r for v in (config.rank_pattern or {}).values()):
+        return False  # without metadata diffusers infers alpha = rank
+    params = base.slot_params.get(req.slot)
+    if params is None:
+        params = base.slot_params[req.slot] = _slot_parameters(pipe.unet, req.slot)
+    if set(state) != set(params) or any(state[k].shape != params[k].shape for k in params):
+        return False
+    with torch.no_grad():
+        for key, param in params.items():
+            param.copy_(state[key])
+    return True
+
+
+def _delete_adapter(pipe: Any, name: str) -> None:
+    loaded = {n for names in pipe.get_list_adapters().values() for n in names}
+    if name in loaded:
+        pipe.delete_adapters(name)
+
+
+def _to_uint8(images: np.ndarray) -> list[np.ndarray]:
+    return [np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8) for img in images]
+
+
+def _write_pngs(out_dir: Path, images: list[np.ndarray], seeds: list[int]) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    for rank, (image, seed) in enumerate(zip(images, seeds, strict=True), start=1):
+        path = out_dir / f"portrait_{rank:02d}_{seed}.png"
+        Image.fromarray(image).save(path)
+        files.append(path.resolve())
+    return files

@@ -1,0 +1,293 @@
+"""Train-free portraits on tiny models: conditioning wired, adapters swapped, cancel, filters, residency."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from facechain_core.errors import JobCancelled, ModelNotInstalled, UserFacingError
+from facechain_core.identity import Identity, normalise, save_identity
+from facechain_core.pipeline import PipelineContext
+from facechain_core.portrait import PortraitPipeline
+from facechain_core.resident import ResidentPipelines
+from facechain_core.tiny import build_lora
+from tests.fixtures.tiny_models import one_torch_thread, tiny_models, tiny_models_dir  # noqa: F401
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
+
+
+def _style(**changes: Any) -> dict[str, Any]:
+    style = {
+        "id": "studio", "family": "sd15", "prompt": "{subject}, studio portrait", "negative_prompt": "blurry",
+        "identity_weight": 1.0,
+        "sampler": {"scheduler": "ddim", "steps": 2, "guidance_scale": 5.0, "width": 64, "height": 64},
+    }
+    style.update(changes)
+    return style
+
+
+def _settings(models: dict[str, Path], **changes: Any) -> dict[str, Any]:
+    settings = {
+        "sd15_path": str(models["sd15"]), "ip_adapter_path": str(models["ip_adapter_faceid_sd15"]),
+        "sdxl_path": str(models["sdxl"]), "sdxl_ip_adapter_path": str(models["ip_adapter_faceid_sdxl"]),
+        "image_encoder_path": str(models["image_encoder"]), "arcface_path": str(models["arcface"]),
+        "face_filter": False, "oversample": 1,
+    }
+    settings.update(changes)
+    return settings
+
+
+def _load(models: dict[str, Path], tmp: Path, budget_mb: int = 0, **changes: Any) -> PortraitPipeline:
+    pipeline = PortraitPipeline()
+    pipeline.load(PipelineContext(models_dir=tmp, memory_budget_mb=budget_mb, settings=_settings(models, **changes)))
+    return pipeline
+
+
+def _identity(path: Path, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    vectors = normalise(rng.standard_normal((2, 512))).astype(np.float32)
+    crop = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    return save_identity(Identity(normalise(vectors.mean(axis=0)), vectors, crop), path)
+
+
+class _Progress:
+    def __init__(self, cancel_at: int | None = None) -> None:
+        self.calls: list[tuple[int, int]] = []
+        self.yields = 0
+        self.cancel_at = cancel_at
+
+    def __call__(self, step: int, total: int, text: str | None = None) -> None:
+        self.calls.append((step, total))
+        if self.cancel_at is not None and len(self.calls) >= self.cancel_at:
+            raise JobCancelled()
+
+    def yield_point(self) -> None:
+        self.yields += 1
+
+
+def _pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_models, tmp_path_factory, one_torch_thread) -> PortraitPipeline:
+    return _load(tiny_models, tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def identities(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("users")
+    return _identity(root / "a" / "identity.npz", 1), _identity(root / "b" / "identity.npz", 2)
+
+
+def _run(pipeline: PortraitPipeline, out: Path, identity: Path, progress: _Progress | None = None,
+         **params: Any) -> Any:
+    job = {"style": _style(), "identity": str(identity), "count": 1, "seed": 42, "out_dir": str(out),
+           "user_lora": None, "user_lora_scale": 1.0, "style_lora": None}
+    job.update(params)
+    return pipeline.run(job, progress or _Progress())
+
+
+def test_count_two_writes_two_pngs(pipeline, identities, tmp_path):
+    progress = _Progress()
+    result = _run(pipeline, tmp_path, identities[0], progress, count=2, seed=7)
+    assert len(result.files) == 2
+    for path in result.files:
+        assert path.parent == tmp_path.resolve() and path.suffix == ".png"
+        with Image.open(path) as img:
+            assert img.size == (64, 64)
+    meta = result.meta
+    assert sorted(meta["seeds"]) == [7, 8] and meta["style"] == "studio" and meta["lora_used"] is False
+    assert meta["similarity"] == sorted(meta["similarity"], reverse=True)
+    assert progress.calls[-1][0] == progress.calls[-1][1]
+    assert [s for s, _ in progress.calls] == sorted(s for s, _ in progress.calls)
+
+
+def test_identity_embedding_conditions_the_image(pipeline, identities, tmp_path):
+    first = _pixels(_run(pipeline, tmp_path / "1", identities[0]).files[0])
+    again = _pixels(_run(pipeline, tmp_path / "2", identities[0]).files[0])
+    other = _pixels(_run(pipeline, tmp_path / "3", identities[1]).files[0])
+    assert np.array_equal(first, again)
+    assert np.abs(first - other).max() > 2
+
+
+def test_identity_weight_zero_ignores_the_identity(pipeline, identities, tmp_path):
+    style = _style(identity_weight=0.0)
+    a = _pixels(_run(pipeline, tmp_path / "a", identities[0], style=style).files[0])
+    b = _pixels(_run(pipeline, tmp_path / "b", identities[1], style=style).files[0])
+    assert np.abs(a - b).max() <= 1
+
+
+def test_style_lora_weight_changes_the_image(pipeline, identities, tiny_models, tmp_path):
+    lora = str(tiny_models["lora_sd15_style"])
+
+    def image(weight: float | None, name: str) -> np.ndarray:
+        style = _style() if weight is None else _style(lora={"source": "hf:o/r", "file": "s.safetensors",
+                                                             "weight": weight})
+        return _pixels(_run(pipeline, tmp_path / name, identities[0], style=style, style_lora=lora).files[0])
+
+    without, zero, one = image(None, "none"), image(0.0, "zero"), image(1.0, "one")
+    assert np.abs(zero - without).max() <= 1  # weight 0: the adapter is loaded but adds nothing
+    assert np.abs(one - zero).max() > 2
+
+
+def test_switching_user_lora_swaps_adapters_not_the_base(pipeline, identities, tiny_models, tmp_path):
+    resident: ResidentPipelines = pipeline._resident
+    base = pipeline.base("sd15")
+    unet, loads = base.pipe.unet, resident.loads["portrait:sd15"]
+    a = _run(pipeline, tmp_path / "a", identities[0], user_lora=str(tiny_models["lora_sd15_a"]), user_lora_scale=0.8)
+    b = _run(pipeline, tmp_path / "b", identities[1], user_lora=str(tiny_models["lora_sd15_b"]), user_lora_scale=0.8)
+    b_without = _run(pipeline, tmp_path / "c", identities[1])
+    assert pipeline.base("sd15").pipe.unet is unet and resident.loads["portrait:sd15"] == loads == 1
+    assert a.meta["lora_used"] and b.meta["lora_used"] and not b_without.meta["lora_used"]
+    # One adapter per slot: user b's weights replaced user a's in place.
+    adapters = base.pipe.get_list_adapters()["unet"]
+    assert adapters.count("user") == 1 and set(adapters) <= {"faceid_0", "user", "style"}
+    assert str(tiny_models["lora_sd15_b"].resolve()) in base.slots["user"]
+    assert np.abs(_pixels(b.files[0]) - _pixels(b_without.files[0])).max() > 2
+
+
+@pytest.mark.parametrize("rank", [4, 8], ids=["same-rank-copied", "other-rank-replaced"])
+def test_swapped_in_lora_gives_the_same_image_as_a_fresh_load(identities, tiny_models, tmp_path, rank):
+    lora_b = build_lora(tiny_models["sd15"], tmp_path / f"b{rank}.safetensors", rank=rank, seed=5)
+    swapped = _load(tiny_models, tmp_path / "m1")
+    _run(swapped, tmp_path / "a", identities[0], user_lora=str(tiny_models["lora_sd15_a"]), user_lora_scale=0.7)
+    via_swap = _pixels(_run(swapped, tmp_path / "b", identities[0], user_lora=str(lora_b),
+                            user_lora_scale=0.7).files[0])
+    assert swapped.base("sd15").pipe.unet.peft_config["user"].r == rank
+    swapped.close()
+    fresh = _load(tiny_models, tmp_path / "m2")
+    direct = _pixels(_run(fresh, tmp_path / "c", identities[0], user_lora=str(lora_b), user_lora_scale=0.7).files[0])
+    assert np.abs(via_swap - direct).max() <= 1
+    plain = _pixels(_run(fresh, tmp_path / "d", identities[0]).files[0])
+    assert np.abs(plain - direct).max() > 2  # the LoRA matters, so equality above means something
+
+
+def test_lora_of_another_family_is_refused_and_the_base_recovers(pipeline, identities, tiny_models, tmp_path):
+    with pytest.raises(UserFacingError) as info:
+        _run(pipeline, tmp_path / "x", identities[0], user_lora=str(tiny_models["lora_sdxl"]))
+    assert (info.value.code, info.value.details) == ("portrait.lora_incompatible", {"family": "sd15"})
+    result = _run(pipeline, tmp_path / "y", identities[0], user_lora=str(tiny_models["lora_sd15_a"]))
+    assert result.meta["lora_used"] and len(result.files) == 1
+
+
+def test_cancel_from_progress_stops_the_job(pipeline, identities, tmp_path):
+    progress = _Progress(cancel_at=1)
+    with pytest.raises(JobCancelled):
+        _run(pipeline, tmp_path, identities[0], progress, count=2)
+    assert len(progress.calls) == 1
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_batches_offer_yield_points(identities, tiny_models, tmp_path):
+    pipeline = _load(tiny_models, tmp_path / "m", batch_size=1, oversample=2)
+    progress = _Progress()
+    result = _run(pipeline, tmp_path / "out", identities[0], progress, count=2)
+    assert len(result.files) == 2 and progress.yields == 3  # four candidates, one per batch
+    assert progress.calls[-1] == (9, 9)  # 2 steps x 4 batches + ranking
+
+
+def test_face_filter_drops_faceless_candidates(identities, tiny_models, yunet_path, tmp_path):
+    pipeline = _load(tiny_models, tmp_path / "m", face_filter=True, detector_path=str(yunet_path))
+    with pytest.raises(UserFacingError) as info:
+        _run(pipeline, tmp_path / "out", identities[0], count=1)  # random weights paint noise, not faces
+    assert info.value.code == "portrait.no_good_candidates" and info.value.details == {"candidates": 1}
+
+
+def test_face_filter_keeps_only_one_face_candidates(identities, tiny_models, tmp_path):
+    calls: list[tuple[int, int]] = []
+
+    class OneFaceInEveryOther:
+        def detect(self, rgb):
+            calls.append(rgb.shape)
+            return [{"box": [0, 0, 10, 10], "landmarks": None}] if len(calls) % 2 else []
+
+    pipeline = PortraitPipeline(detector_factory=lambda kind, path: OneFaceInEveryOther())
+    pipeline.load(PipelineContext(models_dir=tmp_path, settings=_settings(
+        tiny_models, face_filter=True, detector_path=str(tiny_models["arcface"]), oversample=2)))
+    result = _run(pipeline, tmp_path / "out", identities[0], count=2, seed=100)
+    # Candidates 0 and 2 (seeds 100 and 102) show one face; 1 and 3 show none and are dropped.
+    assert calls == [(64, 64, 3)] * 4
+    assert sorted(result.meta["seeds"]) == [100, 102] and len(result.files) == 2
+
+
+def test_missing_weights_raise_model_not_installed(identities, tiny_models, tmp_path):
+    with pytest.raises(ModelNotInstalled) as info:
+        _load(tiny_models, tmp_path, ip_adapter_path=str(tmp_path / "missing.bin"))
+    assert info.value.details["model"] == "ip-adapter-faceid-sd15"
+    pipeline = _load(tiny_models, tmp_path, sdxl_path=str(tmp_path / "no-sdxl"))
+    with pytest.raises(ModelNotInstalled) as info:
+        _run(pipeline, tmp_path / "out", identities[0], style=_style(family="sdxl"))
+    assert info.value.details["model"] == "sdxl"
+    with pytest.raises(ModelNotInstalled):
+        _run(pipeline, tmp_path / "out", identities[0],
+             style=_style(lora={"source": "hf:o/r", "file": "s.safetensors", "weight": 1.0}), style_lora=None)
+
+
+def test_user_facing_errors_for_missing_user_data(pipeline, identities, tmp_path):
+    with pytest.raises(UserFacingError) as info:
+        _run(pipeline, tmp_path, tmp_path / "none.npz")
+    assert info.value.code == "portrait.no_identity"
+    with pytest.raises(UserFacingError) as info:
+        _run(pipeline, tmp_path, identities[0], user_lora=str(tmp_path / "gone.safetensors"))
+    assert info.value.code == "portrait.user_lora_missing"
+
+
+def test_sdxl_family_and_memory_budget_evicts_the_least_recent_base(identities, tiny_models, tmp_path):
+    pipeline = _load(tiny_models, tmp_path / "m", budget_mb=1)  # room for one tiny base at a time
+    resident = pipeline._resident
+    assert resident.keys() == ["portrait:sd15"]
+    result = _run(pipeline, tmp_path / "x", identities[0], style=_style(family="sdxl"),
+                  user_lora=str(tiny_models["lora_sdxl"]))
+    assert len(result.files) == 1 and result.meta["lora_used"]
+    assert resident.keys() == ["portrait:sdxl"]
+    _run(pipeline, tmp_path / "y", identities[0])
+    assert resident.keys() == ["portrait:sd15"] and resident.loads["portrait:sd15"] == 2
+
+
+def test_faceid_plus_uses_the_face_crop(tiny_models, tmp_path):
+    pipeline = _load(tiny_models, tmp_path / "m", ip_adapter_path=str(tiny_models["ip_adapter_faceid_plus_sd15"]))
+    assert pipeline.base("sd15").plus
+    rng = np.random.default_rng(3)
+    vectors = normalise(rng.standard_normal((1, 512))).astype(np.float32)
+    paths = []
+    for name in ("a", "b"):  # same embedding, different face crops
+        crop = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)
+        paths.append(save_identity(Identity(vectors[0], vectors, crop), tmp_path / name / "identity.npz"))
+    a = _pixels(_run(pipeline, tmp_path / "oa", paths[0]).files[0])
+    b = _pixels(_run(pipeline, tmp_path / "ob", paths[1]).files[0])
+    assert np.abs(a - b).max() > 2
+
+
+def test_resident_derive_shares_modules_and_counts_them_once(tiny_models):
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+
+    resident = ResidentPipelines()
+    base = resident.get("sd15", lambda: StableDiffusionPipeline.from_pretrained(tiny_models["sd15"]))
+    alone = resident.resident_bytes()
+    img2img = resident.derive("sd15:img2img", "sd15", StableDiffusionImg2ImgPipeline.from_pipe)
+    assert img2img.unet is base.unet and resident.resident_bytes() == alone > 0
+    assert resident.get("sd15", lambda: pytest.fail("rebuilt")) is base and resident.loads["sd15"] == 1
+    resident.evict("sd15")
+    assert resident.keys() == []  # the derived pipeline goes with its base
+    with pytest.raises(KeyError, match="not resident"):
+        resident.derive("sd15:img2img", "sd15", StableDiffusionImg2ImgPipeline.from_pipe)
+
+
+def test_resident_lru_evicts_least_recently_used_over_budget():
+    resident = ResidentPipelines(budget_bytes=3 * 4096)
+
+    def block() -> torch.nn.Module:
+        return torch.nn.Linear(32, 32, bias=False)  # 4096 bytes
+
+    for key in ("a", "b", "c"):
+        resident.get(key, block)
+    resident.get("a", block)  # a is now the most recent
+    resident.get("d", block)
+    assert resident.keys() == ["c", "a", "d"] and resident.resident_bytes() <= 3 * 4096
+    assert resident.loads == {"a": 1, "b": 1, "c": 1, "d": 1}
