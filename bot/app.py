@@ -20,6 +20,7 @@ from bot.scheduler import Scheduler
 from bot.storage import Artifact, Job, Storage
 from facechain_core.manifest import installed_features
 from facechain_core.styles import load_styles
+from handlers import features as _features  # noqa: F401  (registers every command)
 from handlers import progress as job_views
 from handlers.protocols import Chat, ReplyChannel
 from handlers.services import Services

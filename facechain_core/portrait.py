@@ -13,7 +13,8 @@ Settings (``PipelineContext.settings``; paths absolute or relative to ``models_d
 ``sdxl_path`` and ``sdxl_ip_adapter_path`` (optional SDXL family), ``image_encoder_path`` (CLIP vision
 folder, FaceID Plus only), ``arcface_path``, ``detector_path``, ``detector_kind`` ("yunet"),
 ``face_filter`` (True), ``oversample`` (2), ``batch_size`` (4), ``subject`` ("a person"; a job's
-``params["subject"]`` wins), ``default_family`` ("sd15"), ``plus_shortcut`` (True: Plus v2).
+``params["subject"]`` wins), ``default_family`` ("sd15"), ``plus_shortcut`` (True: Plus v2), ``sampler_override`` (a dict over
+every style's sampler: steps, width, height, guidance_scale, scheduler).
 """
 from __future__ import annotations
 
@@ -153,7 +154,8 @@ class PortraitPipeline:
             raise RuntimeError("PortraitPipeline.run called before load")
         # 1. Resolve the style and the job's numbers.
         style = _style_dict(params["style"])
-        sampler = style["sampler"]
+        # The operator may cap every style's sampler (fewer steps or smaller images on a small GPU).
+        sampler = style["sampler"] = {**style["sampler"], **self._settings.get("sampler_override", {})}
         count = int(params.get("count", 1))
         if not 1 <= count <= MAX_COUNT:
             raise ValueError(f"count must be in 1..{MAX_COUNT}, got {count}")

@@ -198,7 +198,9 @@ async def _route_attachments(services: Services, event: Event, channel: ReplyCha
             await handler(services, event, channel, pending)
             return
         log.warning("pending input for unregistered command %r dropped", pending.command)
-    await _selfie.receive_attachments(services, event, channel)
+    from handlers import selfie  # selfie imports this module: resolved at call time
+
+    await selfie.receive_attachments(services, event, channel)
 
 
 async def _reply_safely(event: Event, channel: ReplyChannel, text: str) -> None:
@@ -236,9 +238,3 @@ class _AnswerOnce:
             return
         self.answered = True
         await self._inner.answer_button(text, alert)
-
-
-# The core commands register themselves on import; they import this module's registry above.
-from handlers import basic as _basic  # noqa: E402,F401
-from handlers import selfie as _selfie  # noqa: E402,F401
-from handlers import portrait as _portrait  # noqa: E402,F401

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.fixtures.fake_telegram", "tests.fixtures.tiny_models"]
+import handlers.features  # noqa: F401  (every command, button and presenter registered, as in the service)
+
+pytest_plugins = ["tests.fixtures.fake_telegram", "tests.fixtures.fake_discord", "tests.fixtures.tiny_models"]
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
