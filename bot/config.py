@@ -42,6 +42,10 @@ class DiscordSettings(_Section):
     token: SecretStr = SecretStr("")
     # Guild ids where slash commands are synced instantly (global sync can take an hour).
     guild_ids: list[int] = []
+    # Empty: every server. Otherwise only these guild ids (DMs are always allowed).
+    allowed_guilds: list[int] = []
+    # Empty: every channel. Otherwise only these channel ids in servers (DMs are always allowed).
+    allowed_channels: list[int] = []
 
     @property
     def enabled(self) -> bool:
