@@ -8,6 +8,7 @@ handlers added later (pytest's caplog, a file handler) never see the secret eith
 from __future__ import annotations
 
 import logging
+import re
 import traceback
 import urllib.parse
 from collections.abc import Iterable
@@ -15,6 +16,8 @@ from collections.abc import Iterable
 MASK = "***"
 # A secret shorter than this is not masked on its own (masking "a" would mangle every line).
 MIN_SECRET_LENGTH = 6
+# Discord interaction tokens (valid 15 minutes) sit in webhook and callback URLs.
+INTERACTION_TOKEN = re.compile(r"((?:webhooks|interactions)/\d+/)[A-Za-z0-9_.-]{20,}")
 
 
 def secret_variants(secret: str) -> list[str]:
@@ -45,10 +48,10 @@ class RedactingFilter(logging.Filter):
         for variant in self._variants:
             if variant in text:
                 text = text.replace(variant, MASK)
-        return text
+        return INTERACTION_TOKEN.sub(rf"\1{MASK}", text)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not self._variants or getattr(record, "_redacted", None) is self:
+        if getattr(record, "_redacted", None) is self:
             return True
         try:
             message = record.getMessage()

@@ -320,6 +320,7 @@ async def test_token_never_reaches_logs_or_errors(fake_telegram: FakeTelegram, c
     root = logging.getLogger()
     root.addHandler(handler)
     caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="httpx")  # the service quiets httpx below DEBUG; not here
     install_redaction([token])
     errors: list[BaseException] = []
 
