@@ -1,0 +1,102 @@
+"""The pipelines without a chat: `facechain-bot portrait` and `facechain-bot train`.
+
+Same code as the workers run, in this process: photos are checked like selfies, then the
+identity, portrait and training pipelines run with a progress line on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from bot.config import Settings
+from facechain_core.errors import UserFacingError
+from facechain_core.images import encode_jpeg
+from facechain_core.pipeline import PipelineContext
+from facechain_core.selfie import face_record
+
+
+class PrintProgress:
+    """A pipeline progress callback for the terminal."""
+
+    def __call__(self, step: int, total: int, text: str | None = None) -> None:
+        print(f"\r{step}/{total}", end="" if step < total else "\n", file=sys.stderr, flush=True)
+
+    def yield_point(self) -> None:
+        """Nothing else runs here."""
+
+
+def pipeline_context(settings: Settings) -> PipelineContext:
+    """The context a worker would build, for this process (the GPU when there is one)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return PipelineContext(
+        models_dir=settings.models_dir, device="cuda:0" if cuda else "cpu", dtype="float16" if cuda else "float32",
+        settings={**settings.pipeline, "model_paths": {k: str(v) for k, v in settings.model_paths.items()}},
+    )
+
+
+def checked_photos(settings: Settings, photos: list[Path], out: Path) -> list[dict[str, Any]]:
+    """Checks each photo as a selfie; writes the upright copies under out/selfies/."""
+    from handlers.selfie import lazy_selfie_checker
+
+    check = lazy_selfie_checker(settings)
+    folder = out / "selfies"
+    folder.mkdir(parents=True, exist_ok=True)
+    accepted = []
+    for index, photo in enumerate(photos, start=1):
+        try:
+            result = check(photo.read_bytes())
+        except UserFacingError as exc:
+            raise UserFacingError(exc.code, **{**exc.details, "photo": str(photo)}) from None
+        path = folder / f"{index}.jpg"
+        path.write_bytes(encode_jpeg(result.image))
+        accepted.append({"path": str(path.resolve()), "face": face_record(result)})
+    return accepted
+
+
+def _run(pipeline: Any, context: PipelineContext, params: dict[str, Any]) -> Any:
+    pipeline.load(context)
+    try:
+        return pipeline.run(params, PrintProgress())
+    finally:
+        pipeline.close()
+
+
+def portrait(args: argparse.Namespace, settings: Settings) -> int:
+    """Portraits of the people in --photo in --style, written to --out."""
+    from facechain_core.identity import IdentityPipeline
+    from facechain_core.portrait import PortraitPipeline
+    from facechain_core.styles import load_styles
+
+    style = load_styles(settings.styles_dir).find(args.style)
+    args.out.mkdir(parents=True, exist_ok=True)
+    context = pipeline_context(settings)
+    selfies = checked_photos(settings, args.photo, args.out)
+    identity = args.out / "identity" / "identity.npz"
+    identity.parent.mkdir(exist_ok=True)
+    _run(IdentityPipeline(), context, {"selfies": selfies, "out": str(identity)})
+    lora = args.lora / "pytorch_lora_weights.safetensors" if args.lora and args.lora.is_dir() else args.lora
+    result = _run(PortraitPipeline(), context, {
+        "style": style.model_dump(mode="json"), "identity": str(identity), "count": args.count, "seed": args.seed,
+        "out_dir": str(args.out), "user_lora": str(lora) if lora else None,
+    })
+    for path, similarity in zip(result.files, result.meta.get("similarity", []), strict=False):
+        print(f"{path}  similarity {similarity:.3f}")
+    return 0
+
+
+def train(args: argparse.Namespace, settings: Settings) -> int:
+    """Trains a user LoRA on --photo, written to --out."""
+    from facechain_core.train_lora import TrainLoraPipeline
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    params: dict[str, Any] = {"photos": checked_photos(settings, args.photo, args.out), "out_dir": str(args.out)}
+    if args.steps:
+        params["max_steps"] = args.steps
+        params["steps_per_photo"] = args.steps
+    result = _run(TrainLoraPipeline(), pipeline_context(settings), params)
+    print(f"{result.files[0]}: {result.meta['steps']} steps, final loss {result.meta['final_loss']:.4f}")
+    return 0
