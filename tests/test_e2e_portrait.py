@@ -8,7 +8,8 @@ import pytest
 
 from bot.app import open_service
 from bot.logsetup import configure_logging
-from tests.fixtures.portrait_service import portrait_settings
+from tests.fixtures.portrait_service import TINY_PIPELINE, portrait_settings
+from tests.fixtures.privacy import user_traces
 from tests.fixtures.tiny_models import one_torch_thread, tiny_models_dir  # noqa: F401
 
 USER = 4242
@@ -108,6 +109,42 @@ async def test_selfie_style_styles_train_and_style_again(fake_telegram, settings
         assert lora_job.result["meta"]["lora_used"] is True
         assert lora_job.result["meta"]["seeds"] == free_job.result["meta"]["seeds"]
         assert lora_images != free_images
+
+        # /delete removes the selfies, identity, LoRA, results and every row.
+        assert (service.services.user_dir(KEY) / "lora" / "pytorch_lora_weights.safetensors").is_file()
+        mark = fake.mark()
+        fake.send_message(USER, None, "/delete")
+        ask = await fake.wait_for("sendMessage", since=mark, timeout=10)
+        mark = fake.mark()
+        fake.press_button(ask.result, next(b for b in _buttons(ask) if b.startswith("delete:")), user=USER)
+        await fake.wait_for("editMessageText", since=mark, timeout=10)
+        await fake.wait_idle()
+    assert user_traces(settings.data_dir, settings.db_path, [KEY, str(USER)]) == []
+
+
+async def test_style_during_training_finishes_first(fake_telegram, tmp_path, tiny_models_dir, yunet_path,  # noqa: F811
+                                                    faces_dir, one_torch_thread):  # noqa: F811
+    """One worker: a /style sent while /train runs is served at the training's next checkpoint."""
+    settings = portrait_settings(fake_telegram, tmp_path / "data", tiny_models_dir, yunet_path, pipeline={
+        **TINY_PIPELINE, "train": {"steps_per_photo": 60, "max_steps": 60, "resolution": 32, "checkpoint_every": 5}})
+    configure_logging(settings)
+    fake = fake_telegram
+    async with open_service(settings) as service:
+        mark = fake.mark()
+        fake.send_photo(USER, None, (faces_dir / "obama.jpg").read_bytes())
+        await fake.wait_for("sendMessage", lambda c: "learned your face" in c.params["text"], since=mark, timeout=90)
+        mark = fake.mark()
+        fake.send_message(USER, None, "/train")
+        queued = await fake.wait_for("sendMessage", since=mark, timeout=10)
+        await fake.wait_for("editMessageText", lambda c: c.params["message_id"] == queued.result["message_id"]
+                            and "%" in c.params["text"], since=mark, timeout=60)
+        fake.send_message(USER, None, "/style hanfu 1")
+        album_or_photo = await fake.wait_for("sendPhoto", since=mark, timeout=120)
+        trained_msg = [c for c in fake.calls[mark:] if c.method == "sendMessage" and "trained" in c.params["text"]]
+        assert album_or_photo and not trained_msg, "the portrait waited for the whole training"
+        await fake.wait_for("sendMessage", lambda c: "trained" in c.params["text"], since=mark, timeout=180)
+        trained = await _wait_job(service, "train", "delivered")
+        assert trained.result["meta"]["steps"] == 60 and trained.attempts == 1
 
 
 async def test_style_without_selfie_and_unknown_style(fake_telegram, settings):
