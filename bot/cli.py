@@ -100,6 +100,41 @@ def cmd_train(args: argparse.Namespace) -> int:
     return offline.train(args, _settings(args))
 
 
+def cmd_cartoon(args: argparse.Namespace) -> int:
+    """Cartoonises one photo in-process (no chat, no worker) and writes the picture to --out."""
+    from facechain_core.cartoon import CartoonPipeline
+    from facechain_core.pipeline import PipelineContext
+
+    settings = _settings(args)
+    if not args.image.is_file():
+        print(f"error: {args.image} is not a file", file=sys.stderr)
+        return 1
+    context = PipelineContext(
+        models_dir=settings.models_dir,
+        settings={**settings.pipeline, "model_paths": {k: str(v) for k, v in settings.model_paths.items()}})
+    pipeline = CartoonPipeline()
+    pipeline.load(context)
+    try:
+        result = pipeline.run({"image": str(args.image), "style": args.style, "out": str(args.out)}, _PrintProgress())
+    finally:
+        pipeline.close()
+    meta = result.meta
+    scaled = f", downscaled from {meta['downscaled_from'][0]}x{meta['downscaled_from'][1]}" \
+        if meta.get("downscaled_from") else ""
+    print(f"{args.out}: {meta['style']}, {meta['size'][0]}x{meta['size'][1]}, {meta['faces']} face(s){scaled}")
+    return 0
+
+
+class _PrintProgress:
+    """A pipeline progress callback for the terminal."""
+
+    def __call__(self, step: int, total: int, text: str | None = None) -> None:
+        print(f"\r{step}/{total}", end="" if step < total else "\n", file=sys.stderr, flush=True)
+
+    def yield_point(self) -> None:
+        """Nothing else runs in the CLI."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facechain-bot", description=__doc__)
     parser.add_argument("--config", type=Path, default=None, help="TOML config (see config.example.toml)")
@@ -139,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--steps", type=int, default=None, help="total steps (default: per photo, capped)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("cartoon", help="cartoonise a photo without a chat")
+    p.add_argument("--image", required=True, type=Path)
+    p.add_argument("--style", required=True, help="a style id of facechain_core/cartoon_styles.toml, e.g. anime")
+    p.add_argument("--out", required=True, type=Path, help="the picture to write (.jpg, or .png)")
+    p.set_defaults(func=cmd_cartoon)
     return parser
 
 

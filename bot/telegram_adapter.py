@@ -34,6 +34,7 @@ from facechain_core.errors import UserFacingError
 from handlers import router
 from handlers.messages import normalise_language, t
 from handlers.protocols import (
+    BOT_SENDER,
     Attachment,
     Button,
     Chat,
@@ -41,6 +42,7 @@ from handlers.protocols import (
     Media,
     MessageRef,
     NotSupported,
+    RepliedMessage,
     ReplyChannel,
     SentFile,
     User,
@@ -383,8 +385,31 @@ class TelegramAdapter:
             return None
         event = Event(user=user, chat=to_chat(message.chat), text=text, command=command, args=args,
                       attachments=self._attachments(message), message_id=str(message.message_id),
-                      language=self._language(message.from_user))
+                      language=self._language(message.from_user), reply_to=self._replied(message))
         return event, None
+
+    def _replied(self, message: Message) -> RepliedMessage | None:
+        """What the message replies to: its sender ("bot" for ours) and its picture, if any."""
+        replied = message.reply_to_message
+        if replied is None:
+            return None
+        sender = replied.from_user
+        if sender is None:
+            key = ""  # a channel post or an anonymous admin
+        elif sender.is_bot and self._started and sender.id == self.bot.id:
+            key = BOT_SENDER
+        else:
+            key = to_user(sender).key
+        image, file_id = None, None
+        document = replied.document
+        if replied.photo:
+            largest = max(replied.photo, key=lambda p: p.width * p.height)
+            file_id = largest.file_id
+            image = self._attachment("photo", file_id, largest.file_size, "image/jpeg", None)
+        elif document is not None and (document.mime_type or "").startswith("image/"):
+            file_id = document.file_id
+            image = self._attachment("document", file_id, document.file_size, document.mime_type, document.file_name)
+        return RepliedMessage(message_id=str(replied.message_id), sender=key, image=image, file_id=file_id)
 
     def _button_event(self, query: CallbackQuery) -> tuple[Event, CallbackQuery] | None:
         message = query.message

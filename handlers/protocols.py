@@ -79,6 +79,23 @@ class Attachment:
     fetch: Callable[[], Awaitable[bytes]]
 
 
+BOT_SENDER = "bot"  # RepliedMessage.sender of the bot's own messages
+
+
+@dataclass
+class RepliedMessage:
+    """The message an event replies to: its id, who sent it and its picture (fetched lazily), if any."""
+
+    message_id: str
+    sender: str  # the sender's user key, or "bot" for this bot's own messages ("" when unknown)
+    image: Attachment | None = None
+    file_id: str | None = None  # the platform's id of that picture, to find the bot's own result by
+
+    @property
+    def from_bot(self) -> bool:
+        return self.sender == BOT_SENDER
+
+
 @dataclass
 class Event:
     """One incoming message or button press, platform-neutral."""
@@ -92,6 +109,7 @@ class Event:
     message_id: str | None = None
     button_payload: str | None = None  # set for a button press
     language: str = "en"  # the catalogue language for replies
+    reply_to: RepliedMessage | None = None  # the message this one replies to, where the platform says
 
 
 @dataclass(frozen=True)

@@ -536,11 +536,11 @@ async def test_result_buttons_check_the_owner(world: World) -> None:
     buttons.register_result_button("zzmore", "cancel.button", more, applies_to={"demo"})
     try:
         mine = Artifact(new_artifact_id(), None, "telegram:1", "demo", "/x.png", "image/png")
-        cartoon = Artifact(new_artifact_id(), None, "telegram:1", "cartoon", "/y.png", "image/png")
+        cartoon = Artifact(new_artifact_id(), None, "telegram:1", "other", "/y.png", "image/png")
         for a in (mine, cartoon):
             await world.storage.add_artifact(a)
         assert [b.payload for b in buttons.result_buttons("demo", mine.id, "en")] == [f"zzmore:{mine.id}"]
-        assert buttons.result_buttons("cartoon", cartoon.id, "en") == []
+        assert buttons.result_buttons("other", cartoon.id, "en") == []
         chat = group()
         channel = world.channel(chat)
         await world.send(make_event(2, chat, button=f"zzmore:{mine.id}"))
