@@ -101,38 +101,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_cartoon(args: argparse.Namespace) -> int:
-    """Cartoonises one photo in-process (no chat, no worker) and writes the picture to --out."""
-    from facechain_core.cartoon import CartoonPipeline
-    from facechain_core.pipeline import PipelineContext
+    from bot import offline
 
-    settings = _settings(args)
-    if not args.image.is_file():
-        print(f"error: {args.image} is not a file", file=sys.stderr)
-        return 1
-    context = PipelineContext(
-        models_dir=settings.models_dir,
-        settings={**settings.pipeline, "model_paths": {k: str(v) for k, v in settings.model_paths.items()}})
-    pipeline = CartoonPipeline()
-    pipeline.load(context)
-    try:
-        result = pipeline.run({"image": str(args.image), "style": args.style, "out": str(args.out)}, _PrintProgress())
-    finally:
-        pipeline.close()
-    meta = result.meta
-    scaled = f", downscaled from {meta['downscaled_from'][0]}x{meta['downscaled_from'][1]}" \
-        if meta.get("downscaled_from") else ""
-    print(f"{args.out}: {meta['style']}, {meta['size'][0]}x{meta['size'][1]}, {meta['faces']} face(s){scaled}")
-    return 0
-
-
-class _PrintProgress:
-    """A pipeline progress callback for the terminal."""
-
-    def __call__(self, step: int, total: int, text: str | None = None) -> None:
-        print(f"\r{step}/{total}", end="" if step < total else "\n", file=sys.stderr, flush=True)
-
-    def yield_point(self) -> None:
-        """Nothing else runs in the CLI."""
+    return offline.cartoon(args, _settings(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,7 +162,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     except UserFacingError as exc:
-        print(f"error: {exc.code} {exc.details}", file=sys.stderr)
+        from handlers.messages import t
+
+        print(f"error [{exc.code}]: {t(exc.code, None, **exc.details)}", file=sys.stderr)
+        return 1
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -100,3 +100,18 @@ def train(args: argparse.Namespace, settings: Settings) -> int:
     result = _run(TrainLoraPipeline(), pipeline_context(settings), params)
     print(f"{result.files[0]}: {result.meta['steps']} steps, final loss {result.meta['final_loss']:.4f}")
     return 0
+
+
+def cartoon(args: argparse.Namespace, settings: Settings) -> int:
+    """Cartoonises --image in --style, written to --out."""
+    from facechain_core.cartoon import CartoonPipeline
+
+    if not args.image.is_file():
+        raise FileNotFoundError(f"{args.image} is not a file")
+    result = _run(CartoonPipeline(), pipeline_context(settings),
+                  {"image": str(args.image), "style": args.style, "out": str(args.out)})
+    meta = result.meta
+    scaled = f", downscaled from {meta['downscaled_from'][0]}x{meta['downscaled_from'][1]}" \
+        if meta.get("downscaled_from") else ""
+    print(f"{args.out}: {meta['style']}, {meta['size'][0]}x{meta['size'][1]}, {meta['faces']} face(s){scaled}")
+    return 0
