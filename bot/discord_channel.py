@@ -21,6 +21,7 @@ from typing import Any
 import discord
 from PIL import Image
 
+from bot.textsplit import split_text
 from handlers.messages import t
 from handlers.protocols import Button, Chat, Media, MessageRef, NotSupported, SentFile, User, Visibility
 
@@ -86,16 +87,6 @@ def build_view(rows: list[list[Button]] | None) -> discord.ui.View | None:
 
 
 # -- text and files -----------------------------------------------------------------------------
-def split_text(text: str) -> list[str]:
-    """Cuts text into messages Discord accepts, at line ends where possible."""
-    parts: list[str] = []
-    while len(text) > TEXT_MAX:
-        cut = text.rfind("\n", 0, TEXT_MAX)
-        cut = cut if cut > 0 else TEXT_MAX
-        parts.append(text[:cut])
-        text = text[cut:].lstrip("\n")
-    parts.append(text)
-    return parts
 
 
 def fit_image(data: bytes, filename: str, limit: int) -> tuple[bytes, str]:
@@ -261,7 +252,7 @@ class DiscordChannel:
     # -- ReplyChannel ----------------------------------------------------------------------------
     async def send_text(self, text: str, buttons: list[list[Button]] | None = None,
                         visibility: Visibility = Visibility.CHAT) -> MessageRef:
-        parts = split_text(text)
+        parts = split_text(text, TEXT_MAX)
         groups = keyboards(buttons)
         ref: MessageRef | None = None
         for index, part in enumerate(parts):

@@ -31,6 +31,7 @@ from telegram.ext import AIORateLimiter, Application, ApplicationBuilder, Contex
 
 from bot.config import Settings
 from facechain_core.errors import UserFacingError
+from bot.textsplit import split_text
 from handlers import router
 from handlers.messages import normalise_language, t
 from handlers.protocols import (
@@ -99,16 +100,6 @@ def _ref(message: Message) -> MessageRef:
     return MessageRef(chat=to_chat(message.chat), message_id=str(message.message_id))
 
 
-def _split_text(text: str) -> list[str]:
-    """Cuts text into messages Telegram accepts, at line ends where possible."""
-    parts: list[str] = []
-    while len(text) > TEXT_MAX:
-        cut = text.rfind("\n", 0, TEXT_MAX)
-        cut = cut if cut > 0 else TEXT_MAX
-        parts.append(text[:cut])
-        text = text[cut:].lstrip("\n")
-    parts.append(text)
-    return parts
 
 
 def _album_chunks(items: list[Any]) -> list[list[Any]]:
@@ -147,7 +138,7 @@ class TelegramChannel:
     async def send_text(self, text: str, buttons: list[list[Button]] | None = None,
                         visibility: Visibility = Visibility.CHAT) -> MessageRef:
         target = self._target(visibility)
-        parts = _split_text(text)
+        parts = split_text(text, TEXT_MAX)
         message = None
         for index, part in enumerate(parts):
             last = index == len(parts) - 1
