@@ -1,6 +1,6 @@
 # FaceChain Bot for a CUDA host: docker build -t facechain-bot . &&
 #   docker run --gpus all -e FACECHAIN_TELEGRAM_TOKEN=... -v fc-data:/data -v fc-models:/models facechain-bot
-FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04
 
 ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 RUN apt-get update \
@@ -22,14 +22,13 @@ COPY styles styles
 RUN pip install .
 
 USER facechain
-ENV FACECHAIN_DATA_DIR=/data FACECHAIN_MODELS_DIR=/models
 VOLUME ["/data", "/models"]
 COPY --chown=facechain config.example.toml /app/config.toml
-RUN sed -i 's#^data_dir = .*#data_dir = "/data"#; s#^models_dir = .*#models_dir = "/models"#; s#^gpus = .*#gpus = [0]#' /app/config.toml
+RUN sed -i 's#^data_dir = .*#data_dir = "/data"#; s#^models_dir = .*#models_dir = "/models"#; s#^gpus = .*#gpus = [0]#; s|^# styles_dir = .*|styles_dir = "/app/styles"|' /app/config.toml
 
 # Healthy while the service's heartbeat file is fresh (written by the scheduler loop).
 HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \
-  CMD ["facechain-bot", "health", "--config", "/app/config.toml"]
+  CMD ["facechain-bot", "--config", "/app/config.toml", "health"]
 
-ENTRYPOINT ["facechain-bot"]
-CMD ["run", "--config", "/app/config.toml"]
+ENTRYPOINT ["facechain-bot", "--config", "/app/config.toml"]
+CMD ["run"]
