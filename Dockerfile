@@ -21,10 +21,12 @@ COPY facechain_core facechain_core
 COPY styles styles
 RUN pip install .
 
+COPY config.example.toml /app/config.toml
+RUN sed -i 's#^data_dir = .*#data_dir = "/data"#; s#^models_dir = .*#models_dir = "/models"#; s#^gpus = .*#gpus = [0]#; s|^# styles_dir = .*|styles_dir = "/app/styles"|' /app/config.toml \
+ && mkdir -p /data /models && chown facechain /data /models
+
 USER facechain
 VOLUME ["/data", "/models"]
-COPY --chown=facechain config.example.toml /app/config.toml
-RUN sed -i 's#^data_dir = .*#data_dir = "/data"#; s#^models_dir = .*#models_dir = "/models"#; s#^gpus = .*#gpus = [0]#; s|^# styles_dir = .*|styles_dir = "/app/styles"|' /app/config.toml
 
 # Healthy while the service's heartbeat file is fresh (written by the scheduler loop).
 HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \
