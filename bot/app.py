@@ -16,6 +16,8 @@ from typing import Any
 
 from bot.config import Settings
 from bot.jobkinds import JobKind, JobKinds
+from bot.metrics import JobMetrics, serve_metrics
+from bot.retention import run_retention
 from bot.scheduler import Scheduler
 from bot.storage import Artifact, Job, Storage
 from facechain_core.manifest import installed_features
@@ -58,6 +60,7 @@ class Service:
     scheduler: Scheduler
     services: Services
     adapters: dict[str, Any] = field(default_factory=dict)
+    metrics_url: str | None = None  # where /metrics is served, when [metrics] is enabled
 
 
 def pipeline_context(settings: Settings) -> dict[str, Any]:
@@ -65,6 +68,7 @@ def pipeline_context(settings: Settings) -> dict[str, Any]:
     return {
         "models_dir": str(settings.models_dir.resolve()),
         "styles_dir": str(settings.styles_dir),
+        "log_format": settings.log_format,
         "settings": {**settings.pipeline, "model_paths": {k: str(v) for k, v in settings.model_paths.items()}},
     }
 
@@ -74,13 +78,22 @@ def _devices(settings: Settings) -> list[str]:
 
 
 async def _heartbeat(settings: Settings, scheduler: Scheduler) -> None:
-    """Writes a small JSON heartbeat that `facechain-bot health` (and Docker's HEALTHCHECK) reads."""
+    """Writes a small JSON heartbeat that `facechain-bot health` (and Docker's HEALTHCHECK) reads.
+
+    Each beat also pings the workers: the next beat shows when each last answered, and its memory.
+    """
     while True:
         state = {"time": time.time(), **scheduler.health()}
         tmp = settings.heartbeat_path.with_suffix(".tmp")
         await asyncio.to_thread(tmp.write_text, json.dumps(state))
         await asyncio.to_thread(tmp.replace, settings.heartbeat_path)
+        scheduler.ping_workers()
         await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+
+
+async def _stop_task(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 def _build_adapters(settings: Settings, services: Services) -> dict[str, Any]:
@@ -113,22 +126,33 @@ async def open_service(settings: Settings, extra_kinds: Iterable[JobKind] = ()) 
         features = await asyncio.to_thread(
             installed_features, settings.models_dir, {k: str(v) for k, v in settings.model_paths.items()})
         log.info("features installed: %s", ", ".join(sorted(features)) or "none")
+        if settings.pipeline.get("safe_mode", True) and "safety" not in features:
+            log.warning("safe mode is on but the safety checker is not installed: generated pictures go out "
+                        "unchecked until `facechain-bot models pull safety` (or [pipeline] safety_required = true)")
         services = Services.build(settings, storage, channel_for=channel_for, features_installed=features,
                                   styles=load_styles(settings.styles_dir))
+        metrics = JobMetrics() if settings.metrics.enabled else None
         scheduler = Scheduler(
             storage, kinds, settings.scheduler, data_dir=settings.data_dir,
             context=pipeline_context(settings), sink=HandlerSink(services), devices=_devices(settings),
+            on_event=metrics.observe if metrics is not None else None,
         )
         services.jobs = scheduler
         await stack.enter_async_context(scheduler)
+        metrics_url = None
+        if metrics is not None:
+            metrics.watch(scheduler.health, kinds.names)
+            metrics_url = await stack.enter_async_context(serve_metrics(metrics.registry, settings.metrics.address))
         adapters.update(_build_adapters(settings, services))
         for name, adapter in adapters.items():
             log.info("starting the %s adapter", name)
             await stack.enter_async_context(adapter)
         heartbeat = asyncio.create_task(_heartbeat(settings, scheduler), name="heartbeat")
         stack.callback(heartbeat.cancel)
+        retention = asyncio.create_task(run_retention(services, settings.retention), name="retention")
+        stack.push_async_callback(_stop_task, retention)  # before storage closes: a sweep writes rows
         try:
-            yield Service(settings, storage, scheduler, services, adapters)
+            yield Service(settings, storage, scheduler, services, adapters, metrics_url)
         finally:
             log.info("shutting down: no new jobs; running jobs get %.0f s", settings.scheduler.shutdown_grace_s)
             await scheduler.stop(settings.scheduler.shutdown_grace_s)

@@ -16,6 +16,8 @@ from facechain_core.errors import UserFacingError
 log = logging.getLogger("facechain_bot")
 
 HEARTBEAT_MAX_AGE_S = 60.0
+# A worker must have answered (progress, result or a pong to the heartbeat's ping) within this.
+WORKER_MAX_SILENCE_S = 60.0
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -48,18 +50,71 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def health_problem(beat: dict, now: float, max_age_s: float, max_silence_s: float) -> str | None:
+    """Why the service described by heartbeat `beat` is unhealthy (one line), or None."""
+    age = now - float(beat.get("time", 0))
+    if age > max_age_s:
+        return f"heartbeat {age:.0f} s old (the service is stopped or stuck)"
+    if beat.get("accepting") is False:
+        return "the service is shutting down"
+    workers = beat.get("worker_states")
+    if workers is None:  # a heartbeat from before per-worker states
+        return None if beat.get("workers_alive", 1) > 0 else "no worker process is running"
+    for worker in workers:
+        name = f"worker {worker.get('index')} ({worker.get('device')})"
+        if not worker.get("alive"):
+            return f"{name} is not running (it is being restarted)"
+        silence = now - float(worker.get("heard") or 0)
+        if silence > max_silence_s:
+            return f"{name} silent for {silence:.0f} s"
+    return None
+
+
 def cmd_health(args: argparse.Namespace) -> int:
-    """Exits 0 while the running service's heartbeat is fresh."""
+    """Exits 0 while the service's heartbeat is fresh and every worker answered recently, else 1."""
     settings = load_config(args.config)
     try:
         beat = json.loads(settings.heartbeat_path.read_text())
     except (OSError, ValueError):
-        print("unhealthy: no heartbeat")
+        print(f"unhealthy: no heartbeat at {settings.heartbeat_path} (is the service running?)")
         return 1
-    age = time.time() - float(beat.get("time", 0))
-    healthy = age < HEARTBEAT_MAX_AGE_S and beat.get("workers_alive", 1) > 0
-    print(("healthy" if healthy else "unhealthy") + f": heartbeat {age:.0f} s old, {json.dumps(beat)}")
-    return 0 if healthy else 1
+    now = time.time()
+    problem = health_problem(beat, now, args.max_age, args.max_silence)
+    if problem is not None:
+        print(f"unhealthy: {problem}")
+        return 1
+    workers = beat.get("worker_states") or []
+    print(f"healthy: heartbeat {now - float(beat['time']):.0f} s old, {len(workers)} worker(s) answering, "
+          f"{beat.get('queued', 0)} queued, {beat.get('running', 0)} running")
+    return 0
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    """Writes a consistent backup of the database and the user folders, also while the service runs."""
+    from bot.backup import BackupError, backup
+
+    settings = _settings(args)
+    try:
+        summary = asyncio.run(backup(settings.data_dir, settings.db_path, args.out))
+    except BackupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"backed up {summary.describe()}")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    """Restores a backup into the configured (empty) data dir."""
+    from bot.backup import BackupError, restore
+
+    settings = _settings(args)
+    try:
+        summary = asyncio.run(restore(args.archive, settings.data_dir, settings.db_path))
+    except BackupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"restored {summary.describe()} into {settings.data_dir}")
+    return 0
 
 
 def cmd_check_selfie(args: argparse.Namespace) -> int:
@@ -106,13 +161,38 @@ def cmd_cartoon(args: argparse.Namespace) -> int:
     return offline.cartoon(args, _settings(args))
 
 
+def cmd_talk(args: argparse.Namespace) -> int:
+    from bot import offline
+
+    return offline.talk(args, _settings(args))
+
+
+def cmd_tryon(args: argparse.Namespace) -> int:
+    from bot import offline
+
+    return offline.tryon(args, _settings(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facechain-bot", description=__doc__)
     parser.add_argument("--config", type=Path, default=None, help="TOML config (see config.example.toml)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("run", help="run the bot").set_defaults(func=cmd_run)
-    sub.add_parser("health", help="exit 0 while the running service is healthy").set_defaults(func=cmd_health)
+    p = sub.add_parser("health", help="exit 0 while the running service is healthy, else 1 with the reason")
+    p.add_argument("--max-age", type=float, default=HEARTBEAT_MAX_AGE_S, metavar="S",
+                   help="oldest acceptable heartbeat, seconds")
+    p.add_argument("--max-silence", type=float, default=WORKER_MAX_SILENCE_S, metavar="S",
+                   help="longest a worker may go without answering, seconds")
+    p.set_defaults(func=cmd_health)
+
+    p = sub.add_parser("backup", help="back up the database and user folders (safe while the bot runs)")
+    p.add_argument("out", type=Path, help="the archive to write: .tar, or .tar.gz to compress")
+    p.set_defaults(func=cmd_backup)
+
+    p = sub.add_parser("restore", help="restore a backup into the configured, empty data dir")
+    p.add_argument("archive", type=Path, help="an archive written by `backup`")
+    p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("check-selfie", help="check photos as the bot would")
     p.add_argument("photos", nargs="+")
@@ -151,6 +231,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--style", required=True, help="a style id of facechain_core/cartoon_styles.toml, e.g. anime")
     p.add_argument("--out", required=True, type=Path, help="the picture to write (.jpg, or .png)")
     p.set_defaults(func=cmd_cartoon)
+
+    p = sub.add_parser("talk", help="make a portrait speak text or an audio file, without a chat")
+    p.add_argument("--image", required=True, type=Path)
+    said = p.add_mutually_exclusive_group(required=True)
+    said.add_argument("--text", help="the words to speak (offline TTS)")
+    said.add_argument("--audio", type=Path, help="an audio file to lip-sync (OGG/Opus, MP3, M4A, WAV)")
+    p.add_argument("--language", default="en", help="the TTS language (en, zh)")
+    p.add_argument("--round", action="store_true", help="a square video for round video notes")
+    p.add_argument("--out", required=True, type=Path, help="the MP4 to write")
+    p.set_defaults(func=cmd_talk)
+
+    p = sub.add_parser("tryon", help="dress the person of --photo in an outfit photo, without a chat")
+    p.add_argument("--photo", action="append", required=True, type=Path, help="a selfie (repeatable)")
+    p.add_argument("--outfit", required=True, type=Path, help="a photo of the outfit worn by someone")
+    p.add_argument("--count", type=int, default=1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--out", required=True, type=Path)
+    p.set_defaults(func=cmd_tryon)
     return parser
 
 

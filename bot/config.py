@@ -32,6 +32,11 @@ class TelegramSettings(_Section):
     poll_timeout: float = Field(default=10.0, ge=0)
     # How many times a request is retried after a 429 "retry_after".
     max_retries: int = Field(default=3, ge=0)
+    # Messages (sends and edits) per group per period; more wait in that group's queue, in order.
+    group_max_rate: float = Field(default=20, gt=0)
+    group_time_period: float = Field(default=60, gt=0)
+    # Seconds Telegram may cache a user's inline results ("@bot" in any chat); they are personal.
+    inline_cache_s: int = Field(default=10, ge=0)
 
     @property
     def enabled(self) -> bool:
@@ -99,6 +104,47 @@ class SelfieSettings(_Section):
     min_face_px: int = Field(default=64, ge=16)
 
 
+class MetricsSettings(_Section):
+    # Serve Prometheus metrics at http://<address>/metrics (off by default).
+    enabled: bool = False
+    # "host:port"; port 0 picks a free one (tests).
+    address: str = "127.0.0.1:9464"
+
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, value: str) -> str:
+        parse_address(value)
+        return value
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """Splits ``host:port`` (``[::1]:9464`` for IPv6); raises ValueError naming the bad part."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"must be host:port with a port of 0 to 65535, got {address!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+class RetentionSettings(_Section):
+    # Days each kind of user data is kept (0: until the user deletes it), counted from when it was made.
+    results_days: float = Field(default=30, ge=0)
+    selfies_days: float = Field(default=90, ge=0)
+    identities_days: float = Field(default=90, ge=0)
+    loras_days: float = Field(default=90, ge=0)
+    # Seconds between two cleanups of expired data (the first runs when the service starts).
+    sweep_interval_s: float = Field(default=3600, gt=0)
+
+    def days(self) -> dict[str, float]:
+        """Days kept per data class (``bot.storage.DATA_CLASSES``); 0: no expiry."""
+        return {"results": self.results_days, "selfies": self.selfies_days,
+                "identities": self.identities_days, "loras": self.loras_days}
+
+
+# Jobs one user may start per UTC day, by job kind (admins are exempt); 0: no limit.
+DEFAULT_QUOTAS: dict[str, int] = {"portrait": 20, "cartoon": 40, "train": 2}
+
+
 class Settings(_Section):
     data_dir: Path = Path("data")
     models_dir: Path = Path("models")
@@ -106,12 +152,18 @@ class Settings(_Section):
     styles_dir: Path = Path(__file__).resolve().parent.parent / "styles"
     language: Literal["en", "zh"] = "en"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # "text" (one human-readable line per record) or "json" (one JSON object per line).
+    log_format: Literal["text", "json"] = "text"
     telegram: TelegramSettings = TelegramSettings()
     discord: DiscordSettings = DiscordSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
     limits: LimitSettings = LimitSettings()
     access: AccessSettings = AccessSettings()
     selfie: SelfieSettings = SelfieSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    retention: RetentionSettings = RetentionSettings()
+    # Jobs per user per UTC day by job kind; kinds not named keep DEFAULT_QUOTAS, 0: no limit.
+    quotas: dict[str, int] = dict(DEFAULT_QUOTAS)
     # Model name (as in facechain_core/models.toml) -> your own local copy, used instead of
     # models_dir/<manifest path>; it only has to exist (no size or hash check).
     model_paths: dict[str, Path] = {}
@@ -120,6 +172,14 @@ class Settings(_Section):
     pipeline: dict[str, Any] = {}
     # A fixed seed makes /style reproducible (same selfies, style and seed: same images).
     portrait_seed: int | None = None
+
+    @field_validator("quotas")
+    @classmethod
+    def _merge_quotas(cls, value: dict[str, int]) -> dict[str, int]:
+        negative = sorted(kind for kind, limit in value.items() if limit < 0)
+        if negative:
+            raise ValueError(f"a quota is a number of jobs (0: no limit), got a negative one for {negative}")
+        return {**DEFAULT_QUOTAS, **value}
 
     @field_validator("data_dir", "models_dir", "styles_dir")
     @classmethod

@@ -38,11 +38,30 @@ Dispatch = Callable[[Event, ReplyChannel], Awaitable[None]]
 READY_TIMEOUT_S = 30.0
 # How long stop() lets handlers that are running finish before closing the connection.
 STOP_GRACE_S = 10.0
+# Channels offered for "Post to channel" at most (Discord shows 25 buttons under a message); the
+# search stops there, as each server asks Discord once whether the user is a member.
+POST_TARGETS_MAX = 25
 
 
 def to_user(user: discord.abc.User, locale: discord.Locale | None = None) -> User:
     return User(platform=PLATFORM, id=str(user.id), name=user.display_name or user.name or "",
                 language=locale.value if locale is not None else None)
+
+
+def _may_post(permissions: discord.Permissions) -> bool:
+    return permissions.view_channel and permissions.send_messages and permissions.attach_files
+
+
+def _admin_check(interaction: discord.Interaction) -> Callable[[], Awaitable[bool]] | None:
+    """In a server: whether the user may manage it (Discord resolved their permissions in the interaction)."""
+    if interaction.guild_id is None:
+        return None
+    allowed = bool(interaction.permissions.manage_guild)
+
+    async def check() -> bool:
+        return allowed
+
+    return check
 
 
 def parse_command(text: str) -> tuple[str | None, list[str]]:
@@ -122,6 +141,7 @@ class DiscordAdapter:
         self._max_download = int(settings.limits.max_upload_mb * MB)
         self.client = FaceChainClient(self)
         self.link = DiscordLink(self.client, default_language=settings.language)
+        self.link.post_targets = self.post_targets
         self.connected = asyncio.Event()
         self._languages: dict[str, str] = {}  # user id -> language of their last interaction
         self._gateway: asyncio.Task[None] | None = None
@@ -220,7 +240,8 @@ class DiscordAdapter:
             user = to_user(interaction.user, interaction.locale)
             text = " ".join([f"/{name}"] + args) if name else ""
             event = Event(user=user, chat=chat, text=text, command=name, args=args,
-                          attachments=[self._attachment(a) for a in attachments], language=lang)
+                          attachments=[self._attachment(a) for a in attachments], language=lang,
+                          chat_admin=_admin_check(interaction))
             channel = DiscordChannel(self.link, chat, requester=user, language=lang, interaction=interaction,
                                      private=name in PRIVATE_COMMANDS, usable=usable)
             try:
@@ -238,7 +259,8 @@ class DiscordAdapter:
             usable = await self._acknowledge(interaction)
             user = to_user(interaction.user, interaction.locale)
             message_id = str(interaction.message.id) if interaction.message is not None else None
-            event = Event(user=user, chat=chat, button_payload=payload, message_id=message_id, language=lang)
+            event = Event(user=user, chat=chat, button_payload=payload, message_id=message_id, language=lang,
+                          chat_admin=_admin_check(interaction))
             channel = DiscordChannel(self.link, chat, requester=user, language=lang, interaction=interaction,
                                      usable=usable)
             await self._dispatch(event, channel)
@@ -286,6 +308,31 @@ class DiscordAdapter:
         guilds, channels = self.settings.allowed_guilds, self.settings.allowed_channels
         return bool((guilds and interaction.guild_id not in guilds) or
                     (channels and interaction.channel_id not in channels))
+
+    async def post_targets(self, user: User) -> list[Chat]:
+        """Server text channels where both `user` and the bot may post pictures (that the config allows)."""
+        guilds, channels = self.settings.allowed_guilds, self.settings.allowed_channels
+        targets: list[Chat] = []
+        for guild in self.client.guilds:
+            me = guild.me
+            if me is None or (guilds and guild.id not in guilds):
+                continue
+            try:
+                member = guild.get_member(int(user.id)) or await guild.fetch_member(int(user.id))
+            except discord.NotFound:
+                continue  # not a member of that server
+            except discord.HTTPException as exc:
+                log.warning("discord: could not look up a member of guild %s: %s", guild.id, exc)
+                continue
+            for channel in guild.text_channels:
+                if channels and channel.id not in channels:
+                    continue
+                if _may_post(channel.permissions_for(me)) and _may_post(channel.permissions_for(member)):
+                    targets.append(Chat(platform=PLATFORM, id=str(channel.id), is_private=False,
+                                        title=f"#{channel.name} ({guild.name})"))
+                    if len(targets) >= POST_TARGETS_MAX:
+                        return targets
+        return targets
 
     def _chat(self, interaction: discord.Interaction) -> Chat:
         channel_id = interaction.channel_id

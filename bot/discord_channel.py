@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,8 @@ class DiscordLink:
     default_language: str = "en"
     upload_limits: dict[str, int] = field(default_factory=dict)  # chat id -> bytes (from interactions)
     dm_channels: dict[str, int] = field(default_factory=dict)  # user id -> DM channel id
+    # Server channels where a user and the bot may both post pictures (set by the adapter).
+    post_targets: Callable[[User], Awaitable[list[Chat]]] | None = None
 
     def upload_limit(self, chat: Chat) -> int:
         return self.upload_limits.get(chat.id, DEFAULT_UPLOAD_LIMIT)
@@ -338,6 +341,12 @@ class DiscordChannel:
 
     async def send_document(self, document: Media, caption: str | None = None) -> SentFile:
         return await self._send_file(document, caption)
+
+    async def post_targets(self) -> list[Chat]:
+        """Server channels where the requester and the bot may both post pictures ("Post to channel")."""
+        if self.requester is None or self._link.post_targets is None:
+            return []
+        return await self._link.post_targets(self.requester)
 
     async def answer_button(self, text: str | None = None, alert: bool = False) -> None:
         """Shows `text` to the presser alone (the press itself was acknowledged on arrival)."""

@@ -115,3 +115,42 @@ def cartoon(args: argparse.Namespace, settings: Settings) -> int:
         if meta.get("downscaled_from") else ""
     print(f"{args.out}: {meta['style']}, {meta['size'][0]}x{meta['size'][1]}, {meta['faces']} face(s){scaled}")
     return 0
+
+
+def tryon(args: argparse.Namespace, settings: Settings) -> int:
+    """Dresses the person of --photo in the outfit of --outfit, written to --out."""
+    from facechain_core.identity import IdentityPipeline
+    from facechain_core.tryon import TryOnPipeline
+
+    if not args.outfit.is_file():
+        raise FileNotFoundError(f"{args.outfit} is not a file")
+    args.out.mkdir(parents=True, exist_ok=True)
+    context = pipeline_context(settings)
+    selfies = checked_photos(settings, args.photo, args.out)
+    identity = args.out / "identity" / "identity.npz"
+    identity.parent.mkdir(exist_ok=True)
+    _run(IdentityPipeline(), context, {"selfies": selfies, "out": str(identity)})
+    result = _run(TryOnPipeline(), context, {"outfit": str(args.outfit), "identity": str(identity),
+                                             "count": args.count, "seed": args.seed, "out_dir": str(args.out)})
+    for path, similarity in zip(result.files, result.meta.get("similarity", []), strict=False):
+        print(f"{path}  similarity {similarity:.3f}")
+    return 0
+
+
+def talk(args: argparse.Namespace, settings: Settings) -> int:
+    """Makes the portrait of --image say --text or --audio, written to --out (MP4)."""
+    from facechain_core.talk import TalkPipeline
+
+    for path in (args.image, args.audio):
+        if path is not None and not path.is_file():
+            raise FileNotFoundError(f"{path} is not a file")
+    params: dict[str, Any] = {"image": str(args.image), "language": args.language, "round": args.round,
+                              "out": str(args.out)}
+    if args.audio is not None:
+        params["audio"] = str(args.audio)
+    else:
+        params["text"] = args.text
+    meta = _run(TalkPipeline(), pipeline_context(settings), params).meta
+    print(f"{args.out}: {meta['duration_s']:.2f} s, {meta['frames']} frames, {meta['size'][0]}x{meta['size'][1]}, "
+          f"mouth by {meta['animator']}, speech by {meta['voice']}")
+    return 0

@@ -27,7 +27,7 @@ import os
 import signal
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +70,10 @@ _MEDIA_TYPES = {
     ".mp4": "video/mp4", ".webm": "video/webm", ".wav": "audio/wav", ".mp3": "audio/mpeg", ".ogg": "audio/ogg",
     ".opus": "audio/ogg", ".txt": "text/plain", ".json": "application/json",
 }
+
+
+# Gets every job event: queued, started, done, retried, failed, cancelled, delivered (metrics).
+JobEventHook = Callable[[str, Job, dict[str, Any]], None]
 
 
 class JobSink(Protocol):
@@ -200,6 +204,8 @@ class _Worker:
     reader: asyncio.Task[None] | None = None
     start_failures: int = 0  # deaths in a row before "ready"
     stopping: bool = False
+    heard: float = 0.0  # wall time of the process's last message (health: every worker answers)
+    memory: dict[str, int] = field(default_factory=dict)  # from its last pong, bytes
 
     @property
     def idle(self) -> bool:
@@ -281,6 +287,7 @@ class Scheduler:
     def __init__(
         self, storage: Storage, kinds: JobKinds, settings: SchedulerSettings, *, data_dir: Path,
         context: dict[str, Any], sink: JobSink, devices: list[str] | None = None,
+        on_event: JobEventHook | None = None,
     ) -> None:
         self._storage = storage
         self._kinds = kinds
@@ -288,6 +295,7 @@ class Scheduler:
         self._data_dir = Path(data_dir)
         self._context = context
         self._sink = sink
+        self._on_event = on_event
         if devices is None:
             devices = [f"cuda:{i}" for i in settings.gpus] or ["cpu"]
         if not devices:
@@ -412,9 +420,21 @@ class Scheduler:
         """The live worker process ids, one per device (None while one restarts)."""
         return [w.pid if w.ready else None for w in self._workers]
 
+    def ping_workers(self) -> None:
+        """Asks every worker process for a pong (liveness and memory; see ``health``)."""
+        for worker in self._workers:
+            worker.send({"op": wp.PING})
+
     def health(self) -> dict[str, Any]:
         """Counters for the heartbeat file: workers alive, queue sizes, outcomes since start."""
         return {
+            "queued_by_kind": dict(Counter(j.kind for j in self._queued.values())),
+            "running_by_kind": dict(Counter(r.job.kind for r in self._running.values())),
+            "worker_states": [
+                {"index": w.index, "pid": w.pid, "alive": w.ready, "busy": bool(w.jobs), "heard": w.heard,
+                 "memory": w.memory, "device": "cpu" if w.device == "cpu" else f"cuda:{w.env['CUDA_VISIBLE_DEVICES']}"}
+                for w in self._workers
+            ],
             "accepting": self._started and not self._stopping,
             "workers": len(self._workers),
             "workers_alive": sum(1 for w in self._workers if w.ready),
@@ -446,7 +466,7 @@ class Scheduler:
                 job.progress_ref = progress_ref.to_dict()
                 await self._db(self._storage.set_progress_ref, job.id, job.progress_ref)
             self._queued[job.id] = job
-        log.info("job %d queued: %s for %s", job.id, kind, user_key)
+        self._event("queued", job)
         self._wake.set()
         position, eta = self._plan().get(job.id, (1, None))
         return Submitted(job_id=job.id, position=position, eta_s=eta)
@@ -499,6 +519,17 @@ class Scheduler:
         self._last_served.pop(user_key, None)
 
     # -- internals: bookkeeping --------------------------------------------------------------
+    def _event(self, name: str, job: Job, **fields: Any) -> None:
+        """Logs one line per job event (id, kind, user key, durations) and tells the event hook."""
+        shown = "".join(f" {k}={v:.2f}" if isinstance(v, float) else f" {k}={v}" for k, v in fields.items())
+        log.info("job %d %s: kind=%s user=%s%s", job.id, name, job.kind, job.user_key, shown,
+                 extra={"job_event": {"event": name, "job": job.id, "kind": job.kind, "user": job.user_key, **fields}})
+        if self._on_event is not None:
+            try:
+                self._on_event(name, job, fields)
+            except Exception:
+                log.exception("the job event hook failed on %s of job %d", name, job.id)
+
     async def _db(self, call: Callable[..., Awaitable[T]], *args: Any) -> T:
         """Runs one storage call alone on the connection, shielded from cancellation."""
         async with self._db_lock:
@@ -602,8 +633,8 @@ class Scheduler:
             "op": wp.RUN, "job": job.id, "kind": job.kind, "pipeline": kind.pipeline,
             "params": self._job_params(job), "preemptible": kind.preemptible,
         })
-        log.info("job %d (%s) started on worker %d%s, try %d of %d", job.id, job.kind, worker.index,
-                 " inside a long job" if nested else "", job.attempts, job.max_tries)
+        self._event("started", job, worker=worker.index, nested=nested, attempt=job.attempts,
+                    wait_s=job.started_at - job.created_at)
         return True
 
     def _on_timeout(self, run: _Run) -> None:
@@ -646,6 +677,7 @@ class Scheduler:
             "dtype": ctx.get("dtype") or ("float16" if worker.device.startswith("cuda") else "float32"),
             "memory_budget_mb": int(ctx.get("memory_budget_mb", 0)), "settings": ctx.get("settings") or {},
             "log_level": ctx.get("log_level", logging.getLevelName(logging.getLogger().getEffectiveLevel())),
+            "log_format": ctx.get("log_format", "text"),
         })
         worker.reader = self._spawn_task(self._read(worker, proc), f"worker-{worker.index}-reader")
         if self._stopping:
@@ -664,6 +696,7 @@ class Scheduler:
                 break
             if not line:
                 break  # the process is exiting
+            worker.heard = time.time()
             try:
                 message = wp.decode(line)
             except ValueError:
@@ -722,6 +755,9 @@ class Scheduler:
 
     async def _on_message(self, worker: _Worker, message: dict[str, Any]) -> None:
         op = message["op"]
+        if op == wp.PONG:
+            worker.memory = {k: int(v) for k, v in (message.get("memory") or {}).items()}
+            return
         if op == wp.READY:
             worker.ready = worker.was_ready = True
             worker.ready_event.set()
@@ -798,7 +834,7 @@ class Scheduler:
         job.state, job.result, job.finished_at = JobState.DONE, result, now
         self._counters["done"] += 1
         seconds = time.monotonic() - run.started
-        log.info("job %d (%s) done in %.2f s: %d file(s)", job.id, job.kind, seconds, len(artifacts))
+        self._event("done", job, run_s=seconds, files=len(artifacts))
         await self._db(self._storage.record_duration, job.kind, seconds, DURATION_ALPHA)
         previous = self._averages.get(job.kind)
         self._averages[job.kind] = seconds if previous is None else previous * (1 - DURATION_ALPHA) + DURATION_ALPHA * seconds
@@ -806,6 +842,7 @@ class Scheduler:
 
     async def _requeue(self, job: Job) -> None:
         self._counters["retried"] += 1
+        self._event("retried", job, attempt=job.attempts)
         await self._db(self._storage.requeue, job.id)
         job.state = JobState.QUEUED
         self._queued[job.id] = job
@@ -824,14 +861,14 @@ class Scheduler:
         self._counters["failed"] += 1
         await self._db(self._storage.end_job, job.id, JobState.FAILED, error)
         job.state, job.error = JobState.FAILED, error
-        log.info("job %d (%s) failed: %s", job.id, job.kind, error["code"])
+        self._event("failed", job, code=error["code"], total_s=time.time() - job.created_at)
         self._final(job, lambda: self._sink.on_failed(job, error), "failed")
 
     async def _cancelled(self, job: Job, notify: bool) -> None:
         self._counters["cancelled"] += 1
         await self._db(self._storage.end_job, job.id, JobState.CANCELLED)
         job.state = JobState.CANCELLED
-        log.info("job %d (%s) cancelled", job.id, job.kind)
+        self._event("cancelled", job, total_s=time.time() - job.created_at)
         if notify:
             self._final(job, lambda: self._sink.on_cancelled(job), "cancelled")
         else:
@@ -911,7 +948,7 @@ class Scheduler:
                     continue
                 await self._db(self._storage.mark_job_delivered, job.id)
                 job.state = JobState.DELIVERED
-                log.info("job %d delivered", job.id)
+                self._event("delivered", job, total_s=time.time() - job.created_at)
                 return
             log.error("job %d could not be delivered after %d tries", job.id, DELIVERY_MAX_TRIES)
             error = _error(JOB_UNDELIVERABLE, tries=DELIVERY_MAX_TRIES)

@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import secrets
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -92,10 +93,63 @@ MIGRATIONS: list[str] = [
         updated_at REAL NOT NULL
     );
     """,
+    # 2: a reply language the user chose (/language) wins over the one their app reports.
+    """
+    ALTER TABLE users ADD COLUMN language_chosen INTEGER NOT NULL DEFAULT 0;
+    """,
+    # 3: groups: settings a group's admins chose (/settings), and jobs per member per day in a group.
+    """
+    CREATE TABLE chat_settings (
+        chat_key TEXT PRIMARY KEY,
+        settings TEXT NOT NULL DEFAULT '{}',
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE chat_usage (
+        chat_key TEXT NOT NULL,
+        user_key TEXT NOT NULL,
+        day TEXT NOT NULL,
+        jobs INTEGER NOT NULL,
+        PRIMARY KEY (chat_key, user_key, day)
+    );
+    CREATE INDEX chat_usage_user ON chat_usage(user_key);
+    """,
+    # 4: safety: bans (kept through /delete, or deleting would lift them), reports of results (one per
+    # artifact, its reporters apart so each side's /delete removes only their own rows), when a LoRA
+    # was trained (it expires on its own), and the index of the daily quota count.
+    """
+    CREATE TABLE bans (
+        user_key TEXT PRIMARY KEY,
+        reason TEXT NOT NULL DEFAULT '',
+        banned_by TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE reports (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        artifact_id TEXT NOT NULL UNIQUE,
+        owner_key TEXT NOT NULL,
+        chat_key TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX reports_owner ON reports(owner_key);
+    CREATE TABLE report_reporters (
+        report_id INTEGER NOT NULL REFERENCES reports(id) ON DELETE CASCADE,
+        reporter_key TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (report_id, reporter_key)
+    );
+    CREATE INDEX report_reporters_key ON report_reporters(reporter_key);
+    ALTER TABLE identities ADD COLUMN lora_at REAL;
+    UPDATE identities SET lora_at = updated_at WHERE lora_path IS NOT NULL;
+    CREATE INDEX jobs_user_created ON jobs(user_key, created_at);
+    """,
 ]
 
 # Tables holding a user's rows, and the column naming the user: /delete empties all of them.
+# (``bans`` is left out on purpose: a ban outlives the banned user's /delete.)
 USER_TABLES: dict[str, str] = {
+    "report_reporters": "reporter_key",
+    "reports": "owner_key",
+    "chat_usage": "user_key",
     "pending_inputs": "user_key",
     "artifacts": "owner_key",
     "jobs": "user_key",
@@ -103,6 +157,28 @@ USER_TABLES: dict[str, str] = {
     "selfies": "user_key",
     "users": "key",
 }
+
+# Columns holding a file path, and JSON columns whose strings may be paths: restore moves them.
+PATH_COLUMNS: dict[str, tuple[str, ...]] = {
+    "selfies": ("path",), "artifacts": ("path",), "identities": ("path", "lora_path"),
+}
+JSON_PATH_COLUMNS: dict[str, tuple[str, ...]] = {
+    "jobs": ("params", "result"), "artifacts": ("meta",), "pending_inputs": ("payload",),
+}
+
+
+def _moved(value: Any, old_roots: tuple[str, ...], new_root: str) -> Any:
+    """`value` with every string under one of `old_roots` re-rooted at `new_root` (JSON values walked)."""
+    if isinstance(value, str):
+        for root in old_roots:
+            if value == root or value.startswith(root + "/"):
+                return new_root + value[len(root):]
+        return value
+    if isinstance(value, list):
+        return [_moved(v, old_roots, new_root) for v in value]
+    if isinstance(value, dict):
+        return {k: _moved(v, old_roots, new_root) for k, v in value.items()}
+    return value
 
 
 class JobState:
@@ -179,6 +255,47 @@ class Identity:
     updated_at: float
 
 
+@dataclass
+class Ban:
+    user_key: str
+    reason: str
+    banned_by: str
+    created_at: float
+
+
+@dataclass
+class Report:
+    id: int
+    artifact_id: str
+    owner_key: str
+    chat_key: str
+    created_at: float
+    reporters: int
+
+
+# What expires on its own (retention): a selfie by upload time, an identity (and the LoRA trained on
+# it) by when it was built, a LoRA by when it was trained, a result (a picture, video or audio sent to
+# the chat) by when it was made. Job rows go once they are final, past the cutoff and hold no artifact.
+DATA_CLASSES = ("selfies", "identities", "loras", "results")
+_RESULT_MEDIA = "(media_type LIKE 'image/%' OR media_type LIKE 'video/%' OR media_type LIKE 'audio/%')"
+_FINAL_STATES = "('delivered', 'failed', 'cancelled')"
+_EXPIRED_USERS = {
+    "selfies": "SELECT user_key FROM selfies WHERE created_at < :cutoff",
+    "identities": "SELECT user_key FROM identities WHERE updated_at < :cutoff",
+    "loras": "SELECT user_key FROM identities WHERE lora_path IS NOT NULL AND COALESCE(lora_at, updated_at) < :cutoff",
+    "results": f"SELECT owner_key FROM artifacts WHERE created_at < :cutoff AND {_RESULT_MEDIA}",
+}
+_EXPIRED_FILES = {
+    "selfies": "SELECT path FROM selfies WHERE user_key = ? AND created_at < ?",
+    "identities": "SELECT path FROM identities WHERE user_key = ? AND updated_at < ? "
+                  "UNION ALL SELECT lora_path FROM identities WHERE user_key = ? AND updated_at < ? "
+                  "AND lora_path IS NOT NULL",
+    "loras": "SELECT lora_path FROM identities WHERE user_key = ? AND lora_path IS NOT NULL "
+             "AND COALESCE(lora_at, updated_at) < ?",
+    "results": f"SELECT path FROM artifacts WHERE owner_key = ? AND created_at < ? AND {_RESULT_MEDIA}",
+}
+
+
 def _loads(value: str | None) -> Any:
     return None if value is None else json.loads(value)
 
@@ -211,6 +328,21 @@ def _serialised(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[
             return await method(self, *args, **kwargs)
 
     return wrapper
+
+
+async def snapshot_database(source: Path, target: Path) -> None:
+    """Copies the database at `source` to a new file `target` with SQLite's online backup API in one
+    step: one consistent snapshot while the service keeps writing (WAL). Migrates nothing."""
+    if Path(target).exists():
+        raise FileExistsError(target)
+    if not Path(source).is_file():
+        raise FileNotFoundError(source)
+    async with aiosqlite.connect(source) as db:
+        dest = sqlite3.connect(target, check_same_thread=False)  # aiosqlite uses it from its own thread
+        try:
+            await db.backup(dest, pages=0)
+        finally:
+            dest.close()
 
 
 def new_artifact_id() -> str:
@@ -277,9 +409,17 @@ class Storage:
         return cur.rowcount == 1
 
     @_serialised
-    async def set_language(self, key: str, language: str) -> None:
-        await self.db.execute("UPDATE users SET language = ? WHERE key = ?", (language, key))
+    async def set_language(self, key: str, language: str, chosen: bool = True) -> None:
+        """Stores the user's reply language: their own choice, or (`chosen` False) what their app reports."""
+        await self.db.execute("UPDATE users SET language = ?, language_chosen = ? WHERE key = ?",
+                              (language, int(chosen), key))
         await self.db.commit()
+
+    async def language_choice(self, key: str) -> tuple[str, bool] | None:
+        """The user's stored language and whether they chose it; None for an unknown user."""
+        async with self.db.execute("SELECT language, language_chosen FROM users WHERE key = ?", (key,)) as cur:
+            row = await cur.fetchone()
+        return (row["language"], bool(row["language_chosen"])) if row else None
 
     async def user_language(self, key: str) -> str | None:
         async with self.db.execute("SELECT language FROM users WHERE key = ?", (key,)) as cur:
@@ -337,9 +477,10 @@ class Storage:
 
     @_serialised
     async def set_lora(self, user_key: str, lora_path: str | None) -> None:
+        """Records the user's LoRA and when it was trained (its own retention clock; the identity's stays)."""
         await self.db.execute(
-            "UPDATE identities SET lora_path = ?, updated_at = ? WHERE user_key = ?",
-            (lora_path, time.time(), user_key),
+            "UPDATE identities SET lora_path = ?, lora_at = ? WHERE user_key = ?",
+            (lora_path, time.time() if lora_path else None, user_key),
         )
         await self.db.commit()
 
@@ -513,6 +654,231 @@ class Storage:
             return None
         return PendingInput(row["user_key"], row["chat_key"], row["command"], json.loads(row["payload"]), row["expires_at"])
 
+    # -- groups and sharing --------------------------------------------------------------
+    async def chat_settings(self, chat_key: str) -> dict[str, Any]:
+        """The settings a group's admins stored ({} when none)."""
+        async with self.db.execute("SELECT settings FROM chat_settings WHERE chat_key = ?", (chat_key,)) as cur:
+            row = await cur.fetchone()
+        return json.loads(row["settings"]) if row else {}
+
+    @_serialised
+    async def set_chat_settings(self, chat_key: str, settings: dict[str, Any]) -> None:
+        await self.db.execute(
+            "INSERT INTO chat_settings (chat_key, settings, updated_at) VALUES (?, ?, ?) "
+            "ON CONFLICT(chat_key) DO UPDATE SET settings = excluded.settings, updated_at = excluded.updated_at",
+            (chat_key, json.dumps(settings), time.time()),
+        )
+        await self.db.commit()
+
+    @_serialised
+    async def take_chat_quota(self, chat_key: str, user_key: str, day: str, limit: int) -> bool:
+        """Counts one job of the member in the group that `day`, unless `limit` is reached; True when counted."""
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        await self.db.execute("DELETE FROM chat_usage WHERE day < ?", (day,))
+        cur = await self.db.execute(
+            "INSERT INTO chat_usage (chat_key, user_key, day, jobs) VALUES (?, ?, ?, 1) "
+            "ON CONFLICT(chat_key, user_key, day) DO UPDATE SET jobs = jobs + 1 WHERE jobs < ?",
+            (chat_key, user_key, day, limit),
+        )
+        await self.db.commit()
+        return cur.rowcount == 1
+
+    @_serialised
+    async def refund_chat_quota(self, chat_key: str, user_key: str, day: str) -> None:
+        """Gives back a job counted by take_chat_quota (the job was refused after all)."""
+        await self.db.execute(
+            "UPDATE chat_usage SET jobs = jobs - 1 WHERE chat_key = ? AND user_key = ? AND day = ? AND jobs > 0",
+            (chat_key, user_key, day),
+        )
+        await self.db.commit()
+
+    async def chat_jobs_today(self, chat_key: str, user_key: str, day: str) -> int:
+        async with self.db.execute(
+            "SELECT jobs FROM chat_usage WHERE chat_key = ? AND user_key = ? AND day = ?", (chat_key, user_key, day)
+        ) as cur:
+            row = await cur.fetchone()
+        return int(row["jobs"]) if row else 0
+
+    async def recent_results(self, owner_key: str, platform: str, limit: int) -> list[Artifact]:
+        """The owner's newest delivered pictures that `platform` holds a file id of (to re-send without upload)."""
+        async with self.db.execute(
+            "SELECT * FROM artifacts WHERE owner_key = ? AND media_type LIKE 'image/%' AND delivered_at IS NOT NULL "
+            "AND json_extract(file_ids, ?) IS NOT NULL ORDER BY created_at DESC, rowid DESC LIMIT ?",
+            (owner_key, f'$."{platform}"', limit),
+        ) as cur:
+            return [_artifact(r) for r in await cur.fetchall()]
+
+    # -- safety: bans, reports, quotas, retention ------------------------------------------
+    @_serialised
+    async def ban_user(self, user_key: str, reason: str, banned_by: str) -> bool:
+        """Bans a user; False when they already were (the first ban and its reason stay)."""
+        cur = await self.db.execute(
+            "INSERT OR IGNORE INTO bans (user_key, reason, banned_by, created_at) VALUES (?, ?, ?, ?)",
+            (user_key, reason, banned_by, time.time()),
+        )
+        await self.db.commit()
+        return cur.rowcount == 1
+
+    @_serialised
+    async def unban_user(self, user_key: str) -> bool:
+        """Lifts a ban; False when there was none."""
+        cur = await self.db.execute("DELETE FROM bans WHERE user_key = ?", (user_key,))
+        await self.db.commit()
+        return cur.rowcount == 1
+
+    async def ban(self, user_key: str) -> Ban | None:
+        async with self.db.execute("SELECT * FROM bans WHERE user_key = ?", (user_key,)) as cur:
+            r = await cur.fetchone()
+        return Ban(r["user_key"], r["reason"], r["banned_by"], r["created_at"]) if r else None
+
+    async def bans(self) -> list[Ban]:
+        async with self.db.execute("SELECT * FROM bans ORDER BY created_at") as cur:
+            return [Ban(r["user_key"], r["reason"], r["banned_by"], r["created_at"]) for r in await cur.fetchall()]
+
+    @_serialised
+    async def add_report(self, artifact_id: str, owner_key: str, reporter_key: str,
+                         chat_key: str) -> tuple[Report, bool]:
+        """Records that `reporter_key` reported the artifact; returns its report and whether this reporter is new."""
+        now = time.time()
+        await self.db.execute("BEGIN")
+        try:
+            await self.db.execute(
+                "INSERT OR IGNORE INTO reports (artifact_id, owner_key, chat_key, created_at) VALUES (?, ?, ?, ?)",
+                (artifact_id, owner_key, chat_key, now),
+            )
+            async with self.db.execute("SELECT id FROM reports WHERE artifact_id = ?", (artifact_id,)) as cur:
+                report_id = (await cur.fetchone())["id"]
+            cur = await self.db.execute(
+                "INSERT OR IGNORE INTO report_reporters (report_id, reporter_key, created_at) VALUES (?, ?, ?)",
+                (report_id, reporter_key, now),
+            )
+            new = cur.rowcount == 1
+            await self.db.commit()
+        except BaseException:
+            await self.db.rollback()
+            raise
+        report = await self.report(report_id)
+        assert report is not None
+        return report, new
+
+    async def report(self, report_id: int) -> Report | None:
+        async with self.db.execute(
+            "SELECT r.*, (SELECT COUNT(*) FROM report_reporters p WHERE p.report_id = r.id) AS reporters "
+            "FROM reports r WHERE r.id = ?", (report_id,)
+        ) as cur:
+            r = await cur.fetchone()
+        return Report(r["id"], r["artifact_id"], r["owner_key"], r["chat_key"], r["created_at"], r["reporters"]) \
+            if r else None
+
+    async def jobs_per_kind(self, user_key: str, since: float) -> dict[str, int]:
+        """The user's jobs per kind created since `since`; one cancelled before it started is not counted."""
+        async with self.db.execute(
+            "SELECT kind, COUNT(*) AS n FROM jobs WHERE user_key = ? AND created_at >= ? "
+            "AND NOT (state = 'cancelled' AND started_at IS NULL) GROUP BY kind", (user_key, since)
+        ) as cur:
+            return {r["kind"]: r["n"] for r in await cur.fetchall()}
+
+    async def stats(self) -> dict[str, Any]:
+        """Counts for operators: users, jobs per state, bans, reports."""
+        out: dict[str, Any] = {}
+        for name, table in (("users", "users"), ("bans", "bans"), ("reports", "reports")):
+            async with self.db.execute(f"SELECT COUNT(*) FROM {table}") as cur:
+                out[name] = (await cur.fetchone())[0]
+        async with self.db.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state") as cur:
+            out["jobs"] = {r["state"]: r["n"] for r in await cur.fetchall()}
+        return out
+
+    async def stored_summary(self, user_key: str) -> dict[str, Any]:
+        """What is stored about the user, per data class: counts and the times their expiry counts from."""
+        async def one(sql: str) -> aiosqlite.Row:
+            async with self.db.execute(sql, (user_key,)) as cur:
+                row = await cur.fetchone()
+            assert row is not None
+            return row
+
+        selfies = await one("SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM selfies WHERE user_key = ?")
+        results = await one(f"SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM artifacts "
+                            f"WHERE owner_key = ? AND {_RESULT_MEDIA}")
+        jobs = await one("SELECT COUNT(*) AS n FROM jobs WHERE user_key = ?")
+        reported = await one("SELECT COUNT(*) AS n FROM report_reporters WHERE reporter_key = ?")
+        identity = await self.identity(user_key)
+        lora_at = None
+        if identity is not None and identity.lora_path:
+            lora_at = (await one("SELECT COALESCE(lora_at, updated_at) AS at FROM identities WHERE user_key = ?"))["at"]
+        return {
+            "selfies": {"count": selfies["n"], "oldest": selfies["oldest"]},
+            "identities": {"count": int(identity is not None), "oldest": identity.updated_at if identity else None},
+            "loras": {"count": int(lora_at is not None), "oldest": lora_at},
+            "results": {"count": results["n"], "oldest": results["oldest"]},
+            "jobs": jobs["n"],
+            "reports_made": reported["n"],
+        }
+
+    async def users_with_expired(self, cutoffs: dict[str, float]) -> list[str]:
+        """Users holding data of a class older than its cutoff (``{data class: unix time}``)."""
+        parts, args = [], []
+        for data_class, cutoff in cutoffs.items():
+            parts.append(_EXPIRED_USERS[data_class].replace(":cutoff", "?"))
+            args.append(cutoff)
+        if "results" in cutoffs:  # job history whose results are gone
+            parts.append(f"SELECT user_key FROM jobs WHERE state IN {_FINAL_STATES} AND created_at < ? "
+                         "AND NOT EXISTS (SELECT 1 FROM artifacts a WHERE a.job_id = jobs.id)")
+            args.append(cutoffs["results"])
+        if not parts:
+            return []
+        async with self.db.execute(f"SELECT DISTINCT * FROM ({' UNION '.join(parts)}) ORDER BY 1", args) as cur:
+            return [r[0] for r in await cur.fetchall()]
+
+    async def expired_files(self, user_key: str, data_class: str, cutoff: float) -> list[str]:
+        """The files (paths as stored) of the user's data of `data_class` older than `cutoff`."""
+        sql = _EXPIRED_FILES[data_class]
+        args = (user_key, cutoff) * (sql.count("?") // 2)
+        async with self.db.execute(sql, args) as cur:
+            return [r[0] for r in await cur.fetchall() if r[0]]
+
+    @_serialised
+    async def delete_expired(self, user_key: str, data_class: str, cutoff: float) -> dict[str, int]:
+        """Deletes the rows of the user's `data_class` data older than `cutoff` (and what hangs on them:
+        artifact rows of those files, reports of deleted results, final job rows left without artifacts)
+        in one transaction; returns counts per table."""
+        if data_class not in DATA_CLASSES:
+            raise ValueError(f"unknown data class {data_class!r}, expected one of {DATA_CLASSES}")
+        counts: dict[str, int] = {}
+
+        async def run(table: str, sql: str, args: tuple[Any, ...]) -> None:
+            cur = await self.db.execute(sql, args)
+            counts[table] = counts.get(table, 0) + max(cur.rowcount, 0)
+
+        files = await self.expired_files(user_key, data_class, cutoff)
+        await self.db.execute("BEGIN")
+        try:
+            if data_class in ("identities", "loras") and files:
+                marks = ",".join("?" * len(files))
+                await run("artifacts", f"DELETE FROM artifacts WHERE owner_key = ? AND path IN ({marks})",
+                          (user_key, *files))
+            if data_class == "selfies":
+                await run("selfies", "DELETE FROM selfies WHERE user_key = ? AND created_at < ?", (user_key, cutoff))
+            elif data_class == "identities":
+                await run("identities", "DELETE FROM identities WHERE user_key = ? AND updated_at < ?",
+                          (user_key, cutoff))
+            elif data_class == "loras":
+                await run("identities", "UPDATE identities SET lora_path = NULL, lora_at = NULL WHERE user_key = ? "
+                          "AND lora_path IS NOT NULL AND COALESCE(lora_at, updated_at) < ?", (user_key, cutoff))
+            else:
+                await run("artifacts", "DELETE FROM artifacts WHERE owner_key = ? AND created_at < ? "
+                          f"AND {_RESULT_MEDIA}", (user_key, cutoff))
+                await run("reports", "DELETE FROM reports WHERE owner_key = ? "
+                          "AND NOT EXISTS (SELECT 1 FROM artifacts a WHERE a.id = reports.artifact_id)", (user_key,))
+            await run("jobs", f"DELETE FROM jobs WHERE user_key = ? AND state IN {_FINAL_STATES} AND created_at < ? "
+                      "AND NOT EXISTS (SELECT 1 FROM artifacts a WHERE a.job_id = jobs.id)", (user_key, cutoff))
+            await self.db.commit()
+        except BaseException:
+            await self.db.rollback()
+            raise
+        await self.checkpoint()
+        return {table: n for table, n in counts.items() if n}
+
     # -- statistics ----------------------------------------------------------------------
     @_serialised
     async def record_duration(self, kind: str, seconds: float, alpha: float = 0.2) -> None:
@@ -527,3 +893,48 @@ class Storage:
     async def kind_averages(self) -> dict[str, float]:
         async with self.db.execute("SELECT kind, avg_seconds FROM kind_stats") as cur:
             return {r["kind"]: r["avg_seconds"] for r in await cur.fetchall()}
+
+    # -- backup and restore --------------------------------------------------------------
+    async def file_paths(self) -> list[str]:
+        """Every file or folder path that a row names (selfies, identities, LoRAs, artifacts)."""
+        parts = [f"SELECT {column} FROM {table} WHERE {column} IS NOT NULL"
+                 for table, columns in PATH_COLUMNS.items() for column in columns]
+        async with self.db.execute(" UNION ALL ".join(parts)) as cur:
+            return [row[0] for row in await cur.fetchall()]
+
+    async def table_counts(self) -> dict[str, int]:
+        """Rows per table of user data (for backup summaries)."""
+        counts: dict[str, int] = {}
+        for table in USER_TABLES:
+            async with self.db.execute(f"SELECT COUNT(*) FROM {table}") as cur:
+                counts[table] = (await cur.fetchone())[0]
+        return counts
+
+    @_serialised
+    async def relocate_paths(self, old_roots: Iterable[str], new_root: str) -> int:
+        """Re-roots every stored path under one of `old_roots` at `new_root` (a restored data dir).
+
+        Returns how many values changed."""
+        roots = tuple(sorted({r.rstrip("/") for r in old_roots if r.rstrip("/")}, key=len, reverse=True))
+        new_root = new_root.rstrip("/")
+        changed = 0
+        await self.db.execute("BEGIN")
+        try:
+            for is_json, spec in ((False, PATH_COLUMNS), (True, JSON_PATH_COLUMNS)):
+                for table, columns in spec.items():
+                    for column in columns:
+                        select = f"SELECT rowid, {column} FROM {table} WHERE {column} IS NOT NULL"
+                        async with self.db.execute(select) as cur:
+                            rows = await cur.fetchall()
+                        for rowid, stored in rows:
+                            value = json.loads(stored) if is_json else stored
+                            moved = _moved(value, roots, new_root)
+                            if moved != value:
+                                await self.db.execute(f"UPDATE {table} SET {column} = ? WHERE rowid = ?",
+                                                      (json.dumps(moved) if is_json else moved, rowid))
+                                changed += 1
+            await self.db.commit()
+        except BaseException:
+            await self.db.rollback()
+            raise
+        return changed

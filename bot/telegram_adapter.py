@@ -5,14 +5,21 @@ limiter that retries 429s) and runs beside other adapters on the service's event
 started and stopped explicitly (``async with adapter:``), never with ``run_polling``. Each update
 becomes an ``Event`` and a ``TelegramChannel`` for its chat, handed to the dispatch callable
 (``router.handle_event`` bound to the services). Handlers return fast: they only submit jobs.
+
+Groups: answers and a job's results reply to the requester's message (``Chat.reply_to``), and
+sends into one group wait their turn, in order, under the group rate limit from the config
+(``GroupSendQueue``). An inline query ("@bot ..." typed in any chat) becomes an Event with
+``inline_query`` set, answered only with that user's own results (``TelegramChannel.answer_inline``).
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import datetime as dtm
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from telegram import (
@@ -20,8 +27,12 @@ from telegram import (
     CallbackQuery,
     InlineKeyboardButton,
     InlineKeyboardMarkup,
+    InlineQuery,
+    InlineQueryResultCachedPhoto,
+    InlineQueryResultsButton,
     InputMediaPhoto,
     Message,
+    ReplyParameters,
     Update,
 )
 from telegram import Chat as TgChat
@@ -50,6 +61,7 @@ from handlers.protocols import (
     Visibility,
 )
 from handlers.services import Services
+from handlers.sharing import SHARE_ACTION, START_PARAMETER, InlinePhoto
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +73,8 @@ COMMAND_DESCRIPTION_MAX = 256
 # The Bot API serves files up to 20 MB to bots.
 BOT_API_DOWNLOAD_MAX = 20_000_000
 MENU_LANGUAGES = ("zh",)  # besides the default (English) menu
-ALLOWED_UPDATES = ("message", "callback_query")
+ALLOWED_UPDATES = ("message", "callback_query", "inline_query")
+ADMIN_STATUSES = frozenset({"creator", "administrator"})
 
 Dispatch = Callable[[Event, ReplyChannel], Awaitable[None]]
 
@@ -89,11 +102,74 @@ def to_user(user: TgUser) -> User:
                 language=user.language_code)
 
 
-def _keyboard(buttons: list[list[Button]] | None) -> InlineKeyboardMarkup | None:
+def _keyboard(buttons: list[list[Button]] | None, share_inline: bool = False) -> InlineKeyboardMarkup | None:
     if not buttons:
         return None
-    return InlineKeyboardMarkup([[InlineKeyboardButton(b.label, callback_data=b.payload) for b in row]
-                                 for row in buttons if row])
+    return InlineKeyboardMarkup([[_button(b, share_inline) for b in row] for row in buttons if row])
+
+
+def _button(button: Button, share_inline: bool) -> InlineKeyboardButton:
+    action, _, argument = button.payload.partition(":")
+    if share_inline and action == SHARE_ACTION:
+        # Telegram shares through inline mode: the user picks a chat and "@bot <result id>" is typed there.
+        return InlineKeyboardButton(button.label, switch_inline_query=argument)
+    return InlineKeyboardButton(button.label, callback_data=button.payload)
+
+
+class GroupSendQueue:
+    """Sends into one group go out one at a time, in the order they were asked for.
+
+    The rate limiter makes a group's sends wait (and retries a 429 after its retry_after); under a
+    FIFO lock per group those waits never let a later result overtake an earlier one. Edits of one
+    message asked while an earlier edit of it waits are merged into that one (the newest text wins),
+    so progress updates never pile up in front of results.
+    """
+
+    def __init__(self) -> None:
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._holders: dict[str, int] = {}  # chat id -> coroutines holding or waiting for its lock
+        self._edits: dict[tuple[str, str], Any] = {}  # (chat id, message id) -> newest content of a waiting edit
+
+    @contextlib.asynccontextmanager
+    async def turn(self, chat: Chat) -> AsyncIterator[None]:
+        """Holds the group's turn to send (private chats send at once)."""
+        if chat.is_private:
+            yield
+            return
+        lock = self._locks.setdefault(chat.id, asyncio.Lock())
+        self._holders[chat.id] = self._holders.get(chat.id, 0) + 1
+        try:
+            async with lock:
+                yield
+        finally:
+            self._holders[chat.id] -= 1
+            if not self._holders[chat.id]:  # nobody holds or waits: the lock can go
+                del self._holders[chat.id], self._locks[chat.id]
+
+    async def edit(self, chat: Chat, message_id: str, content: Any, send: Callable[[Any], Awaitable[None]]) -> None:
+        """Calls ``send(content)`` in the group's turn, with the newest content asked for that message by then."""
+        key = (chat.id, message_id)
+        if key in self._edits:
+            self._edits[key] = content  # the waiting edit sends this instead
+            return
+        self._edits[key] = content
+        taken = False
+        try:
+            async with self.turn(chat):
+                content, taken = self._edits.pop(key), True
+                await send(content)
+        finally:
+            if not taken:
+                self._edits.pop(key, None)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelOptions:
+    """What every channel of one adapter shares."""
+
+    queue: GroupSendQueue | None = None
+    share_inline: bool = False  # render the Share button as an inline-mode switch
+    inline_cache_s: int = 10
 
 
 def _ref(message: Message) -> MessageRef:
@@ -111,13 +187,27 @@ class TelegramChannel:
     """A ReplyChannel for one Telegram chat (and the button press it answers, if any)."""
 
     def __init__(self, bot: Any, chat: Chat, *, requester: User | None = None, language: str = "en",
-                 query: CallbackQuery | None = None) -> None:
+                 query: CallbackQuery | None = None, inline_query: InlineQuery | None = None,
+                 options: ChannelOptions | None = None) -> None:
         self._bot = bot
         self.chat = chat
         self.requester = requester
         self.language = language
         self._query = query
+        self._inline_query = inline_query
+        self._options = options or ChannelOptions()
         self.answered = False
+
+    def _keyboard(self, buttons: list[list[Button]] | None) -> InlineKeyboardMarkup | None:
+        return _keyboard(buttons, self._options.share_inline)
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, chat: Chat) -> AsyncIterator[None]:
+        if self._options.queue is None:
+            yield
+        else:
+            async with self._options.queue.turn(chat):
+                yield
 
     def _target(self, visibility: Visibility) -> Chat:
         if visibility is Visibility.CHAT or self.chat.is_private:
@@ -128,8 +218,12 @@ class TelegramChannel:
         return Chat(platform=PLATFORM, id=self.requester.id, is_private=True)
 
     async def _to(self, target: Chat, call: Callable[..., Awaitable[Any]], **kwargs: Any) -> Any:
+        if target is self.chat and self.chat.reply_to is not None and not self.chat.is_private:
+            # In a group, answers and results reply to the requester's message (sent anyway if it's gone).
+            kwargs["reply_parameters"] = ReplyParameters(int(self.chat.reply_to), allow_sending_without_reply=True)
         try:
-            return await call(chat_id=int(target.id), **kwargs)
+            async with self._turn(target):
+                return await call(chat_id=int(target.id), **kwargs)
         except Forbidden as exc:
             if target is not self.chat:
                 raise NotSupported("the user has not started a private chat with the bot") from exc
@@ -143,17 +237,24 @@ class TelegramChannel:
         for index, part in enumerate(parts):
             last = index == len(parts) - 1
             message = await self._to(target, self._bot.send_message, text=part,
-                                     reply_markup=_keyboard(buttons) if last else None)
+                                     reply_markup=self._keyboard(buttons) if last else None)
         assert message is not None
         return _ref(message)
 
     async def edit_text(self, ref: MessageRef, text: str, buttons: list[list[Button]] | None = None) -> None:
-        try:
-            await self._bot.edit_message_text(text=text[:TEXT_MAX], chat_id=int(ref.chat.id),
-                                              message_id=int(ref.message_id), reply_markup=_keyboard(buttons))
-        except BadRequest as exc:
-            if "not modified" not in str(exc).lower():
-                raise
+        async def edit(content: tuple[str, list[list[Button]] | None]) -> None:
+            try:
+                await self._bot.edit_message_text(text=content[0][:TEXT_MAX], chat_id=int(ref.chat.id),
+                                                  message_id=int(ref.message_id),
+                                                  reply_markup=self._keyboard(content[1]))
+            except BadRequest as exc:
+                if "not modified" not in str(exc).lower():
+                    raise
+
+        if self._options.queue is None or ref.chat.is_private:
+            await edit((text, buttons))
+        else:
+            await self._options.queue.edit(ref.chat, ref.message_id, (text, buttons), edit)
 
     async def delete_message(self, ref: MessageRef) -> None:
         try:
@@ -173,7 +274,7 @@ class TelegramChannel:
         if len(images) == 1:
             content, filename = sources[0]
             message = await self._to(target, self._bot.send_photo, photo=content, filename=filename,
-                                     caption=captions[0], reply_markup=_keyboard(buttons))
+                                     caption=captions[0], reply_markup=self._keyboard(buttons))
             return [SentFile(_ref(message), _photo_id(message))]
         sent: list[SentFile] = []
         for chunk in _album_chunks(list(zip(sources, captions, strict=True))):
@@ -195,7 +296,7 @@ class TelegramChannel:
                          buttons: list[list[Button]] | None = None) -> SentFile:
         content, filename = await _source(video)
         message = await self._to(self.chat, self._bot.send_video, video=content, filename=filename,
-                                 caption=_caption(caption or video.caption), reply_markup=_keyboard(buttons))
+                                 caption=_caption(caption or video.caption), reply_markup=self._keyboard(buttons))
         file = message.video or message.document or message.animation
         return SentFile(_ref(message), file.file_id if file else None)
 
@@ -222,6 +323,19 @@ class TelegramChannel:
         message = await self._to(self.chat, self._bot.send_document, document=content, filename=filename,
                                  caption=_caption(caption or document.caption))
         return SentFile(_ref(message), message.document.file_id if message.document else None)
+
+    async def answer_inline(self, results: list[InlinePhoto], start_label: str | None = None) -> None:
+        """Answers the inline query with cached photos; always personal, cached briefly (one user's only)."""
+        if self._inline_query is None:
+            raise NotSupported("no inline query to answer")
+        button = InlineQueryResultsButton(start_label, start_parameter=START_PARAMETER) if start_label else None
+        photos = [InlineQueryResultCachedPhoto(r.id, r.file_id) for r in results]
+        try:
+            await self._inline_query.answer(photos, cache_time=self._options.inline_cache_s, is_personal=True,
+                                            button=button)
+        except BadRequest as exc:
+            # A query answered too late (the user typed on) is refused by Telegram; a newer one follows.
+            log.info("could not answer an inline query: %s", exc)
 
     async def answer_button(self, text: str | None = None, alert: bool = False) -> None:
         if self._query is None or self.answered:
@@ -273,6 +387,7 @@ class TelegramAdapter:
         self._default_language = settings.language
         self._max_download = min(int(settings.limits.max_upload_mb * 1_000_000), BOT_API_DOWNLOAD_MAX)
         self._command_menu = command_menu
+        self._queue = GroupSendQueue()
         self.application: Application = self._build()
         self._started = False
 
@@ -283,7 +398,8 @@ class TelegramAdapter:
             .token(s.token.get_secret_value())
             .base_url(s.base_url)
             .base_file_url(s.base_file_url)
-            .rate_limiter(AIORateLimiter(max_retries=s.max_retries))
+            .rate_limiter(AIORateLimiter(group_max_rate=s.group_max_rate, group_time_period=s.group_time_period,
+                                         max_retries=s.max_retries))
             .concurrent_updates(True)
             .job_queue(None)
             .build()
@@ -322,6 +438,9 @@ class TelegramAdapter:
             await self.stop()
             raise
         log.info("telegram: polling as @%s", self.bot.username)
+        if not self.bot.supports_inline_queries:
+            log.warning("telegram: inline mode is off for @%s, so Share buttons explain forwarding instead; "
+                        "switch it on with @BotFather /setinline", self.bot.username)
 
     async def stop(self) -> None:
         """Stops polling, lets running handlers finish, and closes the connections. Idempotent."""
@@ -347,7 +466,11 @@ class TelegramAdapter:
 
     def channel_for(self, chat: Chat, language: str | None = None) -> TelegramChannel:
         """A channel into any chat, e.g. to deliver a job's result after a restart."""
-        return TelegramChannel(self.bot, chat, language=language or self._default_language)
+        return TelegramChannel(self.bot, chat, language=language or self._default_language, options=self._options())
+
+    def _options(self) -> ChannelOptions:
+        share_inline = self._started and bool(self.bot.supports_inline_queries)
+        return ChannelOptions(self._queue, share_inline, self.settings.inline_cache_s)
 
     # -- updates ---------------------------------------------------------------------------------
     async def _on_update(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -355,17 +478,22 @@ class TelegramAdapter:
         if converted is None:
             return
         event, query = converted
-        channel = TelegramChannel(self.bot, event.chat, requester=event.user, language=event.language, query=query)
+        channel = TelegramChannel(self.bot, event.chat, requester=event.user, language=event.language,
+                                  query=query if isinstance(query, CallbackQuery) else None,
+                                  inline_query=query if isinstance(query, InlineQuery) else None,
+                                  options=self._options())
         await self._dispatch(event, channel)
 
     async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         update_id = update.update_id if isinstance(update, Update) else None
         log.error("telegram: update %s failed", update_id, exc_info=context.error)
 
-    def to_event(self, update: Update) -> tuple[Event, CallbackQuery | None] | None:
-        """Converts an update into an Event (and the button press it carries); None to ignore it."""
+    def to_event(self, update: Update) -> tuple[Event, CallbackQuery | InlineQuery | None] | None:
+        """Converts an update into an Event (and the button press or inline query it carries); None to ignore it."""
         if update.callback_query is not None:
             return self._button_event(update.callback_query)
+        if update.inline_query is not None:
+            return self._inline_event(update.inline_query)
         message = update.message
         if message is None or message.from_user is None or message.from_user.is_bot:
             return None
@@ -374,9 +502,13 @@ class TelegramAdapter:
         command, args, for_us = parse_command(text, self.bot.username if self._started else None)
         if not for_us:
             return None
-        event = Event(user=user, chat=to_chat(message.chat), text=text, command=command, args=args,
+        chat = to_chat(message.chat)
+        if not chat.is_private:
+            chat = dataclasses.replace(chat, reply_to=str(message.message_id))
+        event = Event(user=user, chat=chat, text=text, command=command, args=args,
                       attachments=self._attachments(message), message_id=str(message.message_id),
-                      language=self._language(message.from_user), reply_to=self._replied(message))
+                      language=self._language(message.from_user), reply_to=self._replied(message),
+                      chat_admin=self._admin_check(chat, user))
         return event, None
 
     def _replied(self, message: Message) -> RepliedMessage | None:
@@ -406,9 +538,29 @@ class TelegramAdapter:
         message = query.message
         if message is None or query.from_user is None:
             return None  # a button of an inline message: not ours
-        event = Event(user=to_user(query.from_user), chat=to_chat(message.chat), button_payload=query.data or "",
-                      message_id=str(message.message_id), language=self._language(query.from_user))
+        user, chat = to_user(query.from_user), to_chat(message.chat)
+        event = Event(user=user, chat=chat, button_payload=query.data or "", message_id=str(message.message_id),
+                      language=self._language(query.from_user), chat_admin=self._admin_check(chat, user))
         return event, query
+
+    def _inline_event(self, query: InlineQuery) -> tuple[Event, InlineQuery]:
+        """An inline query: from the user, answered to them alone (its chat is their private one)."""
+        user = to_user(query.from_user)
+        chat = Chat(platform=PLATFORM, id=user.id, is_private=True)
+        event = Event(user=user, chat=chat, text=query.query, inline_query=query.query,
+                      language=self._language(query.from_user))
+        return event, query
+
+    def _admin_check(self, chat: Chat, user: User) -> Callable[[], Awaitable[bool]] | None:
+        """Asks Telegram, when a handler wants to know, whether the user administers the group."""
+        if chat.is_private:
+            return None
+
+        async def check() -> bool:
+            member = await self.bot.get_chat_member(chat_id=int(chat.id), user_id=int(user.id))
+            return member.status in ADMIN_STATUSES
+
+        return check
 
     def _language(self, user: TgUser) -> str:
         return normalise_language(user.language_code) if user.language_code else self._default_language

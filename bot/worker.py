@@ -41,11 +41,31 @@ class Channel:
                 os._exit(0)  # the lead is gone: no one is left to take a result
 
 
-class Inbox:
-    """Reads the lead's messages on a thread: cancels are recorded at once, the rest queued."""
+def memory_usage() -> dict[str, int]:
+    """This process's resident memory and, once a pipeline has used CUDA, the device's (bytes)."""
+    usage: dict[str, int] = {}
+    try:
+        with open("/proc/self/statm") as statm:
+            usage["rss"] = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        pass
+    torch = sys.modules.get("torch")  # never imported for this: only report what is in use
+    try:
+        if torch is not None and torch.cuda.is_initialized():
+            free, total = torch.cuda.mem_get_info()
+            usage.update(cuda_allocated=torch.cuda.memory_allocated(), cuda_reserved=torch.cuda.memory_reserved(),
+                         cuda_free=free, cuda_total=total)
+    except Exception:  # a broken device must not stop the inbox thread: its job will report it
+        log.debug("could not read CUDA memory", exc_info=True)
+    return usage
 
-    def __init__(self, stream: BinaryIO) -> None:
+
+class Inbox:
+    """Reads the lead's messages on a thread: cancels are recorded and pings answered at once, the rest queued."""
+
+    def __init__(self, stream: BinaryIO, channel: Channel | None = None) -> None:
         self._stream = stream
+        self._channel = channel
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._cancelled: set[int] = set()
         self._lock = threading.Lock()
@@ -65,6 +85,9 @@ class Inbox:
             if message["op"] == wp.CANCEL:
                 with self._lock:
                     self._cancelled.add(int(message["job"]))
+            elif message["op"] == wp.PING:
+                if self._channel is not None:
+                    self._channel.send({"op": wp.PONG, "memory": memory_usage()})
             else:
                 self._queue.put(message)
         # The lead closed our stdin (or died): no one is left to take a result.
@@ -203,7 +226,7 @@ def _take_protocol_stdout() -> BinaryIO:
 def main() -> int:
     """Entry point of the worker process."""
     channel = Channel(_take_protocol_stdout())
-    inbox = Inbox(sys.stdin.buffer)
+    inbox = Inbox(sys.stdin.buffer, channel)
     inbox.start()
     init = inbox.get()
     if init is None or init.get("op") != wp.INIT:
@@ -213,6 +236,11 @@ def main() -> int:
         stream=sys.stderr, level=init.get("log_level", "INFO"),
         format=f"%(asctime)s %(levelname)s worker[{init['device']} pid {os.getpid()}] %(name)s: %(message)s",
     )
+    if init.get("log_format") == "json":
+        from bot.logsetup import JsonFormatter
+
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter({"worker": init["device"], "pid": os.getpid()}))
     context = PipelineContext(
         models_dir=Path(init["models_dir"]), device=init["device"], dtype=init.get("dtype", "float32"),
         memory_budget_mb=int(init.get("memory_budget_mb", 0)), settings=init.get("settings") or {},

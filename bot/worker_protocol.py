@@ -6,6 +6,7 @@ Lead -> worker::
     {"op": "run", "job", "kind", "pipeline", "params", "preemptible"}
     {"op": "cancel", "job"}
     {"op": "resume"}                      # answer to "yield": go on with the long job
+    {"op": "ping"}                        # answered at once, also while a job runs
 
 Worker -> lead::
 
@@ -16,6 +17,7 @@ Worker -> lead::
     {"op": "error", "job", "code", "details"}   # a UserFacingError: no retry
     {"op": "crash", "job", "error"}             # a bug (traceback logged by the worker): retried
     {"op": "cancelled", "job"}
+    {"op": "pong", "memory": {"rss", "cuda_allocated", "cuda_reserved", "cuda_free", "cuda_total"}}  # bytes, where known
 
 Closing the worker's stdin asks it to exit.
 """
@@ -29,6 +31,7 @@ INIT = "init"
 RUN = "run"
 CANCEL = "cancel"
 RESUME = "resume"
+PING = "ping"
 # Worker -> lead.
 READY = "ready"
 PROGRESS = "progress"
@@ -37,6 +40,7 @@ DONE = "done"
 ERROR = "error"
 CRASH = "crash"
 CANCELLED = "cancelled"
+PONG = "pong"
 
 # Longest line the lead accepts from a worker (a result lists file paths, never bytes).
 MAX_LINE = 16 * 1024 * 1024

@@ -13,7 +13,8 @@ One job, as DCT-Net does it:
 2. find faces (YuNet, when installed) and stylise the whole picture with the scene model;
 3. for each of the largest faces: align it (eyes level), crop it at the face model's preferred size
    with a margin for hair and chin, stylise it and blend it back through a feathered mask;
-4. write the picture (JPEG, quality 95, no metadata; PNG when the output path asks for it).
+4. pass safe mode (``facechain_core.safety``), then write the picture (JPEG, quality 95, no metadata but
+   the AI-generated label; PNG when the output path asks for it).
 
 Styles of kind "diffusion" (3D, hand-drawn) repaint the photo instead, keeping the main face's
 identity through IP-Adapter FaceID on the portrait feature's models (``cartoon_diffusion.py``).
@@ -40,6 +41,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from facechain_core import safety
 from facechain_core.cartoon_diffusion import DiffusionSpec, DiffusionStyler
 from facechain_core.errors import ModelNotInstalled, UserFacingError
 from facechain_core.faces import Face, FaceDetector
@@ -518,16 +520,17 @@ class CartoonPipeline:
             progress(1, total)
             result = cartoonise(rgb, *onnx, faces, style.face_size, style.face_margin,
                                 on_step=lambda done: progress(1 + done, total))
-        # 4. The file.
+        # 4. Safe mode, then the file, labelled as AI-generated.
+        screened = safety.screen(loaded.context, params, [result], 1)
         out = Path(params["out"]) if params.get("out") else Path(params["out_dir"]) / f"cartoon_{style.id}.jpg"
         out.parent.mkdir(parents=True, exist_ok=True)
-        _save(Image.fromarray(result), out)
+        _save(Image.fromarray(result), out, safety.service_name(loaded.context))
         progress(total, total)
         downscaled = list(original) if image.size != original else None
         log.info("cartoon style=%s size=%dx%d faces=%d downscaled_from=%s", style.id, image.width, image.height,
                  len(faces), downscaled)
         meta = {"style": style.id, "faces": len(faces), "size": [image.width, image.height],
-                "downscaled_from": downscaled, "max_side": max_side}
+                "downscaled_from": downscaled, "max_side": max_side, "safety": safety.safety_meta(screened)}
         return JobResult(files=[out], meta=meta)
 
     # -- steps -----------------------------------------------------------------------------------
@@ -571,11 +574,11 @@ class CartoonPipeline:
         return create_detector("yunet", path)
 
 
-def _save(image: Image.Image, out: Path) -> None:
+def _save(image: Image.Image, out: Path, service: str) -> None:
     if out.suffix.lower() == ".png":
-        image.save(out, format="PNG", compress_level=3)
+        safety.save_labelled(image, out, service, compress_level=3)
     else:
-        image.save(out, format="JPEG", quality=JPEG_QUALITY)
+        safety.save_labelled(image, out, service, image_format="JPEG", quality=JPEG_QUALITY)
 
 
 def _yunet_path(context: PipelineContext) -> Path | None:

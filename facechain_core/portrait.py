@@ -6,7 +6,8 @@ two slots, "user" and "style": a new file's weights are copied into its slot's a
 fresh adapter replaces it only when rank, scaling or targets differ), so memory stays at one adapter
 per slot and switching users never reloads the base. Each job generates ``count * oversample``
 candidates, drops those without exactly one face, ranks the rest by ArcFace similarity to the
-identity and keeps the best ``count``.
+identity and keeps the best ``count`` that safe mode lets out (``facechain_core.safety``); the PNGs
+carry the AI-generated label.
 
 Settings (``PipelineContext.settings``; paths absolute or relative to ``models_dir``):
 ``sd15_path`` (diffusers folder), ``ip_adapter_path`` (IP-Adapter FaceID file for SD1.5),
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from facechain_core import safety
 from facechain_core.errors import ModelNotInstalled, UserFacingError
 from facechain_core.identity import ARCFACE_SIZE, ArcFace, Identity, align_face, build_identity, landmarks_of, \
     load_identity, open_arcface, pull_command, save_identity
@@ -182,18 +184,23 @@ class PortraitPipeline:
         prompt = style["prompt"].replace("{subject}", str(params.get("subject") or self._settings["subject"]))
         candidates = self._generate(base, style, prompt, identity, chunks, progress, total, set_up)
         # 5. Keep one-face candidates, best identity match first.
-        ranked = self._rank(candidates, identity, count)
+        ranked = self._rank(candidates, identity, len(candidates))
         progress(total, total)
         if not ranked:
             raise UserFacingError("portrait.no_good_candidates", candidates=len(candidates))
-        # 6. Write the kept portraits.
-        files = _write_pngs(out_dir, [candidates[r.index] for r in ranked], [seeds[r.index] for r in ranked])
+        # 6. Safe mode: the best `count` that the safety checker lets out.
+        screened = safety.screen(self._context, params, [candidates[r.index] for r in ranked], count)
+        ranked = [ranked[i] for i in screened.kept]
+        # 7. Write the kept portraits, labelled as AI-generated.
+        files = _write_pngs(out_dir, [candidates[r.index] for r in ranked], [seeds[r.index] for r in ranked],
+                            safety.service_name(self._context))
         user_lora = any(r.slot == "user" for r in loras)
         meta = {
             "seeds": [seeds[r.index] for r in ranked],
             "similarity": [round(r.similarity, 4) for r in ranked],
             "style": style.get("id"),
             "lora_used": user_lora,
+            "safety": safety.safety_meta(screened),
         }
         log.info("portrait style=%s kept %d of %d candidates, user lora=%s", style.get("id"), len(files),
                  len(candidates), user_lora)
@@ -220,10 +227,17 @@ class PortraitPipeline:
             requests.append(LoraRequest("user", path, float(params.get("user_lora_scale", 1.0))))
         spec = style.get("lora")
         if spec:
-            path = Path(params["style_lora"]) if params.get("style_lora") else None
-            if path is None or not path.is_file():
-                name = f"style-lora-{style.get('id')}"
-                raise ModelNotInstalled(name, "portrait", pull_command(name))
+            name = f"style-lora-{style.get('id')}"
+            if params.get("style_lora"):
+                path = Path(params["style_lora"])
+                if not path.is_file():
+                    raise ModelNotInstalled(name, "styles", pull_command(name))
+            else:
+                assert self._context is not None
+                try:
+                    path = self._context.model_path(name, "styles")  # [model_paths] style-lora-<id>
+                except KeyError:  # neither configured nor in the manifest
+                    raise ModelNotInstalled(name, "styles", pull_command(name)) from None
             requests.append(LoraRequest("style", path, float(spec.get("weight", 1.0))))
         return requests
 
@@ -484,11 +498,11 @@ def _to_uint8(images: np.ndarray) -> list[np.ndarray]:
     return [np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8) for img in images]
 
 
-def _write_pngs(out_dir: Path, images: list[np.ndarray], seeds: list[int]) -> list[Path]:
+def _write_pngs(out_dir: Path, images: list[np.ndarray], seeds: list[int], service: str) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     files = []
     for rank, (image, seed) in enumerate(zip(images, seeds, strict=True), start=1):
         path = out_dir / f"portrait_{rank:02d}_{seed}.png"
-        Image.fromarray(image).save(path)
+        safety.save_labelled(Image.fromarray(image), path, service)
         files.append(path.resolve())
     return files

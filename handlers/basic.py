@@ -2,7 +2,8 @@
 
 /delete asks first; its Yes button carries a one-time nonce bound to the asking user, so nobody
 else can press it and an old one expires. Confirmed, it cancels and drops the user's jobs, removes
-``data_dir/users/<key>/`` and then every row of the user.
+``data_dir/users/<key>/`` and then every row of the user. Retention (``bot/retention.py``) deletes one
+class of a user's data with the same file helpers (``delete_expired_data``).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import logging
 import secrets
 import shutil
 from pathlib import Path
+from typing import Any
 
 from handlers import buttons, router
 from handlers.messages import t
@@ -21,6 +23,7 @@ from handlers.services import Services
 log = logging.getLogger(__name__)
 
 DELETE_CONFIRM_TTL_S = 600.0
+LORA_FOLDER = "lora"  # /train's fixed output folder under the user's folder (handlers/portrait.py)
 
 
 # -- commands -----------------------------------------------------------------------------------
@@ -28,7 +31,10 @@ async def show_start(services: Services, event: Event, channel: ReplyChannel) ->
     """Says what the bot does, how to begin, and how user data is kept."""
     lang = event.language
     name = event.user.name or t("core.friend", lang)
-    await channel.send_text(t("core.start", lang, name=name, max_selfies=services.settings.limits.max_selfies))
+    from handlers.safety import consent_text  # imported where used, keeping the command menu's order
+
+    text = t("core.start", lang, name=name, max_selfies=services.settings.limits.max_selfies)
+    await channel.send_text(text + "\n\n" + consent_text(services, lang))
 
 
 async def show_help(services: Services, event: Event, channel: ReplyChannel) -> None:
@@ -170,16 +176,52 @@ async def _replace_question(event: Event, channel: ReplyChannel, text: str) -> N
 async def delete_user_data(services: Services, user_key: str) -> dict[str, int]:
     """Removes the user's jobs, folder and rows, in that order; returns row counts per table."""
     await services.jobs.forget_user(user_key)
-    folder = services.user_dir(user_key)
-    await asyncio.to_thread(_remove_tree, folder)
+    await remove_user_files(services, user_key, [services.user_dir(user_key)])
     counts = await services.storage.delete_user(user_key)
     services.runtime.forget_user(user_key)
     return counts
 
 
-def _remove_tree(folder: Path) -> None:
-    if folder.exists():
-        shutil.rmtree(folder)
+async def delete_expired_data(services: Services, user_key: str, data_class: str, cutoff: float) -> dict[str, int]:
+    """Removes one class of the user's data made before `cutoff` (retention), files first, then rows;
+    returns row counts per table and ``files``. The caller makes sure no job of the user is in flight."""
+    storage: Any = services.storage
+    paths = [Path(p) for p in await storage.expired_files(user_key, data_class, cutoff)]
+    if data_class == "loras":  # the training folder keeps its checkpoints beside the weights
+        paths += [p.parent for p in paths if p.parent.name == LORA_FOLDER]
+    files = await remove_user_files(services, user_key, paths)
+    counts = await storage.delete_expired(user_key, data_class, cutoff)
+    return {**counts, "files": files} if files else counts
+
+
+async def remove_user_files(services: Services, user_key: str, paths: list[Path]) -> int:
+    """Removes files and folders inside the user's folder (anything else is refused and logged), and
+    the folders they leave empty, up to the user's own; returns how many paths were removed."""
+    root = services.user_dir(user_key).resolve()
+    return await asyncio.to_thread(_remove_paths, root, paths)
+
+
+def _remove_paths(root: Path, paths: list[Path]) -> int:
+    removed = 0
+    for given in paths:
+        path = Path(given).resolve()
+        if path != root and not path.is_relative_to(root):
+            log.error("refusing to remove %s: it is outside %s", path, root)
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+            removed += 1
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+            removed += 1
+        parent = path.parent
+        while parent.is_relative_to(root):  # the user's own folder too, once nothing is left in it
+            try:
+                parent.rmdir()  # only an empty folder goes
+            except OSError:
+                break
+            parent = parent.parent
+    return removed
 
 
 router.register_command("start", show_start, "help.start")

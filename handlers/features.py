@@ -7,3 +7,9 @@ from handlers import basic  # noqa: F401  /start /help /status /cancel /delete
 from handlers import selfie  # noqa: F401  photos become selfies
 from handlers import portrait  # noqa: F401  /style /styles /train
 from handlers import cartoon  # noqa: F401  /cartoon
+from handlers import talk  # noqa: F401  /talk
+from handlers import tryon  # noqa: F401  /tryon
+from handlers import language  # noqa: F401  /language
+from handlers import sharing  # noqa: F401  Share button, inline results, Discord "post to channel"
+from handlers import chat_settings  # noqa: F401  /settings in groups, group rules before commands and jobs
+from handlers import safety  # noqa: F401  Report button, /privacy, /quota, /admin, bans

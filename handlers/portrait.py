@@ -11,6 +11,7 @@ import secrets
 from typing import Any
 
 from facechain_core.errors import UserFacingError
+from facechain_core.styles import StyleCatalog
 from handlers import buttons, router
 from handlers.messages import t
 from handlers.progress import present_default, register_presenter, submit_with_progress
@@ -103,8 +104,12 @@ def _require(services: Services, feature: str) -> None:
 
 
 def _catalogue(services: Services) -> Any:
+    """The styles this server can run: their base family installed, and their style LoRA (if any)
+    configured as ``[model_paths] style-lora-<id>``."""
     families = ["sd15"] + (["sdxl"] if SDXL_FEATURE in services.features_installed else [])
-    return services.styles.only(families)
+    model_paths = getattr(services.settings, "model_paths", {}) or {}
+    return StyleCatalog(s for s in services.styles.only(families)
+                        if s.lora is None or f"style-lora-{s.id}" in model_paths)
 
 
 # -- the catalogue as buttons ---------------------------------------------------------------------

@@ -100,7 +100,16 @@ def error_text(error: Any, lang: str) -> str:
 async def submit_with_progress(services: Services, event: Event, channel: ReplyChannel, kind: str,
                                params: dict[str, Any]) -> Submitted:
     """Submits a job, then answers with its queue position and a Cancel button (its progress message)."""
-    submitted = await services.jobs.submit(event.user.key, kind, params, event.chat)
+    from handlers import chat_settings  # registers /settings: imported where used, keeping the menu order
+    from handlers import safety  # likewise (/privacy, /quota)
+
+    await safety.check_quota(services, event, kind)  # the user's daily quota of this kind
+    params, refund = await chat_settings.admit_job(services, event, kind, params)  # a group's rules
+    try:
+        submitted = await services.jobs.submit(event.user.key, kind, params, event.chat)
+    except BaseException:
+        await refund()
+        raise
     text = queued_text(kind, submitted.position, submitted.eta_s, event.language)
     ref = await channel.send_text(text, cancel_button(submitted.job_id, event.language))
     await services.jobs.attach_progress(submitted.job_id, ref)
@@ -175,24 +184,30 @@ async def report_cancelled(services: Services, job: JobLike) -> None:
 # -- presenting ---------------------------------------------------------------------------------
 async def present_default(services: Services, job: JobLike, artifacts: list[Any], channel: ReplyChannel,
                           lang: str, caption: str | None = None) -> None:
-    """Sends images as one album (caption and result buttons), videos and audio one by one."""
+    """Sends images as one album (caption and result buttons), videos and audio one by one; every
+    caption carries the AI-generated note and every result a Report button."""
+    from handlers import safety  # imported where used, keeping the command menu's order
+
     platform = channel.chat.platform
     todo = [a for a in artifacts if a.delivered_at is None]
     images = [a for a in todo if a.media_type.startswith("image/")]
     if images:
-        sent = await channel.send_images([_media(a, platform) for a in images], caption=caption or t("result.caption", lang),
-                                         buttons=buttons.result_keyboard(images, lang))
+        text = safety.result_caption(services, job, caption or t("result.caption", lang), lang)
+        keyboard = safety.with_report_buttons(buttons.result_keyboard(images, lang), images, lang)
+        sent = await channel.send_images([_media(a, platform) for a in images], caption=text, buttons=keyboard)
         for artifact, file in zip(images, sent, strict=False):
             await services.storage.mark_delivered(artifact.id, platform, file.file_id)
     image_ids = {a.id for a in images}
     for artifact in todo:
         if artifact.id in image_ids:
             continue
-        keyboard = buttons.result_keyboard([artifact], lang)
+        keyboard = safety.with_report_buttons(buttons.result_keyboard([artifact], lang), [artifact], lang)
         if artifact.media_type.startswith("video/"):
-            file = await channel.send_video(_media(artifact, platform), buttons=keyboard)
+            file = await channel.send_video(_media(artifact, platform), caption=safety.result_caption(
+                services, job, caption, lang), buttons=keyboard)
         elif artifact.media_type.startswith("audio/"):
-            file = await channel.send_audio(_media(artifact, platform))
+            file = await channel.send_audio(_media(artifact, platform), caption=safety.result_caption(
+                services, job, caption, lang))
         else:
             # Other files (embeddings, LoRA weights) are the bot's own, not for the chat.
             await services.storage.mark_delivered(artifact.id, platform, None)

@@ -43,17 +43,25 @@ class Chat:
     id: str
     is_private: bool
     title: str = ""
+    # In a group: the requester's message that answers (and a job's results) reply to. Not part of
+    # the chat's identity: two Chats differing only here are equal.
+    reply_to: str | None = field(default=None, compare=False)
 
     @property
     def key(self) -> str:
         return f"{self.platform}:{self.id}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"platform": self.platform, "id": self.id, "is_private": self.is_private}
+        data: dict[str, Any] = {"platform": self.platform, "id": self.id, "is_private": self.is_private}
+        if self.reply_to is not None:
+            data["reply_to"] = self.reply_to
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Chat:
-        return cls(platform=data["platform"], id=str(data["id"]), is_private=bool(data["is_private"]))
+        reply_to = data.get("reply_to")
+        return cls(platform=data["platform"], id=str(data["id"]), is_private=bool(data["is_private"]),
+                   reply_to=str(reply_to) if reply_to is not None else None)
 
 
 @dataclass(frozen=True)
@@ -110,6 +118,10 @@ class Event:
     button_payload: str | None = None  # set for a button press
     language: str = "en"  # the catalogue language for replies
     reply_to: RepliedMessage | None = None  # the message this one replies to, where the platform says
+    # Set for a typed inline query (Telegram's "@bot ..." in any chat): the text typed so far.
+    inline_query: str | None = None
+    # Whether the user administers this group chat (asked of the platform lazily); None where unknown.
+    chat_admin: Callable[[], Awaitable[bool]] | None = None
 
 
 @dataclass(frozen=True)

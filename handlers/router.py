@@ -1,7 +1,7 @@
 """The router: one entry point for every platform event.
 
-``handle_event(services, event, channel)`` applies access control and the per-user rate limit,
-then dispatches: button presses to the button registry, commands to the command table, files to
+``handle_event(services, event, channel)`` applies access control, the per-user rate limit and the
+user gates (a ban), then dispatches: button presses to the button registry, commands to the command table, files to
 the command waiting for one (pending input) or else to selfie intake. It never raises: an
 expected failure becomes its catalogue message, anything else is logged and answered plainly.
 Features register at import time::
@@ -28,6 +28,12 @@ log = logging.getLogger(__name__)
 CommandHandler = Callable[[Services, Event, ReplyChannel], Awaitable[None]]
 # Gets the pending input row (``command``, ``payload``, ``expires_at``) it was waiting for.
 PendingHandler = Callable[[Services, Event, ReplyChannel, Any], Awaitable[None]]
+# Runs before a command's handler; refuses it by raising UserFacingError (e.g. a group's rules).
+CommandGate = Callable[[Services, Event, "Command"], Awaitable[None]]
+# Refuses everything a user sends (a ban): returns the refusal in the event's language, or None.
+UserGate = Callable[[Services, Event], Awaitable[str | None]]
+# Answers a typed inline query; `allowed` is False when access control refuses the user.
+InlineHandler = Callable[[Services, Event, ReplyChannel, bool], Awaitable[None]]
 
 RATE_WINDOW_S = 60.0
 # Telegram shows at most 200 characters in a button alert.
@@ -45,6 +51,9 @@ class Command:
 
 _commands: dict[str, Command] = {}
 _pending_handlers: dict[str, PendingHandler] = {}
+_gates: list[CommandGate] = []
+_inline_handlers: list[InlineHandler] = []
+_user_gates: list[UserGate] = []
 
 
 def register_command(name: str, handler: CommandHandler, help_code: str, *,
@@ -61,6 +70,23 @@ def register_command(name: str, handler: CommandHandler, help_code: str, *,
 def register_pending(command: str, handler: PendingHandler) -> None:
     """Routes the next file a user sends after `command` asked for one (see ``expect_input``)."""
     _pending_handlers[command] = handler
+
+
+def register_gate(gate: CommandGate) -> None:
+    """Adds a check every command passes before its handler runs (in registration order)."""
+    if gate not in _gates:
+        _gates.append(gate)
+
+
+def register_user_gate(gate: UserGate) -> None:
+    """Adds a check every event of a user passes, after access control and the rate limit."""
+    if gate not in _user_gates:
+        _user_gates.append(gate)
+
+
+def register_inline(handler: InlineHandler) -> None:
+    """Sets the handler of typed inline queries (one: the last registered wins)."""
+    _inline_handlers[:] = [handler]
 
 
 def commands() -> list[Command]:
@@ -95,6 +121,7 @@ def message_for(error: UserFacingError, lang: str) -> str:
 
 async def handle_event(services: Services, event: Event, channel: ReplyChannel) -> None:
     """Handles one event; never raises (except cancellation)."""
+    await _use_stored_language(services, event, channel)
     if event.button_payload is not None:
         channel = _AnswerOnce(channel)
     try:
@@ -107,6 +134,9 @@ async def handle_event(services: Services, event: Event, channel: ReplyChannel) 
 
 
 async def _route(services: Services, event: Event, channel: ReplyChannel) -> None:
+    if event.inline_query is not None:
+        await _route_inline(services, event, channel)
+        return
     if not _addressed_to_us(event):
         return
     lang = event.language
@@ -125,6 +155,14 @@ async def _route(services: Services, event: Event, channel: ReplyChannel) -> Non
         elif warn:
             await channel.send_text(t("core.rate_limited", lang))
         return
+    gate_refusal = await _user_gate_refusal(services, event)
+    if gate_refusal is not None:
+        log.info("refused %s from %s in %s (user gate)", _describe(event), event.user.key, event.chat.key)
+        if event.button_payload is not None:
+            await channel.answer_button(gate_refusal[:ALERT_MAX_CHARS], alert=True)
+        elif event.command or event.chat.is_private:
+            await channel.send_text(gate_refusal)
+        return
     if event.chat.is_private or event.command or event.button_payload is not None:
         # A photo posted in a group is not kept, and neither is a row about its sender.
         await services.storage.ensure_user(event.user.key, event.user.platform, lang)
@@ -136,6 +174,27 @@ async def _route(services: Services, event: Event, channel: ReplyChannel) -> Non
         await _route_attachments(services, event, channel)
     else:
         await channel.send_text(t("core.text_hint", lang))
+
+
+async def _use_stored_language(services: Services, event: Event, channel: ReplyChannel) -> None:
+    """Picks the reply language: the user's /language choice, else what their app reports now, else
+    (a Discord DM says nothing) the last one stored. A changed app language is stored for job messages."""
+    try:
+        stored = await services.storage.language_choice(event.user.key)  # type: ignore[attr-defined]
+        if stored is None:
+            return  # a new user: ensure_user stores the app's language
+        language, chosen = stored
+        if not chosen and event.user.language:
+            if language != event.language:
+                await services.storage.set_language(event.user.key, event.language, False)  # type: ignore[attr-defined]
+            return
+    except Exception:
+        log.warning("could not read or store the language of %s", event.user.key, exc_info=True)
+        return
+    if language != event.language:
+        event.language = language
+        if hasattr(channel, "language"):  # the adapters' channels word their own extras in it
+            channel.language = language  # type: ignore[attr-defined]
 
 
 def _addressed_to_us(event: Event) -> bool:
@@ -185,8 +244,26 @@ async def _run_command(services: Services, event: Event, channel: ReplyChannel) 
     if command.admin_only and not is_admin(services, event.user.key):
         await channel.send_text(t("core.admin_only", event.language))
         return
+    for gate in _gates:
+        await gate(services, event, command)
     log.info("/%s from %s in %s", name, event.user.key, event.chat.key)
     await command.handler(services, event, channel)
+
+
+async def _route_inline(services: Services, event: Event, channel: ReplyChannel) -> None:
+    """Answers an inline query; they come per keystroke, so they are not counted as commands."""
+    if not _inline_handlers:
+        return
+    refusal = _access_refusal(services, event) or await _user_gate_refusal(services, event)
+    await _inline_handlers[0](services, event, channel, refusal is None)
+
+
+async def _user_gate_refusal(services: Services, event: Event) -> str | None:
+    for gate in _user_gates:
+        refusal = await gate(services, event)
+        if refusal is not None:
+            return refusal
+    return None
 
 
 async def _route_attachments(services: Services, event: Event, channel: ReplyChannel) -> None:
@@ -204,6 +281,8 @@ async def _route_attachments(services: Services, event: Event, channel: ReplyCha
 
 
 async def _reply_safely(event: Event, channel: ReplyChannel, text: str) -> None:
+    if event.inline_query is not None:
+        return  # nowhere to say it: the query just shows no results
     try:
         if event.button_payload is not None and not getattr(channel, "answered", False):
             await channel.answer_button(text[:ALERT_MAX_CHARS], alert=True)
@@ -216,6 +295,8 @@ async def _reply_safely(event: Event, channel: ReplyChannel, text: str) -> None:
 def _describe(event: Event) -> str:
     if event.button_payload is not None:
         return f"button {event.button_payload.partition(':')[0]}"
+    if event.inline_query is not None:
+        return "inline query"
     if event.command:
         return f"/{event.command}"
     if event.attachments:

@@ -111,11 +111,15 @@ async def receive_selfie(services: Services, event: Event, channel: ReplyChannel
         selfies = await _store_selfie(services, user, result, face)
         count = len(selfies)
         log.info("selfie accepted from %s (%d kept)", user.key, count)
+        from handlers.safety import consent_text  # imported where used, keeping the command menu's order
+
+        # The first selfie says plainly whose face may be sent and how it is kept.
+        consent = "\n\n" + consent_text(services, event.language) if count == 1 else ""
         if PORTRAIT_FEATURE not in services.features_installed:
             await channel.send_text(t("intake.accepted", event.language, count=count,
-                                      max=services.settings.limits.max_selfies))
+                                      max=services.settings.limits.max_selfies) + consent)
             return
-        text = t("intake.learning", event.language, count=count)
+        text = t("intake.learning", event.language, count=count) + consent
         try:
             await _submit_identity(services, event, selfies)
         except UserFacingError as exc:

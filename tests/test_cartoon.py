@@ -468,7 +468,8 @@ async def test_the_result_caption_says_when_the_photo_was_downscaled(world: Worl
     channel = FakeChannel(GROUP)
     await present_cartoon(world.services, job, [artifact], channel, "en")
     ((media, caption),) = channel.albums
-    assert caption == t("cartoon.caption_downscaled", "en", style="Hayao watercolour", max_side=1536)
+    assert caption.startswith(t("cartoon.caption_downscaled", "en", style="Hayao watercolour", max_side=1536))
+    assert "AI-generated" in caption
     assert media[0].path == out and not (folder / "input.jpg").exists() and out.exists()
     assert (await world.storage.artifact(artifact.id)).file_ids == {"telegram": "file-1-0"}
 

@@ -80,7 +80,8 @@ async def test_reply_cartoon_to_a_photo_gets_a_stylised_image(fake_telegram: Fak
         sent = await _reply(fake, ANN, None, "/cartoon anime", photo)
         queued = await fake.wait_for("sendMessage", since=mark)
         assert t("job.kind.cartoon", "en") in queued.params["text"]
-        assert sent.params["caption"] == t("cartoon.caption", "en", style="Anime portrait")
+        assert sent.params["caption"].startswith(t("cartoon.caption", "en", style="Anime portrait"))
+        assert "AI-generated" in sent.params["caption"]
         (picture,) = fake.uploads(sent)
         cartoon, original = _decode(picture), _decode(face_jpeg)
         assert cartoon.shape == original.shape
@@ -154,7 +155,8 @@ async def test_a_cartoon_does_not_wait_behind_a_training(fake_telegram: FakeTele
         photo = fake.send_photo(ANN, None, face_jpeg)
         await fake.wait_for("sendMessage", since=mark, timeout=15)
         sent = await _reply(fake, ANN, None, "/cartoon anime", photo)
-        assert sent.params["caption"] == t("cartoon.caption", "en", style="Anime portrait")
+        assert sent.params["caption"].startswith(t("cartoon.caption", "en", style="Anime portrait"))
+        assert "AI-generated" in sent.params["caption"]
         assert (await service.storage.job(training.job_id)).state == "running"  # delivered within the training
         await service.scheduler.cancel(key, training.job_id)
 

@@ -356,6 +356,10 @@ async def test_delete_confirms_then_leaves_nothing(world: World) -> None:
                                                   "image/png"))
         await world.jobs.submit(user, "demo", {}, private())
         await world.storage.set_pending(user, private().key, "tryon", {}, 60)
+        await world.storage.take_chat_quota("telegram:-1", user, "2099-01-01", 5)
+        artifact = Artifact(new_artifact_id(), None, user, "demo", str(folder / "s.png"), "image/png")
+        await world.storage.add_artifact(artifact)
+        await world.storage.add_report(artifact.id, user, user, "telegram:-1")
     assert all((await _user_rows(world.storage.path, key)).values())
 
     channel = await world.send(make_event(text="/delete"))
@@ -405,7 +409,8 @@ async def test_selfie_accepted_and_stored(selfie_world: World, faces_dir: Path) 
     data = (faces_dir / "obama.jpg").read_bytes()
     photo, fetched = attachment(data)
     channel = await w.send(make_event(attachments=[photo]))
-    assert channel.said == [t("intake.accepted", "en", count=1, max=2)]
+    (said,) = channel.said
+    assert said.startswith(t("intake.accepted", "en", count=1, max=2)) and "/privacy" in said  # consent note
     (row,) = await w.storage.selfies("telegram:1")
     path = Path(row.path)
     assert path.parent == (w.services.user_dir("telegram:1") / "selfies").resolve() and path.suffix == ".jpg"
@@ -659,9 +664,12 @@ async def test_deliver_result_sends_an_album_once_with_buttons(world: World, tmp
         await progress.deliver_result(world.services, job, await world.storage.job_artifacts(job.id))
         channel = world.channel(chat)
         (media, caption, keyboard), = channel.albums
-        assert [m.path for m in media] == [Path(a.path) for a in arts] and caption == t("result.caption", "en")
-        assert [b.payload for row in keyboard for b in row] == [f"zzagain:{a.id}" for a in arts]
-        assert [b.label for row in keyboard for b in row] == ["Cancel 1", "Cancel 2"]
+        assert [m.path for m in media] == [Path(a.path) for a in arts] and caption.startswith(t("result.caption", "en"))
+        assert "AI-generated" in caption
+        payloads = [b.payload for row in keyboard for b in row]
+        assert [p for p in payloads if p.startswith("zzagain:")] == [f"zzagain:{a.id}" for a in arts]
+        assert [p for p in payloads if p.startswith("report:")] == [f"report:{a.id}" for a in arts]
+        assert [b.label for row in keyboard for b in row if b.payload.startswith("zzagain:")] == ["Cancel 1", "Cancel 2"]
         stored = await world.storage.job_artifacts(job.id)
         assert [a.file_ids for a in stored] == [{"telegram": "tg-file-1-0"}, {"telegram": "tg-file-1-1"}]
         assert all(a.delivered_at for a in stored)

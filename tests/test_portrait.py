@@ -216,6 +216,18 @@ def test_face_filter_keeps_only_one_face_candidates(identities, tiny_models, tmp
     assert sorted(result.meta["seeds"]) == [100, 102] and len(result.files) == 2
 
 
+def test_style_lora_comes_from_the_configured_model_path_of_the_style(identities, tiny_models, tmp_path):
+    lora_style = _style(id="pixel_art", lora={"source": "hf:o/r", "file": "s.safetensors", "weight": 1.0})
+    pipeline = _load(tiny_models, tmp_path, model_paths={"style-lora-pixel_art": str(tiny_models["lora_sd15_style"])})
+    styled = _pixels(_run(pipeline, tmp_path / "styled", identities[0], style=lora_style).files[0])
+    plain = _pixels(_run(pipeline, tmp_path / "plain", identities[0], style=_style(id="pixel_art")).files[0])
+    assert np.abs(styled - plain).max() > 2
+    bare = _load(tiny_models, tmp_path)
+    with pytest.raises(ModelNotInstalled) as info:
+        _run(bare, tmp_path / "out", identities[0], style=lora_style)
+    assert info.value.details["model"] == "style-lora-pixel_art"
+
+
 def test_missing_weights_raise_model_not_installed(identities, tiny_models, tmp_path):
     with pytest.raises(ModelNotInstalled) as info:
         _load(tiny_models, tmp_path, ip_adapter_path=str(tmp_path / "missing.bin"))

@@ -1,0 +1,260 @@
+"""Virtual try-on: the outfit photo's garment, pose and framing, worn by the user.
+
+Steps of a job: parse the outfit photo (``garment.ClothesParser``) into a garment mask (upper,
+lower, dress classes) that is dilated and feathered; repaint everything *except* the garment with
+SD1.5 inpainting + a depth ControlNet (``StableDiffusionControlNetInpaintPipeline``, loaded with
+the stock diffusers loaders) conditioned on the user's IP-Adapter FaceID embedding (and their LoRA
+when trained); paste the original garment pixels back through the feathered mask so the garment
+stays faithful; rank the candidates by face similarity as portraits do.
+
+The control image is ``garment.control_map`` (a depth-like map from the parser's person mask:
+no depth or pose estimator is loaded), unless ``params["control_image"]`` names one.
+
+Settings: the portrait's shared ones (``face_filter``, ``oversample``, ``batch_size``,
+``detector_kind``) and a ``tryon`` table: ``side`` (512, the working size's longer side),
+``steps`` (30), ``guidance_scale`` (7.0), ``control_scale`` (1.0), ``identity_weight`` (1.0),
+``dilate_px`` (6), ``feather_px`` (8) at 512 px (scaled with ``side``), ``prompt``, ``negative_prompt``.
+Models come from the manifest (``sd15-inpainting``, ``controlnet-depth-sd15``,
+``segformer-clothes``, ``ip-adapter-faceid-sd15``) or ``model_paths`` overrides.
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from facechain_core.errors import ModelNotInstalled, UserFacingError
+from facechain_core.garment import ClothesParser, Parsing, control_map, feather_mask, parser_summary
+from facechain_core.garment import MIN_GARMENT_FRACTION, MIN_PERSON_FRACTION
+from facechain_core.identity import open_arcface, pull_command
+from facechain_core.pipeline import JobResult, PipelineContext, Progress
+from facechain_core.portrait import DEFAULTS, DTYPES, MAX_COUNT, PortraitPipeline, ResidentBase, _to_uint8
+from facechain_core.resident import SHARED_KEY, ResidentPipelines
+
+log = logging.getLogger(__name__)
+
+FEATURE = "tryon"
+RESIDENT_KEY = "tryon:sd15"
+# setting in the tryon table -> model name in the manifest
+MODELS = {"inpaint_path": "sd15-inpainting", "controlnet_path": "controlnet-depth-sd15",
+          "parser_path": "segformer-clothes", "ip_adapter_path": "ip-adapter-faceid-sd15"}
+TRYON_DEFAULTS: dict[str, Any] = {
+    "side": 512, "steps": 30, "guidance_scale": 7.0, "control_scale": 1.0, "identity_weight": 1.0,
+    "dilate_px": 6, "feather_px": 8,
+    "prompt": "a photo of a person wearing the outfit, natural skin, detailed face, best quality",
+    "negative_prompt": "lowres, blurry, deformed face, extra limbs, watermark",
+}
+REFERENCE_SIDE = 512  # dilate_px and feather_px are given at this side
+SIZE_MULTIPLE = 64  # latents of the real VAE (8x) must divide by the UNet's 8x downsampling
+
+
+class TryOnPipeline(PortraitPipeline):
+    """Job "tryon": outfit photo + identity -> the outfit worn by the user (see the module docstring)."""
+
+    kind = "tryon"
+
+    def __init__(self, detector_factory: Any | None = None) -> None:
+        super().__init__(detector_factory)
+        self._tryon: dict[str, Any] = {}
+        self._parser: ClothesParser | None = None
+
+    def load(self, context: PipelineContext) -> None:
+        """Open the parser, ArcFace and the face detector; make the inpainting base resident."""
+        self._context = context
+        self._settings = {**DEFAULTS, **context.settings}
+        self._tryon = {**TRYON_DEFAULTS, **(context.settings.get("tryon") or {})}
+        self._resident = context.shared.setdefault(SHARED_KEY, ResidentPipelines(context.memory_budget_mb * 2**20))
+        self._parser = ClothesParser(self._model("parser_path"), context.device)
+        self._arcface = open_arcface(context)
+        if self._settings["face_filter"]:
+            self._detector = self._open_detector()
+        self.base("sd15")
+
+    def close(self) -> None:
+        """Evict the inpainting base and drop the parser."""
+        if self._resident is not None:
+            self._resident.evict(RESIDENT_KEY)
+        self._arcface = self._detector = self._parser = None
+
+    def base(self, family: str = "sd15") -> ResidentBase:
+        """Return the resident inpainting base (SD1.5 only), loading it on first use."""
+        if family != "sd15":
+            raise ValueError(f"try-on runs on the sd15 family only, got {family!r}")
+        if self._resident is None:
+            raise RuntimeError("TryOnPipeline used before load")
+        return self._resident.get(RESIDENT_KEY, self._load_inpaint_base)
+
+    # -- one job ---------------------------------------------------------------------------------
+
+    def run(self, params: dict[str, Any], progress: Progress) -> JobResult:
+        """Dress the user in the outfit photo's garment; write ranked PNGs."""
+        if self._parser is None or self._arcface is None:
+            raise RuntimeError("TryOnPipeline.run called before load")
+        cfg = self._tryon
+        # 1. The job's numbers and the outfit at the working size.
+        count = int(params.get("count", 1))
+        if not 1 <= count <= MAX_COUNT:
+            raise ValueError(f"count must be in 1..{MAX_COUNT}, got {count}")
+        first_seed = params.get("seed")
+        first_seed = secrets.randbelow(2**31) if first_seed is None else int(first_seed)
+        seeds = [first_seed + i for i in range(count * max(1, int(self._settings["oversample"])))]
+        outfit = working_image(Path(params["outfit"]), int(cfg["side"]))
+        # 2. Parse: the garment to keep, the person to repaint.
+        parsing = self._parser.parse(outfit)
+        check_parsing(parsing)
+        scale = outfit.shape[1] / REFERENCE_SIDE if outfit.shape[1] >= outfit.shape[0] else \
+            outfit.shape[0] / REFERENCE_SIDE
+        keep = feather_mask(parsing.garment, round(int(cfg["dilate_px"]) * scale),
+                            round(int(cfg["feather_px"]) * scale))
+        repaint = Image.fromarray(((keep < 1.0) * 255).astype(np.uint8))
+        control = control_image(params.get("control_image"), parsing, outfit.shape[:2])
+        # 3. Identity and LoRA on the resident base.
+        identity = self._load_identity(params["identity"], params.get("selfies"))
+        base = self.base()
+        loras = self._lora_requests({}, params)
+
+        def set_up() -> None:
+            self.activate_loras(base, loras)
+            base.pipe.set_ip_adapter_scale(float(cfg["identity_weight"]))
+
+        set_up()
+        # 4. Generate the candidates, then put the original garment back through the feathered mask.
+        batch = max(1, int(self._settings["batch_size"]))
+        chunks = [seeds[i:i + batch] for i in range(0, len(seeds), batch)]
+        total = int(cfg["steps"]) * len(chunks) + 1
+        generated = self._inpaint(base, outfit, repaint, control, identity.embedding, chunks, progress, total,
+                                  set_up, str(params.get("prompt") or cfg["prompt"]))
+        candidates = [composite(outfit, image, keep) for image in generated]
+        # 5. Rank by face similarity to the identity.
+        ranked = self._rank(candidates, identity, count)
+        progress(total, total)
+        if not ranked:
+            raise UserFacingError("tryon.no_good_candidates", candidates=len(candidates))
+        # 6. Write the kept pictures.
+        out_dir = Path(params["out_dir"])
+        out_dir.mkdir(parents=True, exist_ok=True)
+        files = []
+        for rank, r in enumerate(ranked, start=1):
+            path = out_dir / f"tryon_{rank:02d}_{seeds[r.index]}.png"
+            Image.fromarray(candidates[r.index]).save(path)
+            files.append(path.resolve())
+        meta = {"seeds": [seeds[r.index] for r in ranked], "similarity": [round(r.similarity, 4) for r in ranked],
+                "lora_used": bool(loras), "size": [outfit.shape[1], outfit.shape[0]], **parser_summary(parsing)}
+        log.info("tryon kept %d of %d candidates, garment %.1f%%", len(files), len(candidates),
+                 100 * parsing.garment_fraction)
+        return JobResult(files=files, meta=meta)
+
+    def _inpaint(self, base: ResidentBase, outfit: np.ndarray, repaint: Image.Image, control: Image.Image,
+                 embedding: np.ndarray, chunks: list[list[int]], progress: Progress, total: int,
+                 set_up: Any, prompt: str) -> list[np.ndarray]:
+        """Run the ControlNet inpainting pipeline once per chunk of seeds; report each step."""
+        cfg = self._tryon
+        guidance = float(cfg["guidance_scale"])
+        use_cfg = guidance > 1.0
+        pipe = base.pipe
+        ident = torch.from_numpy(embedding).reshape(1, 1, -1).to(pipe.device, pipe.unet.dtype)
+        ip_embeds = torch.cat([torch.zeros_like(ident), ident]) if use_cfg else ident
+        done = 0
+
+        def on_step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            nonlocal done
+            done += 1
+            progress(done, total)
+            return kwargs
+
+        image = Image.fromarray(outfit)
+        height, width = outfit.shape[:2]
+        results: list[np.ndarray] = []
+        for index, chunk in enumerate(chunks):
+            if index:
+                yield_point = getattr(progress, "yield_point", None)
+                if yield_point is not None:
+                    yield_point()
+                    set_up()
+            out = pipe(
+                prompt=prompt, negative_prompt=cfg["negative_prompt"] or None, image=image, mask_image=repaint,
+                control_image=control, height=height, width=width, strength=1.0,
+                num_inference_steps=int(cfg["steps"]), guidance_scale=guidance,
+                controlnet_conditioning_scale=float(cfg["control_scale"]), num_images_per_prompt=len(chunk),
+                generator=[torch.Generator("cpu").manual_seed(s) for s in chunk],
+                ip_adapter_image_embeds=[ip_embeds], callback_on_step_end=on_step_end, output_type="np",
+            )
+            results.extend(_to_uint8(out.images))
+        return results
+
+    # -- loading ---------------------------------------------------------------------------------
+
+    def _model(self, setting: str) -> Path:
+        """The path of a try-on model: the tryon table's setting, else the manifest; or ModelNotInstalled."""
+        assert self._context is not None
+        value = self._tryon.get(setting)
+        name = MODELS[setting]
+        if value:
+            path = Path(value)
+            path = path if path.is_absolute() else self._context.models_dir / path
+        else:
+            path = self._context.model_path(name, FEATURE)
+        if not path.exists():
+            raise ModelNotInstalled(name, FEATURE, pull_command(name))
+        return path
+
+    def _load_inpaint_base(self) -> ResidentBase:
+        """Load SD1.5 inpainting with the ControlNet and IP-Adapter FaceID through diffusers' loaders."""
+        from diffusers import ControlNetModel, StableDiffusionControlNetInpaintPipeline
+
+        assert self._context is not None
+        dtype = DTYPES.get(self._context.dtype, torch.float32)
+        controlnet = ControlNetModel.from_pretrained(self._model("controlnet_path"), dtype=dtype, local_files_only=True)
+        pipe = StableDiffusionControlNetInpaintPipeline.from_pretrained(
+            self._model("inpaint_path"), controlnet=controlnet, dtype=dtype, local_files_only=True,
+            safety_checker=None, requires_safety_checker=False)
+        pipe.to(self._context.device)
+        pipe.set_progress_bar_config(disable=True)
+        adapter = self._model("ip_adapter_path")
+        pipe.load_ip_adapter(str(adapter.parent), subfolder=None, weight_name=adapter.name,
+                             image_encoder_folder=None, local_files_only=True)
+        log.info("loaded try-on base (SD1.5 inpainting + ControlNet + IP-Adapter FaceID)")
+        return ResidentBase(pipe=pipe, family="sd15", plus=False, schedulers={"": pipe.scheduler})
+
+
+# -- pure steps (tested directly) ------------------------------------------------------------------
+
+def working_image(path: Path, side: int) -> np.ndarray:
+    """Read a picture as RGB, scaled so its longer side is `side`, both sides multiples of 64 (>= 64)."""
+    if side < SIZE_MULTIPLE:
+        raise ValueError(f"side must be at least {SIZE_MULTIPLE}, got {side}")
+    with Image.open(path) as im:
+        image = im.convert("RGB")
+    ratio = side / max(image.size)
+    size = tuple(max(SIZE_MULTIPLE, int(round(v * ratio / SIZE_MULTIPLE)) * SIZE_MULTIPLE) for v in image.size)
+    return np.asarray(image.resize(size, Image.LANCZOS))
+
+
+def check_parsing(parsing: Parsing) -> None:
+    """Refuse a picture without a person or without a garment the user can try on."""
+    if parsing.person_fraction < MIN_PERSON_FRACTION:
+        raise UserFacingError("tryon.no_person")
+    if parsing.garment_fraction < MIN_GARMENT_FRACTION:
+        raise UserFacingError("tryon.no_garment")
+
+
+def control_image(path: str | None, parsing: Parsing, size: tuple[int, int]) -> Image.Image:
+    """The ControlNet's image: a given depth/pose map resized to the working size, else control_map."""
+    if path:
+        with Image.open(path) as im:
+            return im.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
+    return Image.fromarray(control_map(parsing))
+
+
+def composite(original: np.ndarray, generated: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Blend: `keep` (float HxW in [0, 1]) of the original over the generated picture; RGB uint8."""
+    if original.shape != generated.shape or keep.shape != original.shape[:2]:
+        raise ValueError(f"shapes differ: original {original.shape}, generated {generated.shape}, mask {keep.shape}")
+    k = keep[:, :, None].astype(np.float32)
+    mixed = k * original.astype(np.float32) + (1.0 - k) * generated.astype(np.float32)
+    return np.clip(np.round(mixed), 0, 255).astype(np.uint8)

@@ -1,0 +1,214 @@
+"""Speech for the talking head: text-to-speech (espeak-ng offline, edge-tts online) and audio decoding (PyAV).
+
+edge-tts sends the text to Microsoft's online read-aloud service, so it runs only where the operator
+lists it (``[pipeline] talk_tts = ["edge", "espeak"]``); ``speak`` falls back to the next engine
+when one fails. espeak-ng comes as a bundled shared library from the ``espeakng-loader`` wheel and is driven
+through ctypes in synchronous mode: no network, no subprocess. The library keeps global state, so
+one lock serialises every synthesis in the process. Audio files and voice messages (OGG/Opus, MP3,
+M4A, WAV) are decoded with PyAV and resampled to mono float32 at the rate asked for.
+"""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import io
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from facechain_core.errors import UserFacingError
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16_000  # what the lip-sync features are computed at
+_AUDIO_OUTPUT_SYNCHRONOUS = 2
+_POS_CHARACTER = 1
+_ESPEAK_CHARS_UTF8 = 1
+_VOICES = {"en": "en-us", "zh": "cmn"}  # catalogue language -> espeak-ng voice
+
+
+@dataclass(frozen=True)
+class Speech:
+    """Mono float32 samples in [-1, 1] at `rate` Hz."""
+
+    samples: np.ndarray
+    rate: int
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.samples) / self.rate
+
+
+class TextToSpeech(Protocol):
+    """Turns text into speech in a language (``en``, ``zh``)."""
+
+    name: str
+
+    def synthesize(self, text: str, language: str = "en") -> Speech: ...
+
+
+class EspeakTTS:
+    """espeak-ng through its C API, offline; the voice follows the language."""
+
+    name = "espeak-ng"
+    _lock = threading.Lock()
+    _library: ctypes.CDLL | None = None
+    _rate = 0
+
+    def __init__(self, rate_wpm: int = 160) -> None:
+        self.rate_wpm = rate_wpm
+
+    def synthesize(self, text: str, language: str = "en") -> Speech:
+        """Speaks `text`; returns its samples at espeak-ng's own rate (22050 Hz)."""
+        text = " ".join(text.split())
+        if not text:
+            raise ValueError("nothing to say: the text is empty")
+        chunks: list[np.ndarray] = []
+
+        @ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+        def collect(wav: ctypes.Array, count: int, _events: int) -> int:
+            if wav and count > 0:
+                chunks.append(np.ctypeslib.as_array(wav, shape=(count,)).copy())
+            return 0
+
+        with self._lock:
+            lib = self._open()
+            lib.espeak_SetSynthCallback(collect)
+            voice = _VOICES.get(language, language)
+            if lib.espeak_SetVoiceByName(voice.encode()) != 0 and lib.espeak_SetVoiceByName(b"en-us") != 0:
+                raise RuntimeError(f"espeak-ng has no voice {voice!r}")
+            lib.espeak_SetParameter(1, self.rate_wpm, 0)  # espeakRATE, absolute
+            data = text.encode("utf-8") + b"\0"
+            status = lib.espeak_Synth(data, len(data), 0, _POS_CHARACTER, 0, _ESPEAK_CHARS_UTF8, None, None)
+            if status != 0:
+                raise RuntimeError(f"espeak_Synth failed with status {status}")
+            lib.espeak_Synchronize()
+            rate = type(self)._rate
+        samples = np.concatenate(chunks) if chunks else np.zeros(0, np.int16)
+        return Speech(samples.astype(np.float32) / 32768.0, rate)
+
+    @classmethod
+    def _open(cls) -> ctypes.CDLL:
+        if cls._library is None:
+            import espeakng_loader
+
+            lib = ctypes.CDLL(espeakng_loader.get_library_path())
+            lib.espeak_Initialize.restype = ctypes.c_int
+            lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+            lib.espeak_SetSynthCallback.argtypes = [ctypes.c_void_p]
+            lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+            lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+            lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
+                                         ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
+            data_path = str(Path(espeakng_loader.get_data_path()))
+            rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, data_path.encode(), 0)
+            if rate <= 0:
+                raise RuntimeError(f"espeak-ng did not start (data at {data_path})")
+            cls._library, cls._rate = lib, rate
+            log.info("espeak-ng ready at %d Hz", rate)
+        return cls._library
+
+
+class EdgeTTS:
+    """Microsoft Edge's online read-aloud voices through the ``edge-tts`` package (MP3, decoded here)."""
+
+    name = "edge-tts"
+    VOICES = {"en": "en-US-EmmaMultilingualNeural", "zh": "zh-CN-XiaoxiaoNeural"}
+    RATE = 24_000  # the service's MP3 rate
+
+    def __init__(self, voices: dict[str, str] | None = None, proxy: str | None = None, timeout_s: int = 10) -> None:
+        self.voices = {**self.VOICES, **(voices or {})}
+        self.proxy = proxy or None
+        self.timeout_s = timeout_s
+
+    def synthesize(self, text: str, language: str = "en") -> Speech:
+        """Fetches the speech (blocking; raises on any network or service failure)."""
+        voice = self.voices.get(language) or self.voices["en"]
+        data = asyncio.run(self._fetch(text, voice))
+        if not data:
+            raise RuntimeError("edge-tts returned no audio")
+        return decode_audio(data, self.RATE)
+
+    async def _fetch(self, text: str, voice: str) -> bytes:
+        import edge_tts
+
+        communicate = edge_tts.Communicate(text, voice, proxy=self.proxy, connect_timeout=self.timeout_s,
+                                           receive_timeout=self.timeout_s * 3)
+        chunks = [chunk["data"] async for chunk in communicate.stream() if chunk["type"] == "audio"]
+        return b"".join(chunks)
+
+
+def engines_from_settings(settings: dict[str, object]) -> list[TextToSpeech]:
+    """The engines named by ``talk_tts`` (in order; "edge", "espeak"); espeak-ng always ends the list."""
+    names = settings.get("talk_tts") or ["espeak"]
+    if isinstance(names, str):
+        names = [names]
+    engines: list[TextToSpeech] = []
+    for name in names:  # type: ignore[union-attr]
+        if name == "edge":
+            engines.append(EdgeTTS(proxy=str(settings.get("talk_edge_proxy") or "") or None))
+        elif name != "espeak":
+            raise ValueError(f"talk_tts: unknown engine {name!r} (known: edge, espeak)")
+    engines.append(EspeakTTS())
+    return engines
+
+
+def speak(text: str, language: str, engines: list[TextToSpeech]) -> tuple[Speech, str]:
+    """Speaks with the first engine that works; returns the speech and that engine's name."""
+    errors = []
+    for engine in engines:
+        try:
+            speech = engine.synthesize(text, language)
+        except Exception as exc:  # an online engine may fail in any way; the next one takes over
+            log.warning("tts %s failed (%s); trying the next engine", engine.name, exc)
+            errors.append(engine.name)
+            continue
+        if len(speech.samples):
+            return speech, engine.name
+        errors.append(engine.name)
+    raise UserFacingError("talk.tts_failed")
+
+
+def decode_audio(path: Path | bytes, rate: int = SAMPLE_RATE) -> Speech:
+    """Decodes any audio file PyAV reads to mono float32 at `rate` (raises talk.bad_audio).
+
+    The whole file is decoded (its size is capped by the upload limit), so a refusal can say its length."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(path) if isinstance(path, bytes) else str(path)) as container:
+            if not container.streams.audio:
+                raise UserFacingError("talk.bad_audio")
+            stream = container.streams.audio[0]
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+            parts: list[np.ndarray] = []
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    parts.append(out.to_ndarray().reshape(-1))
+            for out in resampler.resample(None):
+                parts.append(out.to_ndarray().reshape(-1))
+    except (av.error.FFmpegError, ValueError) as exc:
+        log.info("could not decode audio %s: %s", path, exc)
+        raise UserFacingError("talk.bad_audio") from None
+    samples = np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
+    if not len(samples):
+        raise UserFacingError("talk.bad_audio")
+    return Speech(samples, rate)
+
+
+def resample(speech: Speech, rate: int = SAMPLE_RATE) -> Speech:
+    """Resamples by linear interpolation (speech features need no better)."""
+    if speech.rate == rate:
+        return speech
+    count = max(1, round(len(speech.samples) * rate / speech.rate))
+    times = np.arange(count) * (speech.rate / rate)
+    samples = np.interp(times, np.arange(len(speech.samples)), speech.samples).astype(np.float32)
+    return Speech(samples, rate)
+
+
+def rms(samples: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(samples, dtype=np.float64)))) if len(samples) else 0.0

@@ -1,0 +1,199 @@
+"""Talking portraits in chat: ``/talk Hello everyone`` speaks the words with the user's portrait;
+``/talk`` alone asks for a voice message and uses the user's own voice; ``/talk round ...`` (or
+``--round``) asks for a round video note (a plain video where the platform has none).
+
+The portrait is, in this order: a photo sent with the command, the photo or result the command
+replies to (only the requester's own, as for /cartoon), the user's latest image result, their latest
+selfie (private chats only). "Make it talk" under a result asks for a voice message for that
+result. Each job gets a copy of its inputs in the user's own folder
+(``data_dir/users/<key>/talk/jobs/<token>/``), so /delete removes them; they go once delivered.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any
+
+from facechain_core.errors import UserFacingError
+from facechain_core.talk import DEFAULTS as TALK_DEFAULTS
+from handlers import buttons, cartoon, router
+from handlers.messages import t
+from handlers.progress import register_presenter, submit_with_progress
+from handlers.protocols import Attachment, Event, Media, NotSupported, ReplyChannel
+from handlers.services import MB, Services
+
+log = logging.getLogger(__name__)
+
+KIND = "talk"
+RESULT_ACTION = "talk"  # talk:<artifact id> under portraits and cartoons
+FOLDER = "talk"  # under the user's folder: jobs/<token>/input.jpg and input.audio
+ROUND_WORDS = ("round", "--round")
+MAX_TEXT_CHARS = 500
+INPUT_TTL_S = 24 * 3600.0
+AUDIO_KINDS = ("voice", "audio")
+DONE_STATES = ("delivered", "done")
+_CARTOON_CODES = {"cartoon.not_yours": "talk.not_yours", "cartoon.reply_no_photo": "talk.reply_no_photo",
+                  "cartoon.photo_gone": "talk.photo_gone"}
+
+
+async def make_talk(services: Services, event: Event, channel: ReplyChannel) -> None:
+    """Queues the portrait speaking the text; without text, asks for a voice message."""
+    args = list(event.args)
+    round_video = bool(args) and args[0].lower() in ROUND_WORDS
+    if round_video:
+        args = args[1:]
+    text = " ".join(args).strip()
+    if len(text) > MAX_TEXT_CHARS:
+        raise UserFacingError("talk.text_too_long", length=len(text), max_length=MAX_TEXT_CHARS)
+    source = await portrait_source(services, event)
+    folder = await stage_portrait(services, event.user.key, source)
+    if not text:
+        await router.expect_input(services, event, KIND, {"folder": str(folder), "round": round_video})
+        await channel.send_text(t("talk.send_voice", event.language, max_seconds=max_seconds(services)))
+        return
+    await submit_talk(services, event, channel, folder, {"text": text, "language": event.language},
+                      round_video)
+
+
+async def receive_voice(services: Services, event: Event, channel: ReplyChannel, pending: Any) -> None:
+    """Makes the portrait /talk kept say the voice message (or audio file) the user sent."""
+    audio = next((a for a in event.attachments if is_audio(a)), None)
+    if audio is None:
+        raise UserFacingError("talk.not_voice")
+    payload = pending.payload or {}
+    folder = Path(str(payload.get("folder", "")))
+    own = services.user_dir(event.user.key) / FOLDER
+    inside = folder.resolve().is_relative_to(own.resolve())
+    if not inside or not await asyncio.to_thread((folder / "input.jpg").is_file):
+        raise UserFacingError("talk.photo_gone")
+    limit = services.max_upload_bytes
+    if audio.size is not None and audio.size > limit:
+        raise UserFacingError("talk.audio_too_large", size_mb=f"{audio.size / MB:.1f}", max_mb=f"{limit / MB:.1f}")
+    data = await audio.fetch()
+    if len(data) > limit:
+        raise UserFacingError("talk.audio_too_large", size_mb=f"{len(data) / MB:.1f}", max_mb=f"{limit / MB:.1f}")
+    path = folder / "input.audio"
+    await asyncio.to_thread(path.write_bytes, data)
+    await submit_talk(services, event, channel, folder, {"audio": str(path.resolve())}, bool(payload.get("round")))
+
+
+async def submit_talk(services: Services, event: Event, channel: ReplyChannel, folder: Path,
+                      speech: dict[str, Any], round_video: bool) -> None:
+    """Queues the "talk" job on the staged portrait and speech."""
+    params = {"image": str((folder / "input.jpg").resolve()), **speech, "round": round_video,
+              "out_dir": str(folder.resolve())}
+    try:
+        await submit_with_progress(services, event, channel, KIND, params)
+    except BaseException:
+        await asyncio.to_thread(shutil.rmtree, folder, True)
+        raise
+    log.info("talk queued for %s (%s%s)", event.user.key, "audio" if "audio" in speech else "text",
+             ", round" if round_video else "")
+
+
+def max_seconds(services: Services) -> int:
+    """The longest speech the pipeline takes (``[pipeline] talk_max_seconds``), for the words asking for it."""
+    pipeline = getattr(services.settings, "pipeline", None) or {}
+    return round(float(pipeline.get("talk_max_seconds", TALK_DEFAULTS["talk_max_seconds"])))
+
+
+def is_audio(attachment: Attachment) -> bool:
+    return attachment.kind in AUDIO_KINDS or (attachment.mime_type or "").startswith("audio/")
+
+
+# -- the portrait --------------------------------------------------------------------------------
+async def portrait_source(services: Services, event: Event) -> cartoon.Source:
+    """The picture to animate (see the module docstring); refuses someone else's."""
+    try:
+        source = await cartoon.command_source(services, event)
+    except UserFacingError as exc:
+        if exc.code in _CARTOON_CODES:
+            raise UserFacingError(_CARTOON_CODES[exc.code]) from None
+        raise
+    if source is None:
+        source = await latest_result(services, event.user.key)
+    if source is None:
+        source = await cartoon.latest_selfie(services, event)
+    if source is None:
+        raise UserFacingError("talk.no_portrait")
+    return source
+
+
+async def latest_result(services: Services, user_key: str) -> cartoon.Source | None:
+    """The user's newest image result that is still on disk."""
+    storage: Any = services.storage
+    for job in sorted(await storage.user_jobs(user_key, DONE_STATES), key=lambda j: j.id, reverse=True):
+        for artifact in await storage.job_artifacts(job.id):
+            if artifact.owner_key == user_key and artifact.media_type.startswith("image/") \
+                    and await asyncio.to_thread(Path(artifact.path).is_file):
+                return cartoon.Source(path=Path(artifact.path), artifact_id=artifact.id)
+    return None
+
+
+async def stage_portrait(services: Services, user_key: str, source: cartoon.Source) -> Path:
+    """Copies the portrait into a new job folder of the user's own; returns the folder."""
+    jobs = services.user_dir(user_key) / FOLDER / "jobs"
+    folder = jobs / secrets.token_hex(6)
+    await asyncio.to_thread(_prune_folders, jobs, INPUT_TTL_S)
+    await asyncio.to_thread(cartoon._stage, source, folder / "input.jpg", services.max_upload_bytes,
+                            int(services.settings.limits.max_pixels))
+    return folder
+
+
+async def press_result(services: Services, event: Event, channel: ReplyChannel, artifact: Any) -> None:
+    """Makes the presser's result talk: asks for the voice message (ownership was checked by the registry)."""
+    path = Path(artifact.path)
+    if not await asyncio.to_thread(path.is_file):
+        raise UserFacingError("talk.photo_gone")
+    folder = await stage_portrait(services, event.user.key, cartoon.Source(path=path, artifact_id=artifact.id))
+    await channel.answer_button()
+    await router.expect_input(services, event, KIND, {"folder": str(folder), "round": False})
+    await channel.send_text(t("talk.send_voice", event.language, max_seconds=max_seconds(services)))
+
+
+# -- the finished job ---------------------------------------------------------------------------
+async def present_talk(services: Services, job: Any, artifacts: list[Any], channel: ReplyChannel, lang: str) -> None:
+    """Sends the video (a round note when asked and possible), says which animator ran, drops the inputs.
+
+    The caption carries the AI-generated note and the video its result and Report buttons, as every result."""
+    from handlers import safety  # imported where used, as progress.present_default does
+    meta = (job.result or {}).get("meta") or {}
+    what = t("talk.caption_lipsync" if meta.get("animator") == "wav2lip" else "talk.caption_landmarks", lang)
+    caption = safety.result_caption(services, job, what, lang)
+    platform = channel.chat.platform
+    for artifact in artifacts:
+        if artifact.delivered_at is not None:
+            continue
+        file_id = (artifact.file_ids or {}).get(platform)
+        media = Media(file_id=file_id) if file_id else Media(path=Path(artifact.path))
+        keyboard = safety.with_report_buttons(buttons.result_keyboard([artifact], lang), [artifact], lang)
+        if job.params.get("round"):
+            try:
+                note = await channel.send_video_note(media)
+            except NotSupported:
+                log.info("job %d: no round videos on %s; sending a plain video", job.id, platform)
+            else:
+                await services.storage.mark_delivered(artifact.id, platform, note.file_id)
+                await channel.send_text(caption, keyboard)  # a video note carries no caption or buttons
+                continue
+        sent = await channel.send_video(media, caption=caption, buttons=keyboard)
+        await services.storage.mark_delivered(artifact.id, platform, sent.file_id)
+    folder = Path(str(job.params.get("out_dir", "")))
+    if FOLDER in folder.parts:
+        for name in ("input.jpg", "input.audio"):
+            await asyncio.to_thread((folder / name).unlink, True)
+
+
+def _prune_folders(jobs: Path, max_age_s: float) -> None:
+    """Removes the inputs of jobs that never delivered (failed, cancelled, never answered) after a day."""
+    if jobs.is_dir():
+        cartoon._prune([*jobs.glob("*/input.jpg"), *jobs.glob("*/input.audio")], max_age_s)
+
+
+router.register_command("talk", make_talk, "help.talk")
+router.register_pending(KIND, receive_voice)
+buttons.register_result_button(RESULT_ACTION, "talk.button", press_result, applies_to={"portrait", "cartoon"})
+register_presenter(KIND, present_talk)
