@@ -71,3 +71,32 @@ def test_portrait_refuses_a_photo_without_one_face(tmp_path, faces_dir, yunet_pa
     with pytest.raises(Exception) as refused:
         offline.portrait(args, settings)
     assert getattr(refused.value, "code", "") == "selfie.several_faces"
+
+
+async def test_run_serves_from_the_environment_token_and_stops_cleanly_on_sigterm(fake_telegram, tmp_path):
+    """`facechain-bot run` as an operator starts it: token from the environment, answers, exits 0 on SIGTERM."""
+    import asyncio
+    import os
+    import signal
+
+    config = tmp_path / "c.toml"
+    config.write_text(f'data_dir = "{tmp_path / "data"}"\n[telegram]\nbase_url = "{fake_telegram.base_url}"\n'
+                      f'base_file_url = "{fake_telegram.base_file_url}"\npoll_timeout = 0.5\n')
+    env = {**os.environ, "FACECHAIN_TELEGRAM_TOKEN": fake_telegram.token}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", "--config", str(config), "run", cwd=ROOT, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        await fake_telegram.wait_for("setMyCommands", timeout=60)
+        mark = fake_telegram.mark()
+        fake_telegram.send_message(77, None, "/start")
+        reply = await fake_telegram.wait_for("sendMessage", since=mark, timeout=20)
+        assert "/delete" in reply.params["text"]
+        process.send_signal(signal.SIGTERM)
+        output, _ = await asyncio.wait_for(process.communicate(), timeout=60)
+    finally:
+        if process.returncode is None:
+            process.kill()
+    assert process.returncode == 0
+    assert fake_telegram.token.split(":", 1)[1].encode() not in output  # the token's secret half is never logged
+    assert (tmp_path / "data" / "heartbeat.json").is_file()
