@@ -3,28 +3,33 @@
 Every router command becomes a slash command with its /help line as description (Chinese for
 Chinese clients, through ``CatalogueTranslator``). Commands with input get typed options:
 /style (a style with autocomplete from the catalogue, a count of 1 to 8) and /selfie (up to five
-photo attachments; it is no router command: its photos go where any photo goes). A later feature
-with input adds its typed builder to ``TYPED_COMMANDS``. Every callback only turns the options into
+photo attachments; it is no router command: its photos go where any photo goes), /cartoon (an
+installed cartoon style with autocomplete, a photo), /talk (text, a round-video switch, a photo),
+/tryon (an outfit photo) and /admin (an action, a user, a reason; shown to administrators only).
+A later feature with input adds its typed builder to ``TYPED_COMMANDS``. Every callback only turns the options into
 arguments for ``DiscordAdapter.run_command``.
 """
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import discord
 from discord import app_commands
 from discord.app_commands import locale_str
 
+from facechain_core.cartoon import load_cartoon_styles
 from handlers import router
 from handlers.messages import normalise_language, t
+from handlers.talk import MAX_TEXT_CHARS
 
 log = logging.getLogger(__name__)
 
 DESCRIPTION_MAX = 100  # characters, Discord's limit for descriptions and choice names
 CHOICES_MAX = 25  # autocomplete suggestions Discord shows
 MAX_PORTRAITS = 8
+MAX_TALK_CHARS = MAX_TEXT_CHARS  # /talk text option: what the handler accepts
 CHINESE_LOCALES = frozenset({discord.Locale.chinese, discord.Locale.taiwan_chinese})
 # Commands whose every answer only the requester sees (ephemeral in a server).
 PRIVATE_COMMANDS = frozenset({"status", "delete"})
@@ -83,6 +88,42 @@ async def run_selfie(interaction: discord.Interaction, photo1: discord.Attachmen
     await _adapter(interaction).run_command(interaction, None, [], photos)
 
 
+@app_commands.describe(style=described("discord.option_cartoon_style"),
+                       photo=described("discord.option_cartoon_photo"))
+async def run_cartoon(interaction: discord.Interaction, style: str | None = None,
+                      photo: discord.Attachment | None = None) -> None:
+    """Runs /cartoon with the chosen style and photo (either may be left out: the bot asks)."""
+    args = style.split() if style else []
+    await _adapter(interaction).run_command(interaction, "cartoon", args, [photo] if photo else [])
+
+
+@app_commands.rename(round_video="round")
+@app_commands.describe(text=described("discord.option_talk_text"), round_video=described("discord.option_talk_round"),
+                       photo=described("discord.option_talk_photo"))
+async def run_talk(interaction: discord.Interaction, text: app_commands.Range[str, 1, MAX_TALK_CHARS] | None = None,
+                   round_video: bool | None = None, photo: discord.Attachment | None = None) -> None:
+    """Runs /talk with the text, the round-video switch and the photo to animate."""
+    args = (["round"] if round_video else []) + (text.split() if text else [])
+    await _adapter(interaction).run_command(interaction, "talk", args, [photo] if photo else [])
+
+
+@app_commands.describe(outfit=described("discord.option_outfit"))
+async def run_tryon(interaction: discord.Interaction, outfit: discord.Attachment | None = None) -> None:
+    """Runs /tryon with the outfit photo."""
+    await _adapter(interaction).run_command(interaction, "tryon", [], [outfit] if outfit else [])
+
+
+@app_commands.describe(action=described("discord.option_admin_action"), user=described("discord.option_admin_user"),
+                       reason=described("discord.option_admin_reason"))
+async def run_admin(interaction: discord.Interaction, action: Literal["stats", "ban", "unban", "bans"],
+                    user: str | None = None, reason: str | None = None) -> None:
+    """Runs /admin; the reason only follows a user, as the router's arguments expect."""
+    args = [action]
+    if user and user.strip():
+        args += [user.strip()] + (reason.split() if reason else [])
+    await _adapter(interaction).run_command(interaction, "admin", args, [])
+
+
 async def complete_style(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
     """Suggests styles whose id or name matches what the user typed so far."""
     adapter = _adapter(interaction)
@@ -108,6 +149,30 @@ def style_choices(catalog: Any, features: set[str], current: str, lang: str) -> 
     return choices
 
 
+async def complete_cartoon(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+    """Suggests the installed cartoon styles whose id or name matches what the user typed so far."""
+    adapter = _adapter(interaction)
+    if adapter.refuses(interaction):
+        return []
+    lang = normalise_language(interaction.locale.value)
+    return [app_commands.Choice(name=name, value=value)
+            for name, value in cartoon_choices(adapter.features, current, lang)]
+
+
+def cartoon_choices(features: set[str], current: str, lang: str) -> list[tuple[str, str]]:
+    """``(label, style id)`` pairs of the cartoon styles installed, those matching `current` first-come."""
+    wanted = current.strip().casefold()
+    choices = []
+    for style in load_cartoon_styles().available(features):
+        name = style.display_name(lang)
+        names = [style.id, name, *style.names.values()]
+        if wanted and not any(wanted in n.casefold() for n in names):
+            continue
+        label = name if name.casefold() == style.id.casefold() else f"{name} ({style.id})"
+        choices.append((_cut(label), style.id))
+    return choices[:CHOICES_MAX]
+
+
 # -- building -----------------------------------------------------------------------------------
 def _style_command(command: router.Command) -> app_commands.Command:
     slash = app_commands.Command(name=command.name, description=described(command.help_code), callback=run_style)
@@ -115,7 +180,32 @@ def _style_command(command: router.Command) -> app_commands.Command:
     return slash
 
 
-TYPED_COMMANDS: dict[str, Callable[[router.Command], app_commands.Command]] = {"style": _style_command}
+def _cartoon_command(command: router.Command) -> app_commands.Command:
+    slash = app_commands.Command(name=command.name, description=described(command.help_code), callback=run_cartoon)
+    slash.autocomplete("style")(complete_cartoon)
+    return slash
+
+
+def _typed(callback: Callable[..., Any]) -> Callable[[router.Command], app_commands.Command]:
+    def build(command: router.Command) -> app_commands.Command:
+        return app_commands.Command(name=command.name, description=described(command.help_code), callback=callback)
+    return build
+
+
+def _admin_command(command: router.Command) -> app_commands.Command:
+    slash = _typed(run_admin)(command)
+    # Discord hides it from non-administrators; the router still checks who may run it.
+    slash.default_permissions = discord.Permissions(administrator=True)
+    return slash
+
+
+TYPED_COMMANDS: dict[str, Callable[[router.Command], app_commands.Command]] = {
+    "style": _style_command,
+    "cartoon": _cartoon_command,
+    "talk": _typed(run_talk),
+    "tryon": _typed(run_tryon),
+    "admin": _admin_command,
+}
 
 
 def build_commands() -> list[app_commands.Command]:

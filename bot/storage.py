@@ -142,6 +142,10 @@ MIGRATIONS: list[str] = [
     UPDATE identities SET lora_at = updated_at WHERE lora_path IS NOT NULL;
     CREATE INDEX jobs_user_created ON jobs(user_key, created_at);
     """,
+    # 5: the voice the user chose for /talk (/voice); NULL: the default for their language.
+    """
+    ALTER TABLE users ADD COLUMN voice TEXT;
+    """,
 ]
 
 # Tables holding a user's rows, and the column naming the user: /delete empties all of them.
@@ -420,6 +424,18 @@ class Storage:
         async with self.db.execute("SELECT language, language_chosen FROM users WHERE key = ?", (key,)) as cur:
             row = await cur.fetchone()
         return (row["language"], bool(row["language_chosen"])) if row else None
+
+    @_serialised
+    async def set_voice(self, key: str, voice: str | None) -> None:
+        """Stores the /talk voice the user chose (None: back to the default)."""
+        await self.db.execute("UPDATE users SET voice = ? WHERE key = ?", (voice, key))
+        await self.db.commit()
+
+    async def user_voice(self, key: str) -> str | None:
+        """The /talk voice the user chose, or None."""
+        async with self.db.execute("SELECT voice FROM users WHERE key = ?", (key,)) as cur:
+            row = await cur.fetchone()
+        return row["voice"] if row else None
 
     async def user_language(self, key: str) -> str | None:
         async with self.db.execute("SELECT language FROM users WHERE key = ?", (key,)) as cur:

@@ -17,7 +17,8 @@ One job:
 4. the MP4: H.264 + AAC at 25 fps, its comment tag the project's AI label
    (``facechain_core.safety.label_text``: "AI-generated video made by FaceChain Bot").
 
-Job params: ``image``, ``text`` or ``audio`` (a path), ``language`` ("en"), ``round`` (False),
+Job params: ``image``, ``text`` or ``audio`` (a path), ``language`` ("en"), ``voice`` (a /voice
+choice: an edge-tts voice, or "espeak" for offline only), ``round`` (False),
 ``out`` (a file path) or ``out_dir``. Settings: ``talk_max_seconds`` (30), ``talk_max_side`` (640),
 ``talk_round_side`` (384), ``talk_motion`` (True), ``talk_threads`` (0), ``talk_tts`` (["espeak"]; add
 "edge" first for Microsoft's online voices: the text leaves the server), ``talk_edge_proxy`` ("").
@@ -471,7 +472,7 @@ class TalkPipeline:
         if not text:
             raise UserFacingError("talk.nothing_to_say")
         engines = self._tts if self._tts is not None else engines_from_settings(settings)
-        speech, name = speak(text, str(params.get("language") or "en"), engines)
+        speech, name = speak(text, str(params.get("language") or "en"), engines, params.get("voice") or None)
         return speech, name
 
 

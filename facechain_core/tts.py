@@ -29,6 +29,7 @@ _AUDIO_OUTPUT_SYNCHRONOUS = 2
 _POS_CHARACTER = 1
 _ESPEAK_CHARS_UTF8 = 1
 _VOICES = {"en": "en-us", "zh": "cmn"}  # catalogue language -> espeak-ng voice
+OFFLINE_VOICE = "espeak"  # the voice choice meaning "the offline engine only"
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,12 @@ class EdgeTTS:
 
     name = "edge-tts"
     VOICES = {"en": "en-US-EmmaMultilingualNeural", "zh": "zh-CN-XiaoxiaoNeural"}
+    # The voices offered per language by /voice (the first is the default above).
+    LANGUAGE_VOICES: dict[str, tuple[str, ...]] = {
+        "en": ("en-US-EmmaMultilingualNeural", "en-US-AndrewMultilingualNeural", "en-GB-SoniaNeural",
+               "en-GB-RyanNeural"),
+        "zh": ("zh-CN-XiaoxiaoNeural", "zh-CN-YunxiNeural", "zh-CN-XiaoyiNeural", "zh-CN-YunjianNeural"),
+    }
     RATE = 24_000  # the service's MP3 rate
 
     def __init__(self, voices: dict[str, str] | None = None, proxy: str | None = None, timeout_s: int = 10) -> None:
@@ -125,13 +132,18 @@ class EdgeTTS:
         self.proxy = proxy or None
         self.timeout_s = timeout_s
 
-    def synthesize(self, text: str, language: str = "en") -> Speech:
-        """Fetches the speech (blocking; raises on any network or service failure)."""
-        voice = self.voices.get(language) or self.voices["en"]
+    def synthesize(self, text: str, language: str = "en", voice: str | None = None) -> Speech:
+        """Fetches the speech in `voice` when it is one of ours (blocking; raises on any failure)."""
+        if voice not in self.known_voices():
+            voice = self.voices.get(language) or self.voices["en"]
         data = asyncio.run(self._fetch(text, voice))
         if not data:
             raise RuntimeError("edge-tts returned no audio")
         return decode_audio(data, self.RATE)
+
+    @classmethod
+    def known_voices(cls) -> set[str]:
+        return {v for voices in cls.LANGUAGE_VOICES.values() for v in voices} | set(cls.VOICES.values())
 
     async def _fetch(self, text: str, voice: str) -> bytes:
         import edge_tts
@@ -157,12 +169,25 @@ def engines_from_settings(settings: dict[str, object]) -> list[TextToSpeech]:
     return engines
 
 
-def speak(text: str, language: str, engines: list[TextToSpeech]) -> tuple[Speech, str]:
-    """Speaks with the first engine that works; returns the speech and that engine's name."""
+def edge_enabled(settings: dict[str, object]) -> bool:
+    """Whether the operator lets edge-tts (online) speak: "edge" in ``talk_tts``."""
+    names = settings.get("talk_tts") or ["espeak"]
+    return "edge" in ([names] if isinstance(names, str) else list(names))  # type: ignore[call-overload]
+
+
+def speak(text: str, language: str, engines: list[TextToSpeech], voice: str | None = None) -> tuple[Speech, str]:
+    """Speaks with the first engine that works; returns the speech and that engine's name.
+
+    `voice` (a user's /voice choice) picks an edge-tts voice, or with ``OFFLINE_VOICE`` skips the online engines."""
+    if voice == OFFLINE_VOICE:
+        engines = [e for e in engines if not isinstance(e, EdgeTTS)] or engines
     errors = []
     for engine in engines:
         try:
-            speech = engine.synthesize(text, language)
+            if voice and isinstance(engine, EdgeTTS):
+                speech = engine.synthesize(text, language, voice=voice)
+            else:
+                speech = engine.synthesize(text, language)
         except Exception as exc:  # an online engine may fail in any way; the next one takes over
             log.warning("tts %s failed (%s); trying the next engine", engine.name, exc)
             errors.append(engine.name)

@@ -23,6 +23,7 @@ from typing import Any
 from facechain_core.errors import UserFacingError
 from facechain_core.safety import DEFAULT_SERVICE
 from facechain_core.safety import FEATURE as SAFETY_FEATURE
+from facechain_core.tts import edge_enabled
 from handlers import buttons, router
 from handlers.messages import t
 from handlers.protocols import Button, Chat, Event, Media, ReplyChannel
@@ -76,8 +77,11 @@ def _kept_for(days: float, lang: str) -> str:
 def consent_text(services: Services, lang: str) -> str:
     """Whose face may be sent and how photos are used and kept (/start and the first selfie)."""
     retention = services.settings.retention
-    return t("safety.consent", lang, selfies=_kept_for(retention.selfies_days, lang),
+    text = t("safety.consent", lang, selfies=_kept_for(retention.selfies_days, lang),
              identities=_kept_for(retention.identities_days, lang), results=_kept_for(retention.results_days, lang))
+    if edge_enabled(getattr(services.settings, "pipeline", None) or {}):  # the operator turned online TTS on
+        text += " " + t("talk.privacy_online", lang)
+    return text
 
 
 def service_name(services: Services) -> str:

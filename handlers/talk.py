@@ -7,6 +7,10 @@ replies to (only the requester's own, as for /cartoon), the user's latest image 
 selfie (private chats only). "Make it talk" under a result asks for a voice message for that
 result. Each job gets a copy of its inputs in the user's own folder
 (``data_dir/users/<key>/talk/jobs/<token>/``), so /delete removes them; they go once delivered.
+
+``/voice`` lists the voices for the user's language as buttons: edge-tts's (only where the operator put
+"edge" in ``[pipeline] talk_tts``) and the offline espeak-ng voice. The choice is stored with the user
+and text /talk jobs carry it as ``voice``; the engines fall back as without it.
 """
 from __future__ import annotations
 
@@ -19,16 +23,18 @@ from typing import Any
 
 from facechain_core.errors import UserFacingError
 from facechain_core.talk import DEFAULTS as TALK_DEFAULTS
+from facechain_core.tts import OFFLINE_VOICE, EdgeTTS, edge_enabled
 from handlers import buttons, cartoon, router
 from handlers.messages import t
 from handlers.progress import register_presenter, submit_with_progress
-from handlers.protocols import Attachment, Event, Media, NotSupported, ReplyChannel
+from handlers.protocols import Attachment, Button, Event, Media, MessageRef, NotSupported, ReplyChannel
 from handlers.services import MB, Services
 
 log = logging.getLogger(__name__)
 
 KIND = "talk"
 RESULT_ACTION = "talk"  # talk:<artifact id> under portraits and cartoons
+VOICE_ACTION = "voice"  # voice:<edge-tts voice or "espeak"> under /voice
 FOLDER = "talk"  # under the user's folder: jobs/<token>/input.jpg and input.audio
 ROUND_WORDS = ("round", "--round")
 MAX_TEXT_CHARS = 500
@@ -54,8 +60,11 @@ async def make_talk(services: Services, event: Event, channel: ReplyChannel) -> 
         await router.expect_input(services, event, KIND, {"folder": str(folder), "round": round_video})
         await channel.send_text(t("talk.send_voice", event.language, max_seconds=max_seconds(services)))
         return
-    await submit_talk(services, event, channel, folder, {"text": text, "language": event.language},
-                      round_video)
+    speech = {"text": text, "language": event.language}
+    voice = await services.storage.user_voice(event.user.key)  # type: ignore[attr-defined]
+    if voice:
+        speech["voice"] = voice
+    await submit_talk(services, event, channel, folder, speech, round_video)
 
 
 async def receive_voice(services: Services, event: Event, channel: ReplyChannel, pending: Any) -> None:
@@ -98,6 +107,63 @@ def max_seconds(services: Services) -> int:
     """The longest speech the pipeline takes (``[pipeline] talk_max_seconds``), for the words asking for it."""
     pipeline = getattr(services.settings, "pipeline", None) or {}
     return round(float(pipeline.get("talk_max_seconds", TALK_DEFAULTS["talk_max_seconds"])))
+
+
+# -- /voice --------------------------------------------------------------------------------------
+def talk_settings(services: Services) -> dict[str, Any]:
+    return getattr(services.settings, "pipeline", None) or {}
+
+
+def online_speech(services: Services) -> bool:
+    """Whether the operator lets /talk text go to Microsoft's online speech service (edge-tts)."""
+    return edge_enabled(talk_settings(services))
+
+
+def voices_for(services: Services, lang: str) -> list[str]:
+    """The voices /voice offers in `lang`: edge-tts's (when enabled), then the offline one."""
+    online = list(EdgeTTS.LANGUAGE_VOICES.get(lang) or EdgeTTS.LANGUAGE_VOICES["en"]) if online_speech(services) else []
+    return [*online, OFFLINE_VOICE]
+
+
+def voice_label(voice: str, lang: str) -> str:
+    """``Emma (en-US)`` for an edge-tts voice; the catalogue's words for the offline one."""
+    if voice == OFFLINE_VOICE:
+        return t("talk.voice_offline", lang)
+    locale, _, name = voice.partition("-")[2].partition("-")
+    name = name.removesuffix("Neural").removesuffix("Multilingual")
+    return f"{name} ({voice.split('-')[0]}-{locale})"
+
+
+async def choose_voice(services: Services, event: Event, channel: ReplyChannel) -> None:
+    """Shows the voices for the user's language as buttons (the current one ticked)."""
+    lang = event.language
+    if not online_speech(services):
+        await channel.send_text(t("talk.voice_offline_only", lang))
+        return
+    current = await services.storage.user_voice(event.user.key)  # type: ignore[attr-defined]
+    voices = voices_for(services, lang)
+    current = current if current in voices else voices[0]
+    keyboard = [[Button(("✓ " if v == current else "") + voice_label(v, lang), buttons.payload(VOICE_ACTION, v))]
+                for v in voices]
+    await channel.send_text(t("talk.voice_choose", lang), keyboard)
+
+
+async def press_voice(services: Services, event: Event, channel: ReplyChannel, argument: str) -> None:
+    """Stores the presser's /talk voice (anyone may press: it sets their own)."""
+    lang = event.language
+    allowed = {v for language in EdgeTTS.LANGUAGE_VOICES for v in voices_for(services, language)}
+    if argument not in allowed:
+        await channel.answer_button(t("button.stale", lang))
+        return
+    await services.storage.set_voice(event.user.key, argument)  # type: ignore[attr-defined]
+    log.info("%s chose the voice %s", event.user.key, argument)
+    text = t("talk.voice_set", lang, voice=voice_label(argument, lang))
+    await channel.answer_button(text)
+    if event.chat.is_private and event.message_id is not None:
+        try:
+            await channel.edit_text(MessageRef(event.chat, event.message_id), text, None)
+        except Exception:
+            log.warning("could not edit the /voice question of %s", event.user.key, exc_info=True)
 
 
 def is_audio(attachment: Attachment) -> bool:
@@ -194,6 +260,8 @@ def _prune_folders(jobs: Path, max_age_s: float) -> None:
 
 
 router.register_command("talk", make_talk, "help.talk")
+router.register_command("voice", choose_voice, "help.voice")
+buttons.register_core_button(VOICE_ACTION, press_voice)
 router.register_pending(KIND, receive_voice)
 buttons.register_result_button(RESULT_ACTION, "talk.button", press_result, applies_to={"portrait", "cartoon"})
 register_presenter(KIND, present_talk)

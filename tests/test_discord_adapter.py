@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import SimpleNamespace
 
+import discord
 import numpy as np
 import pytest
 from PIL import Image
@@ -17,9 +18,11 @@ from skimage import data as skdata
 
 from bot.discord_adapter import DiscordAdapter
 from bot.discord_channel import fit_image, keyboards, pack_files
+from facechain_core.cartoon import load_cartoon_styles
 from facechain_core.styles import load_styles
 from handlers import router
 from handlers.messages import t
+from handlers.talk import MAX_TEXT_CHARS
 from handlers.protocols import Button, Event, Media, MessageRef, ReplyChannel, Visibility
 from tests.fixtures.fake_discord import (
     APP_ID,
@@ -108,6 +111,96 @@ async def test_commands_are_synced_with_descriptions_and_typed_options(fake_disc
     assert all(o["type"] == 11 for o in photos)
     assert [bool(o.get("required")) for o in photos] == [True, False, False, False, False]
     assert commands["status"]["options"] == []
+
+
+async def test_later_features_sync_typed_options(fake_discord: FakeDiscord) -> None:
+    async with adapter_for(fake_discord, Recorder()):
+        (sync,) = fake_discord.find("PUT", rf"/applications/{APP_ID}/commands")
+    commands = {c["name"]: c for c in sync.json}
+
+    def options(name: str) -> dict[str, dict]:
+        found = commands[name]["options"]
+        assert all(1 <= len(o["description"]) <= 100 for o in found)
+        return {o["name"]: o for o in found}
+
+    cartoon = options("cartoon")
+    assert list(cartoon) == ["style", "photo"]
+    assert cartoon["style"]["type"] == 3 and cartoon["style"]["autocomplete"] and not cartoon["style"].get("required")
+    assert cartoon["style"]["description"] == t("discord.option_cartoon_style", "en")
+    assert cartoon["style"]["description_localizations"]["zh-CN"] == t("discord.option_cartoon_style", "zh")
+    assert cartoon["photo"]["type"] == 11 and not cartoon["photo"].get("required")
+    talk = options("talk")
+    assert list(talk) == ["text", "round", "photo"]
+    assert talk["text"]["type"] == 3 and talk["text"]["max_length"] == MAX_TEXT_CHARS and not talk["text"].get("required")
+    assert talk["round"]["type"] == 5 and talk["photo"]["type"] == 11
+    assert not any(o.get("required") for o in talk.values())
+    tryon = options("tryon")
+    assert list(tryon) == ["outfit"] and tryon["outfit"]["type"] == 11 and not tryon["outfit"].get("required")
+    admin = options("admin")
+    assert list(admin) == ["action", "user", "reason"] and admin["action"]["required"]
+    assert [c["value"] for c in admin["action"]["choices"]] == ["stats", "ban", "unban", "bans"]
+    assert admin["user"]["type"] == admin["reason"]["type"] == 3
+    assert int(commands["admin"]["default_member_permissions"]) == discord.Permissions(administrator=True).value
+    assert commands["help"].get("default_member_permissions") is None
+
+
+def admin_slash(fake: FakeDiscord, **options: str) -> FakeInteraction:
+    """Runs /admin in USER's DM; its `user` option clashes with the first parameter of ``FakeDiscord.slash``."""
+    command = fake._synced("admin", None)
+    data = {"id": command["id"], "name": "admin", "type": 1, "resolved": {},
+            "options": [{"name": k, "type": fake._option(command, k)["type"], "value": v} for k, v in options.items()]}
+    person = FakeUser(USER)
+    return fake._interact(2, person, fake.dm_channel(person), data, size_limit=None, permissions=None)
+
+
+async def test_typed_options_become_the_handlers_arguments(fake_discord: FakeDiscord) -> None:
+    recorder = Recorder(lambda event, channel: asyncio.sleep(0))
+    picture = photo(96)
+    async with adapter_for(fake_discord, recorder):
+        fake_discord.slash(USER, "cartoon", style="anime", photo=picture)
+        fake_discord.slash(USER, "cartoon")
+        fake_discord.slash(USER, "talk", text="hello  there", round=True, photo=picture)
+        fake_discord.slash(USER, "talk", round=False)
+        fake_discord.slash(USER, "tryon", outfit=picture)
+        admin_slash(fake_discord, action="ban", user="discord:42", reason="spam and abuse")
+        admin_slash(fake_discord, action="stats", reason="ignored without a user")
+        events = await settle(fake_discord, recorder, 7)
+    got = sorted((e.command, e.args, [a.kind for a in e.attachments]) for e in events)
+    assert got == sorted([
+        ("cartoon", ["anime"], ["photo"]),
+        ("cartoon", [], []),
+        ("talk", ["round", "hello", "there"], ["photo"]),
+        ("talk", [], []),
+        ("tryon", [], ["photo"]),
+        ("admin", ["ban", "discord:42", "spam", "and", "abuse"], []),
+        ("admin", ["stats"], []),
+    ])
+
+
+async def test_cartoon_autocomplete_offers_installed_styles(fake_discord: FakeDiscord) -> None:
+    book = load_cartoon_styles()
+    installed = book.available({"cartoon"})
+    assert installed
+    recorder = Recorder()
+    async with adapter_for(fake_discord, recorder, features={"cartoon"}):
+        empty = fake_discord.autocomplete(USER, "cartoon", "style", "")
+        typed = fake_discord.autocomplete(USER, "cartoon", "style", installed[0].display_name("en")[:3])
+        nothing = fake_discord.autocomplete(USER, "cartoon", "style", "qqqqqq")
+        await fake_discord.wait_idle(0.3)
+    async with adapter_for(fake_discord, recorder, features=set()):
+        uninstalled = fake_discord.autocomplete(USER, "cartoon", "style", "")
+        await fake_discord.wait_idle(0.3)
+    assert recorder.events == []
+
+    def values(interaction: FakeInteraction) -> list[str]:
+        (callback,) = fake_discord.interaction_responses(interaction)
+        assert callback.json["type"] == 8
+        return [c["value"] for c in callback.json["data"]["choices"]]
+
+    assert values(empty) == [s.id for s in installed][:25]
+    assert installed[0].id in values(typed)
+    assert all(book.get(v) is not None for v in values(typed))
+    assert values(nothing) == [] and values(uninstalled) == []
 
 
 async def test_guild_ids_sync_the_commands_to_those_guilds_only(fake_discord: FakeDiscord) -> None:

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -15,6 +16,7 @@ from bot.jobkinds import GENERATE, INTERACTIVE, JobKind
 from bot.logsetup import configure_logging
 from facechain_core.devtools import SleepPipeline
 from facechain_core.pipeline import JobResult, Progress
+from facechain_core.tiny.cartoon import build_cartoon_models
 from handlers import buttons, router
 from handlers.messages import t
 from handlers.progress import submit_with_progress
@@ -305,3 +307,35 @@ async def test_telegram_and_discord_run_in_one_process(fake_discord: FakeDiscord
             assert job.chat["platform"] == key.split(":")[0]
         (artifact,) = await service.storage.job_artifacts(job.id)
         assert [data for _, data in upload.files] == [Path(artifact.path).read_bytes()]
+
+
+@pytest.fixture(scope="module")
+def tiny_cartoon_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_cartoon_models(tmp_path_factory.mktemp("tiny_cartoon"))
+
+
+async def test_cartoon_with_photo_and_style_options_delivers_the_cartoon(
+        fake_discord: FakeDiscord, settings: Settings, faces_dir: Path, tiny_cartoon_models: dict[str, Path]) -> None:
+    fake = fake_discord
+    face = Image.open(faces_dir / "obama.jpg").convert("RGB")
+    buf = io.BytesIO()
+    face.resize((face.width // 2, face.height // 2)).save(buf, "JPEG", quality=92)
+    sent = buf.getvalue()
+    settings = settings.model_copy(update={"model_paths": tiny_cartoon_models})
+    async with open_service(settings) as service:
+        assert "cartoon" in service.services.features_installed
+        posts = rf"/channels/{dm_id(fake)}/messages"
+        mark = fake.mark()
+        asked = fake.slash(USER, "cartoon", style="anime", photo=sent)
+        result = await fake.wait_for("POST", posts, lambda r: bool(r.files), timeout=30, since=mark)
+        await fake.wait_idle()
+        (job,) = await service.storage.user_jobs(f"discord:{USER}", ["delivered"])
+    assert job.kind == "cartoon" and job.params["style"] == "anime"
+    assert fake.interaction_responses(asked)[0].json["type"] == 5
+    assert asked.response_delay < INTERACTION_DEADLINE_S
+    assert result.content.startswith(t("cartoon.caption", "en", style="Anime portrait"))
+    ((_, picture),) = result.files
+    cartoon = np.asarray(Image.open(io.BytesIO(picture)).convert("RGB"), dtype=np.int16)
+    original = np.asarray(Image.open(io.BytesIO(sent)).convert("RGB"), dtype=np.int16)
+    assert cartoon.shape == original.shape  # the attachment was the picture cartoonised
+    assert np.abs(cartoon - original).mean() > 10  # stylised, not sent back

@@ -158,3 +158,72 @@ async def test_make_it_talk_under_a_result(fake_telegram: FakeTelegram, settings
         await fake.wait_idle()
         (job,) = [j for j in await service.storage.user_jobs(f"telegram:{ANN}", ["delivered"]) if j.kind == "talk"]
         assert await service.storage.user_jobs(f"telegram:{BOB}", ["queued", "running", "done", "delivered"]) == []
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+async def test_voice_choice_reaches_the_talk_job_and_the_privacy_note(fake_telegram: FakeTelegram, tmp_path: Path,
+                                                                      yunet_path: Path, face_jpeg: bytes) -> None:
+    fake = fake_telegram
+    settings = fake.bot_settings(  # edge-tts on, but pointed at a closed port: espeak-ng speaks in the end
+        data_dir=tmp_path / "data", models_dir=yunet_path.parent, selfie={"detector_model": yunet_path.name},
+        scheduler={"progress_interval_s": 0}, model_paths=build_talk_models(tmp_path / "models"),
+        pipeline={"talk_max_side": 256, "talk_tts": ["edge", "espeak"],
+                  "talk_edge_proxy": f"http://127.0.0.1:{_closed_port()}"},
+    )
+    async with open_service(settings) as service:
+        mark = fake.mark()
+        fake.send_photo(ANN, None, face_jpeg)
+        await fake.wait_for("sendMessage", since=mark, timeout=15)
+        mark = fake.mark()
+        fake.send_message(ANN, None, "/voice")
+        listed = await fake.wait_for("sendMessage", since=mark, timeout=10)
+        assert listed.params["text"] == t("talk.voice_choose", "en")
+        rows = listed.result["reply_markup"]["inline_keyboard"]
+        choices = {b["callback_data"]: b["text"] for row in rows for b in row}
+        assert choices["voice:en-US-EmmaMultilingualNeural"] == "✓ Emma (en-US)"  # the default, ticked
+        assert choices["voice:espeak"] == t("talk.voice_offline", "en") and len(choices) == 5
+        assert not any("zh-CN" in data for data in choices)  # the voices of the user's language only
+
+        mark = fake.mark()
+        fake.press_button(listed.result, "voice:en-GB-RyanNeural")
+        answered = await fake.wait_for("answerCallbackQuery", since=mark, timeout=10)
+        assert answered.params["text"] == t("talk.voice_set", "en", voice="Ryan (en-GB)")
+        assert await service.storage.user_voice(f"telegram:{ANN}") == "en-GB-RyanNeural"
+
+        mark = fake.mark()
+        fake.send_message(ANN, None, "/talk Hello everyone")
+        await fake.wait_for("sendVideo", since=mark, timeout=60)
+        mark = fake.mark()
+        fake.send_message(ANN, None, "/privacy")
+        privacy = await fake.wait_for("sendMessage", since=mark, timeout=10)
+        assert t("talk.privacy_online", "en") in privacy.params["text"]
+        await fake.wait_idle()
+        (job,) = [j for j in await service.storage.user_jobs(f"telegram:{ANN}", ["delivered"]) if j.kind == "talk"]
+        assert job.params["voice"] == "en-GB-RyanNeural" and job.params["text"] == "Hello everyone"
+
+
+async def test_voice_offers_only_the_offline_voice_when_edge_is_off(fake_telegram: FakeTelegram,
+                                                                    settings: Any) -> None:
+    fake = fake_telegram
+    async with open_service(settings) as service:  # talk_tts left at its default, ["espeak"]
+        mark = fake.mark()
+        fake.send_message(ANN, None, "/voice")
+        said = await fake.wait_for("sendMessage", since=mark, timeout=10)
+        assert said.params["text"] == t("talk.voice_offline_only", "en") and "reply_markup" not in said.params
+        mark = fake.mark()
+        fake.press_button(said.result, "voice:en-GB-RyanNeural")  # an old button from when edge was on
+        answered = await fake.wait_for("answerCallbackQuery", since=mark, timeout=10)
+        assert answered.params["text"] == t("button.stale", "en")
+        assert await service.storage.user_voice(f"telegram:{ANN}") is None
+        mark = fake.mark()
+        fake.send_message(ANN, None, "/privacy")
+        privacy = await fake.wait_for("sendMessage", since=mark, timeout=10)
+        assert t("safety.consent", "en").split(".")[0] in privacy.params["text"]
+        assert "Microsoft" not in privacy.params["text"]

@@ -19,7 +19,9 @@ from facechain_core.talk import (
     mel_spectrogram, mel_windows,
 )
 from facechain_core.tiny.talk import CONSTANT_BGR, build_lipsync
-from facechain_core.tts import EdgeTTS, EspeakTTS, Speech, decode_audio, engines_from_settings, rms, speak
+from facechain_core.tts import (
+    OFFLINE_VOICE, EdgeTTS, EspeakTTS, Speech, decode_audio, engines_from_settings, rms, speak,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -77,6 +79,23 @@ def test_the_offline_engine_takes_over_when_the_online_one_fails() -> None:
     assert [e.name for e in engines_from_settings({})] == ["espeak-ng"]  # nothing leaves the server by default
     with pytest.raises(ValueError, match="unknown engine"):
         engines_from_settings({"talk_tts": ["cloud"]})
+
+
+def test_a_chosen_voice_reaches_the_online_engine_and_offline_skips_it() -> None:
+    asked: list[str | None] = []
+
+    class RecordingEdge(EdgeTTS):
+        def synthesize(self, text: str, language: str = "en", voice: str | None = None) -> Speech:
+            asked.append(voice)
+            return Speech(np.full(2400, 0.1, np.float32), 24_000)
+
+    speech, engine = speak("Hello", "en", [RecordingEdge(), EspeakTTS()], voice="en-GB-RyanNeural")
+    assert engine == "edge-tts" and asked == ["en-GB-RyanNeural"]
+    speech, engine = speak("Hello", "en", [RecordingEdge(), EspeakTTS()], voice=OFFLINE_VOICE)
+    assert engine == "espeak-ng" and asked == ["en-GB-RyanNeural"] and rms(speech.samples) > 0.02
+    _, engine = speak("Hello", "en", [EspeakTTS()], voice="en-GB-RyanNeural")  # edge switched off since
+    assert engine == "espeak-ng"
+    assert "en-GB-RyanNeural" in EdgeTTS.LANGUAGE_VOICES["en"] and EdgeTTS.VOICES["zh"] in EdgeTTS.LANGUAGE_VOICES["zh"]
 
 
 def test_mel_windows_have_wav2lips_shape_and_follow_the_frames() -> None:
