@@ -4,11 +4,11 @@ The parser is a SegFormer semantic-segmentation checkpoint loaded through transf
 mattmdjaga/segformer_b2_clothes; any checkpoint whose ``id2label`` names its garment classes works).
 Garment classes are found by name, so the label layout is read from the checkpoint, never assumed.
 
-The control map is a documented stand-in for a depth estimator: the distance of each person pixel
-to the silhouette's edge, normalised to 0..255 (near = bright, as in MiDaS/ZoeDepth maps), with the
-parsed part boundaries drawn darker so arms in front of the body stay visible. It keeps the pose and
-framing for a depth ControlNet without a second model; a real depth or openpose map can be passed
-to the pipeline instead.
+The control map is the wearer's silhouette in the form of a depth map: the distance of each person
+pixel to the silhouette's edge, normalised to 0..255 (near = bright, as in MiDaS/ZoeDepth maps), with
+the parsed part boundaries drawn darker so arms in front of the body stay visible. The try-on gives it
+to a depth ControlNet beside the openpose skeleton (``facechain_core.pose``), so the repainted arms and
+legs keep the kept garment's outline without a depth estimator.
 """
 from __future__ import annotations
 

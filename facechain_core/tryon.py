@@ -1,20 +1,21 @@
 """Virtual try-on: the outfit photo's garment, pose and framing, worn by the user.
 
 Steps of a job: parse the outfit photo (``garment.ClothesParser``) into a garment mask (upper,
-lower, dress classes) that is dilated and feathered; repaint everything *except* the garment with
-SD1.5 inpainting + a depth ControlNet (``StableDiffusionControlNetInpaintPipeline``, loaded with
-the stock diffusers loaders) conditioned on the user's IP-Adapter FaceID embedding (and their LoRA
-when trained); paste the original garment pixels back through the feathered mask so the garment
-stays faithful; rank the candidates by face similarity as portraits do.
-
-The control image is ``garment.control_map`` (a depth-like map from the parser's person mask:
-no depth or pose estimator is loaded), unless ``params["control_image"]`` names one.
+lower, dress classes) that is dilated and feathered; find the wearer's pose with DWPose on the
+parser's person box (``pose.PoseEstimator``) and draw it as OpenPose does; repaint everything
+*except* the garment with SD1.5 inpainting + two ControlNets (``StableDiffusionControlNetInpaintPipeline``
+with the stock diffusers loaders): openpose on that skeleton, and depth on ``garment.control_map``,
+the person's silhouette, so arms and legs keep the garment's outline; conditioned on the user's
+IP-Adapter FaceID embedding (and their LoRA when trained); paste the original garment pixels back
+through the feathered mask so the garment stays faithful; rank the candidates by face similarity as
+portraits do. ``params["pose_image"]`` replaces the skeleton with a given OpenPose picture.
 
 Settings: the portrait's shared ones (``face_filter``, ``oversample``, ``batch_size``,
 ``detector_kind``) and a ``tryon`` table: ``side`` (512, the working size's longer side),
-``steps`` (30), ``guidance_scale`` (7.0), ``control_scale`` (1.0), ``identity_weight`` (1.0),
-``dilate_px`` (6), ``feather_px`` (8) at 512 px (scaled with ``side``), ``prompt``, ``negative_prompt``.
-Models come from the manifest (``sd15-inpainting``, ``controlnet-depth-sd15``,
+``steps`` (30), ``guidance_scale`` (7.0), ``pose_scale`` (1.0) and ``silhouette_scale`` (0.5), the
+two ControlNets' weights, ``identity_weight`` (1.0), ``dilate_px`` (6), ``feather_px`` (8) at 512 px
+(scaled with ``side``), ``prompt``, ``negative_prompt``. Models come from the manifest
+(``sd15-inpainting``, ``controlnet-openpose-sd15``, ``controlnet-depth-sd15``, ``dwpose-wholebody``,
 ``segformer-clothes``, ``ip-adapter-faceid-sd15``) or ``model_paths`` overrides.
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ from facechain_core.garment import ClothesParser, Parsing, control_map, feather_
 from facechain_core.garment import MIN_GARMENT_FRACTION, MIN_PERSON_FRACTION
 from facechain_core.identity import open_arcface, pull_command
 from facechain_core.pipeline import JobResult, PipelineContext, Progress
+from facechain_core.pose import Pose, PoseEstimator, draw_openpose, openpose_body, person_box
 from facechain_core.portrait import DEFAULTS, DTYPES, MAX_COUNT, PortraitPipeline, ResidentBase, _to_uint8
 from facechain_core.resident import SHARED_KEY, ResidentPipelines
 
@@ -41,16 +43,19 @@ log = logging.getLogger(__name__)
 FEATURE = "tryon"
 RESIDENT_KEY = "tryon:sd15"
 # setting in the tryon table -> model name in the manifest
-MODELS = {"inpaint_path": "sd15-inpainting", "controlnet_path": "controlnet-depth-sd15",
+MODELS = {"inpaint_path": "sd15-inpainting", "openpose_controlnet_path": "controlnet-openpose-sd15",
+          "depth_controlnet_path": "controlnet-depth-sd15", "pose_path": "dwpose-wholebody",
           "parser_path": "segformer-clothes", "ip_adapter_path": "ip-adapter-faceid-sd15"}
 TRYON_DEFAULTS: dict[str, Any] = {
-    "side": 512, "steps": 30, "guidance_scale": 7.0, "control_scale": 1.0, "identity_weight": 1.0,
+    "side": 512, "steps": 30, "guidance_scale": 7.0, "pose_scale": 1.0, "silhouette_scale": 0.5,
+    "identity_weight": 1.0,
     "dilate_px": 6, "feather_px": 8,
     "prompt": "a photo of a person wearing the outfit, natural skin, detailed face, best quality",
     "negative_prompt": "lowres, blurry, deformed face, extra limbs, watermark",
 }
 REFERENCE_SIDE = 512  # dilate_px and feather_px are given at this side
 SIZE_MULTIPLE = 64  # latents of the real VAE (8x) must divide by the UNet's 8x downsampling
+MIN_POSE_POINTS = 4  # of OpenPose's 18 body points, below which there is no body pose to keep
 
 
 class TryOnPipeline(PortraitPipeline):
@@ -62,24 +67,26 @@ class TryOnPipeline(PortraitPipeline):
         super().__init__(detector_factory)
         self._tryon: dict[str, Any] = {}
         self._parser: ClothesParser | None = None
+        self._pose: PoseEstimator | None = None
 
     def load(self, context: PipelineContext) -> None:
-        """Open the parser, ArcFace and the face detector; make the inpainting base resident."""
+        """Open the parser, the pose model, ArcFace and the face detector; make the inpainting base resident."""
         self._context = context
         self._settings = {**DEFAULTS, **context.settings}
         self._tryon = {**TRYON_DEFAULTS, **(context.settings.get("tryon") or {})}
         self._resident = context.shared.setdefault(SHARED_KEY, ResidentPipelines(context.memory_budget_mb * 2**20))
         self._parser = ClothesParser(self._model("parser_path"), context.device)
+        self._pose = PoseEstimator(self._model("pose_path"), context.device)
         self._arcface = open_arcface(context)
         if self._settings["face_filter"]:
             self._detector = self._open_detector()
         self.base("sd15")
 
     def close(self) -> None:
-        """Evict the inpainting base and drop the parser."""
+        """Evict the inpainting base and drop the parser and the pose model."""
         if self._resident is not None:
             self._resident.evict(RESIDENT_KEY)
-        self._arcface = self._detector = self._parser = None
+        self._arcface = self._detector = self._parser = self._pose = None
 
     def base(self, family: str = "sd15") -> ResidentBase:
         """Return the resident inpainting base (SD1.5 only), loading it on first use."""
@@ -93,7 +100,7 @@ class TryOnPipeline(PortraitPipeline):
 
     def run(self, params: dict[str, Any], progress: Progress) -> JobResult:
         """Dress the user in the outfit photo's garment; write ranked PNGs."""
-        if self._parser is None or self._arcface is None:
+        if self._parser is None or self._pose is None or self._arcface is None:
             raise RuntimeError("TryOnPipeline.run called before load")
         cfg = self._tryon
         # 1. The job's numbers and the outfit at the working size.
@@ -104,15 +111,16 @@ class TryOnPipeline(PortraitPipeline):
         first_seed = secrets.randbelow(2**31) if first_seed is None else int(first_seed)
         seeds = [first_seed + i for i in range(count * max(1, int(self._settings["oversample"])))]
         outfit = working_image(Path(params["outfit"]), int(cfg["side"]))
-        # 2. Parse: the garment to keep, the person to repaint.
+        # 2. Parse: the garment to keep, the person to repaint, the wearer's pose.
         parsing = self._parser.parse(outfit)
         check_parsing(parsing)
+        pose = pose_image(params.get("pose_image"), self._pose, outfit, parsing.person)
         scale = outfit.shape[1] / REFERENCE_SIDE if outfit.shape[1] >= outfit.shape[0] else \
             outfit.shape[0] / REFERENCE_SIDE
         keep = feather_mask(parsing.garment, round(int(cfg["dilate_px"]) * scale),
                             round(int(cfg["feather_px"]) * scale))
         repaint = Image.fromarray(((keep < 1.0) * 255).astype(np.uint8))
-        control = control_image(params.get("control_image"), parsing, outfit.shape[:2])
+        controls = [pose, Image.fromarray(control_map(parsing))]
         # 3. Identity and LoRA on the resident base.
         identity = self._load_identity(params["identity"], params.get("selfies"))
         base = self.base()
@@ -127,7 +135,7 @@ class TryOnPipeline(PortraitPipeline):
         batch = max(1, int(self._settings["batch_size"]))
         chunks = [seeds[i:i + batch] for i in range(0, len(seeds), batch)]
         total = int(cfg["steps"]) * len(chunks) + 1
-        generated = self._inpaint(base, outfit, repaint, control, identity.embedding, chunks, progress, total,
+        generated = self._inpaint(base, outfit, repaint, controls, identity.embedding, chunks, progress, total,
                                   set_up, str(params.get("prompt") or cfg["prompt"]))
         candidates = [composite(outfit, image, keep) for image in generated]
         # 5. Rank by face similarity to the identity.
@@ -149,10 +157,10 @@ class TryOnPipeline(PortraitPipeline):
                  100 * parsing.garment_fraction)
         return JobResult(files=files, meta=meta)
 
-    def _inpaint(self, base: ResidentBase, outfit: np.ndarray, repaint: Image.Image, control: Image.Image,
+    def _inpaint(self, base: ResidentBase, outfit: np.ndarray, repaint: Image.Image, controls: list[Image.Image],
                  embedding: np.ndarray, chunks: list[list[int]], progress: Progress, total: int,
                  set_up: Any, prompt: str) -> list[np.ndarray]:
-        """Run the ControlNet inpainting pipeline once per chunk of seeds; report each step."""
+        """Run the ControlNet inpainting pipeline (pose, silhouette) once per chunk of seeds; report each step."""
         cfg = self._tryon
         guidance = float(cfg["guidance_scale"])
         use_cfg = guidance > 1.0
@@ -178,9 +186,10 @@ class TryOnPipeline(PortraitPipeline):
                     set_up()
             out = pipe(
                 prompt=prompt, negative_prompt=cfg["negative_prompt"] or None, image=image, mask_image=repaint,
-                control_image=control, height=height, width=width, strength=1.0,
+                control_image=controls, height=height, width=width, strength=1.0,
                 num_inference_steps=int(cfg["steps"]), guidance_scale=guidance,
-                controlnet_conditioning_scale=float(cfg["control_scale"]), num_images_per_prompt=len(chunk),
+                controlnet_conditioning_scale=[float(cfg["pose_scale"]), float(cfg["silhouette_scale"])],
+                num_images_per_prompt=len(chunk),
                 generator=[torch.Generator("cpu").manual_seed(s) for s in chunk],
                 ip_adapter_image_embeds=[ip_embeds], callback_on_step_end=on_step_end, output_type="np",
             )
@@ -204,21 +213,22 @@ class TryOnPipeline(PortraitPipeline):
         return path
 
     def _load_inpaint_base(self) -> ResidentBase:
-        """Load SD1.5 inpainting with the ControlNet and IP-Adapter FaceID through diffusers' loaders."""
+        """Load SD1.5 inpainting with the openpose and depth ControlNets and IP-Adapter FaceID (diffusers' loaders)."""
         from diffusers import ControlNetModel, StableDiffusionControlNetInpaintPipeline
 
         assert self._context is not None
         dtype = DTYPES.get(self._context.dtype, torch.float32)
-        controlnet = ControlNetModel.from_pretrained(self._model("controlnet_path"), dtype=dtype, local_files_only=True)
+        controlnets = [ControlNetModel.from_pretrained(self._model(setting), dtype=dtype, local_files_only=True)
+                       for setting in ("openpose_controlnet_path", "depth_controlnet_path")]
         pipe = StableDiffusionControlNetInpaintPipeline.from_pretrained(
-            self._model("inpaint_path"), controlnet=controlnet, dtype=dtype, local_files_only=True,
+            self._model("inpaint_path"), controlnet=controlnets, dtype=dtype, local_files_only=True,
             safety_checker=None, requires_safety_checker=False)
         pipe.to(self._context.device)
         pipe.set_progress_bar_config(disable=True)
         adapter = self._model("ip_adapter_path")
         pipe.load_ip_adapter(str(adapter.parent), subfolder=None, weight_name=adapter.name,
                              image_encoder_folder=None, local_files_only=True)
-        log.info("loaded try-on base (SD1.5 inpainting + ControlNet + IP-Adapter FaceID)")
+        log.info("loaded try-on base (SD1.5 inpainting + openpose and depth ControlNets + IP-Adapter FaceID)")
         return ResidentBase(pipe=pipe, family="sd15", plus=False, schedulers={"": pipe.scheduler})
 
 
@@ -243,12 +253,24 @@ def check_parsing(parsing: Parsing) -> None:
         raise UserFacingError("tryon.no_garment")
 
 
-def control_image(path: str | None, parsing: Parsing, size: tuple[int, int]) -> Image.Image:
-    """The ControlNet's image: a given depth/pose map resized to the working size, else control_map."""
+def pose_image(path: str | None, estimator: PoseEstimator, outfit: np.ndarray, person: np.ndarray) -> Image.Image:
+    """The openpose ControlNet's picture: a given one at the working size, else the wearer's skeleton."""
+    height, width = outfit.shape[:2]
     if path:
         with Image.open(path) as im:
-            return im.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
-    return Image.fromarray(control_map(parsing))
+            return im.convert("RGB").resize((width, height), Image.BILINEAR)
+    box = person_box(person)
+    if box is None:
+        raise UserFacingError("tryon.no_person")
+    body = openpose_body(estimator.estimate(outfit, box))
+    check_pose(body)
+    return Image.fromarray(draw_openpose(body, (height, width)))
+
+
+def check_pose(body: Pose) -> None:
+    """Refuse a picture whose wearer shows too little of a body to keep the pose of."""
+    if int(body.confident().sum()) < MIN_POSE_POINTS:
+        raise UserFacingError("tryon.no_pose")
 
 
 def composite(original: np.ndarray, generated: np.ndarray, keep: np.ndarray) -> np.ndarray:

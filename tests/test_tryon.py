@@ -1,5 +1,6 @@
 """Try-on engine on tiny models of the real formats: SegFormer clothes parser -> feathered garment
-mask, SD1.5 inpainting + ControlNet + IP-Adapter FaceID, garment pasted back, candidates ranked."""
+mask, DWPose skeleton, SD1.5 inpainting + openpose and depth ControlNets + IP-Adapter FaceID, garment
+pasted back, candidates ranked."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,6 +14,7 @@ from facechain_core.errors import ModelNotInstalled, UserFacingError
 from facechain_core.garment import ClothesParser, feather_mask
 from facechain_core.identity import Identity, save_identity
 from facechain_core.pipeline import PipelineContext
+from facechain_core.pose import Pose, PoseEstimator, draw_openpose, openpose_body
 from facechain_core.tiny.tryon import PALETTE, build_tryon_models, draw_outfit
 from facechain_core.tryon import TryOnPipeline, check_parsing, working_image
 
@@ -122,19 +124,23 @@ def test_garment_is_kept_and_the_rest_regenerated(pipeline: Any, tryon_models: d
     assert np.array_equal(_run(pipeline, tmp_path, outfit, identity, "b"), output)
 
 
-def test_identity_and_control_map_steer_the_repainted_region(pipeline: Any, tmp_path: Path) -> None:
+def test_identity_and_pose_steer_the_repainted_region(pipeline: Any, tmp_path: Path) -> None:
     outfit = _save(draw_outfit(128, seed=6), tmp_path / "outfit.png")
     identity = _identity(tmp_path / "id.npz", 1)
     base = _run(pipeline, tmp_path, outfit, identity, "base")
     other_id = _run(pipeline, tmp_path, outfit, _identity(tmp_path / "id2.npz", 2), "id2")
-    # Same seed and control map: the embedding alone moves the repainted pixels (exactly 0 for one identity).
+    # Same seed and pose: the embedding alone moves the repainted pixels (exactly 0 for one identity).
     assert np.abs(other_id - base).mean() > 0.2
-    pose_a = _save(draw_outfit(128, arm_angle=1.2, shift=10, seed=6), tmp_path / "pose_a.png")
-    pose_b = _save(np.zeros((128, 128, 3), np.uint8), tmp_path / "pose_b.png")
-    with_a = _run(pipeline, tmp_path, outfit, identity, "pa", control_image=str(pose_a))
-    with_b = _run(pipeline, tmp_path, outfit, identity, "pb", control_image=str(pose_b))
+    # Same seed, a different pose picture for the openpose ControlNet: a different result.
+    body = openpose_body(PoseEstimator(pipeline._model("pose_path")).estimate(
+        working_image(outfit, SIDE), (16.0, 0.0, 48.0, 64.0)))
+    moved = Pose(body.keypoints + np.float32(9.0), body.scores)
+    pose_a = _save(draw_openpose(body, (SIDE, SIDE)), tmp_path / "pose_a.png")
+    pose_b = _save(draw_openpose(moved, (SIDE, SIDE)), tmp_path / "pose_b.png")
+    with_a = _run(pipeline, tmp_path, outfit, identity, "pa", pose_image=str(pose_a))
+    with_b = _run(pipeline, tmp_path, outfit, identity, "pb", pose_image=str(pose_b))
     assert np.abs(with_a - with_b).mean() > 0.2
-    assert np.abs(with_a - base).mean() > 0.2  # the given map replaces the parser's own
+    assert np.abs(with_a - base).mean() > 0.2  # the given picture replaces the estimated skeleton
 
 
 def test_run_refuses_an_outfit_photo_without_a_person(pipeline: Any, tmp_path: Path) -> None:
@@ -146,14 +152,15 @@ def test_run_refuses_an_outfit_photo_without_a_person(pipeline: Any, tmp_path: P
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("missing", ["segformer-clothes", "dwpose-wholebody", "controlnet-openpose-sd15"])
 def test_missing_model_is_not_installed(tiny_models: dict[str, Path], tryon_models: dict[str, Path],
-                                        tmp_path: Path) -> None:
+                                        tmp_path: Path, missing: str) -> None:
     paths = _model_paths(tiny_models, tryon_models)
-    del paths["segformer-clothes"]
+    del paths[missing]
     context = PipelineContext(models_dir=tmp_path, settings={"face_filter": False, "model_paths": paths})
     with pytest.raises(ModelNotInstalled) as info:
         TryOnPipeline().load(context)
-    assert info.value.details["model"] == "segformer-clothes"
+    assert info.value.details["model"] == missing
 
 
 def test_the_users_lora_joins_the_identity(pipeline: Any, tiny_models: dict[str, Path], tmp_path: Path) -> None:

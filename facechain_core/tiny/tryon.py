@@ -1,8 +1,9 @@
-"""Tiny models of the try-on formats: SD1.5 inpainting, a ControlNet, a SegFormer clothes parser.
+"""Tiny models of the try-on formats: SD1.5 inpainting, ControlNets, a SegFormer clothes parser (the
+DWPose-shaped pose model is ``tiny.pose``).
 
 * ``build_sd15_inpaint`` - a ``StableDiffusionInpaintPipeline`` folder whose UNet takes 9 input channels
   (latents 4 + mask 1 + masked-image latents 4), the layout of stable-diffusion-inpainting.
-* ``build_controlnet`` - a ``ControlNetModel`` folder for that UNet (the layout of the SD1.5 depth or
+* ``build_controlnet`` - a ``ControlNetModel`` folder for that UNet (the layout of the SD1.5 depth and
   openpose ControlNets); its zero convolutions are random so the control image acts in tests.
 * ``build_clothes_parser`` - ``SegformerForSemanticSegmentation`` + ``SegformerImageProcessor`` with
   the 18 labels of mattmdjaga/segformer_b2_clothes. Random weights would segment noise, so the
@@ -20,6 +21,7 @@ import torch
 from diffusers import AutoencoderKL, ControlNetModel, StableDiffusionInpaintPipeline, UNet2DConditionModel
 
 from facechain_core.tiny._common import randomise_zero_weights
+from facechain_core.tiny.pose import build_pose
 from facechain_core.tiny.sd import build_sd15, sd15_unet_config
 
 log = logging.getLogger(__name__)
@@ -176,7 +178,9 @@ def _fit_classifier(model: torch.nn.Module, processor: object, steps: int, seed:
 # Where build_tryon_models puts each model: the manifest's paths (models.toml), as tiny.TINY_LAYOUT.
 TRYON_LAYOUT: dict[str, str] = {
     "sd15-inpainting": "sd15-inpainting",
+    "controlnet-openpose-sd15": "controlnet/control_v11p_sd15_openpose",
     "controlnet-depth-sd15": "controlnet/control_v11f1p_sd15_depth",
+    "dwpose-wholebody": "dwpose/dw-ll_ucoco_384.onnx",
     "segformer-clothes": "segformer_b2_clothes",
 }
 
@@ -189,6 +193,8 @@ def build_tryon_models(out_dir: Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
     at = {name: out_dir / rel for name, rel in TRYON_LAYOUT.items()}
     build_sd15_inpaint(at["sd15-inpainting"])
+    build_controlnet(at["controlnet-openpose-sd15"], at["sd15-inpainting"], seed=1)
     build_controlnet(at["controlnet-depth-sd15"], at["sd15-inpainting"])
+    build_pose(at["dwpose-wholebody"])
     build_clothes_parser(at["segformer-clothes"])
     return at
