@@ -123,13 +123,17 @@ async def open_service(settings: Settings, extra_kinds: Iterable[JobKind] = ()) 
         def channel_for(chat: Chat) -> ReplyChannel:
             return adapters[chat.platform].channel_for(chat)
 
+        async def private_chat(user: User) -> Chat:
+            return await adapters[user.platform].private_chat(user)
+
         features = await asyncio.to_thread(
             installed_features, settings.models_dir, {k: str(v) for k, v in settings.model_paths.items()})
         log.info("features installed: %s", ", ".join(sorted(features)) or "none")
         if settings.pipeline.get("safe_mode", True) and "safety" not in features:
             log.warning("safe mode is on but the safety checker is not installed: generated pictures go out "
                         "unchecked until `facechain-bot models pull safety` (or [pipeline] safety_required = true)")
-        services = Services.build(settings, storage, channel_for=channel_for, features_installed=features,
+        services = Services.build(settings, storage, channel_for=channel_for, private_chat=private_chat,
+                                  features_installed=features,
                                   styles=load_styles(settings.styles_dir))
         metrics = JobMetrics() if settings.metrics.enabled else None
         scheduler = Scheduler(

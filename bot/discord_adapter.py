@@ -227,6 +227,10 @@ class DiscordAdapter:
         """A channel into any chat from its ids alone, e.g. to deliver a job's result after a restart."""
         return DiscordChannel(self.link, chat, language=language or self._default_language)
 
+    async def private_chat(self, user: User) -> Chat:
+        """The user's DM with the bot (Discord gives it its own id; opened once, then remembered)."""
+        return await self.link.dm_chat(user)
+
     # -- interactions ----------------------------------------------------------------------------
     async def run_command(self, interaction: discord.Interaction, name: str | None, args: list[str],
                           attachments: list[discord.Attachment]) -> None:

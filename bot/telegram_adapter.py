@@ -468,6 +468,10 @@ class TelegramAdapter:
         """A channel into any chat, e.g. to deliver a job's result after a restart."""
         return TelegramChannel(self.bot, chat, language=language or self._default_language, options=self._options())
 
+    async def private_chat(self, user: User) -> Chat:
+        """The user's private chat with the bot: on Telegram its id is the user's."""
+        return Chat(platform=PLATFORM, id=user.id, is_private=True)
+
     def _options(self) -> ChannelOptions:
         share_inline = self._started and bool(self.bot.supports_inline_queries)
         return ChannelOptions(self._queue, share_inline, self.settings.inline_cache_s)

@@ -5,18 +5,17 @@ choose which commands work there, safe mode (every job from the group runs with 
 checker: ``safe_mode=True`` in its params) and a daily limit of jobs per member. /settings shows
 the rules with buttons; every press is checked against the presser's admin rights again.
 Handlers read the rules with ``chat_settings(services, chat)``; the router runs ``check_command``
-before every command, and ``progress.submit_with_progress`` runs ``admit_job`` before every job.
+before every command, and ``admit_job`` is an admission check (``handlers.hooks``) run before every job.
 """
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from facechain_core.errors import UserFacingError
-from handlers import buttons, router
+from handlers import buttons, hooks, router
 from handlers.messages import t
 from handlers.protocols import Button, Chat, Event, MessageRef, ReplyChannel
 from handlers.services import Services
@@ -81,21 +80,17 @@ async def check_command(services: Services, event: Event, command: router.Comman
         raise UserFacingError("groups.command_off", command=command.name)
 
 
-async def admit_job(services: Services, event: Event, kind: str,
-                    params: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], Awaitable[None]]]:
+async def admit_job(services: Services, event: Event, kind: str, params: dict[str, Any]) -> hooks.Admission | None:
     """Applies the group's rules to a job about to be submitted: refuses it when its command is off
-    or the member's jobs for today are used up; adds ``safe_mode``. Returns the params and a refund
-    to call when the submission fails after all."""
-    async def nothing() -> None:
-        return None
-
+    or the member's jobs for today are used up; adds ``safe_mode``. The admission's undo gives the
+    member's share of the daily limit back when the submission fails after all."""
     if event.chat.is_private:
-        return params, nothing
+        return None
     settings = await load_settings(services, event.chat)
     command = KIND_COMMANDS.get(kind, kind)
     if command in switchable_commands() and not settings.allows(command):
         raise UserFacingError("groups.command_off", command=command)
-    refund = nothing
+    refund: hooks.Undo | None = None
     if settings.daily_limit:
         storage: Any = services.storage
         chat_key, user_key, day = event.chat.key, event.user.key, _today()
@@ -109,7 +104,7 @@ async def admit_job(services: Services, event: Event, kind: str,
         refund = give_back
     if settings.safe_mode:
         params = {**params, "safe_mode": True}
-    return params, refund
+    return hooks.Admission(params, refund)
 
 
 def _today() -> str:
@@ -227,4 +222,5 @@ def render_commands(settings: ChatSettings, lang: str) -> tuple[str, list[list[B
 
 router.register_command("settings", show_settings, "help.settings")
 router.register_gate(check_command)
+hooks.register_admission_check(admit_job, hooks.AdmissionStage.CHAT)
 buttons.register_core_button(ACTION, press_setting)

@@ -4,7 +4,8 @@ The scheduler's job sink calls ``show_progress``, ``deliver_result``, ``report_f
 ``report_cancelled`` with the job row (``bot.storage.Job``, duck-typed). Progress edits are
 throttled to ``settings.scheduler.progress_interval_s``; the final state is always shown.
 Delivery dispatches on the job kind to a registered presenter; the default one sends images as
-an album with the registered result buttons and records each delivered artifact.
+an album with the registered result buttons and records each delivered artifact. What features add
+to every job (quota and group checks, the AI note, Report buttons) comes through ``handlers.hooks``.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from facechain_core.errors import UserFacingError
-from handlers import buttons
+from handlers import buttons, hooks
 from handlers.messages import catalogue, t
 from handlers.protocols import Button, Chat, Event, Media, MessageRef, ReplyChannel, Submitted
 from handlers.services import ProgressMemo, Services
@@ -99,16 +100,12 @@ def error_text(error: Any, lang: str) -> str:
 # -- submitting ---------------------------------------------------------------------------------
 async def submit_with_progress(services: Services, event: Event, channel: ReplyChannel, kind: str,
                                params: dict[str, Any]) -> Submitted:
-    """Submits a job, then answers with its queue position and a Cancel button (its progress message)."""
-    from handlers import chat_settings  # registers /settings: imported where used, keeping the menu order
-    from handlers import safety  # likewise (/privacy, /quota)
-
-    await safety.check_quota(services, event, kind)  # the user's daily quota of this kind
-    params, refund = await chat_settings.admit_job(services, event, kind, params)  # a group's rules
+    """Admits and submits a job, then answers with its queue position and a Cancel button (its progress message)."""
+    params, undo = await hooks.admit(services, event, kind, params)  # quotas, a group's rules (features add them)
     try:
         submitted = await services.jobs.submit(event.user.key, kind, params, event.chat)
     except BaseException:
-        await refund()
+        await undo()
         raise
     text = queued_text(kind, submitted.position, submitted.eta_s, event.language)
     ref = await channel.send_text(text, cancel_button(submitted.job_id, event.language))
@@ -185,15 +182,13 @@ async def report_cancelled(services: Services, job: JobLike) -> None:
 async def present_default(services: Services, job: JobLike, artifacts: list[Any], channel: ReplyChannel,
                           lang: str, caption: str | None = None) -> None:
     """Sends images as one album (caption and result buttons), videos and audio one by one; every
-    caption carries the AI-generated note and every result a Report button."""
-    from handlers import safety  # imported where used, keeping the command menu's order
-
+    caption and keyboard gets the registered decorations (the AI-generated note, a Report button)."""
     platform = channel.chat.platform
     todo = [a for a in artifacts if a.delivered_at is None]
     images = [a for a in todo if a.media_type.startswith("image/")]
     if images:
-        text = safety.result_caption(services, job, caption or t("result.caption", lang), lang)
-        keyboard = safety.with_report_buttons(buttons.result_keyboard(images, lang), images, lang)
+        text = hooks.decorate_caption(services, job, caption or t("result.caption", lang), lang)
+        keyboard = hooks.result_keyboard(services, job, images, lang)
         sent = await channel.send_images([_media(a, platform) for a in images], caption=text, buttons=keyboard)
         for artifact, file in zip(images, sent, strict=False):
             await services.storage.mark_delivered(artifact.id, platform, file.file_id)
@@ -201,12 +196,11 @@ async def present_default(services: Services, job: JobLike, artifacts: list[Any]
     for artifact in todo:
         if artifact.id in image_ids:
             continue
-        keyboard = safety.with_report_buttons(buttons.result_keyboard([artifact], lang), [artifact], lang)
         if artifact.media_type.startswith("video/"):
-            file = await channel.send_video(_media(artifact, platform), caption=safety.result_caption(
-                services, job, caption, lang), buttons=keyboard)
+            file = await channel.send_video(_media(artifact, platform), caption=hooks.decorate_caption(
+                services, job, caption, lang), buttons=hooks.result_keyboard(services, job, [artifact], lang))
         elif artifact.media_type.startswith("audio/"):
-            file = await channel.send_audio(_media(artifact, platform), caption=safety.result_caption(
+            file = await channel.send_audio(_media(artifact, platform), caption=hooks.decorate_caption(
                 services, job, caption, lang))
         else:
             # Other files (embeddings, LoRA weights) are the bot's own, not for the chat.

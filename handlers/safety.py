@@ -7,9 +7,10 @@
   refused with the reason (a router user gate), except /privacy and /delete, which stay theirs.
   ``/admin unban USER``, ``/admin bans``, ``/admin stats`` (users, jobs per state, queue, safe mode).
 - Quotas: jobs per user per UTC day and job kind (``[quotas]``), checked before every job a command
-  starts (``progress.submit_with_progress``); admins are exempt; /quota shows what is left.
+  starts (an admission check of ``handlers.hooks``); admins are exempt; /quota shows what is left.
 - /privacy lists what is stored about the user and when each part expires (``[retention]``).
-- Captions of results say they are AI-generated (and how many pictures safe mode held back).
+- Captions of results say they are AI-generated (and how many pictures safe mode held back), and
+  every result gets its Report buttons: decorations registered in ``handlers.hooks``.
 
 Times here are wall-clock Unix seconds from ``services.wall_clock`` when set (tests), else ``time.time``.
 """
@@ -24,9 +25,10 @@ from facechain_core.errors import UserFacingError
 from facechain_core.safety import DEFAULT_SERVICE
 from facechain_core.safety import FEATURE as SAFETY_FEATURE
 from facechain_core.tts import edge_enabled
-from handlers import buttons, router
+from handlers import buttons, hooks, router
 from handlers.messages import t
-from handlers.protocols import Button, Chat, Event, Media, ReplyChannel
+from handlers.progress import format_duration, kind_label
+from handlers.protocols import Button, Event, Media, ReplyChannel, User
 from handlers.services import Services
 
 log = logging.getLogger(__name__)
@@ -55,18 +57,6 @@ def day_start(now: float) -> float:
 
 def _date(ts: float) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(ts))
-
-
-def _duration(seconds: float, lang: str) -> str:
-    from handlers.progress import format_duration  # progress imports this module where it is used
-
-    return format_duration(seconds, lang)
-
-
-def _kind_label(kind: str, lang: str) -> str:
-    from handlers.progress import kind_label
-
-    return kind_label(kind, lang)
 
 
 # -- consent and labels ---------------------------------------------------------------------------
@@ -112,6 +102,12 @@ def with_report_buttons(keyboard: list[list[Button]] | None, artifacts: list[Any
     return rows or None
 
 
+def add_report_buttons(services: Services, job: Any, keyboard: list[list[Button]] | None, artifacts: list[Any],
+                       lang: str) -> list[list[Button]] | None:
+    """A result keyboard decoration: the Report buttons (see ``with_report_buttons``)."""
+    return with_report_buttons(keyboard, artifacts, lang)
+
+
 def safety_status(services: Services) -> tuple[bool, bool]:
     """(safe mode on globally, safety checker installed)."""
     pipeline = getattr(services.settings, "pipeline", None) or {}
@@ -126,7 +122,7 @@ def quota_of(services: Services, kind: str) -> int:
 
 def _reset_words(now: float, lang: str) -> dict[str, str]:
     reset = day_start(now) + DAY_S
-    return {"reset": time.strftime("%H:%M UTC", time.gmtime(reset)), "wait": _duration(reset - now, lang)}
+    return {"reset": time.strftime("%H:%M UTC", time.gmtime(reset)), "wait": format_duration(reset - now, lang)}
 
 
 async def check_quota(services: Services, event: Event, kind: str) -> None:
@@ -139,8 +135,13 @@ async def check_quota(services: Services, event: Event, kind: str) -> None:
     used = (await storage.jobs_per_kind(event.user.key, day_start(now))).get(kind, 0)
     if used >= limit:
         log.info("%s reached the daily quota of %s (%d)", event.user.key, kind, limit)
-        raise UserFacingError("quota.exceeded", kind=_kind_label(kind, event.language), limit=limit,
+        raise UserFacingError("quota.exceeded", kind=kind_label(kind, event.language), limit=limit,
                               **_reset_words(now, event.language))
+
+
+async def admit_within_quota(services: Services, event: Event, kind: str, params: dict[str, Any]) -> None:
+    """An admission check: ``check_quota`` before every job (it only reads, so there is nothing to give back)."""
+    await check_quota(services, event, kind)
 
 
 async def show_quota(services: Services, event: Event, channel: ReplyChannel) -> None:
@@ -155,7 +156,7 @@ async def show_quota(services: Services, event: Event, channel: ReplyChannel) ->
     limits = {k: v for k, v in (getattr(services.settings, "quotas", None) or {}).items() if v > 0}
     lines = [t("quota.header", lang, **_reset_words(now, lang))]
     for kind in sorted(set(limits) | set(used)):
-        label = _kind_label(kind, lang)
+        label = kind_label(kind, lang)
         if kind in limits:
             left = max(limits[kind] - used.get(kind, 0), 0)
             lines.append(t("quota.line", lang, kind=label, used=used.get(kind, 0), limit=limits[kind], left=left))
@@ -229,7 +230,7 @@ async def notify_admins(services: Services, report: Any, artifact: Any, reporter
                     chat=report.chat_key, artifact=artifact.id)
         keyboard = [[Button(t("safety.ban_button", lang), buttons.payload(BAN_ACTION, report.id))]]
         try:
-            channel = services.channel_for(Chat(platform, user_id, True))
+            channel = services.channel_for(await services.private_chat(User(platform, user_id)))
             if artifact.media_type.startswith("image/") and path.is_file():
                 await channel.send_images([Media(path=path)], caption=caption, buttons=keyboard)
             else:
@@ -353,5 +354,8 @@ router.register_command("privacy", show_privacy, "help.privacy")
 router.register_command("quota", show_quota, "help.quota")
 router.register_command("admin", admin_command, "help.admin", admin_only=True)
 router.register_user_gate(refuse_banned)
+hooks.register_admission_check(admit_within_quota, hooks.AdmissionStage.USER)
+hooks.register_caption_decorator(result_caption)
+hooks.register_keyboard_decorator(add_report_buttons)
 buttons.register_core_button(REPORT_ACTION, press_report)
 buttons.register_core_button(BAN_ACTION, press_ban_owner)

@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from handlers.protocols import Chat, JobQueue, MessageRef, ReplyChannel
+from handlers.protocols import Chat, JobQueue, MessageRef, ReplyChannel, User
 
 MB = 1_000_000  # decimal, as facechain_core.images reports sizes
 
@@ -78,6 +78,11 @@ class RuntimeState:
                 del self.delete_confirms[nonce]
 
 
+async def same_id_private_chat(user: User) -> Chat:
+    """The private chat whose id is the user's own (Telegram's way)."""
+    return Chat(platform=user.platform, id=user.id, is_private=True)
+
+
 @dataclass
 class Services:
     """Everything a handler needs, passed to every handler.
@@ -85,7 +90,8 @@ class Services:
     `settings` is ``bot.config.Settings`` (duck-typed: handlers read ``limits``, ``access``,
     ``scheduler.progress_interval_s`` and ``language``). `check_selfie` judges uploaded bytes
     (blocking: handlers run it in a thread) and returns a ``facechain_core.selfie.SelfieResult``
-    or raises ``UserFacingError``. `channel_for` reaches any chat, also after a restart.
+    or raises ``UserFacingError``. `channel_for` reaches any chat, also after a restart;
+    `private_chat` finds a user's private chat with the bot (on Discord a DM has its own id).
     """
 
     settings: Any
@@ -94,6 +100,7 @@ class Services:
     data_dir: Path
     check_selfie: Callable[[bytes], Any]
     channel_for: Callable[[Chat], ReplyChannel]
+    private_chat: Callable[[User], Awaitable[Chat]] = same_id_private_chat
     features_installed: set[str] = field(default_factory=set)
     styles: Any = None  # facechain_core.styles.StyleCatalog, loaded once at start
     clock: Callable[[], float] = time.monotonic
@@ -101,7 +108,7 @@ class Services:
 
     @classmethod
     def build(cls, settings: Any, storage: StorageLike, *, channel_for: Callable[[Chat], ReplyChannel],
-              jobs: JobQueue | None = None, check_selfie: Callable[[bytes], Any] | None = None,
+              private_chat: Callable[[User], Awaitable[Chat]] | None = None, jobs: JobQueue | None = None, check_selfie: Callable[[bytes], Any] | None = None,
               features_installed: Iterable[str] = (), styles: Any = None) -> Services:
         """Services from the settings; `jobs` may be set later (the scheduler needs the services first).
 
@@ -112,8 +119,8 @@ class Services:
 
             check_selfie = lazy_selfie_checker(settings)
         return cls(settings=settings, storage=storage, jobs=jobs or _NoQueue(), data_dir=Path(settings.data_dir),
-                   check_selfie=check_selfie, channel_for=channel_for, features_installed=set(features_installed),
-                   styles=styles)
+                   check_selfie=check_selfie, channel_for=channel_for, private_chat=private_chat or same_id_private_chat,
+                   features_installed=set(features_installed), styles=styles)
 
     def user_dir(self, user_key: str) -> Path:
         """Returns ``data_dir/users/<user key>``, refusing keys that could escape it."""

@@ -24,7 +24,7 @@ from typing import Any
 from facechain_core.errors import UserFacingError
 from facechain_core.talk import DEFAULTS as TALK_DEFAULTS
 from facechain_core.tts import OFFLINE_VOICE, EdgeTTS, edge_enabled
-from handlers import buttons, cartoon, router
+from handlers import buttons, cartoon, hooks, router
 from handlers.messages import t
 from handlers.progress import register_presenter, submit_with_progress
 from handlers.protocols import Attachment, Button, Event, Media, MessageRef, NotSupported, ReplyChannel
@@ -224,18 +224,17 @@ async def press_result(services: Services, event: Event, channel: ReplyChannel, 
 async def present_talk(services: Services, job: Any, artifacts: list[Any], channel: ReplyChannel, lang: str) -> None:
     """Sends the video (a round note when asked and possible), says which animator ran, drops the inputs.
 
-    The caption carries the AI-generated note and the video its result and Report buttons, as every result."""
-    from handlers import safety  # imported where used, as progress.present_default does
+    The caption and each video's buttons get the registered decorations (``handlers.hooks``), as every result."""
     meta = (job.result or {}).get("meta") or {}
     what = t("talk.caption_lipsync" if meta.get("animator") == "wav2lip" else "talk.caption_landmarks", lang)
-    caption = safety.result_caption(services, job, what, lang)
+    caption = hooks.decorate_caption(services, job, what, lang)
     platform = channel.chat.platform
     for artifact in artifacts:
         if artifact.delivered_at is not None:
             continue
         file_id = (artifact.file_ids or {}).get(platform)
         media = Media(file_id=file_id) if file_id else Media(path=Path(artifact.path))
-        keyboard = safety.with_report_buttons(buttons.result_keyboard([artifact], lang), [artifact], lang)
+        keyboard = hooks.result_keyboard(services, job, [artifact], lang)
         if job.params.get("round"):
             try:
                 note = await channel.send_video_note(media)

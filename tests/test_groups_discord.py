@@ -203,3 +203,32 @@ async def test_post_a_dm_result_to_a_channel(fake_discord: FakeDiscord, settings
         await fake.wait_idle()
     assert [r.path for r in fake.requests if r.method == "POST" and r.path.startswith("/channels/") and r.files
             and r.path != dm_posts] == [rf"/channels/{open_room['id']}/messages"]
+
+
+async def test_a_report_reaches_the_admin_in_their_dm(fake_discord: FakeDiscord, tmp_path: Path,  # noqa: F811
+                                                      yunet_path: Path, faces_dir: Path,
+                                                      portrait_ready: None) -> None:  # noqa: F811
+    fake = fake_discord
+    cat = FakeUser(612000000000000003, "cat")
+    settings = fake.bot_settings(data_dir=tmp_path / "data", models_dir=yunet_path.parent,
+                                 selfie={"detector_model": yunet_path.name}, scheduler={"progress_interval_s": 0},
+                                 access={"admins": [f"discord:{cat.id}"]})
+    guild = fake.add_guild("Studio", members=[ANN, BOB])
+    room = fake.guild_channel(int(guild["id"]), "portraits")
+    async with open_service(settings, extra_kinds=[PORTRAIT, IDENTITY]):
+        await dm_selfie(fake, ANN, (faces_dir / "obama.jpg").read_bytes())
+        mark = fake.mark()
+        fake.slash(ANN, "style", channel=room, style="hanfu", count=1)
+        result = await fake.wait_for("POST", rf"/channels/{room['id']}/messages", lambda r: bool(r.files),
+                                     timeout=30, since=mark)
+        report = next(c for c in result.custom_ids() if c.startswith("fc:report:"))
+        mark = fake.mark()
+        note = await note_of(fake, fake.press(BOB, result.response, report), mark)
+        assert note.content == t("safety.reported", "en")
+        # The admin's DM has its own id on Discord: the bot opens it and sends the picture there.
+        dm = fake.dm_channel(cat)
+        assert dm["id"] != str(cat.id)
+        notice = await fake.wait_for("POST", rf"/channels/{dm['id']}/messages", lambda r: bool(r.files),
+                                     timeout=15, since=mark)
+        assert f"discord:{ANN.id}" in notice.content and f"discord:{BOB.id}" in notice.content
+        assert any(c.startswith("fc:rban:") for c in notice.custom_ids())
