@@ -13,7 +13,9 @@ One job:
 2. the portrait decoded upright, scaled for chat (a square around the face for a round video);
    its largest face found (YuNet; none is refused);
 3. frames: the mouth per frame (lip-sync crops pasted back through a feathered lower-face mask, or
-   the landmark warp), plus blinks and a slight head sway so the photo does not look frozen;
+   the landmark warp); the lip-synced lower face sharpened by a GFPGAN-family restorer when one is
+   installed (manifest ``gfpgan-1.4-onnx``, ``facechain_core.restore``); blinks and a slight head sway
+   so the photo does not look frozen;
 4. the MP4: H.264 + AAC at 25 fps, its comment tag the project's AI label
    (``facechain_core.safety.label_text``: "AI-generated video made by FaceChain Bot").
 
@@ -21,7 +23,9 @@ Job params: ``image``, ``text`` or ``audio`` (a path), ``language`` ("en"), ``vo
 choice: an edge-tts voice, or "espeak" for offline only), ``round`` (False),
 ``out`` (a file path) or ``out_dir``. Settings: ``talk_max_seconds`` (30), ``talk_max_side`` (640),
 ``talk_round_side`` (384), ``talk_motion`` (True), ``talk_threads`` (0), ``talk_tts`` (["espeak"]; add
-"edge" first for Microsoft's online voices: the text leaves the server), ``talk_edge_proxy`` ("").
+"edge" first for Microsoft's online voices: the text leaves the server), ``talk_edge_proxy`` (""),
+``talk_restore`` ("auto": on a GPU when the restorer is installed; "on"; "off") and
+``talk_restore_weight`` (0.8).
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ from facechain_core.errors import ModelNotInstalled, UserFacingError
 from facechain_core.faces import Face, FaceDetector
 from facechain_core.images import decode_image
 from facechain_core.pipeline import JobResult, PipelineContext, Progress
+from facechain_core.restore import FaceRestorer, restore_frames
 from facechain_core.safety import label_text, service_name
 from facechain_core.tts import (
     SAMPLE_RATE, Speech, TextToSpeech, decode_audio, engines_from_settings, resample, speak,
@@ -49,6 +54,8 @@ log = logging.getLogger(__name__)
 
 FEATURE = "talk"
 LIPSYNC_MODEL = "wav2lip-gan-onnx"
+RESTORE_MODEL, RESTORE_FEATURE = "gfpgan-1.4-onnx", "talk-restore"
+RESTORE_MODES = ("auto", "on", "off")
 FPS = 25
 DEFAULTS: dict[str, Any] = {
     "talk_max_seconds": 30.0,
@@ -58,6 +65,8 @@ DEFAULTS: dict[str, Any] = {
     "talk_threads": 0,
     "talk_tts": ["espeak"],  # ["edge", "espeak"]: edge-tts (online) first, espeak-ng when it fails
     "talk_edge_proxy": "",
+    "talk_restore": "auto",
+    "talk_restore_weight": 0.8,
 }
 ROUND_MAX_SECONDS = 60.0  # Telegram's limit for video notes
 MAX_IMAGE_BYTES = 50_000_000
@@ -306,14 +315,18 @@ def sway(frame: np.ndarray, index: int, centre: tuple[float, float], fps: int = 
 
 
 def animate(portrait: np.ndarray, face: Face, speech: Speech, model: LipSync | None, motion: bool = True,
-            progress: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
-    """The video frames (RGB uint8) of the portrait saying `speech` at 25 fps."""
+            progress: Callable[[int, int], None] | None = None, restorer: FaceRestorer | None = None,
+            restore_weight: float = 0.8) -> list[np.ndarray]:
+    """The video frames (RGB uint8) of the portrait saying `speech` at 25 fps (restored: see the module)."""
     geometry = FaceGeometry.of(face, portrait.shape)
     frames_n = frame_count(speech.duration_s)
     base = resample(speech, SAMPLE_RATE)
     if model is not None:
         mels = mel_windows(mel_spectrogram(base.samples), frames_n)
-        frames = lipsync_frames(portrait, geometry, model, mels, lower_face_mask(portrait.shape, geometry))
+        mask = lower_face_mask(portrait.shape, geometry)
+        frames = lipsync_frames(portrait, geometry, model, mels, mask)
+        if restorer is not None:
+            frames = restore_frames(frames, np.array(face.landmarks[:5], np.float32), restorer, mask, restore_weight)
     else:
         openings = loudness(base.samples, base.rate, frames_n)
         frames = [warp_mouth(portrait, geometry, float(o)) for o in openings]
@@ -390,6 +403,7 @@ class _Loaded:
     settings: dict[str, Any]
     detector: FaceDetector
     lipsync: LipSync | None
+    restorer: FaceRestorer | None = None
 
 
 class TalkPipeline:
@@ -402,7 +416,7 @@ class TalkPipeline:
         self._loaded: _Loaded | None = None
 
     def load(self, context: PipelineContext) -> None:
-        """Opens the face detector (required) and the lip-sync model when installed."""
+        """Opens the face detector (required), and the lip-sync model and face restorer when installed."""
         settings = {**DEFAULTS, **{k: v for k, v in context.settings.items() if k in DEFAULTS}}
         engines_from_settings(settings)  # an unknown engine name fails here, not in the first job
         yunet = _model_path(context, "yunet", "selfie")
@@ -416,12 +430,20 @@ class TalkPipeline:
             detector = create_detector("yunet", yunet)
         lipsync_path = _model_path(context, LIPSYNC_MODEL, FEATURE)
         lipsync = None
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if context.device.startswith("cuda") else None
         if lipsync_path is not None:
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if context.device.startswith("cuda") else None
             lipsync = LipSync.open(lipsync_path, providers, int(settings["talk_threads"]))
         else:
             log.info("talk: no lip-sync model (`facechain-bot models pull talk`); the landmark mouth warp runs")
-        self._loaded = _Loaded(context, settings, detector, lipsync)
+        restorer = None
+        if lipsync is not None and _wants_restorer(settings, context.device):
+            restore_path = _model_path(context, RESTORE_MODEL, RESTORE_FEATURE)
+            if restore_path is not None:
+                restorer = FaceRestorer.open(restore_path, providers, int(settings["talk_threads"]))
+            elif settings["talk_restore"] == "on":
+                log.warning("talk: talk_restore is on but the restorer is not installed "
+                            "(`facechain-bot models pull %s`)", RESTORE_FEATURE)
+        self._loaded = _Loaded(context, settings, detector, lipsync, restorer)
 
     def close(self) -> None:
         self._loaded = None
@@ -452,7 +474,8 @@ class TalkPipeline:
                                       int(settings["talk_round_side"]) if round_video else None)
         progress(2, 4, "talk.step_frames")
         # 3. frames
-        frames = animate(portrait, face, speech, loaded.lipsync, bool(settings["talk_motion"]))
+        frames = animate(portrait, face, speech, loaded.lipsync, bool(settings["talk_motion"]),
+                         restorer=loaded.restorer, restore_weight=float(settings["talk_restore_weight"]))
         progress(3, 4, "talk.step_video")
         # 4. the video
         out = Path(params["out"]) if params.get("out") else Path(params["out_dir"]) / "talk.mp4"
@@ -463,6 +486,7 @@ class TalkPipeline:
         return JobResult(files=[out.resolve()], meta={
             "animator": animator, "voice": voice, "duration_s": round(speech.duration_s, 3), "frames": len(frames),
             "round": round_video, "size": [portrait.shape[1], portrait.shape[0]],
+            "restored": loaded.restorer is not None,
         })
 
     def _speech(self, params: dict[str, Any], settings: dict[str, Any]) -> tuple[Speech, str]:
@@ -474,6 +498,14 @@ class TalkPipeline:
         engines = self._tts if self._tts is not None else engines_from_settings(settings)
         speech, name = speak(text, str(params.get("language") or "en"), engines, params.get("voice") or None)
         return speech, name
+
+
+def _wants_restorer(settings: dict[str, Any], device: str) -> bool:
+    """Whether to restore faces: "on", or "auto" on a GPU (on a CPU it costs about a second a frame)."""
+    mode = str(settings["talk_restore"])
+    if mode not in RESTORE_MODES:
+        raise ValueError(f"talk_restore must be one of {', '.join(RESTORE_MODES)}, got {mode!r}")
+    return mode == "on" or (mode == "auto" and device.startswith("cuda"))
 
 
 def _model_path(context: PipelineContext, name: str, feature: str) -> Path | None:
