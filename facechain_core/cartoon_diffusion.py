@@ -93,7 +93,8 @@ class DiffusionStyler:
         base.pipe.set_ip_adapter_scale(spec.identity_weight)
         resident = self._context.shared[SHARED_KEY]
         img2img = resident.derive(DERIVED_KEY, portrait.resident_key(FAMILY),
-                                  lambda b: StableDiffusionImg2ImgPipeline.from_pipe(b.pipe))
+                                  # dtype: from_pipe would otherwise cast the shared modules to float32
+                                  lambda b: StableDiffusionImg2ImgPipeline.from_pipe(b.pipe, dtype=b.pipe.unet.dtype))
         img2img.set_progress_bar_config(disable=True)
         cfg = spec.guidance > 1.0
         if base.plus:
@@ -113,8 +114,10 @@ class DiffusionStyler:
         done = 0
 
         def step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-            nonlocal done
+            nonlocal done, total
             done += 1
+            # The scheduler decides how many steps strength leaves (PNDM runs one more than steps * strength).
+            total = max(total, int(getattr(pipe, "num_timesteps", 0) or 0), done)
             if on_step is not None:
                 on_step(done, total)
             return kwargs

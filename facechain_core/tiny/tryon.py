@@ -44,13 +44,13 @@ PALETTE: dict[str, tuple[tuple[int, int, int], int]] = {
 PARSER_SIZE = 128  # the tiny processor's input side (the real one resizes to 512x512)
 
 
-def build_sd15_inpaint(out_dir: Path, *, seed: int = 0) -> Path:
-    """Build an SD1.5-inpainting-layout folder (9-channel UNet) with random weights."""
+def build_sd15_inpaint(out_dir: Path, *, full_size: bool = False, seed: int = 0) -> Path:
+    """Build an SD1.5-inpainting-layout folder (9-channel UNet) with random weights (full_size: real dimensions)."""
     out_dir = Path(out_dir)
     base = out_dir.with_name(out_dir.name + ".base")
-    build_sd15(base, seed=seed)
+    build_sd15(base, full_size=full_size, seed=seed)
     torch.manual_seed(seed + 1)
-    unet = UNet2DConditionModel(**{**sd15_unet_config(), "in_channels": 9})
+    unet = UNet2DConditionModel(**{**sd15_unet_config(full_size), "in_channels": 9})
     randomise_zero_weights(unet)
     from diffusers import StableDiffusionPipeline
 
@@ -185,14 +185,15 @@ TRYON_LAYOUT: dict[str, str] = {
 }
 
 
-def build_tryon_models(out_dir: Path) -> dict[str, Path]:
+def build_tryon_models(out_dir: Path, *, full_size: bool = False) -> dict[str, Path]:
     """Build the tiny try-on models under out_dir at their manifest paths; returns {model name: path}.
 
     The IP-Adapter FaceID and ArcFace of the portraits (``tiny.build_all``) serve try-on too.
+    ``full_size`` gives the inpainting base and the ControlNets the real dimensions (for timing).
     """
     out_dir = Path(out_dir)
     at = {name: out_dir / rel for name, rel in TRYON_LAYOUT.items()}
-    build_sd15_inpaint(at["sd15-inpainting"])
+    build_sd15_inpaint(at["sd15-inpainting"], full_size=full_size)
     build_controlnet(at["controlnet-openpose-sd15"], at["sd15-inpainting"], seed=1)
     build_controlnet(at["controlnet-depth-sd15"], at["sd15-inpainting"])
     build_pose(at["dwpose-wholebody"])
