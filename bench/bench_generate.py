@@ -133,13 +133,16 @@ def measure(pipeline: PortraitPipeline, family: str, identity: Path, out: Path, 
     return row
 
 
+FUSE_CHOICES = {"auto": "auto", "on": True, "off": False}
+
+
 def bench_family(family: str, settings: dict[str, Any], root: Path, identity: Path, user_lora: Path, *,
                  args: argparse.Namespace, size: int, steps: int, batches: list[int]) -> list[Row]:
     """Load the family's base on the device and measure each batch size (and batch 1 without the LoRA)."""
     dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
     context = PipelineContext(models_dir=root, device=args.device, dtype=dtype, settings={
         **settings, "default_family": family, "face_filter": False, "oversample": 1, "safe_mode": False,
-        "batch_size": max(batches)})
+        "batch_size": max(batches), "fuse_loras": FUSE_CHOICES[args.fuse_loras]})
     pipeline = PortraitPipeline()
     started = time.perf_counter()
     pipeline.load(context)
@@ -174,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, help="SD1.5 picture side (default 512, tiny 64)")
     parser.add_argument("--batches", default="1,4", help="comma-separated batch sizes (default 1,4)")
     parser.add_argument("--runs", type=int, default=3, help="timed jobs per row after the warm-up")
+    parser.add_argument("--fuse-loras", choices=sorted(FUSE_CHOICES), default="auto",
+                        help="merge the active LoRAs for each batch (auto: on cuda; see facechain_core.lora_fuse)")
     parser.add_argument("--sdxl", action="store_true", help="also the SDXL layout at 1024 px (tiny: 64)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -216,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 
     arch = "tiny" if args.tiny else "full-size (random weights)"
     print(f"\nportrait generation, {arch}, {args.device} ({gpu}), IP-Adapter FaceID, safe mode off, "
-          f"{args.runs} timed runs per row after one warm-up")
+          f"fuse_loras {args.fuse_loras}, {args.runs} timed runs per row after one warm-up")
     print(HEADER)
     for row in rows:
         print(row.line())

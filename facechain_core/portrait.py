@@ -15,7 +15,8 @@ Settings (``PipelineContext.settings``; paths absolute or relative to ``models_d
 folder, FaceID Plus only), ``arcface_path``, ``detector_path``, ``detector_kind`` ("yunet"),
 ``face_filter`` (True), ``oversample`` (2), ``batch_size`` (4), ``subject`` ("a person"; a job's
 ``params["subject"]`` wins), ``default_family`` ("sd15"), ``plus_shortcut`` (True: Plus v2), ``sampler_override`` (a dict over
-every style's sampler: steps, width, height, guidance_scale, scheduler).
+every style's sampler: steps, width, height, guidance_scale, scheduler), ``fuse_loras`` ("auto": merge the
+active LoRAs into the UNet for each batch on CUDA, see ``facechain_core.lora_fuse``).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from facechain_core import safety
 from facechain_core.errors import ModelNotInstalled, UserFacingError
 from facechain_core.identity import ARCFACE_SIZE, ArcFace, Identity, align_face, build_identity, landmarks_of, \
     load_identity, open_arcface, pull_command, save_identity
+from facechain_core.lora_fuse import fused_loras, wants_fusing
 from facechain_core.pipeline import JobResult, PipelineContext, Progress
 from facechain_core.ranking import Ranked, filter_and_rank
 from facechain_core.resident import SHARED_KEY, ResidentPipelines, modules_of
@@ -52,7 +54,7 @@ MODEL_NAMES = {
 }
 DEFAULTS: dict[str, Any] = {
     "face_filter": True, "oversample": 2, "batch_size": 4, "subject": "a person",
-    "default_family": "sd15", "plus_shortcut": True, "detector_kind": "yunet",
+    "default_family": "sd15", "plus_shortcut": True, "detector_kind": "yunet", "fuse_loras": "auto",
 }
 
 
@@ -320,21 +322,26 @@ class PortraitPipeline:
                     set_up()  # a short job may have used this base in between
             if base.plus:
                 self._set_clip_embeds(base, identity, len(chunk), cfg)
-            result = base.pipe(
-                prompt=prompt,
-                negative_prompt=style.get("negative_prompt") or None,
-                num_inference_steps=int(sampler["steps"]),
-                guidance_scale=guidance,
-                width=int(sampler["width"]),
-                height=int(sampler["height"]),
-                num_images_per_prompt=len(chunk),
-                generator=[torch.Generator("cpu").manual_seed(s) for s in chunk],
-                ip_adapter_image_embeds=[ip_embeds],
-                callback_on_step_end=on_step_end,
-                output_type="np",
-            )
+            with fused_loras(base.pipe.unet, self.fusing(base)):
+                result = base.pipe(
+                    prompt=prompt,
+                    negative_prompt=style.get("negative_prompt") or None,
+                    num_inference_steps=int(sampler["steps"]),
+                    guidance_scale=guidance,
+                    width=int(sampler["width"]),
+                    height=int(sampler["height"]),
+                    num_images_per_prompt=len(chunk),
+                    generator=[torch.Generator("cpu").manual_seed(s) for s in chunk],
+                    ip_adapter_image_embeds=[ip_embeds],
+                    callback_on_step_end=on_step_end,
+                    output_type="np",
+                )
             images.extend(_to_uint8(result.images))
         return images
+
+    def fusing(self, base: ResidentBase) -> bool:
+        """Whether this job's batches run with the active LoRAs merged (``fuse_loras`` on the base's device)."""
+        return wants_fusing(self._settings.get("fuse_loras", "auto"), base.pipe.device)
 
     def _set_clip_embeds(self, base: ResidentBase, identity: Identity, n: int, cfg: bool) -> None:
         """Give FaceID Plus the CLIP hidden states of the identity's face crop."""

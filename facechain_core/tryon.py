@@ -33,6 +33,7 @@ from facechain_core.errors import ModelNotInstalled, UserFacingError
 from facechain_core.garment import ClothesParser, Parsing, control_map, feather_mask, parser_summary
 from facechain_core.garment import MIN_GARMENT_FRACTION, MIN_PERSON_FRACTION
 from facechain_core.identity import open_arcface, pull_command
+from facechain_core.lora_fuse import fused_loras
 from facechain_core.pipeline import JobResult, PipelineContext, Progress
 from facechain_core.pose import Pose, PoseEstimator, draw_openpose, openpose_body, person_box
 from facechain_core.portrait import DEFAULTS, DTYPES, MAX_COUNT, PortraitPipeline, ResidentBase, _to_uint8
@@ -184,15 +185,16 @@ class TryOnPipeline(PortraitPipeline):
                 if yield_point is not None:
                     yield_point()
                     set_up()
-            out = pipe(
-                prompt=prompt, negative_prompt=cfg["negative_prompt"] or None, image=image, mask_image=repaint,
-                control_image=controls, height=height, width=width, strength=1.0,
-                num_inference_steps=int(cfg["steps"]), guidance_scale=guidance,
-                controlnet_conditioning_scale=[float(cfg["pose_scale"]), float(cfg["silhouette_scale"])],
-                num_images_per_prompt=len(chunk),
-                generator=[torch.Generator("cpu").manual_seed(s) for s in chunk],
-                ip_adapter_image_embeds=[ip_embeds], callback_on_step_end=on_step_end, output_type="np",
-            )
+            with fused_loras(pipe.unet, self.fusing(base)):
+                out = pipe(
+                    prompt=prompt, negative_prompt=cfg["negative_prompt"] or None, image=image, mask_image=repaint,
+                    control_image=controls, height=height, width=width, strength=1.0,
+                    num_inference_steps=int(cfg["steps"]), guidance_scale=guidance,
+                    controlnet_conditioning_scale=[float(cfg["pose_scale"]), float(cfg["silhouette_scale"])],
+                    num_images_per_prompt=len(chunk),
+                    generator=[torch.Generator("cpu").manual_seed(s) for s in chunk],
+                    ip_adapter_image_embeds=[ip_embeds], callback_on_step_end=on_step_end, output_type="np",
+                )
             results.extend(_to_uint8(out.images))
         return results
 
