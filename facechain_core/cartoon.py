@@ -47,6 +47,7 @@ from facechain_core.errors import ModelNotInstalled, UserFacingError
 from facechain_core.faces import Face, FaceDetector
 from facechain_core.images import decode_image, downscale
 from facechain_core.pipeline import JobResult, PipelineContext, Progress
+from facechain_core.sessions import open_session
 
 log = logging.getLogger(__name__)
 
@@ -285,15 +286,9 @@ class Styliser:
         self.fixed_side = _check_input_shape(spec, list(model_input.shape))
 
     @classmethod
-    def open(cls, path: Path, spec: ModelSpec, providers: list[Any] | None = None, threads: int = 0) -> Styliser:
-        """Opens the ONNX file at `path` with onnxruntime (CPU unless `providers` say otherwise)."""
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        session = onnxruntime.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
-        return cls(session, spec)
+    def open(cls, path: Path, spec: ModelSpec, device: str = "cpu", threads: int = 0) -> Styliser:
+        """Opens the ONNX file at `path` with onnxruntime on `device` (see ``facechain_core.sessions``)."""
+        return cls(open_session(path, device, threads), spec)
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         """Stylises an RGB uint8 (H, W, 3) picture of any size; returns one of the same size."""
@@ -479,7 +474,7 @@ class CartoonPipeline:
         if styliser is None:
             path = loaded.context.model_path(name, _feature_of(name))
             threads = int(loaded.settings["cartoon_threads"])
-            styliser = Styliser.open(path, loaded.book.models[name], _providers(loaded.context.device), threads)
+            styliser = Styliser.open(path, loaded.book.models[name], loaded.context.device, threads)
             loaded.stylisers[name] = styliser
             log.info("opened cartoon model %s from %s", name, path)
         return styliser
@@ -602,11 +597,3 @@ def _feature_of(model: str) -> str:
     except KeyError:
         return FEATURE
 
-
-def _providers(device: str) -> list[Any]:
-    import onnxruntime
-
-    if device.startswith("cuda") and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-        index = int(device.partition(":")[2] or 0)
-        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]

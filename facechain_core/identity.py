@@ -18,6 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from facechain_core.errors import ModelNotInstalled, UserFacingError
 from facechain_core.pipeline import JobResult, PipelineContext, Progress
+from facechain_core.sessions import providers_for
 
 log = logging.getLogger(__name__)
 
@@ -234,11 +235,7 @@ def open_arcface(context: PipelineContext) -> ArcFace:
     path = context.settings.get("arcface_path") or context.model_path("arcface", "portrait")
     if not Path(path).is_file():
         raise ModelNotInstalled("arcface", "portrait", pull_command("arcface"))
-    import onnxruntime
-
-    wanted = ["CUDAExecutionProvider"] if context.device.startswith("cuda") else []
-    providers = [p for p in wanted if p in onnxruntime.get_available_providers()] + ["CPUExecutionProvider"]
-    return ArcFace(path, providers=providers)
+    return ArcFace(path, providers=providers_for(context.device))
 
 
 def pull_command(model: str) -> str:

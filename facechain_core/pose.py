@@ -17,6 +17,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from facechain_core.sessions import open_session
+
 log = logging.getLogger(__name__)
 
 # mmpose's RTMPose preprocessing: RGB, ImageNet mean and std on 0..255, the box grown by a quarter.
@@ -58,11 +60,7 @@ class PoseEstimator:
     """A DWPose (RTMPose-family) ONNX pose model run on a person's box."""
 
     def __init__(self, path: Path, device: str = "cpu") -> None:
-        import onnxruntime as ort
-
-        wanted = ["CUDAExecutionProvider"] if device.startswith("cuda") else []
-        providers = [p for p in wanted if p in ort.get_available_providers()] + ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(path), providers=providers)
+        self.session = open_session(path, device)
         (model_input,) = self.session.get_inputs()
         shape = model_input.shape
         if len(shape) != 4 or not all(isinstance(v, int) for v in shape[1:]) or shape[1] != 3:

@@ -16,6 +16,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from facechain_core.sessions import open_session
+
 log = logging.getLogger(__name__)
 
 # Where the five landmarks (eye, eye, nose tip, mouth corner, mouth corner; image-left first, the
@@ -41,13 +43,8 @@ class FaceRestorer:
         self._output = session.get_outputs()[0].name
 
     @classmethod
-    def open(cls, path: Path, providers: list[Any] | None = None, threads: int = 0) -> FaceRestorer:
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        return cls(onnxruntime.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"]))
+    def open(cls, path: Path, device: str = "cpu", threads: int = 0) -> FaceRestorer:
+        return cls(open_session(path, device, threads))
 
     def __call__(self, face_rgb: np.ndarray) -> np.ndarray:
         """Restore one aligned S x S RGB uint8 face."""

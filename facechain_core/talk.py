@@ -46,6 +46,7 @@ from facechain_core.images import decode_image
 from facechain_core.pipeline import JobResult, PipelineContext, Progress
 from facechain_core.restore import FaceRestorer, restore_frames
 from facechain_core.safety import label_text, service_name
+from facechain_core.sessions import open_session
 from facechain_core.tts import (
     SAMPLE_RATE, Speech, TextToSpeech, decode_audio, engines_from_settings, resample, speak,
 )
@@ -210,13 +211,8 @@ class LipSync:
         self._output = session.get_outputs()[0].name
 
     @classmethod
-    def open(cls, path: Path, providers: list[Any] | None = None, threads: int = 0) -> LipSync:
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        return cls(onnxruntime.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"]))
+    def open(cls, path: Path, device: str = "cpu", threads: int = 0) -> LipSync:
+        return cls(open_session(path, device, threads))
 
     def __call__(self, mels: np.ndarray, face_bgr: np.ndarray) -> np.ndarray:
         """Mouths for each mel window on one 96x96 BGR uint8 face: (N, 96, 96, 3) BGR uint8."""
@@ -430,16 +426,15 @@ class TalkPipeline:
             detector = create_detector("yunet", yunet)
         lipsync_path = _model_path(context, LIPSYNC_MODEL, FEATURE)
         lipsync = None
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if context.device.startswith("cuda") else None
         if lipsync_path is not None:
-            lipsync = LipSync.open(lipsync_path, providers, int(settings["talk_threads"]))
+            lipsync = LipSync.open(lipsync_path, context.device, int(settings["talk_threads"]))
         else:
             log.info("talk: no lip-sync model (`facechain-bot models pull talk`); the landmark mouth warp runs")
         restorer = None
         if lipsync is not None and _wants_restorer(settings, context.device):
             restore_path = _model_path(context, RESTORE_MODEL, RESTORE_FEATURE)
             if restore_path is not None:
-                restorer = FaceRestorer.open(restore_path, providers, int(settings["talk_threads"]))
+                restorer = FaceRestorer.open(restore_path, context.device, int(settings["talk_threads"]))
             elif settings["talk_restore"] == "on":
                 log.warning("talk: talk_restore is on but the restorer is not installed "
                             "(`facechain-bot models pull %s`)", RESTORE_FEATURE)

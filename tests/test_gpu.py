@@ -26,6 +26,7 @@ from facechain_core.errors import JobCancelled, UserFacingError
 from facechain_core.identity import Identity, normalise, save_identity
 from facechain_core.pipeline import PipelineContext
 from tests.fixtures.tiny_models import tiny_models, tiny_models_dir  # noqa: F401
+from tests.test_portrait import _settings as portrait_settings
 
 
 def _device() -> tuple[str | None, str]:
@@ -125,23 +126,12 @@ def safety_checkers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
     return {flag: build_safety_checker(root / flag, flag=flag) for flag in ("none", "all")}
 
 
-def _portrait_settings(models: dict[str, Path], **changes: Any) -> dict[str, Any]:
-    settings = {
-        "sd15_path": str(models["sd15"]), "ip_adapter_path": str(models["ip_adapter_faceid_sd15"]),
-        "sdxl_path": str(models["sdxl"]), "sdxl_ip_adapter_path": str(models["ip_adapter_faceid_sdxl"]),
-        "image_encoder_path": str(models["image_encoder"]), "arcface_path": str(models["arcface"]),
-        "face_filter": False, "oversample": 1,
-    }
-    settings.update(changes)
-    return settings
-
-
 def _portrait(models: dict[str, Path], tmp: Path, **changes: Any) -> Any:
     from facechain_core.portrait import PortraitPipeline
 
     pipeline = PortraitPipeline()
     pipeline.load(PipelineContext(models_dir=tmp, device=DEVICE, dtype=DTYPE,
-                                  settings=_portrait_settings(models, **changes)))
+                                  settings=portrait_settings(models, **changes)))
     return pipeline
 
 
@@ -343,7 +333,7 @@ def test_diffusion_cartoon_on_the_device_shares_the_portrait_base(
     from facechain_core.faces import Face
 
     context = PipelineContext(models_dir=tmp_path, device=DEVICE, dtype=DTYPE, settings={
-        **_portrait_settings(tiny_models), "cartoon_diffusion_size": SIDE, "cartoon_diffusion_steps": STEPS})
+        **portrait_settings(tiny_models), "cartoon_diffusion_size": SIDE, "cartoon_diffusion_steps": STEPS})
     styler = DiffusionStyler(context)
     rng = np.random.default_rng(3)
     photo = np.clip(rng.normal(128, 40, (96, 80, 3)), 0, 255).astype(np.uint8)

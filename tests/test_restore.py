@@ -6,29 +6,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from facechain_core.faces import Face, YuNetDetector
+from facechain_core.faces import Face
 from facechain_core.pipeline import PipelineContext
 from facechain_core.restore import FFHQ_TEMPLATE_512, FaceRestorer, alignment, restore_frames
-from facechain_core.talk import FaceGeometry, LipSync, TalkPipeline, animate, fit_for_chat, lower_face_mask
+from facechain_core.talk import FaceGeometry, LipSync, TalkPipeline, animate, lower_face_mask
 from facechain_core.tiny.restore import CONSTANT_RGB, build_restorer
 from facechain_core.tiny.talk import build_lipsync
-from facechain_core.tts import EspeakTTS, Speech
+from facechain_core.tts import Speech
+from tests.test_talk import portrait, speech  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def portrait(faces_dir: Path, yunet_path: Path) -> tuple[np.ndarray, Face]:
-    image = np.asarray(Image.open(faces_dir / "obama.jpg").convert("RGB"))
-    face = YuNetDetector(yunet_path).detect(image)[0]
-    return fit_for_chat(image, face, 256, None)
-
-
-@pytest.fixture(scope="module")
-def speech() -> Speech:
-    return EspeakTTS().synthesize("Hi.")
 
 
 def test_alignment_puts_the_landmarks_on_the_template() -> None:
