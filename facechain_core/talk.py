@@ -46,7 +46,7 @@ from facechain_core.images import decode_image
 from facechain_core.pipeline import JobResult, PipelineContext, Progress
 from facechain_core.restore import FaceRestorer, restore_frames
 from facechain_core.safety import label_text, service_name
-from facechain_core.sessions import open_session
+from facechain_core.sessions import open_session, providers_for
 from facechain_core.tts import (
     SAMPLE_RATE, Speech, TextToSpeech, decode_audio, engines_from_settings, resample, speak,
 )
@@ -496,11 +496,18 @@ class TalkPipeline:
 
 
 def _wants_restorer(settings: dict[str, Any], device: str) -> bool:
-    """Whether to restore faces: "on", or "auto" on a GPU (on a CPU it costs about a second a frame)."""
+    """Whether to restore faces: "on", or "auto" where onnxruntime runs it on the GPU (on a CPU it costs
+    about a second a frame; a cuda worker whose onnxruntime lacks CUDA would run it there too)."""
     mode = str(settings["talk_restore"])
     if mode not in RESTORE_MODES:
         raise ValueError(f"talk_restore must be one of {', '.join(RESTORE_MODES)}, got {mode!r}")
-    return mode == "on" or (mode == "auto" and device.startswith("cuda"))
+    if mode != "auto":
+        return mode == "on"
+    on_gpu = providers_for(device)[0] != "CPUExecutionProvider"
+    if device.startswith("cuda") and not on_gpu:
+        log.info("talk: no face restoration (talk_restore auto): this onnxruntime has no CUDA provider "
+                 "(install onnxruntime-gpu, or set talk_restore = \"on\" to run it on the CPU)")
+    return on_gpu
 
 
 def _model_path(context: PipelineContext, name: str, feature: str) -> Path | None:

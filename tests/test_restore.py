@@ -10,6 +10,7 @@ import pytest
 from facechain_core.faces import Face
 from facechain_core.pipeline import PipelineContext
 from facechain_core.restore import FFHQ_TEMPLATE_512, FaceRestorer, alignment, restore_frames
+from facechain_core.sessions import providers_for
 from facechain_core.talk import FaceGeometry, LipSync, TalkPipeline, animate, lower_face_mask
 from facechain_core.tiny.restore import CONSTANT_RGB, build_restorer
 from facechain_core.tiny.talk import build_lipsync
@@ -17,6 +18,7 @@ from facechain_core.tts import Speech
 from tests.test_talk import portrait, speech  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.timeout(120)
+ORT_HAS_CUDA = providers_for("cuda")[0] != "CPUExecutionProvider"
 
 
 def test_alignment_puts_the_landmarks_on_the_template() -> None:
@@ -60,7 +62,8 @@ def test_animate_restores_the_lipsynced_frames(tmp_path: Path, portrait: tuple[n
 
 
 @pytest.mark.parametrize(("mode", "device", "expected"), [
-    ("auto", "cpu", False), ("on", "cpu", True), ("off", "cpu", False)])
+    ("auto", "cpu", False), ("on", "cpu", True), ("off", "cpu", False),
+    ("auto", "cuda", ORT_HAS_CUDA)])  # without onnxruntime's CUDA provider the restorer would run on the CPU
 def test_talk_restore_setting_picks_the_restorer(tmp_path: Path, yunet_path: Path, mode: str, device: str,
                                                  expected: bool) -> None:
     paths = {"wav2lip-gan-onnx": str(build_lipsync(tmp_path / "w.onnx")),
