@@ -425,12 +425,13 @@ class PortraitPipeline:
                              image_encoder_folder=None, local_files_only=True)
         plus = isinstance(pipe.unet.encoder_hid_proj.image_projection_layers[0], IPAdapterFaceIDPlusImageProjection)
         if plus:
-            _attach_image_encoder(pipe, self._path("image_encoder_path"), dtype)
+            attach_image_encoder(pipe, self._path("image_encoder_path"), dtype)
         log.info("loaded %s base from %s with IP-Adapter FaceID%s", family, folder, " Plus" if plus else "")
         return ResidentBase(pipe=pipe, family=family, plus=plus, schedulers={"": pipe.scheduler})
 
 
-def _attach_image_encoder(pipe: Any, folder: Path | None, dtype: torch.dtype) -> None:
+def attach_image_encoder(pipe: Any, folder: Path | None, dtype: torch.dtype) -> None:
+    """Give a pipeline FaceID Plus's CLIP image encoder (and its processor) from a local folder."""
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
     assert folder is not None

@@ -6,7 +6,8 @@ parser's person box (``pose.PoseEstimator``) and draw it as OpenPose does; repai
 *except* the garment with SD1.5 inpainting + two ControlNets (``StableDiffusionControlNetInpaintPipeline``
 with the stock diffusers loaders): openpose on that skeleton, and depth on ``garment.control_map``,
 the person's silhouette, so arms and legs keep the garment's outline; conditioned on the user's
-IP-Adapter FaceID embedding (and their LoRA when trained); paste the original garment pixels back
+IP-Adapter FaceID embedding (FaceID Plus also reads their face crop when ``ip_adapter_path`` names a
+Plus file; and their LoRA when trained); paste the original garment pixels back
 through the feathered mask so the garment stays faithful; rank the candidates by face similarity as
 portraits do. ``params["pose_image"]`` replaces the skeleton with a given OpenPose picture.
 
@@ -32,11 +33,12 @@ from PIL import Image
 from facechain_core.errors import ModelNotInstalled, UserFacingError
 from facechain_core.garment import ClothesParser, Parsing, control_map, feather_mask, parser_summary
 from facechain_core.garment import MIN_GARMENT_FRACTION, MIN_PERSON_FRACTION
-from facechain_core.identity import open_arcface, pull_command
+from facechain_core.identity import Identity, open_arcface, pull_command
 from facechain_core.lora_fuse import fused_loras
 from facechain_core.pipeline import JobResult, PipelineContext, Progress
 from facechain_core.pose import Pose, PoseEstimator, draw_openpose, openpose_body, person_box
-from facechain_core.portrait import DEFAULTS, DTYPES, MAX_COUNT, PortraitPipeline, ResidentBase, _to_uint8
+from facechain_core.portrait import DEFAULTS, DTYPES, MAX_COUNT, PortraitPipeline, ResidentBase, _to_uint8, \
+    attach_image_encoder
 from facechain_core.resident import SHARED_KEY, ResidentPipelines
 
 log = logging.getLogger(__name__)
@@ -136,7 +138,7 @@ class TryOnPipeline(PortraitPipeline):
         batch = max(1, int(self._settings["batch_size"]))
         chunks = [seeds[i:i + batch] for i in range(0, len(seeds), batch)]
         total = int(cfg["steps"]) * len(chunks) + 1
-        generated = self._inpaint(base, outfit, repaint, controls, identity.embedding, chunks, progress, total,
+        generated = self._inpaint(base, outfit, repaint, controls, identity, chunks, progress, total,
                                   set_up, str(params.get("prompt") or cfg["prompt"]))
         candidates = [composite(outfit, image, keep) for image in generated]
         # 5. Rank by face similarity to the identity.
@@ -159,14 +161,14 @@ class TryOnPipeline(PortraitPipeline):
         return JobResult(files=files, meta=meta)
 
     def _inpaint(self, base: ResidentBase, outfit: np.ndarray, repaint: Image.Image, controls: list[Image.Image],
-                 embedding: np.ndarray, chunks: list[list[int]], progress: Progress, total: int,
+                 identity: Identity, chunks: list[list[int]], progress: Progress, total: int,
                  set_up: Any, prompt: str) -> list[np.ndarray]:
         """Run the ControlNet inpainting pipeline (pose, silhouette) once per chunk of seeds; report each step."""
         cfg = self._tryon
         guidance = float(cfg["guidance_scale"])
         use_cfg = guidance > 1.0
         pipe = base.pipe
-        ident = torch.from_numpy(embedding).reshape(1, 1, -1).to(pipe.device, pipe.unet.dtype)
+        ident = torch.from_numpy(identity.embedding).reshape(1, 1, -1).to(pipe.device, pipe.unet.dtype)
         ip_embeds = torch.cat([torch.zeros_like(ident), ident]) if use_cfg else ident
         done = 0
 
@@ -185,6 +187,8 @@ class TryOnPipeline(PortraitPipeline):
                 if yield_point is not None:
                     yield_point()
                     set_up()
+            if base.plus:
+                self._set_clip_embeds(base, identity, len(chunk), use_cfg)
             with fused_loras(pipe.unet, self.fusing(base)):
                 out = pipe(
                     prompt=prompt, negative_prompt=cfg["negative_prompt"] or None, image=image, mask_image=repaint,
@@ -215,8 +219,10 @@ class TryOnPipeline(PortraitPipeline):
         return path
 
     def _load_inpaint_base(self) -> ResidentBase:
-        """Load SD1.5 inpainting with the openpose and depth ControlNets and IP-Adapter FaceID (diffusers' loaders)."""
+        """Load SD1.5 inpainting with the openpose and depth ControlNets and IP-Adapter FaceID (diffusers' loaders);
+        a FaceID Plus file (``ip_adapter_path``) brings the CLIP image encoder as in portraits."""
         from diffusers import ControlNetModel, StableDiffusionControlNetInpaintPipeline
+        from diffusers.models.embeddings import IPAdapterFaceIDPlusImageProjection
 
         assert self._context is not None
         dtype = DTYPES.get(self._context.dtype, torch.float32)
@@ -230,8 +236,12 @@ class TryOnPipeline(PortraitPipeline):
         adapter = self._model("ip_adapter_path")
         pipe.load_ip_adapter(str(adapter.parent), subfolder=None, weight_name=adapter.name,
                              image_encoder_folder=None, local_files_only=True)
-        log.info("loaded try-on base (SD1.5 inpainting + openpose and depth ControlNets + IP-Adapter FaceID)")
-        return ResidentBase(pipe=pipe, family="sd15", plus=False, schedulers={"": pipe.scheduler})
+        plus = isinstance(pipe.unet.encoder_hid_proj.image_projection_layers[0], IPAdapterFaceIDPlusImageProjection)
+        if plus:
+            attach_image_encoder(pipe, self._path("image_encoder_path"), dtype)
+        log.info("loaded try-on base (SD1.5 inpainting + openpose and depth ControlNets + IP-Adapter FaceID%s)",
+                 " Plus" if plus else "")
+        return ResidentBase(pipe=pipe, family="sd15", plus=plus, schedulers={"": pipe.scheduler})
 
 
 # -- pure steps (tested directly) ------------------------------------------------------------------

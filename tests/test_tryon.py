@@ -197,3 +197,29 @@ def test_cli_tryon_writes_the_picture(tmp_path: Path, faces_dir: Path, yunet_pat
     with pytest.raises(ModelNotInstalled):
         offline.tryon(build_parser().parse_args(["tryon", "--photo", str(faces_dir / "obama.jpg"), "--outfit",
                                                  str(outfit), "--out", str(tmp_path / "bare")]), bare)
+
+
+def test_faceid_plus_reads_the_users_face_crop(tiny_models: dict[str, Path], tryon_models: dict[str, Path],
+                                               tmp_path: Path) -> None:
+    paths = {**_model_paths(tiny_models, tryon_models),
+             "ip-adapter-faceid-sd15": tiny_models["ip_adapter_faceid_plus_sd15"]}
+    plus = TryOnPipeline()
+    plus.load(PipelineContext(models_dir=tmp_path, settings={
+        "face_filter": False, "oversample": 1, "model_paths": paths,
+        "image_encoder_path": str(tiny_models["image_encoder"]),
+        "tryon": {"side": SIDE, "steps": 2, "identity_weight": 10.0}}))  # the tiny CLIP path is faint at 1.0
+    try:
+        assert plus.base().plus
+        outfit = _save(draw_outfit(128, seed=10), tmp_path / "outfit.png")
+        embedding = np.random.default_rng(4).normal(size=512).astype(np.float32)
+        embedding /= np.linalg.norm(embedding)
+        crops = [np.random.default_rng(seed).integers(0, 256, (224, 224, 3), dtype=np.uint8) for seed in (1, 2, 1)]
+        outputs = []
+        for n, crop in enumerate(crops):
+            identity = save_identity(Identity(embedding, embedding[None], crop), tmp_path / f"id{n}.npz")
+            outputs.append(_run(plus, tmp_path, outfit, identity, f"plus{n}"))
+        # Same embedding and seed: only the face crop differs, and the repainted region follows it.
+        assert np.array_equal(outputs[0], outputs[2])
+        assert np.abs(outputs[0] - outputs[1]).max() > 2
+    finally:
+        plus.close()
