@@ -71,8 +71,7 @@ class PoseEstimator:
         if len(lengths) != 2 or not all(isinstance(v, int) for v in lengths):
             raise ValueError(f"pose model {path}: expected two SimCC outputs, got lengths {lengths}")
         # SimCC splits each pixel into r bins on both axes: x is the output whose length / W equals r.
-        ratio_x = [n / self.width for n in lengths]
-        self.x_index = 0 if abs(ratio_x[0] - lengths[1] / self.height) < 1e-6 else 1
+        self.x_index = 0 if abs(lengths[0] / self.width - lengths[1] / self.height) < 1e-6 else 1
         self.ratio = lengths[self.x_index] / self.width
         if abs(lengths[1 - self.x_index] / self.height - self.ratio) > 1e-6:
             raise ValueError(f"pose model {path}: output lengths {lengths} do not fit the input {self.width}x"
