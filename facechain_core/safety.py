@@ -8,7 +8,8 @@ The checker is opened once per worker and shared by the pipelines (``PipelineCon
 Pipeline settings: ``safe_mode`` (True; a job's ``params["safe_mode"] = True`` turns it on even
 when the operator turned it off, never the other way), ``safety_checker_path`` (a folder; default:
 the manifest's place), ``safety_required`` (False: without an installed checker pictures are sent
-unchecked and a warning is logged; True: they are refused), ``label_service`` (the service named
+unchecked and a warning is logged, except for a job whose chat asked for safe mode, which is refused
+with ``safety.checker_missing``; True: they are all refused), ``label_service`` (the service named
 in the AI label, "FaceChain Bot").
 
 The label (``label_image``, ``save_labelled``, ``label_video``) is written into the file itself:
@@ -268,13 +269,17 @@ def service_name(context: PipelineContext) -> str:
     return str(settings_of(context)["label_service"] or DEFAULT_SERVICE)
 
 
-def checker_for(context: PipelineContext) -> SafetyChecker | None:
-    """The worker's checker, opened on first use; None when it is not installed and not required."""
+def checker_for(context: PipelineContext, chat_asked: bool = False) -> SafetyChecker | None:
+    """The worker's checker, opened on first use; None when it is not installed and not required.
+
+    Required by the operator (``safety_required``: ModelNotInstalled), or by a chat whose admins
+    turned safe mode on (`chat_asked`: ``safety.checker_missing``, whatever the operator's default).
+    """
     settings = settings_of(context)
     cached = context.shared.get(SHARED_KEY)
     if isinstance(cached, SafetyChecker):
         return cached
-    if cached is _NOT_INSTALLED and not settings["safety_required"]:
+    if cached is _NOT_INSTALLED and not (settings["safety_required"] or chat_asked):
         return None
     try:
         if settings.get("safety_checker_path"):
@@ -284,9 +289,12 @@ def checker_for(context: PipelineContext) -> SafetyChecker | None:
                 raise ModelNotInstalled(MODEL_NAME, FEATURE, f"fix safety_checker_path ({folder})")
         else:
             folder = context.model_path(MODEL_NAME, FEATURE)
-    except ModelNotInstalled:
+    except ModelNotInstalled as missing:
         if settings["safety_required"]:
             raise
+        if chat_asked:
+            # This chat's admins asked for checked pictures: never send them unchecked there.
+            raise UserFacingError("safety.checker_missing", pull_command=missing.details["pull_command"]) from None
         log.warning("safe mode is on but the safety checker is not installed: generated pictures go out "
                     "UNCHECKED (run `facechain-bot models pull %s`, or set safety_required = true to refuse them)",
                     FEATURE)
@@ -308,7 +316,7 @@ def screen(context: PipelineContext, params: dict[str, Any], candidates: Sequenc
     order = list(range(len(candidates)))
     if not safe_mode_on(settings_of(context), params):
         return Screened(order[:want], 0, False)
-    checker = checker_for(context)
+    checker = checker_for(context, chat_asked=params.get("safe_mode") is True)
     if checker is None:
         return Screened(order[:want], 0, False)
     kept: list[int] = []

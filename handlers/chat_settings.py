@@ -22,6 +22,8 @@ from handlers.services import Services
 
 log = logging.getLogger(__name__)
 
+SAFETY_FEATURE = "safety"  # the manifest feature of the safety checker
+
 ACTION = "cset"  # cset:<what>[.<value>]
 LIMIT_CHOICES = (0, 1, 3, 5, 10, 20)  # jobs per member per day; 0: no limit
 # Commands a group cannot switch off: these settings themselves, and what every user needs to
@@ -118,7 +120,8 @@ async def show_settings(services: Services, event: Event, channel: ReplyChannel)
         raise UserFacingError("groups.settings_private")
     if not await is_chat_admin(event):
         raise UserFacingError("groups.admins_only")
-    text, keyboard = render_home(await load_settings(services, event.chat), event.language)
+    text, keyboard = render_home(await load_settings(services, event.chat), event.language,
+                                 checker_installed=SAFETY_FEATURE in services.features_installed)
     await channel.send_text(text, keyboard)
 
 
@@ -155,7 +158,8 @@ async def press_setting(services: Services, event: Event, channel: ReplyChannel,
         await channel.answer_button(t("groups.saved", lang))
     else:
         await channel.answer_button()
-    text, keyboard = render_commands(settings, lang) if page == "commands" else render_home(settings, lang)
+    text, keyboard = render_commands(settings, lang) if page == "commands" else \
+        render_home(settings, lang, checker_installed=SAFETY_FEATURE in services.features_installed)
     if event.message_id is None:
         await channel.send_text(text, keyboard)
     else:
@@ -191,16 +195,20 @@ def switchable_commands() -> list[str]:
 
 
 # -- the panel ------------------------------------------------------------------------------------
-def render_home(settings: ChatSettings, lang: str) -> tuple[str, list[list[Button]]]:
-    """The rules in words, with buttons for safe mode, the daily limit and the commands page."""
+def render_home(settings: ChatSettings, lang: str, checker_installed: bool = True) -> tuple[str, list[list[Button]]]:
+    """The rules in words, with buttons for safe mode, the daily limit and the commands page; safe mode
+    without an installed checker says that pictures are refused here until the operator installs it."""
     state = t("groups.on" if settings.safe_mode else "groups.off", lang)
     limit = t("groups.limit_n", lang, n=settings.daily_limit) if settings.daily_limit else t("groups.limit_none", lang)
     if settings.allowed_commands is None:
         commands = t("groups.commands_all", lang)
     else:
         commands = ", ".join(f"/{c}" for c in settings.allowed_commands) or t("groups.commands_none", lang)
-    text = "\n".join([t("groups.title", lang), t("groups.safe_line", lang, state=state),
-                      t("groups.limit_line", lang, limit=limit), t("groups.commands_line", lang, commands=commands)])
+    lines = [t("groups.title", lang), t("groups.safe_line", lang, state=state)]
+    if settings.safe_mode and not checker_installed:
+        lines.append(t("groups.safe_no_checker", lang))
+    text = "\n".join(lines + [t("groups.limit_line", lang, limit=limit),
+                              t("groups.commands_line", lang, commands=commands)])
     safe_label = t("groups.button_safe", lang, state=state)
     limits = [Button(("✓ " if n == settings.daily_limit else "") +
                      (t("groups.button_limit", lang, n=n) if n else t("groups.button_no_limit", lang)),

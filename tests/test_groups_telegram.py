@@ -194,11 +194,15 @@ async def test_group_admins_set_the_rules(fake_telegram: FakeTelegram, tmp_path:
         assert (await chat_settings(service.services, chat))["safe_mode"] is False
 
         # The admin switches safe mode on, sets one job a day per member, and switches /cartoon off.
+        edits = {}
         for payload in ("cset:safe", "cset:limit.1", "cset:cmds", "cset:cmd.cartoon"):
             mark = fake.mark()
             fake.press_button(panel.result, payload, user=ANN)
-            edit = await fake.wait_for("editMessageText", since=mark, timeout=10)
+            edits[payload] = edit = await fake.wait_for("editMessageText", since=mark, timeout=10)
         assert "cset:all" in payloads(edit.result)
+        # No safety checker is installed here: the panel says pictures will be refused in this group.
+        assert t("groups.safe_no_checker", "en") not in panel.params["text"]
+        assert t("groups.safe_no_checker", "en") in edits["cset:safe"].params["text"]
         assert await chat_settings(service.services, chat) == {
             "safe_mode": True, "daily_limit": 1,
             "allowed_commands": [c for c in switchable_commands() if c != "cartoon"]}

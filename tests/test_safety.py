@@ -153,6 +153,12 @@ def test_a_missing_checker_warns_or_refuses(tmp_path: Path, caplog: pytest.LogCa
     with pytest.raises(ModelNotInstalled) as missing:
         safety.screen(_context(tmp_path, safety_required=True), {}, pictures, 1)
     assert "facechain-bot models pull safety" in missing.value.details["pull_command"]
+    # A group whose admins turned safe mode on never gets unchecked pictures, whatever the default.
+    with pytest.raises(UserFacingError) as refused:
+        safety.screen(_context(tmp_path), {"safe_mode": True}, pictures, 1)
+    assert refused.value.code == "safety.checker_missing"
+    assert "facechain-bot models pull safety" in refused.value.details["pull_command"]
+    assert "pull safety" in t("safety.checker_missing", "en", **refused.value.details)
 
 
 def test_the_cartoon_pipeline_screens_and_labels_its_output(tmp_path: Path, checkers: dict[str, Path],
