@@ -24,6 +24,7 @@ from discord import app_commands
 from bot.config import Settings
 from bot.discord_channel import PLATFORM, DiscordChannel, DiscordLink, PayloadButton
 from bot.discord_commands import PRIVATE_COMMANDS, CatalogueTranslator, build_commands
+from bot.lifecycle import StartStop
 from facechain_core.errors import UserFacingError
 from handlers import router
 from handlers.messages import normalise_language, t
@@ -120,7 +121,7 @@ class FaceChainClient(discord.Client):
         await self.adapter.run_message(message)
 
 
-class DiscordAdapter:
+class DiscordAdapter(StartStop):
     """Runs the bot on Discord: ``async with DiscordAdapter(settings, services) as dc: ...``.
 
     Events go to ``router.handle_event(services, ...)``, or to `dispatch` when given (tests).
@@ -157,13 +158,6 @@ class DiscordAdapter:
         return self.services.features_installed if self.services is not None else set()
 
     # -- lifecycle -------------------------------------------------------------------------------
-    async def __aenter__(self) -> DiscordAdapter:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
     async def start(self) -> None:
         """Logs in (which syncs the slash commands), then connects to the gateway in the background."""
         if self._started:

@@ -36,6 +36,7 @@ from typing import Any, Protocol, TypeVar
 from bot import worker_protocol as wp
 from bot.config import SchedulerSettings
 from bot.jobkinds import JobKinds
+from bot.lifecycle import StartStop
 from bot.storage import Artifact, Job, JobState, Storage, new_artifact_id
 from facechain_core.errors import UserFacingError
 from handlers.protocols import Chat, JobView, MessageRef, Submitted
@@ -281,7 +282,7 @@ def _device_env(device: str) -> tuple[str, dict[str, str]]:
     return "cpu", {"CUDA_VISIBLE_DEVICES": ""}
 
 
-class Scheduler:
+class Scheduler(StartStop):
     """The job queue and its worker processes; implements ``handlers.protocols.JobQueue``."""
 
     def __init__(
@@ -328,13 +329,6 @@ class Scheduler:
         self._stopped = False
 
     # -- lifecycle -------------------------------------------------------------------------
-    async def __aenter__(self) -> Scheduler:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
     async def start(self) -> None:
         """Resumes queued and running jobs, re-delivers DONE ones and starts the workers."""
         if self._started:

@@ -41,8 +41,9 @@ from telegram.error import BadRequest, Forbidden, TelegramError
 from telegram.ext import AIORateLimiter, Application, ApplicationBuilder, ContextTypes, TypeHandler
 
 from bot.config import Settings
-from facechain_core.errors import UserFacingError
+from bot.lifecycle import StartStop
 from bot.textsplit import split_text
+from facechain_core.errors import UserFacingError
 from handlers import router
 from handlers.messages import normalise_language, t
 from handlers.protocols import (
@@ -368,7 +369,7 @@ def _photo_id(message: Message) -> str | None:
     return message.document.file_id if message.document else None
 
 
-class TelegramAdapter:
+class TelegramAdapter(StartStop):
     """Runs the bot on Telegram: ``async with TelegramAdapter(settings, services) as tg: ...``.
 
     Events go to ``router.handle_event(services, ...)``, or to `dispatch` when given (tests).
@@ -411,13 +412,6 @@ class TelegramAdapter:
     @property
     def bot(self) -> Any:
         return self.application.bot
-
-    async def __aenter__(self) -> TelegramAdapter:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     async def start(self) -> None:
         """Connects (getMe), publishes the command menu and starts long polling."""
