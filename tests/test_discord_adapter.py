@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -33,6 +32,7 @@ from tests.fixtures.fake_discord import (
     FakeUser,
     fake_discord,  # noqa: F401
 )
+from tests.fixtures.recorder import Recorder
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -40,36 +40,6 @@ USER = 412345678901234567
 OTHER = 498765432109876543
 GUILD = 300000000000000001
 WEBHOOK = rf"/webhooks/{APP_ID}/[^/]+"
-Reply = Callable[[Event, ReplyChannel], Awaitable[None]]
-
-
-class Recorder:
-    """A dispatch that records events and runs a reply coroutine per event."""
-
-    def __init__(self, reply: Reply | None = None) -> None:
-        self.events: list[Event] = []
-        self.reply = reply
-        self.errors: list[BaseException] = []
-        self.done = asyncio.Event()
-
-    async def __call__(self, event: Event, channel: ReplyChannel) -> None:
-        self.events.append(event)
-        try:
-            if self.reply is not None:
-                await self.reply(event, channel)
-        except Exception as exc:  # kept for the test to inspect
-            self.errors.append(exc)
-        finally:
-            self.done.set()
-
-    async def wait(self, count: int = 1, timeout: float = 5.0) -> list[Event]:
-        async def enough() -> None:
-            while len(self.events) < count:
-                self.done.clear()
-                await self.done.wait()
-
-        await asyncio.wait_for(enough(), timeout)
-        return self.events
 
 
 def adapter_for(fake: FakeDiscord, dispatch: Recorder, *, features: set[str] | None = None,

@@ -1,7 +1,6 @@
 """The Telegram adapter with the real python-telegram-bot Application against the fake Bot API."""
 from __future__ import annotations
 
-import asyncio
 import io
 import logging
 from collections.abc import Awaitable, Callable
@@ -17,6 +16,7 @@ from bot.telegram_adapter import TelegramAdapter, parse_command
 from handlers import router
 from handlers.protocols import Button, Event, Media, MessageRef, NotSupported, ReplyChannel, Visibility
 from tests.fixtures.fake_telegram import FakeTelegram, FakeUser, fake_telegram  # noqa: F401
+from tests.fixtures.recorder import Recorder
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -30,35 +30,6 @@ def jpeg(size: int = 256, shade: int = 0) -> bytes:
     out = io.BytesIO()
     img.save(out, format="JPEG")
     return out.getvalue()
-
-
-class Recorder:
-    """A dispatch that records events and runs a reply coroutine per event."""
-
-    def __init__(self, reply: Callable[[Event, ReplyChannel], Awaitable[None]] | None = None) -> None:
-        self.events: list[Event] = []
-        self.reply = reply
-        self.arrived = asyncio.Event()
-        self.errors: list[BaseException] = []
-
-    async def __call__(self, event: Event, channel: ReplyChannel) -> None:
-        self.events.append(event)
-        try:
-            if self.reply is not None:
-                await self.reply(event, channel)
-        except Exception as exc:  # kept for the test to inspect
-            self.errors.append(exc)
-        finally:
-            self.arrived.set()
-
-    async def wait(self, count: int = 1, timeout: float = 5.0) -> list[Event]:
-        async def enough() -> None:
-            while len(self.events) < count:
-                self.arrived.clear()
-                await self.arrived.wait()
-
-        await asyncio.wait_for(enough(), timeout)
-        return self.events
 
 
 def adapter_for(fake: FakeTelegram, dispatch: Dispatch, **settings: object) -> TelegramAdapter:
