@@ -57,6 +57,22 @@ def checked_photos(settings: Settings, photos: list[Path], out: Path) -> list[di
     return accepted
 
 
+def _identity(settings: Settings, context: PipelineContext, photos: list[Path], out: Path) -> Path:
+    """Checks the photos as selfies and builds their identity under out/identity/; returns its file."""
+    from facechain_core.identity import IdentityPipeline
+
+    selfies = checked_photos(settings, photos, out)
+    identity = out / "identity" / "identity.npz"
+    identity.parent.mkdir(exist_ok=True)
+    _run(IdentityPipeline(), context, {"selfies": selfies, "out": str(identity)})
+    return identity
+
+
+def _print_ranked(result: Any) -> None:
+    for path, similarity in zip(result.files, result.meta.get("similarity", []), strict=False):
+        print(f"{path}  similarity {similarity:.3f}")
+
+
 def _run(pipeline: Any, context: PipelineContext, params: dict[str, Any]) -> Any:
     pipeline.load(context)
     try:
@@ -67,24 +83,19 @@ def _run(pipeline: Any, context: PipelineContext, params: dict[str, Any]) -> Any
 
 def portrait(args: argparse.Namespace, settings: Settings) -> int:
     """Portraits of the people in --photo in --style, written to --out."""
-    from facechain_core.identity import IdentityPipeline
     from facechain_core.portrait import PortraitPipeline
     from facechain_core.styles import load_styles
 
     style = load_styles(settings.styles_dir).find(args.style)
     args.out.mkdir(parents=True, exist_ok=True)
     context = pipeline_context(settings)
-    selfies = checked_photos(settings, args.photo, args.out)
-    identity = args.out / "identity" / "identity.npz"
-    identity.parent.mkdir(exist_ok=True)
-    _run(IdentityPipeline(), context, {"selfies": selfies, "out": str(identity)})
+    identity = _identity(settings, context, args.photo, args.out)
     lora = args.lora / "pytorch_lora_weights.safetensors" if args.lora and args.lora.is_dir() else args.lora
     result = _run(PortraitPipeline(), context, {
         "style": style.model_dump(mode="json"), "identity": str(identity), "count": args.count, "seed": args.seed,
         "out_dir": str(args.out), "user_lora": str(lora) if lora else None,
     })
-    for path, similarity in zip(result.files, result.meta.get("similarity", []), strict=False):
-        print(f"{path}  similarity {similarity:.3f}")
+    _print_ranked(result)
     return 0
 
 
@@ -119,21 +130,16 @@ def cartoon(args: argparse.Namespace, settings: Settings) -> int:
 
 def tryon(args: argparse.Namespace, settings: Settings) -> int:
     """Dresses the person of --photo in the outfit of --outfit, written to --out."""
-    from facechain_core.identity import IdentityPipeline
     from facechain_core.tryon import TryOnPipeline
 
     if not args.outfit.is_file():
         raise FileNotFoundError(f"{args.outfit} is not a file")
     args.out.mkdir(parents=True, exist_ok=True)
     context = pipeline_context(settings)
-    selfies = checked_photos(settings, args.photo, args.out)
-    identity = args.out / "identity" / "identity.npz"
-    identity.parent.mkdir(exist_ok=True)
-    _run(IdentityPipeline(), context, {"selfies": selfies, "out": str(identity)})
+    identity = _identity(settings, context, args.photo, args.out)
     result = _run(TryOnPipeline(), context, {"outfit": str(args.outfit), "identity": str(identity),
                                              "count": args.count, "seed": args.seed, "out_dir": str(args.out)})
-    for path, similarity in zip(result.files, result.meta.get("similarity", []), strict=False):
-        print(f"{path}  similarity {similarity:.3f}")
+    _print_ranked(result)
     return 0
 
 
