@@ -300,11 +300,20 @@ class PortraitPipeline:
                   set_up: Callable[[], None]) -> list[np.ndarray]:
         """Run the base once per chunk of seeds, one image per seed; report each denoising step."""
         sampler = style["sampler"]
-        guidance = float(sampler.get("guidance_scale", 7.0))
+        return self.denoise_chunks(
+            base, identity, chunks, progress, total, set_up, float(sampler.get("guidance_scale", 7.0)),
+            prompt=prompt, negative_prompt=style.get("negative_prompt") or None,
+            num_inference_steps=int(sampler["steps"]), width=int(sampler["width"]), height=int(sampler["height"]))
+
+    def denoise_chunks(self, base: ResidentBase, identity: Identity, chunks: list[list[int]], progress: Progress,
+                       total: int, set_up: Callable[[], None], guidance: float, **call: Any) -> list[np.ndarray]:
+        """Call the base's pipeline with `call` once per chunk of seeds, one image per seed, with what every job
+        shares: the identity's FaceID (Plus) embeddings, merged LoRAs, a step report, and between chunks a yield
+        point after which `set_up` restores this job's adapters."""
         cfg = guidance > 1.0
         done = 0
-        device = base.pipe.device
-        embedding = torch.from_numpy(identity.embedding).reshape(1, 1, -1).to(device, base.pipe.unet.dtype)
+        pipe = base.pipe
+        embedding = torch.from_numpy(identity.embedding).reshape(1, 1, -1).to(pipe.device, pipe.unet.dtype)
         ip_embeds = torch.cat([torch.zeros_like(embedding), embedding]) if cfg else embedding
 
         def on_step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -322,19 +331,11 @@ class PortraitPipeline:
                     set_up()  # a short job may have used this base in between
             if base.plus:
                 self._set_clip_embeds(base, identity, len(chunk), cfg)
-            with fused_loras(base.pipe.unet, self.fusing(base)):
-                result = base.pipe(
-                    prompt=prompt,
-                    negative_prompt=style.get("negative_prompt") or None,
-                    num_inference_steps=int(sampler["steps"]),
-                    guidance_scale=guidance,
-                    width=int(sampler["width"]),
-                    height=int(sampler["height"]),
-                    num_images_per_prompt=len(chunk),
+            with fused_loras(pipe.unet, self.fusing(base)):
+                result = pipe(
+                    **call, guidance_scale=guidance, num_images_per_prompt=len(chunk),
                     generator=[torch.Generator("cpu").manual_seed(s) for s in chunk],
-                    ip_adapter_image_embeds=[ip_embeds],
-                    callback_on_step_end=on_step_end,
-                    output_type="np",
+                    ip_adapter_image_embeds=[ip_embeds], callback_on_step_end=on_step_end, output_type="np",
                 )
             images.extend(_to_uint8(result.images))
         return images

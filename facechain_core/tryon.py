@@ -34,10 +34,9 @@ from facechain_core.errors import ModelNotInstalled, UserFacingError
 from facechain_core.garment import ClothesParser, Parsing, control_map, feather_mask, parser_summary
 from facechain_core.garment import MIN_GARMENT_FRACTION, MIN_PERSON_FRACTION
 from facechain_core.identity import Identity, open_arcface, pull_command
-from facechain_core.lora_fuse import fused_loras
 from facechain_core.pipeline import JobResult, PipelineContext, Progress
 from facechain_core.pose import Pose, PoseEstimator, draw_openpose, openpose_body, person_box
-from facechain_core.portrait import DEFAULTS, DTYPES, MAX_COUNT, PortraitPipeline, ResidentBase, _to_uint8, \
+from facechain_core.portrait import DEFAULTS, DTYPES, MAX_COUNT, PortraitPipeline, ResidentBase, \
     attach_image_encoder
 from facechain_core.resident import SHARED_KEY, ResidentPipelines
 
@@ -165,42 +164,13 @@ class TryOnPipeline(PortraitPipeline):
                  set_up: Any, prompt: str) -> list[np.ndarray]:
         """Run the ControlNet inpainting pipeline (pose, silhouette) once per chunk of seeds; report each step."""
         cfg = self._tryon
-        guidance = float(cfg["guidance_scale"])
-        use_cfg = guidance > 1.0
-        pipe = base.pipe
-        ident = torch.from_numpy(identity.embedding).reshape(1, 1, -1).to(pipe.device, pipe.unet.dtype)
-        ip_embeds = torch.cat([torch.zeros_like(ident), ident]) if use_cfg else ident
-        done = 0
-
-        def on_step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-            nonlocal done
-            done += 1
-            progress(done, total)
-            return kwargs
-
-        image = Image.fromarray(outfit)
         height, width = outfit.shape[:2]
-        results: list[np.ndarray] = []
-        for index, chunk in enumerate(chunks):
-            if index:
-                yield_point = getattr(progress, "yield_point", None)
-                if yield_point is not None:
-                    yield_point()
-                    set_up()
-            if base.plus:
-                self._set_clip_embeds(base, identity, len(chunk), use_cfg)
-            with fused_loras(pipe.unet, self.fusing(base)):
-                out = pipe(
-                    prompt=prompt, negative_prompt=cfg["negative_prompt"] or None, image=image, mask_image=repaint,
-                    control_image=controls, height=height, width=width, strength=1.0,
-                    num_inference_steps=int(cfg["steps"]), guidance_scale=guidance,
-                    controlnet_conditioning_scale=[float(cfg["pose_scale"]), float(cfg["silhouette_scale"])],
-                    num_images_per_prompt=len(chunk),
-                    generator=[torch.Generator("cpu").manual_seed(s) for s in chunk],
-                    ip_adapter_image_embeds=[ip_embeds], callback_on_step_end=on_step_end, output_type="np",
-                )
-            results.extend(_to_uint8(out.images))
-        return results
+        return self.denoise_chunks(
+            base, identity, chunks, progress, total, set_up, float(cfg["guidance_scale"]),
+            prompt=prompt, negative_prompt=cfg["negative_prompt"] or None, image=Image.fromarray(outfit),
+            mask_image=repaint, control_image=controls, height=height, width=width, strength=1.0,
+            num_inference_steps=int(cfg["steps"]),
+            controlnet_conditioning_scale=[float(cfg["pose_scale"]), float(cfg["silhouette_scale"])])
 
     # -- loading ---------------------------------------------------------------------------------
 

@@ -296,7 +296,7 @@ def test_trained_lora_loads_into_the_portrait_pipeline_and_acts(
 
 def test_tryon_on_the_device_keeps_the_garment_and_repaints_the_rest(
         tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
-    import facechain_core.tryon
+    import facechain_core.portrait
     from facechain_core.garment import ClothesParser
     from facechain_core.tiny.tryon import build_tryon_models, draw_outfit
     from facechain_core.tryon import TryOnPipeline, working_image
@@ -306,7 +306,7 @@ def test_tryon_on_the_device_keeps_the_garment_and_repaints_the_rest(
     context = PipelineContext(models_dir=tmp_path, device=DEVICE, dtype=DTYPE, settings={
         "face_filter": False, "oversample": 1, "model_paths": models, "tryon": {"side": SIDE, "steps": STEPS}})
     pipeline = TryOnPipeline()
-    floats = _FloatImages(monkeypatch, facechain_core.tryon)
+    floats = _FloatImages(monkeypatch, facechain_core.portrait)  # try-on denoises through portrait.denoise_chunks
     pipeline.load(context)
     try:
         assert pipeline.base().pipe.unet.dtype == TORCH_DTYPE
