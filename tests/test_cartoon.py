@@ -65,22 +65,12 @@ from handlers.protocols import (
     Visibility,
 )
 from handlers.services import Services
+from tests.fixtures.progress import StepRecorder
 from tests.fixtures.tiny_models import one_torch_thread, tiny_models, tiny_models_dir  # noqa: F401
 
 pytestmark = pytest.mark.timeout(120)
 
 ALL_FEATURES = {"cartoon", "cartoon-animegan"}
-
-
-class _Progress:
-    def __init__(self) -> None:
-        self.steps: list[tuple[int, int]] = []
-
-    def __call__(self, step: int, total: int, text: str | None = None) -> None:
-        self.steps.append((step, total))
-
-    def yield_point(self) -> None:
-        pass
 
 
 def _astronaut(width: int, height: int) -> np.ndarray:
@@ -254,7 +244,7 @@ def test_pipeline_cartoonises_a_face_photo(tmp_path: Path, tiny: dict[str, Path]
                                            faces_dir: Path) -> None:
     pipeline = CartoonPipeline()
     pipeline.load(_context(yunet_path.parent, tiny))
-    progress = _Progress()
+    progress = StepRecorder()
     source = faces_dir / "obama.jpg"
     result = pipeline.run({"image": str(source), "style": "shinkai", "out_dir": str(tmp_path)}, progress)
     (out,) = result.files
@@ -272,7 +262,7 @@ def test_pipeline_downscales_large_photos_with_a_clear_limit(tmp_path: Path, tin
     big.write_bytes(_jpeg(_astronaut(3000, 2000)))
     pipeline = CartoonPipeline()
     pipeline.load(_context(tmp_path, tiny, cartoon_max_side=800, cartoon_faces=False))
-    result = pipeline.run({"image": str(big), "style": "hayao", "out": str(tmp_path / "out.png")}, _Progress())
+    result = pipeline.run({"image": str(big), "style": "hayao", "out": str(tmp_path / "out.png")}, StepRecorder())
     assert Image.open(tmp_path / "out.png").size == (800, 533)
     assert result.meta["downscaled_from"] == [3000, 2000] and result.meta["max_side"] == 800
 
@@ -283,12 +273,12 @@ def test_pipeline_names_the_pull_command_and_unknown_styles(tmp_path: Path, tiny
     pipeline = CartoonPipeline()
     pipeline.load(_context(tmp_path / "empty"))
     with pytest.raises(ModelNotInstalled) as missing:
-        pipeline.run({"image": str(photo), "style": "hayao", "out_dir": str(tmp_path)}, _Progress())
+        pipeline.run({"image": str(photo), "style": "hayao", "out_dir": str(tmp_path)}, StepRecorder())
     assert "models pull cartoon-animegan --accept-license animegan-non-commercial" in \
         missing.value.details["pull_command"]
     pipeline.load(_context(tmp_path, tiny))
     with pytest.raises(UserFacingError) as unknown:
-        pipeline.run({"image": str(photo), "style": "nope", "out_dir": str(tmp_path)}, _Progress())
+        pipeline.run({"image": str(photo), "style": "nope", "out_dir": str(tmp_path)}, StepRecorder())
     assert unknown.value.code == "cartoon.unknown_style_plain" and "anime" in unknown.value.details["styles"]
     assert "anime" in t(unknown.value.code, "en", **unknown.value.details)
 
@@ -604,7 +594,7 @@ def test_diffusion_styles_repaint_keeping_the_face_and_share_the_portrait_base(
     original.save(photo)
 
     def run(style: str, seed: int, name: str) -> np.ndarray:
-        progress = _Progress()
+        progress = StepRecorder()
         result = pipeline.run({"image": str(photo), "style": style, "seed": seed, "out": str(tmp_path / name)},
                               progress)
         assert result.meta["faces"] == 1 and progress.steps[-1][0] == progress.steps[-1][1] > 1
@@ -619,6 +609,6 @@ def test_diffusion_styles_repaint_keeping_the_face_and_share_the_portrait_base(
     faceless = tmp_path / "plain.jpg"
     faceless.write_bytes(_jpeg(np.full((96, 128, 3), 120, np.uint8)))
     with pytest.raises(UserFacingError) as err:
-        pipeline.run({"image": str(faceless), "style": "likeness", "out_dir": str(tmp_path)}, _Progress())
+        pipeline.run({"image": str(faceless), "style": "likeness", "out_dir": str(tmp_path)}, StepRecorder())
     assert err.value.code == "cartoon.needs_face"
     pipeline.close()

@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw
 from facechain_core.errors import JobCancelled, UserFacingError
 from facechain_core.identity import Identity, normalise, save_identity
 from facechain_core.pipeline import PipelineContext
+from tests.fixtures.progress import StepRecorder
 from tests.fixtures.tiny_models import tiny_models, tiny_models_dir  # noqa: F401
 from tests.test_portrait import _settings as portrait_settings
 
@@ -65,20 +66,6 @@ def _free() -> None:
     if ON_GPU:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
-
-
-class _Progress:
-    def __init__(self, cancel_at: int | None = None) -> None:
-        self.steps: list[tuple[int, int]] = []
-        self.cancel_at = cancel_at
-
-    def __call__(self, step: int, total: int, text: str | None = None) -> None:
-        self.steps.append((step, total))
-        if self.cancel_at is not None and step == self.cancel_at:
-            raise JobCancelled()
-
-    def yield_point(self) -> None:
-        pass
 
 
 class _FloatImages:
@@ -145,7 +132,7 @@ def _portrait_job(pipeline: Any, out: Path, identity: Path, family: str = "sd15"
     job = {"style": _style(family), "identity": str(identity), "count": 1, "seed": 42, "out_dir": str(out),
            "user_lora": None, "user_lora_scale": 1.0}
     job.update(params)
-    return pipeline.run(job, _Progress())
+    return pipeline.run(job, StepRecorder())
 
 
 # family, IP-Adapter file, user LoRA, FaceID Plus
@@ -239,8 +226,8 @@ def trained(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
            "max_steps": 16, "resolution": SIDE, "checkpoint_every": 4, "lr": 1e-2, "seed": 7}
     try:
         with pytest.raises(JobCancelled):
-            pipe.run(job, _Progress(cancel_at=6))
-        result = pipe.run(job, _Progress())
+            pipe.run(job, StepRecorder(cancel_at=6))
+        result = pipe.run(job, StepRecorder())
         unet = pipe.unet
         return {"result": result, "mixed_precision": pipe.mixed_precision,
                 "checkpointing": pipe.gradient_checkpointing, "adapters_after": adapter_names(unet),
@@ -313,7 +300,7 @@ def test_tryon_on_the_device_keeps_the_garment_and_repaints_the_rest(
         outfit = tmp_path / "outfit.png"
         Image.fromarray(draw_outfit(128, arm_angle=0.3, seed=5)).save(outfit)
         result = pipeline.run({"outfit": str(outfit), "identity": str(_identity(tmp_path / "id.npz", 1)), "seed": 7,
-                               "out_dir": str(tmp_path / "out")}, _Progress())
+                               "out_dir": str(tmp_path / "out")}, StepRecorder())
         floats.check()
         output = _pixels(result.files[0])
         original = working_image(outfit, SIDE).astype(np.int16)

@@ -15,6 +15,7 @@ from facechain_core.pipeline import PipelineContext
 from facechain_core.portrait import PortraitPipeline
 from facechain_core.resident import ResidentPipelines
 from facechain_core.tiny import build_lora
+from tests.fixtures.progress import StepRecorder
 from tests.fixtures.tiny_models import one_torch_thread, tiny_models, tiny_models_dir  # noqa: F401
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
@@ -54,21 +55,6 @@ def _identity(path: Path, seed: int) -> Path:
     return save_identity(Identity(normalise(vectors.mean(axis=0)), vectors, crop), path)
 
 
-class _Progress:
-    def __init__(self, cancel_at: int | None = None) -> None:
-        self.calls: list[tuple[int, int]] = []
-        self.yields = 0
-        self.cancel_at = cancel_at
-
-    def __call__(self, step: int, total: int, text: str | None = None) -> None:
-        self.calls.append((step, total))
-        if self.cancel_at is not None and len(self.calls) >= self.cancel_at:
-            raise JobCancelled()
-
-    def yield_point(self) -> None:
-        self.yields += 1
-
-
 def _pixels(path: Path) -> np.ndarray:
     with Image.open(path) as img:
         return np.asarray(img.convert("RGB"), dtype=np.int16)
@@ -85,16 +71,16 @@ def identities(tmp_path_factory) -> tuple[Path, Path]:
     return _identity(root / "a" / "identity.npz", 1), _identity(root / "b" / "identity.npz", 2)
 
 
-def _run(pipeline: PortraitPipeline, out: Path, identity: Path, progress: _Progress | None = None,
+def _run(pipeline: PortraitPipeline, out: Path, identity: Path, progress: StepRecorder | None = None,
          **params: Any) -> Any:
     job = {"style": _style(), "identity": str(identity), "count": 1, "seed": 42, "out_dir": str(out),
            "user_lora": None, "user_lora_scale": 1.0, "style_lora": None}
     job.update(params)
-    return pipeline.run(job, progress or _Progress())
+    return pipeline.run(job, progress or StepRecorder())
 
 
 def test_count_two_writes_two_pngs(pipeline, identities, tmp_path):
-    progress = _Progress()
+    progress = StepRecorder()
     result = _run(pipeline, tmp_path, identities[0], progress, count=2, seed=7)
     assert len(result.files) == 2
     for path in result.files:
@@ -104,8 +90,8 @@ def test_count_two_writes_two_pngs(pipeline, identities, tmp_path):
     meta = result.meta
     assert sorted(meta["seeds"]) == [7, 8] and meta["style"] == "studio" and meta["lora_used"] is False
     assert meta["similarity"] == sorted(meta["similarity"], reverse=True)
-    assert progress.calls[-1][0] == progress.calls[-1][1]
-    assert [s for s, _ in progress.calls] == sorted(s for s, _ in progress.calls)
+    assert progress.steps[-1][0] == progress.steps[-1][1]
+    assert [s for s, _ in progress.steps] == sorted(s for s, _ in progress.steps)
 
 
 def test_identity_embedding_conditions_the_image(pipeline, identities, tmp_path):
@@ -177,19 +163,19 @@ def test_lora_of_another_family_is_refused_and_the_base_recovers(pipeline, ident
 
 
 def test_cancel_from_progress_stops_the_job(pipeline, identities, tmp_path):
-    progress = _Progress(cancel_at=1)
+    progress = StepRecorder(cancel_at=1)
     with pytest.raises(JobCancelled):
         _run(pipeline, tmp_path, identities[0], progress, count=2)
-    assert len(progress.calls) == 1
+    assert len(progress.steps) == 1
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
 def test_batches_offer_yield_points(identities, tiny_models, tmp_path):
     pipeline = _load(tiny_models, tmp_path / "m", batch_size=1, oversample=2)
-    progress = _Progress()
+    progress = StepRecorder()
     result = _run(pipeline, tmp_path / "out", identities[0], progress, count=2)
     assert len(result.files) == 2 and progress.yields == 3  # four candidates, one per batch
-    assert progress.calls[-1] == (9, 9)  # 2 steps x 4 batches + ranking
+    assert progress.steps[-1] == (9, 9)  # 2 steps x 4 batches + ranking
 
 
 def test_face_filter_drops_faceless_candidates(identities, tiny_models, yunet_path, tmp_path):

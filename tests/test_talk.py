@@ -22,19 +22,9 @@ from facechain_core.tiny.talk import CONSTANT_BGR, build_lipsync
 from facechain_core.tts import (
     OFFLINE_VOICE, EdgeTTS, EspeakTTS, Speech, decode_audio, engines_from_settings, rms, speak,
 )
+from tests.fixtures.progress import StepRecorder
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class Progress:
-    def __init__(self) -> None:
-        self.steps: list[tuple[int, int]] = []
-
-    def __call__(self, step: int, total: int, text: str | None = None) -> None:
-        self.steps.append((step, total))
-
-    def yield_point(self) -> None:
-        pass
 
 
 def closed_port() -> int:
@@ -180,7 +170,7 @@ def test_the_pipeline_writes_an_mp4_as_long_as_the_speech(tmp_path: Path, faces_
     pipeline = TalkPipeline()
     pipeline.load(_context(yunet_path, model_paths={"wav2lip-gan-onnx": str(tiny)}, talk_max_side=320,
                            talk_tts=["edge", "espeak"], talk_edge_proxy=f"http://127.0.0.1:{closed_port()}"))
-    progress = Progress()
+    progress = StepRecorder()
     result = pipeline.run({"image": str(faces_dir / "obama.jpg"), "text": "Good morning to you all.",
                            "out": str(tmp_path / "talk.mp4")}, progress)
     assert result.meta["animator"] == "wav2lip" and result.meta["voice"] == "espeak-ng"
@@ -207,7 +197,7 @@ def test_a_voice_message_becomes_a_round_video_without_the_lipsync_model(
     pipeline = TalkPipeline()
     pipeline.load(_context(yunet_path, talk_round_side=192))
     result = pipeline.run({"image": str(faces_dir / "obama.jpg"), "audio": str(voice), "round": True,
-                           "out_dir": str(tmp_path)}, Progress())
+                           "out_dir": str(tmp_path)}, StepRecorder())
     assert result.meta["animator"] == "landmarks" and result.meta["voice"] == "audio"
     info = _streams(result.files[0])
     assert info["size"] == (192, 192)
@@ -229,7 +219,7 @@ def test_expected_failures_have_codes(tmp_path: Path, faces_dir: Path, yunet_pat
              ({"image": image, "audio": str(not_audio)}, "talk.bad_audio")]
     for params, code in cases:
         with pytest.raises(UserFacingError) as failed:
-            pipeline.run({**params, "out_dir": str(tmp_path)}, Progress())
+            pipeline.run({**params, "out_dir": str(tmp_path)}, StepRecorder())
         assert failed.value.code == code
 
 
