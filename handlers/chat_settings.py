@@ -15,14 +15,13 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from facechain_core.errors import UserFacingError
+from facechain_core.safety import FEATURE as SAFETY_FEATURE
 from handlers import buttons, hooks, router
 from handlers.messages import t
 from handlers.protocols import Button, Chat, Event, MessageRef, ReplyChannel
 from handlers.services import Services
 
 log = logging.getLogger(__name__)
-
-SAFETY_FEATURE = "safety"  # the manifest feature of the safety checker
 
 ACTION = "cset"  # cset:<what>[.<value>]
 LIMIT_CHOICES = (0, 1, 3, 5, 10, 20)  # jobs per member per day; 0: no limit
