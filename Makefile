@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= $(wildcard config.toml)
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench bench-gpu clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -20,8 +20,15 @@ run: setup
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
+# The benches that finish on a CPU; bench_generate and bench_tryon time full-size jobs on a GPU
+# (bench/gpu_check.sh runs them there, with tests/test_gpu.py).
+CPU_BENCHES := scheduler portrait_overhead lora_switch train_step
+
 bench: setup
-	for f in bench/bench_*.py; do $(PY) $$f || exit 1; done
+	for b in $(CPU_BENCHES); do $(PY) bench/bench_$$b.py || exit 1; done
+
+bench-gpu: setup
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash bench/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's one GPU check, for a lent GPU machine (no network; python3 there holds torch + CUDA).
 #
-# Run from the repository root with $OUT set and the wheels of .whl/ carried along:
+# Run from the repository root (`make bench-gpu` in the project's venv; on a machine without network,
+# with the wheels of .whl/ carried along and $OUT set):
 #     bash bench/gpu_check.sh
 # Steps, most valuable first, each under its own timeout and all inside GPU_CHECK_BUDGET seconds (420):
 #   0. install the carried wheels into /tmp/site; versions, GPU; full-size models start building in the background
@@ -54,11 +55,15 @@ main() {
     if [[ $DEVICE == cuda ]]; then
         nvidia-smi -L
         nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm --format=csv
-        started=$SECONDS
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-            .whl/*.whl || { echo "=== wheel install FAILED"; return 1; }
-        export PYTHONPATH=/tmp/site:$PWD
-        echo "=== wheels installed in $((SECONDS - started))s: $(ls .whl | tr '\n' ' ')"
+        if compgen -G ".whl/*.whl" >/dev/null; then  # a machine without network: the carried wheels
+            started=$SECONDS
+            python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+                .whl/*.whl || { echo "=== wheel install FAILED"; return 1; }
+            export PYTHONPATH=/tmp/site:$PWD
+            echo "=== wheels installed in $((SECONDS - started))s: $(ls .whl | tr '\n' ' ')"
+        else  # the project's own environment (make bench-gpu)
+            export PYTHONPATH=$PWD
+        fi
     else
         export PYTHONPATH=$PWD
     fi
