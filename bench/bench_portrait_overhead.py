@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 
 from bot.config import SchedulerSettings
-from bot.jobkinds import BUILTIN_KINDS, JobKinds
-from bot.scheduler import Scheduler
+from bot.engine.jobkinds import BUILTIN_KINDS, JobKinds
+from bot.engine.scheduler import Scheduler
 from bot.storage import Artifact, Job, Storage
 from facechain_core.identity import ArcFace, Identity, save_identity
 from facechain_core.manifest import load_manifest

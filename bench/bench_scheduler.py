@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from bot.config import SchedulerSettings
-from bot.jobkinds import GENERATE, JobKind, JobKinds
-from bot.scheduler import Scheduler
+from bot.engine.jobkinds import GENERATE, JobKind, JobKinds
+from bot.engine.scheduler import Scheduler
 from bot.storage import Artifact, Job, Storage
 from handlers.protocols import Chat
 

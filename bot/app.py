@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bot.config import Settings
-from bot.jobkinds import JobKind, JobKinds
-from bot.metrics import JobMetrics, serve_metrics
-from bot.retention import run_retention
-from bot.scheduler import Scheduler
+from bot.engine.jobkinds import JobKind, JobKinds
+from bot.ops.metrics import JobMetrics, serve_metrics
+from bot.ops.retention import run_retention
+from bot.engine.scheduler import Scheduler
 from bot.storage import Artifact, Job, Storage
 from facechain_core.manifest import installed_features
 from facechain_core.styles import load_styles
@@ -99,11 +99,11 @@ async def _stop_task(task: asyncio.Task[Any]) -> None:
 def _build_adapters(settings: Settings, services: Services) -> dict[str, Any]:
     adapters: dict[str, Any] = {}
     if settings.telegram.enabled:
-        from bot.telegram_adapter import TelegramAdapter
+        from bot.platforms.telegram_adapter import TelegramAdapter
 
         adapters["telegram"] = TelegramAdapter(settings, services)
     if settings.discord.enabled:
-        from bot.discord_adapter import DiscordAdapter
+        from bot.platforms.discord_adapter import DiscordAdapter
 
         adapters["discord"] = DiscordAdapter(settings, services)
     return adapters

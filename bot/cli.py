@@ -22,7 +22,7 @@ WORKER_MAX_SILENCE_S = 60.0
 
 def _settings(args: argparse.Namespace) -> Settings:
     settings = load_config(args.config)
-    from bot.logsetup import configure_logging
+    from bot.ops.logsetup import configure_logging
 
     configure_logging(settings)
     return settings
@@ -91,7 +91,7 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 def cmd_backup(args: argparse.Namespace) -> int:
     """Writes a consistent backup of the database and the user folders, also while the service runs."""
-    from bot.backup import BackupError, backup
+    from bot.ops.backup import BackupError, backup
 
     settings = _settings(args)
     try:
@@ -105,7 +105,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     """Restores a backup into the configured (empty) data dir."""
-    from bot.backup import BackupError, restore
+    from bot.ops.backup import BackupError, restore
 
     settings = _settings(args)
     try:

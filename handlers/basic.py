@@ -2,7 +2,7 @@
 
 /delete asks first; its Yes button carries a one-time nonce bound to the asking user, so nobody
 else can press it and an old one expires. Confirmed, it cancels and drops the user's jobs, removes
-``data_dir/users/<key>/`` and then every row of the user. Retention (``bot/retention.py``) deletes one
+``data_dir/users/<key>/`` and then every row of the user. Retention (``bot/ops/retention.py``) deletes one
 class of a user's data with the same file helpers (``delete_expired_data``).
 """
 from __future__ import annotations

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 from bot.config import SchedulerSettings
-from bot.jobkinds import GENERATE, JobKind, JobKinds
-from bot.scheduler import Scheduler
+from bot.engine.jobkinds import GENERATE, JobKind, JobKinds
+from bot.engine.scheduler import Scheduler
 from bot.storage import Artifact, Job, Storage
 from handlers.protocols import Chat
 

@@ -13,8 +13,8 @@ import pytest
 
 from bot import cli
 from bot.app import open_service
-from bot.backup import BackupError, backup, restore
-from bot.jobkinds import JobKind
+from bot.ops.backup import BackupError, backup, restore
+from bot.engine.jobkinds import JobKind
 from bot.storage import Artifact, Storage, new_artifact_id
 from handlers import router
 from handlers.progress import submit_with_progress

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from bot.app import open_service
-from bot.jobkinds import JobKind
+from bot.engine.jobkinds import JobKind
 from handlers import router
 from handlers.messages import t
 from handlers.progress import submit_with_progress

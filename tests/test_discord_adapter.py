@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from bot.discord_adapter import DiscordAdapter
-from bot.discord_channel import fit_image, keyboards, pack_files
+from bot.platforms.discord_adapter import DiscordAdapter
+from bot.platforms.discord_channel import fit_image, keyboards, pack_files
 from facechain_core.cartoon import load_cartoon_styles
 from facechain_core.styles import load_styles
 from handlers import router

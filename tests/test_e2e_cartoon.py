@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from bot.app import open_service
-from bot.jobkinds import LONG, JobKind
-from bot.telegram_adapter import TelegramAdapter
+from bot.engine.jobkinds import LONG, JobKind
+from bot.platforms.telegram_adapter import TelegramAdapter
 from facechain_core.tiny.cartoon import build_cartoon_models
 from handlers.messages import t
 from handlers.protocols import Chat, Event, Media, ReplyChannel

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from bot.app import open_service
-from bot.jobkinds import GENERATE, INTERACTIVE, JobKind
-from bot.logsetup import configure_logging
+from bot.engine.jobkinds import GENERATE, INTERACTIVE, JobKind
+from bot.ops.logsetup import configure_logging
 from facechain_core.devtools import SleepPipeline
 from facechain_core.pipeline import JobResult, Progress
 from facechain_core.tiny.cartoon import build_cartoon_models

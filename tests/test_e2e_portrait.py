@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from bot.app import open_service
-from bot.logsetup import configure_logging
+from bot.ops.logsetup import configure_logging
 from tests.fixtures.portrait_service import TINY_PIPELINE, portrait_settings
 from tests.fixtures.privacy import user_traces
 from tests.fixtures.tiny_models import one_torch_thread, tiny_models_dir  # noqa: F401

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from bot.app import open_service
-from bot.jobkinds import JobKind
-from bot.logsetup import configure_logging
+from bot.engine.jobkinds import JobKind
+from bot.ops.logsetup import configure_logging
 from handlers import router
 from handlers.progress import submit_with_progress
 from tests.fixtures.fake_telegram import TOKEN

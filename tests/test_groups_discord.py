@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from bot.app import open_service
-from bot.logsetup import configure_logging
+from bot.ops.logsetup import configure_logging
 from handlers.chat_settings import chat_settings
 from handlers.messages import t
 from handlers.protocols import Chat

@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from bot.app import open_service
-from bot.telegram_adapter import TelegramAdapter
-from bot.jobkinds import GENERATE, INTERACTIVE, JobKind
-from bot.logsetup import configure_logging
+from bot.platforms.telegram_adapter import TelegramAdapter
+from bot.engine.jobkinds import GENERATE, INTERACTIVE, JobKind
+from bot.ops.logsetup import configure_logging
 from facechain_core.devtools import SleepPipeline
 from facechain_core.pipeline import JobResult, Progress
 from handlers import router

@@ -15,7 +15,7 @@ import bot.app
 from bot import cli
 from bot.app import open_service
 from bot.config import Settings
-from bot.jobkinds import JobKind
+from bot.engine.jobkinds import JobKind
 from handlers.protocols import Chat
 
 SLEEP_KIND = JobKind("test.sleep", "facechain_core.devtools:SleepPipeline", 1, 1, 60)

@@ -7,8 +7,8 @@ import pytest
 from discord import app_commands
 
 from bot.app import open_service
-from bot.discord_commands import CatalogueTranslator, described
-from bot.jobkinds import JobKind
+from bot.platforms.discord_commands import CatalogueTranslator, described
+from bot.engine.jobkinds import JobKind
 from handlers import router
 from handlers.language import parse_language
 from handlers.messages import t

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from bot.logredact import RedactingFilter
+from bot.ops.logredact import RedactingFilter
 
 TOKEN = "1234567890:AAH-secret-part-of-the-token"
 INTERACTION = "aW50ZXJhY3Rpb246MTIzNDU2Nzg5MDEyMzQ1Njc4OTA6c2VjcmV0"

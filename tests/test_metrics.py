@@ -17,10 +17,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bot.app import open_service
 from bot.config import SchedulerSettings, Settings
-from bot.jobkinds import GENERATE, JobKind, JobKinds
-from bot.logsetup import JsonFormatter
-from bot.metrics import JobMetrics, serve_metrics
-from bot.scheduler import Scheduler
+from bot.engine.jobkinds import GENERATE, JobKind, JobKinds
+from bot.ops.logsetup import JsonFormatter
+from bot.ops.metrics import JobMetrics, serve_metrics
+from bot.engine.scheduler import Scheduler
 from bot.storage import Artifact, Job, Storage
 from handlers.protocols import Chat
 
@@ -168,7 +168,7 @@ def test_address_is_validated(tmp_path: Path) -> None:
 # -- job event log lines ------------------------------------------------------------------------
 async def test_one_log_line_per_job_event_as_text_and_json(tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                                            capfd: pytest.CaptureFixture[str]) -> None:
-    caplog.set_level(logging.INFO, logger="bot.scheduler")
+    caplog.set_level(logging.INFO, logger="bot.engine.scheduler")
     kinds = JobKinds(())
     kinds.register(JobKind("quick", PIPELINE, GENERATE, max_tries=2, timeout_s=30))
     async with Storage(tmp_path / "db.sqlite3") as storage:
@@ -199,16 +199,16 @@ async def test_one_log_line_per_job_event_as_text_and_json(tmp_path: Path, caplo
     line = json.loads(JsonFormatter().format(done))
     assert {k: line[k] for k in ("event", "job", "kind", "user", "level", "logger")} == {
         "event": "done", "job": ok.job_id, "kind": "quick", "user": "telegram:7", "level": "INFO",
-        "logger": "bot.scheduler"}
+        "logger": "bot.engine.scheduler"}
     assert line["message"] == done.getMessage() and line["run_s"] == done.job_event["run_s"]
 
     # The worker process wrote JSON lines too (log_format travels in its init message).
     worker_lines = [json.loads(x) for x in capfd.readouterr().err.splitlines() if x.startswith("{")]
-    assert any(x["logger"] == "bot.worker" and x["worker"] == "cpu" for x in worker_lines)
+    assert any(x["logger"] == "bot.engine.worker" and x["worker"] == "cpu" for x in worker_lines)
 
 
 def test_configure_logging_writes_json_lines(tmp_path: Path) -> None:
-    code = ("import logging; from bot.config import Settings; from bot.logsetup import configure_logging; "
+    code = ("import logging; from bot.config import Settings; from bot.ops.logsetup import configure_logging; "
             "configure_logging(Settings(log_format='json', telegram={'token': '123456:SECRETSECRET'})); "
             "logging.getLogger('demo').info('token %s here', '123456:SECRETSECRET')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,

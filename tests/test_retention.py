@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from bot.config import RetentionSettings
-from bot.retention import DAY_S, run_retention, sweep
+from bot.ops.retention import DAY_S, run_retention, sweep
 from bot.storage import Artifact, new_artifact_id
 from handlers.messages import t
 from tests.fixtures.privacy import user_traces

@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-import bot.scheduler as scheduler_module
+import bot.engine.scheduler as scheduler_module
 from bot.config import SchedulerSettings
-from bot.jobkinds import GENERATE, INTERACTIVE, LONG, JobKind, JobKinds
-from bot.scheduler import Busy, Scheduler, pick_order, plan_queue
+from bot.engine.jobkinds import GENERATE, INTERACTIVE, LONG, JobKind, JobKinds
+from bot.engine.scheduler import Busy, Scheduler, pick_order, plan_queue
 from bot.storage import Artifact, Job, JobState, Storage
 from facechain_core.devtools import read_ledger
 from facechain_core.errors import UserFacingError

@@ -11,8 +11,8 @@ from PIL import Image
 from skimage import data as skdata
 from telegram.error import InvalidToken
 
-from bot.logredact import install_redaction
-from bot.telegram_adapter import TelegramAdapter, parse_command
+from bot.ops.logredact import install_redaction
+from bot.platforms.telegram_adapter import TelegramAdapter, parse_command
 from handlers import router
 from handlers.protocols import Button, Event, Media, MessageRef, NotSupported, ReplyChannel, Visibility
 from tests.fixtures.fake_telegram import FakeTelegram, FakeUser, fake_telegram  # noqa: F401

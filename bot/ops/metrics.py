@@ -117,7 +117,7 @@ class JobMetrics:
         self._watching = True
 
     def observe(self, event: str, job: Job, fields: dict[str, Any]) -> None:
-        """Counts one job event (see ``bot.scheduler.JobEventHook``)."""
+        """Counts one job event (see ``bot.engine.scheduler.JobEventHook``)."""
         kind = job.kind
         if event == "queued":
             self.submitted.labels(kind).inc()

@@ -1,10 +1,10 @@
 """The Discord adapter: discord.py interactions and DMs in, platform-neutral events out.
 
-``DiscordAdapter`` owns one ``discord.Client`` with a command tree (``bot.discord_commands``) and
+``DiscordAdapter`` owns one ``discord.Client`` with a command tree (``bot.platforms.discord_commands``) and
 runs beside other adapters on the service's event loop (``async with adapter:``), never with
 ``client.run``. Every interaction is answered within Discord's 3 s: a slash command is deferred
 ("thinking…") before its handler runs, a button press is acknowledged at once. The interaction
-then becomes an ``Event`` and a ``DiscordChannel`` (``bot.discord_channel``) handed to the dispatch
+then becomes an ``Event`` and a ``DiscordChannel`` (``bot.platforms.discord_channel``) handed to the dispatch
 callable (``router.handle_event`` bound to the services). Images sent to the bot in a DM are taken
 like Telegram photos. The gateway reconnects by itself; jobs never depend on it: results and
 progress edits go over REST to stored channel and message ids.
@@ -22,8 +22,8 @@ import discord
 from discord import app_commands
 
 from bot.config import Settings
-from bot.discord_channel import PLATFORM, DiscordChannel, DiscordLink, PayloadButton
-from bot.discord_commands import PRIVATE_COMMANDS, CatalogueTranslator, build_commands
+from bot.platforms.discord_channel import PLATFORM, DiscordChannel, DiscordLink, PayloadButton
+from bot.platforms.discord_commands import PRIVATE_COMMANDS, CatalogueTranslator, build_commands
 from bot.lifecycle import StartStop
 from facechain_core.errors import UserFacingError
 from handlers import router

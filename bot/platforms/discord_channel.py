@@ -22,7 +22,7 @@ from typing import Any
 import discord
 from PIL import Image
 
-from bot.textsplit import split_text
+from bot.platforms.textsplit import split_text
 from handlers.messages import t
 from handlers.protocols import Button, Chat, Media, MessageRef, NotSupported, SentFile, User, Visibility
 

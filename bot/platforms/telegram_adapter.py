@@ -42,7 +42,7 @@ from telegram.ext import AIORateLimiter, Application, ApplicationBuilder, Contex
 
 from bot.config import Settings
 from bot.lifecycle import StartStop
-from bot.textsplit import split_text
+from bot.platforms.textsplit import split_text
 from facechain_core.errors import UserFacingError
 from handlers import router
 from handlers.messages import normalise_language, t

@@ -1,6 +1,6 @@
-"""A worker process for one device: ``python -m bot.worker``, driven by the scheduler over a pipe.
+"""A worker process for one device: ``python -m bot.engine.worker``, driven by the scheduler over a pipe.
 
-The protocol (``bot.worker_protocol``) runs on a duplicate of the original stdout; fd 1 and
+The protocol (``bot.engine.worker_protocol``) runs on a duplicate of the original stdout; fd 1 and
 ``sys.stdout`` point at stderr, so a library that prints cannot corrupt it. A reader thread takes
 stdin, so a cancel arrives while a job runs. Pipelines are imported lazily by import path and stay
 resident. A preemptible job's ``progress.yield_point()`` asks the lead for short jobs and runs them
@@ -17,11 +17,11 @@ import threading
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from bot import worker_protocol as wp
+from bot.engine import worker_protocol as wp
 from facechain_core.errors import JobCancelled, UserFacingError
 from facechain_core.pipeline import JobResult, Pipeline, PipelineContext
 
-log = logging.getLogger("bot.worker")
+log = logging.getLogger("bot.engine.worker")
 
 
 class Channel:
@@ -230,14 +230,14 @@ def main() -> int:
     inbox.start()
     init = inbox.get()
     if init is None or init.get("op") != wp.INIT:
-        print(f"bot.worker: expected an init message, got {init!r}", file=sys.stderr)
+        print(f"bot.engine.worker: expected an init message, got {init!r}", file=sys.stderr)
         return 2
     logging.basicConfig(
         stream=sys.stderr, level=init.get("log_level", "INFO"),
         format=f"%(asctime)s %(levelname)s worker[{init['device']} pid {os.getpid()}] %(name)s: %(message)s",
     )
     if init.get("log_format") == "json":
-        from bot.logsetup import JsonFormatter
+        from bot.ops.logsetup import JsonFormatter
 
         for handler in logging.getLogger().handlers:
             handler.setFormatter(JsonFormatter({"worker": init["device"], "pid": os.getpid()}))

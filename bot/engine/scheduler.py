@@ -1,6 +1,6 @@
 """The GPU scheduler: admission, fair ordering, worker processes, retries, delivery, shutdown.
 
-One worker process per device (``bot.worker``), spawned fresh and kept for many jobs. Jobs are
+One worker process per device (``bot.engine.worker``), spawned fresh and kept for many jobs. Jobs are
 picked by priority class, then round-robin over users (the user served least recently first), FIFO
 within a user. The job row is written before ``submit`` returns; a job in DONE is never run again
 (its artifacts are stored in the same transaction), and delivery is at-least-once: a DONE job is
@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from bot import worker_protocol as wp
+from bot.engine import worker_protocol as wp
 from bot.config import SchedulerSettings
-from bot.jobkinds import JobKinds
+from bot.engine.jobkinds import JobKinds
 from bot.lifecycle import StartStop
 from bot.storage import Artifact, Job, JobState, Storage, new_artifact_id
 from facechain_core.errors import UserFacingError
@@ -301,7 +301,7 @@ class Scheduler(StartStop):
             devices = [f"cuda:{i}" for i in settings.gpus] or ["cpu"]
         if not devices:
             raise ValueError("at least one device is needed")
-        root = str(Path(__file__).resolve().parent.parent)
+        root = str(Path(__file__).resolve().parents[2])
         self._workers: list[_Worker] = []
         for index, configured in enumerate(devices):
             device, extra = _device_env(configured)
@@ -661,7 +661,7 @@ class Scheduler(StartStop):
         worker.ready_event.clear()  # cleared, not replaced: start() may be waiting on it
         worker.doom = {}
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bot.worker", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            sys.executable, "-m", "bot.engine.worker", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             env=worker.env, start_new_session=True, limit=wp.MAX_LINE,
         )
         worker.proc = proc

@@ -14,7 +14,7 @@ from typing import Any
 from bot.config import Settings
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-# The LogRecord attribute that carries a job event's fields (see bot.scheduler.Scheduler._event).
+# The LogRecord attribute that carries a job event's fields (see bot.engine.scheduler.Scheduler._event).
 JOB_EVENT_ATTR = "job_event"
 
 
@@ -47,7 +47,7 @@ class JsonFormatter(logging.Formatter):
 
 def configure_logging(settings: Settings) -> None:
     """Sets the root level and format and installs the secret redaction filter on every root handler."""
-    from bot.logredact import install_redaction
+    from bot.ops.logredact import install_redaction
 
     logging.basicConfig(level=settings.log_level, format=FORMAT)
     root = logging.getLogger()

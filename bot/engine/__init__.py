@@ -1,0 +1,1 @@
+"""The job engine: scheduler, worker processes, job kinds."""

@@ -1,0 +1,1 @@
+"""Operations: backup, retention, metrics, logging."""

@@ -1,0 +1,1 @@
+"""The chat platforms: Telegram and Discord adapters, turning updates into events and back."""
