@@ -17,7 +17,7 @@ from typing import Any
 from bot.config import Settings
 from bot.engine.jobkinds import JobKind, JobKinds
 from bot.ops.metrics import JobMetrics, serve_metrics
-from bot.ops.retention import run_retention
+from bot.ops.retention import DAY_S, run_retention
 from bot.engine.scheduler import Scheduler
 from bot.storage import Artifact, Job, Storage
 from facechain_core.manifest import installed_features
@@ -43,6 +43,9 @@ class HandlerSink:
 
     async def deliver(self, job: Job, artifacts: list[Artifact]) -> None:
         await job_views.deliver_result(self.services, job, artifacts)
+
+    async def on_late(self, job: Job) -> None:
+        await job_views.report_late(self.services, job)
 
     async def on_failed(self, job: Job, error: dict[str, Any]) -> None:
         await job_views.report_failure(self.services, job, error)
@@ -81,13 +84,20 @@ async def _heartbeat(settings: Settings, scheduler: Scheduler) -> None:
     """Writes a small JSON heartbeat that `facechain-bot health` (and Docker's HEALTHCHECK) reads.
 
     Each beat also pings the workers: the next beat shows when each last answered, and its memory.
+    A beat that fails (a full disk) is logged; the next one tries again.
     """
     while True:
-        state = {"time": time.time(), **scheduler.health()}
-        tmp = settings.heartbeat_path.with_suffix(".tmp")
-        await asyncio.to_thread(tmp.write_text, json.dumps(state))
-        await asyncio.to_thread(tmp.replace, settings.heartbeat_path)
-        scheduler.ping_workers()
+        try:
+            state = {"time": time.time(), **scheduler.health()}
+            tmp = settings.heartbeat_path.with_suffix(".tmp")
+            await asyncio.to_thread(tmp.write_text, json.dumps(state))
+            await asyncio.to_thread(tmp.replace, settings.heartbeat_path)
+        except Exception:
+            log.warning("could not write the heartbeat %s", settings.heartbeat_path, exc_info=True)
+        try:
+            scheduler.ping_workers()
+        except Exception:
+            log.warning("could not ping the workers", exc_info=True)
         await asyncio.sleep(HEARTBEAT_INTERVAL_S)
 
 
@@ -140,6 +150,7 @@ async def open_service(settings: Settings, extra_kinds: Iterable[JobKind] = ()) 
             storage, kinds, settings.scheduler, data_dir=settings.data_dir,
             context=pipeline_context(settings), sink=HandlerSink(services), devices=_devices(settings),
             on_event=metrics.observe if metrics is not None else None,
+            results_ttl_s=settings.retention.results_days * DAY_S or None,
         )
         services.jobs = scheduler
         await stack.enter_async_context(scheduler)

@@ -7,9 +7,10 @@ never in module globals, so two services in one process (tests) never share it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -49,6 +50,29 @@ class ProgressMemo:
     language: str | None = None
 
 
+class KeyedLocks:
+    """One lock per key, kept only while someone holds or waits for it (memory stays bounded)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._holders: dict[str, int] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        self._holders[key] = self._holders.get(key, 0) + 1
+        try:
+            async with lock:
+                yield
+        finally:
+            self._holders[key] -= 1
+            if not self._holders[key]:
+                del self._holders[key], self._locks[key]
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+
 @dataclass
 class RuntimeState:
     """In-memory state of the handlers; lost on restart by design."""
@@ -57,6 +81,9 @@ class RuntimeState:
     rate_warned_until: dict[str, float] = field(default_factory=dict)
     progress: dict[int, ProgressMemo] = field(default_factory=dict)
     user_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    # One user's updates are handled one at a time (the router), and so are their /delete and the
+    # retention sweep of their data: nothing a user sent is written after their /delete finished.
+    intake: KeyedLocks = field(default_factory=KeyedLocks)
     # /delete confirmations: nonce -> (user key, expiry clock time).
     delete_confirms: dict[str, tuple[str, float]] = field(default_factory=dict)
     # Last time a user was told (in a group) to send selfies privately.
