@@ -37,6 +37,9 @@ class TelegramSettings(_Section):
     group_time_period: float = Field(default=60, gt=0)
     # Seconds Telegram may cache a user's inline results ("@bot" in any chat); they are personal.
     inline_cache_s: int = Field(default=10, ge=0)
+    # Seconds to wait for the Bot API to connect, take an upload or answer (a send past it is tried again
+    # later); unset: python-telegram-bot's own (5 s, 20 s for uploads).
+    request_timeout_s: float | None = Field(default=None, gt=0)
 
     @property
     def enabled(self) -> bool:

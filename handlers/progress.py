@@ -108,7 +108,12 @@ async def submit_with_progress(services: Services, event: Event, channel: ReplyC
         await undo()
         raise
     text = queued_text(kind, submitted.position, submitted.eta_s, event.language)
-    ref = await channel.send_text(text, cancel_button(submitted.job_id, event.language))
+    try:
+        ref = await channel.send_text(text, cancel_button(submitted.job_id, event.language))
+    except Exception:
+        # The job is queued all the same: its progress (or result) will be the user's first word of it.
+        log.warning("job %d: could not say it is queued", submitted.job_id, exc_info=True)
+        return submitted
     await services.jobs.attach_progress(submitted.job_id, ref)
     return submitted
 

@@ -124,6 +124,10 @@ def media_type(path: str | Path) -> str:
     return _MEDIA_TYPES.get(suffix) or mimetypes.guess_type(str(path))[0] or "application/octet-stream"
 
 
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
 def _error(code: str, **details: Any) -> dict[str, Any]:
     return {"code": code, "details": details}
 
@@ -1103,13 +1107,15 @@ class Scheduler(StartStop):
                 except ChatUnreachable as exc:
                     await self._give_up(job, JOB_UNREACHABLE, f"the chat refused it for good ({exc})")
                     return
-                except Exception:
+                except Exception as exc:
                     artifacts = None
-                    retry_at = time.time() + self._backoff(job.delivery_tries + 1)
+                    delay = self._backoff(job.delivery_tries + 1)
+                    retry_at = time.time() + delay
                     job.delivery_tries = await self._db(self._storage.delivery_failed, job.id, retry_at)
                     job.deliver_after = retry_at
-                    log.warning("sending the outcome of job %d failed (try %d); trying again in %.1f s", job.id,
-                                job.delivery_tries, retry_at - time.time(), exc_info=True)
+                    # The first failure with its traceback; later ones in a line each.
+                    log.warning("sending the outcome of job %d failed (try %d: %s); trying again in %.1f s", job.id,
+                                job.delivery_tries, _describe(exc), delay, exc_info=job.delivery_tries == 1)
                     continue
                 await self._delivered(job)
                 return

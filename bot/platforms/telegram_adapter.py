@@ -409,7 +409,7 @@ class TelegramAdapter(StartStop):
 
     def _build(self) -> Application:
         s = self.settings
-        application = (
+        builder = (
             ApplicationBuilder()
             .token(s.token.get_secret_value())
             .base_url(s.base_url)
@@ -418,8 +418,12 @@ class TelegramAdapter(StartStop):
                                          max_retries=s.max_retries))
             .concurrent_updates(True)
             .job_queue(None)
-            .build()
         )
+        if s.request_timeout_s is not None:
+            timeout = s.request_timeout_s
+            builder = builder.connect_timeout(timeout).read_timeout(timeout).write_timeout(timeout)
+            builder = builder.media_write_timeout(timeout)
+        application = builder.build()
         application.add_handler(TypeHandler(Update, self._on_update))
         application.add_error_handler(self._on_error)
         return application
