@@ -43,6 +43,8 @@ import numpy as np
 from facechain_core.errors import ModelNotInstalled, UserFacingError
 from facechain_core.faces import Face, FaceDetector
 from facechain_core.images import decode_image
+from facechain_core.kokoro import FEATURE as VOICES_FEATURE
+from facechain_core.kokoro import KokoroTTS, installed_files
 from facechain_core.pipeline import JobResult, PipelineContext, Progress
 from facechain_core.restore import FaceRestorer, restore_frames
 from facechain_core.safety import label_text, service_name
@@ -64,7 +66,7 @@ DEFAULTS: dict[str, Any] = {
     "talk_round_side": 384,
     "talk_motion": True,
     "talk_threads": 0,
-    "talk_tts": ["espeak"],  # ["edge", "espeak"]: edge-tts (online) first, espeak-ng when it fails
+    "talk_tts": ["kokoro", "espeak"],  # Kokoro where pulled, espeak-ng last; "edge" (online) only if listed
     "talk_edge_proxy": "",
     "talk_restore": "auto",
     "talk_restore_weight": 0.8,
@@ -367,6 +369,24 @@ def encode_mp4(frames: list[np.ndarray], speech: Speech, out: Path, comment: str
     return out
 
 
+def encode_voice_message(speech: Speech, out: Path) -> Path:
+    """Writes `speech` as OGG/Opus (mono, 48 kHz), the format of Telegram voice messages."""
+    import av
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".part")
+    samples = resample(speech, 48_000).samples
+    with av.open(str(tmp), "w", format="ogg") as container:
+        stream = container.add_stream("libopus", rate=48_000, layout="mono")
+        frame = av.AudioFrame.from_ndarray(np.clip(samples, -1.0, 1.0)[None].astype(np.float32), format="flt",
+                                           layout="mono")
+        frame.sample_rate = 48_000
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            container.mux(packet)
+    tmp.replace(out)
+    return out
+
+
 def fit_for_chat(rgb: np.ndarray, face: Face, max_side: int, round_side: int | None) -> tuple[np.ndarray, Face]:
     """Scales the portrait for chat (even sides); for a round video, a square around the face."""
     if round_side is not None:
@@ -400,6 +420,7 @@ class _Loaded:
     detector: FaceDetector
     lipsync: LipSync | None
     restorer: FaceRestorer | None = None
+    kokoro: KokoroTTS | None = None
 
 
 class TalkPipeline:
@@ -438,7 +459,11 @@ class TalkPipeline:
             elif settings["talk_restore"] == "on":
                 log.warning("talk: talk_restore is on but the restorer is not installed "
                             "(`facechain-bot models pull %s`)", RESTORE_FEATURE)
-        self._loaded = _Loaded(context, settings, detector, lipsync, restorer)
+        kokoro_files = installed_files(lambda name: _model_path(context, name, VOICES_FEATURE))
+        kokoro = KokoroTTS(kokoro_files, context.device, int(settings["talk_threads"])) if kokoro_files else None
+        if kokoro is None:
+            log.info("talk: no Kokoro voices (`facechain-bot models pull %s`); espeak-ng speaks", VOICES_FEATURE)
+        self._loaded = _Loaded(context, settings, detector, lipsync, restorer, kokoro)
 
     def close(self) -> None:
         self._loaded = None
@@ -449,6 +474,8 @@ class TalkPipeline:
         if loaded is None:
             raise RuntimeError("TalkPipeline.run before load")
         settings = loaded.settings
+        if params.get("sample"):
+            return self._sample(params, progress)
         round_video = bool(params.get("round", False))
         max_seconds = float(settings["talk_max_seconds"])
         if round_video:
@@ -490,9 +517,24 @@ class TalkPipeline:
         text = str(params.get("text") or "").strip()
         if not text:
             raise UserFacingError("talk.nothing_to_say")
-        engines = self._tts if self._tts is not None else engines_from_settings(settings)
-        speech, name = speak(text, str(params.get("language") or "en"), engines, params.get("voice") or None)
+        speech, name = speak(text, str(params.get("language") or "en"), self._engines(), params.get("voice") or None)
         return speech, name
+
+    def _engines(self) -> list[TextToSpeech]:
+        loaded = self._loaded
+        assert loaded is not None
+        return self._tts if self._tts is not None else engines_from_settings(loaded.settings, loaded.kokoro)
+
+    def _sample(self, params: dict[str, Any], progress: Progress) -> JobResult:
+        """A voice's sample for /voice: `text` spoken with `voice`, as an OGG/Opus voice message."""
+        progress(0, 1, "talk.step_speech")
+        speech, engine = speak(str(params["text"]), str(params.get("language") or "en"), self._engines(),
+                               params.get("voice") or None)
+        out = Path(params["out"]) if params.get("out") else Path(params["out_dir"]) / "sample.ogg"
+        encode_voice_message(speech, out)
+        progress(1, 1)
+        return JobResult(files=[out.resolve()], meta={"engine": engine, "voice": speech.voice or engine,
+                                                      "duration_s": round(speech.duration_s, 3)})
 
 
 def _wants_restorer(settings: dict[str, Any], device: str) -> bool:
