@@ -16,11 +16,13 @@ from facechain_core.safety import label_text
 from facechain_core.tiny.cartoon import build_cartoon_models
 from facechain_core.tiny.talk import build_talk_models
 from handlers.messages import t
+from tests.fixtures.fake_discord import fake_discord  # noqa: F401
 from tests.fixtures.fake_telegram import FakeTelegram
 
 pytestmark = pytest.mark.timeout(120)
 
 ANN, BOB = 424242, 515151
+DISCORD_USER = 412345678901234567
 GROUP = -100900
 
 
@@ -268,3 +270,39 @@ async def test_voice_lists_kokoros_voices_and_plays_a_sample(fake_telegram: Fake
         answered = await fake.wait_for("answerCallbackQuery", since=mark, timeout=10)
         assert answered.params["text"] == t("talk.voice_set", "en", voice="ZH · Mandarin 1 (female)")
         assert await service.storage.user_voice(f"telegram:{ANN}") == "zf_001"
+
+
+async def test_the_animated_mode_reaches_telegram_and_discord(fake_telegram: FakeTelegram, fake_discord: Any,
+                                                              tmp_path: Path, yunet_path: Path,
+                                                              face_jpeg: bytes) -> None:
+    from facechain_core.tiny.head_motion import build_audio2pose
+
+    models = {**build_talk_models(tmp_path / "models"),
+              "sadtalker-audio2pose": build_audio2pose(tmp_path / "models" / "a2p.pth")}
+    settings = fake_telegram.bot_settings(
+        data_dir=tmp_path / "data", models_dir=yunet_path.parent, selfie={"detector_model": yunet_path.name},
+        scheduler={"progress_interval_s": 0}, model_paths=models,
+        pipeline={"talk_max_side": 192, "talk_mode": "animated", "talk_threads": 1})
+    settings = settings.model_copy(update={"discord": fake_discord.discord_settings()})
+    async with open_service(settings) as service:
+        assert "talk-motion" in service.services.features_installed
+        mark = fake_telegram.mark()
+        fake_telegram.send_photo(ANN, None, face_jpeg)
+        await fake_telegram.wait_for("sendMessage", since=mark, timeout=15)
+        mark = fake_telegram.mark()
+        fake_telegram.send_message(ANN, None, "/talk Hello everyone")
+        sent = await fake_telegram.wait_for("sendVideo", since=mark, timeout=60)
+        info = _video_info(fake_telegram.uploads(sent)[0])
+        assert abs(info["video_s"] - info["audio_s"]) <= 1 / 25 and max(info["size"]) == 192
+
+        mark = fake_discord.mark()
+        fake_discord.slash(DISCORD_USER, "talk", text="Good morning", photo=face_jpeg)
+        posted = await fake_discord.wait_for("POST", r"/(channels|webhooks)/.*", lambda r: bool(r.files),
+                                             timeout=60, since=mark)
+        ((name, video),) = posted.files
+        assert name.endswith(".mp4") and _video_info(video)["audio_s"] > 0.3
+        await fake_telegram.wait_idle()
+        await fake_discord.wait_idle()
+        jobs = [j for key in (f"telegram:{ANN}", f"discord:{DISCORD_USER}")
+                for j in await service.storage.user_jobs(key, ["delivered"]) if j.kind == "talk"]
+        assert len(jobs) == 2 and all(j.result["meta"]["mode"] == "animated" for j in jobs)
