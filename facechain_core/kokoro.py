@@ -203,7 +203,12 @@ def installed_files(resolve: Any) -> dict[str, KokoroFiles]:
     """Each language whose three files `resolve(name)` finds (it returns a Path or None)."""
     found = {}
     for language, names in MODELS.items():
-        paths = [resolve(name) for name in names]
-        if all(paths):
+        paths = []
+        for name in names:  # the first missing file settles it (and is the one logged)
+            path = resolve(name)
+            if path is None:
+                break
+            paths.append(path)
+        else:
             found[language] = KokoroFiles(*paths)
     return found

@@ -1,6 +1,7 @@
 """Talking portraits in chat: ``/talk Hello everyone`` speaks the words with the user's portrait;
 ``/talk`` alone asks for a voice message and uses the user's own voice; ``/talk round ...`` (or
-``--round``) asks for a round video note (a plain video where the platform has none).
+``--round``) asks for a round video note (a plain video where the platform has none); ``--still``,
+``--natural`` or ``--lively`` set how much the head moves where the animated mode runs.
 
 The portrait is, in this order: a photo sent with the command, the photo or result the command
 replies to (only the requester's own, as for /cartoon), the user's latest image result, their latest
@@ -44,6 +45,7 @@ SAMPLE_KIND = "voice_sample"
 VOICE_LANGUAGES = ("en", "zh")
 FOLDER = "talk"  # under the user's folder: jobs/<token>/input.jpg and input.audio
 ROUND_WORDS = ("round", "--round")
+MOTION_FLAGS = {"--still": "still", "--natural": "natural", "--lively": "lively"}  # the animated mode's head motion
 MAX_TEXT_CHARS = 500
 INPUT_TTL_S = 24 * 3600.0
 AUDIO_KINDS = ("voice", "audio")
@@ -55,19 +57,24 @@ _CARTOON_CODES = {"cartoon.not_yours": "talk.not_yours", "cartoon.reply_no_photo
 async def make_talk(services: Services, event: Event, channel: ReplyChannel) -> None:
     """Queues the portrait speaking the text; without text, asks for a voice message."""
     args = list(event.args)
-    round_video = bool(args) and args[0].lower() in ROUND_WORDS
-    if round_video:
-        args = args[1:]
+    round_video, motion = False, None
+    while args and (args[0].lower() in ROUND_WORDS or args[0].lower() in MOTION_FLAGS):
+        word = args.pop(0).lower()
+        if word in ROUND_WORDS:
+            round_video = True
+        else:
+            motion = MOTION_FLAGS[word]
     text = " ".join(args).strip()
     if len(text) > MAX_TEXT_CHARS:
         raise UserFacingError("talk.text_too_long", length=len(text), max_length=MAX_TEXT_CHARS)
     source = await portrait_source(services, event)
     folder = await stage_portrait(services, event.user.key, source)
     if not text:
-        await router.expect_input(services, event, KIND, {"folder": str(folder), "round": round_video})
+        await router.expect_input(services, event, KIND, {"folder": str(folder), "round": round_video,
+                                                          **({"motion": motion} if motion else {})})
         await channel.send_text(t("talk.send_voice", event.language, max_seconds=max_seconds(services)))
         return
-    speech = {"text": text, "language": event.language}
+    speech: dict[str, Any] = {"text": text, "language": event.language, **({"motion": motion} if motion else {})}
     voice = await services.storage.user_voice(event.user.key)  # type: ignore[attr-defined]
     if voice:
         speech["voice"] = voice
@@ -93,7 +100,8 @@ async def receive_voice(services: Services, event: Event, channel: ReplyChannel,
         raise UserFacingError("talk.audio_too_large", size_mb=f"{len(data) / MB:.1f}", max_mb=f"{limit / MB:.1f}")
     path = folder / "input.audio"
     await asyncio.to_thread(path.write_bytes, data)
-    await submit_talk(services, event, channel, folder, {"audio": str(path.resolve())}, bool(payload.get("round")))
+    speech = {"audio": str(path.resolve()), **({"motion": payload["motion"]} if payload.get("motion") else {})}
+    await submit_talk(services, event, channel, folder, speech, bool(payload.get("round")))
 
 
 async def submit_talk(services: Services, event: Event, channel: ReplyChannel, folder: Path,

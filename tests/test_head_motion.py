@@ -171,3 +171,39 @@ def test_the_animated_pipeline_writes_h264_and_aac_of_the_speechs_length(
         TalkPipeline().load(PipelineContext(models_dir=tmp_path, settings={"model_paths": paths,
                                                                            "talk_mode": "cinematic"}))
     assert isinstance(LipSync.open(motion_files["wav2lip-gan-onnx"]), LipSync)
+
+
+async def test_talk_flags_set_the_motion_level_of_the_job() -> None:
+    from types import SimpleNamespace
+
+    import handlers.talk as talk
+
+    submitted: list[dict[str, Any]] = []
+
+    async def submit(services: Any, event: Any, channel: Any, folder: Path, speech: dict[str, Any],
+                     round_video: bool) -> None:
+        submitted.append({**speech, "round": round_video})
+
+    async def source(services: Any, event: Any) -> Any:
+        return None
+
+    async def stage(services: Any, user_key: str, src: Any) -> Path:
+        return Path("/nowhere")
+
+    storage = SimpleNamespace(user_voice=lambda key: _none())
+    services = SimpleNamespace(storage=storage)
+    event = SimpleNamespace(args=["round", "--lively", "Hello", "there"], language="en",
+                            user=SimpleNamespace(key="telegram:1"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(talk, "submit_talk", submit)
+        patch.setattr(talk, "portrait_source", source)
+        patch.setattr(talk, "stage_portrait", stage)
+        await talk.make_talk(services, event, None)  # type: ignore[arg-type]
+        event.args = ["--still", "still", "waters"]
+        await talk.make_talk(services, event, None)  # type: ignore[arg-type]
+    assert submitted[0] == {"text": "Hello there", "language": "en", "motion": "lively", "round": True}
+    assert submitted[1] == {"text": "still waters", "language": "en", "motion": "still", "round": False}
+
+
+async def _none() -> None:
+    return None
