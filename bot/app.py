@@ -33,24 +33,33 @@ HEARTBEAT_INTERVAL_S = 10.0
 
 
 class HandlerSink:
-    """The scheduler's JobSink: hands job events to the platform-neutral handlers."""
+    """The scheduler's JobSink: hands job events to the platform-neutral handlers.
+
+    Every call waits until the chat adapters run (`ready`): results left undelivered by the last run
+    go out as soon as the platforms are up, not one failed try later."""
 
     def __init__(self, services: Services) -> None:
         self.services = services
+        self.ready = asyncio.Event()
 
     async def on_progress(self, job: Job, step: int, total: int, text: str | None) -> None:
+        await self.ready.wait()
         await job_views.show_progress(self.services, job, step, total, text)
 
     async def deliver(self, job: Job, artifacts: list[Artifact]) -> None:
+        await self.ready.wait()
         await job_views.deliver_result(self.services, job, artifacts)
 
     async def on_late(self, job: Job) -> None:
+        await self.ready.wait()
         await job_views.report_late(self.services, job)
 
     async def on_failed(self, job: Job, error: dict[str, Any]) -> None:
+        await self.ready.wait()
         await job_views.report_failure(self.services, job, error)
 
     async def on_cancelled(self, job: Job) -> None:
+        await self.ready.wait()
         await job_views.report_cancelled(self.services, job)
 
 
@@ -146,9 +155,10 @@ async def open_service(settings: Settings, extra_kinds: Iterable[JobKind] = ()) 
                                   features_installed=features,
                                   styles=load_styles(settings.styles_dir))
         metrics = JobMetrics() if settings.metrics.enabled else None
+        sink = HandlerSink(services)
         scheduler = Scheduler(
             storage, kinds, settings.scheduler, data_dir=settings.data_dir,
-            context=pipeline_context(settings), sink=HandlerSink(services), devices=_devices(settings),
+            context=pipeline_context(settings), sink=sink, devices=_devices(settings),
             on_event=metrics.observe if metrics is not None else None,
             results_ttl_s=settings.retention.results_days * DAY_S or None,
         )
@@ -162,6 +172,7 @@ async def open_service(settings: Settings, extra_kinds: Iterable[JobKind] = ()) 
         for name, adapter in adapters.items():
             log.info("starting the %s adapter", name)
             await stack.enter_async_context(adapter)
+        sink.ready.set()
         heartbeat = asyncio.create_task(_heartbeat(settings, scheduler), name="heartbeat")
         stack.callback(heartbeat.cancel)
         retention = asyncio.create_task(run_retention(services, settings.retention), name="retention")

@@ -133,7 +133,7 @@ async def handle_event(services: Services, event: Event, channel: ReplyChannel) 
             await _route(services, event, channel)
         else:
             async with services.runtime.intake.hold(event.user.key):
-                if event.update_key is not None and await services.storage.update_seen(event.update_key):  # type: ignore[attr-defined]
+                if event.update_key is not None and await services.storage.update_seen(event.update_key):
                     log.info("%s from %s was handled before (sent again): ignored", _describe(event), event.user.key)
                     return
                 await _route(services, event, channel)

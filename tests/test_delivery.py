@@ -188,3 +188,22 @@ async def test_backoff_is_kept_across_a_restart_and_an_expired_result_is_not_tri
             await until(in_state(storage, [old.job_id], JobState.FAILED))
         assert sink4.deliver_calls[old.job_id] == 0 and not sink4.failed
         assert (await storage.job(old.job_id)).error["code"] == "job.expired"
+
+
+async def test_a_result_left_by_the_last_run_goes_out_as_soon_as_the_chat_is_up(
+        fake_telegram: FakeTelegram, tmp_path: Path, render: None) -> None:
+    fake = fake_telegram
+    first = _settings(fake, tmp_path, delivery_retry_s=0.01, delivery_max_backoff_s=0.01)
+    async with open_service(first, extra_kinds=[RENDER_KIND]) as service:
+        fake.error_next("sendPhoto", times=10_000, status=502, description="Bad Gateway")
+        fake.send_message(USER, None, "/render left")
+        await _job(service, ("done",))
+    fake.clear_errors()
+    async with Storage(first.db_path) as storage:
+        (left,) = await storage.user_jobs(f"telegram:{USER}", ["done"])
+    # The next run waits a minute between failed tries: the result must not need one.
+    second = _settings(fake, tmp_path, delivery_retry_s=60)
+    async with open_service(second, extra_kinds=[RENDER_KIND]) as service:
+        await fake.wait_for("sendPhoto", timeout=15)
+        after = await _job(service, ("delivered",))
+    assert after.id == left.id and after.delivery_tries == left.delivery_tries
