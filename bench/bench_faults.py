@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -25,11 +26,16 @@ from tests.fixtures.campaign import Campaign, Report  # noqa: E402
 async def main(seeds: list[int], users: int, jobs: int) -> int:
     reports: list[Report] = []
     for seed in seeds:
-        with tempfile.TemporaryDirectory(prefix="bench-faults-") as root:
-            report = await Campaign(Path(root), seed, users=users, jobs_per_user=jobs, outage_s=5.0).run()
+        root = Path(tempfile.mkdtemp(prefix="bench-faults-"))
+        report = await Campaign(root, seed, users=users, jobs_per_user=jobs, outage_s=5.0).run()
         reports.append(report)
         for line in report.lines()[:3]:
             print(line)
+        if report.lost or report.generated_twice or report.delivered_twice:
+            print(f"  lost {report.lost}, generated twice {report.generated_twice}, delivered twice "
+                  f"{report.delivered_twice}; kept {root} (service.log, ledger, data)")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
         print(f"  ({report.seconds:.0f} s)")
     total = sum(r.submitted for r in reports)
     lost = sum(len(r.lost) for r in reports)

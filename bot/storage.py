@@ -6,6 +6,7 @@ version table. Timestamps are Unix seconds (float). JSON columns hold dicts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import functools
 import json
@@ -395,7 +396,8 @@ async def retry_transient(call: Callable[[], Awaitable[T]], what: str, budget_s:
 def _serialised(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     """Runs a write method alone (on the one shared connection, another coroutine's commit landing
     inside a BEGIN ... COMMIT would commit half a transaction), retrying it after a transient error
-    for up to ``Storage.write_retry_s``; a failed try leaves no transaction open."""
+    for up to ``Storage.write_retry_s``, to its end even when the caller is cancelled; a failed try
+    leaves no transaction open."""
 
     @functools.wraps(method)
     async def wrapper(self: Storage, *args: Any, **kwargs: Any) -> T:
@@ -410,8 +412,18 @@ def _serialised(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[
                         log.warning("rolling back after a failed %s failed too", method.__name__, exc_info=True)
                 raise
 
-        async with self._write_lock:
-            return await retry_transient(attempt, method.__name__, self.write_retry_s)
+        async def locked() -> T:
+            async with self._write_lock:
+                return await retry_transient(attempt, method.__name__, self.write_retry_s)
+
+        # A write once started finishes even if its caller is cancelled (a result marked delivered stays so).
+        task = asyncio.ensure_future(locked())
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            with contextlib.suppress(BaseException):
+                await task
+            raise
 
     return wrapper
 
