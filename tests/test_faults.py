@@ -18,7 +18,7 @@ import pytest
 
 from tests.fixtures.campaign import Campaign
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 
 async def test_every_job_is_delivered_once_or_its_failure_told_under_faults(tmp_path: Path) -> None:
