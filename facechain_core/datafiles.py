@@ -6,6 +6,7 @@ and raises one ``DataFileError`` naming every bad file and key, as the styles ca
 from __future__ import annotations
 
 import tomllib
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -56,3 +57,8 @@ def load_folder(folder: Path, model: type[M], context: dict | None = None) -> li
     if problems:
         raise DataFileError(problems)
     return entries
+
+
+def match_key(text: str) -> str:
+    """`text` folded for matching names: width and case folded, only letters and digits kept."""
+    return "".join(ch for ch in unicodedata.normalize("NFKC", text).casefold() if ch.isalnum())

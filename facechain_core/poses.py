@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from facechain_core.datafiles import REPO_ROOT, load_folder
+from facechain_core.datafiles import REPO_ROOT, load_folder, match_key
 from facechain_core.pose import Pose, PoseEstimator, draw_openpose, openpose_body
 from facechain_core.styles import ID_PATTERN, LocalizedText
 
@@ -72,7 +72,7 @@ class PoseLibrary:
         self._by_key = {}
         for pose in self._poses:
             for key in (pose.id, pose.name.en, pose.name.zh):
-                self._by_key.setdefault(_key(key), pose)
+                self._by_key.setdefault(match_key(key), pose)
 
     def __iter__(self) -> Iterator[PoseEntry]:
         return iter(self._poses)
@@ -85,13 +85,8 @@ class PoseLibrary:
 
     def find(self, text: str) -> PoseEntry | None:
         """The pose whose id or name (any language, any case, '_' or ' ' or '-') is `text`."""
-        return self._by_key.get(_key(text))
+        return self._by_key.get(match_key(text))
 
-
-def _key(text: str) -> str:
-    import unicodedata
-
-    return "".join(ch for ch in unicodedata.normalize("NFKC", text).casefold() if ch.isalnum())
 
 
 def load_poses(folder: Path = DEFAULT_POSES_DIR) -> PoseLibrary:
