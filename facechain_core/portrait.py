@@ -250,6 +250,7 @@ class PortraitPipeline:
             "style": style.get("id"),
             "lora_used": user_lora,
             "safety": safety.safety_meta(screened),
+            "file_meta": [{"seed": seeds[r.index]} for r in ranked],
             **plan.meta(base),
         }
         log.info("portrait style=%s kept %d of %d candidates, user lora=%s", style.get("id"), len(files),

@@ -126,7 +126,7 @@ class TemplatePipeline(TryOnPipeline):
                 "template": params.get("template_id") or "photo", "size": [width, height],
                 "mask_box": [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1],
                 "identity_weight": weight, "pose_found": pose_weight > 0, "lora_used": bool(loras),
-                "safety": safety.safety_meta(screened)}
+                "safety": safety.safety_meta(screened), "file_meta": [{"seed": seeds[r.index]} for r in ranked]}
         log.info("template %s kept %d of %d candidates", meta["template"], len(files), len(candidates))
         return JobResult(files=files, meta=meta)
 
