@@ -16,14 +16,16 @@ import torch
 ASPECTS: dict[str, tuple[int, int]] = {"square": (1, 1), "2:3": (2, 3), "9:16": (9, 16), "3:2": (3, 2)}
 LIKENESS: dict[str, float] = {"low": 0.7, "normal": 1.0, "high": 1.3}
 MAX_IDENTITY_WEIGHT = 1.5  # the styles' own upper bound (facechain_core.styles.Style.identity_weight)
-VARY_STRENGTH = 0.25  # share of fresh noise in a "Vary" picture's starting noise
+VARY_STRENGTH = 0.25
+PIPELINE_MULTIPLE = 8  # share of fresh noise in a "Vary" picture's starting noise
 
 
 def size_multiple(pipe: Any) -> int:
-    """The side multiple a pipeline's UNet accepts: the VAE's factor times the UNet's downsamplings."""
+    """The side multiple a pipeline's UNet accepts: the VAE's factor times the UNet's downsamplings (and at
+    least the 8 diffusers' pipelines check for)."""
     vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     downs = len(pipe.unet.config.block_out_channels) - 1
-    return vae_factor * 2 ** downs
+    return max(PIPELINE_MULTIPLE, vae_factor * 2 ** downs)
 
 
 def aspect_size(width: int, height: int, aspect: str | None, multiple: int) -> tuple[int, int]:

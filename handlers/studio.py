@@ -137,9 +137,10 @@ async def _resubmit(services: Services, event: Event, channel: ReplyChannel, job
                     controls: dict[str, Any]) -> None:
     """The job's params with new controls and a new seed, queued as a new job of the same kind."""
     params = {**job.params, "controls": controls, "seed": new_seed(services)}
-    sources = [params.get("template"), (controls.get("pose") or {}).get("image")]
-    if any(path and not await asyncio.to_thread(Path(path).is_file) for path in sources):
-        raise UserFacingError("studio.source_gone")  # a photo copy went with /delete or its retention
+    sources = [path for path in (params.get("template"), (controls.get("pose") or {}).get("image")) if path]
+    for path in sources:
+        if not await asyncio.to_thread(Path(path).is_file):
+            raise UserFacingError("studio.source_gone")  # a photo copy went with /delete or its retention
     await submit_with_progress(services, event, channel, job.kind, params)
 
 
