@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +62,7 @@ def parse_controls(args: list[str]) -> Controls:
     """Splits ``key:value`` words off `args`; an unknown key or value is a user-facing error."""
     controls = Controls()
     for word in args:
-        key, sep, value = word.partition(":") if ":" in word else word.partition("：")
+        key, sep, value = re.split("([:：])", word, maxsplit=1) if re.search("[:：]", word) else (word, "", "")
         if not sep or key.casefold() not in KEYS or not value:
             controls.words.append(word)
             continue
