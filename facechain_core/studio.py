@@ -9,9 +9,10 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 ASPECTS: dict[str, tuple[int, int]] = {"square": (1, 1), "2:3": (2, 3), "9:16": (9, 16), "3:2": (3, 2)}
 LIKENESS: dict[str, float] = {"low": 0.7, "normal": 1.0, "high": 1.3}
@@ -53,6 +54,8 @@ def variation_noise(seed: int, variations: list[int], shape: tuple[int, ...], st
                     ) -> torch.Tensor:
     """Starting latents (len(variations), *shape): the seed's noise with `strength` of each variation seed's
     noise mixed in, variance kept at 1."""
+    import torch  # imported here: the service process reads this module's tables without loading torch
+
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be within 0..1, got {strength}")
     base = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(seed)))

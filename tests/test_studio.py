@@ -72,3 +72,13 @@ def test_controls_parse_english_and_chinese_words() -> None:
     assert controls.words == ["hanfu", "2"]
     assert (controls.aspect, controls.likeness, controls.pose, controls.seed) == ("2:3", "high", "seated", 42)
     assert parse_controls(["比例：9:16"]).aspect == "9:16"
+
+
+def test_the_service_side_of_the_studio_loads_no_model_library() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, handlers.features, bot.platforms.discord_commands; "
+            "print(sorted(m for m in ('torch', 'diffusers', 'onnxruntime') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
