@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from facechain_core.prompt_classifier import TextClassifier
 from facechain_core.prompt_filter import CATEGORIES, PromptFilter, normalise
+from tests.fixtures.tiny_models import one_torch_thread, prompt_classifier_dir  # noqa: F401
 
 CORPUS = Path(__file__).parent / "data" / "prompt_corpus.tsv"
 MAX_FALSE_REFUSALS = 0.02  # of allowed prompts refused
@@ -65,3 +67,18 @@ def test_allowed_phrases_and_an_installed_classifier(prompt_filter: PromptFilter
     assert with_model.check("A GRIM scene") == "violence" and seen == ["a grim scene"]
     assert with_model.check("naked") == "sexual" and len(seen) == 1  # the lists decide first
     assert set(prompt_filter.lists["en"].words) <= set(CATEGORIES)
+
+
+def test_the_text_classifier_refuses_what_the_lists_let_through(
+        prompt_filter: PromptFilter, prompt_classifier_dir: Path, one_torch_thread: None) -> None:  # noqa: F811
+    classifier = TextClassifier(prompt_classifier_dir, threshold=0.6)
+    scores = classifier.scores("me at a gorefest")
+    assert set(scores) == set(CATEGORIES) and scores["violence"] > 0.9  # V and V2 add up; OK and HR refuse nothing
+    assert classifier("me at a gorefest") == "violence"
+    assert classifier("me surfing at sunset") is None and classifier("我在西湖边划船") is None
+    assert TextClassifier(prompt_classifier_dir, threshold=1.0)("me at a gorefest") is None  # below the threshold
+    with_model = PromptFilter(prompt_filter.lists, classifier)
+    assert prompt_filter.check("me at a gorefest") is None and with_model.check("Me at a GOREFEST") == "violence"
+    assert with_model.check("me n a k e d") == "sexual"  # the lists still answer first
+    with pytest.raises(ValueError):
+        TextClassifier(prompt_classifier_dir, threshold=0.0)

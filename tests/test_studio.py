@@ -9,7 +9,8 @@ from facechain_core.manifest import load_manifest
 from facechain_core.poses import fit_skeleton, load_poses, pose_map
 from facechain_core.studio import aspect_size, identity_weight, variation_noise
 from facechain_core.templates import LICENCES, load_templates
-from handlers.studio import parse_controls
+from handlers import studio
+from handlers.studio import ControlWord, parse_controls
 
 
 def test_aspect_sizes_keep_the_area_on_the_unets_multiple() -> None:
@@ -72,6 +73,16 @@ def test_controls_parse_english_and_chinese_words() -> None:
     assert controls.words == ["hanfu", "2"]
     assert (controls.aspect, controls.likeness, controls.pose, controls.seed) == ("2:3", "high", "seated", 42)
     assert parse_controls(["比例：9:16"]).aspect == "9:16"
+    assert parse_controls(["hanfu", "options"]).panel and parse_controls(["hanfu", "选项"]).words == ["hanfu"]
+    assert parse_controls(["ratio:2:3", "sundown:1"]).words == ["sundown:1"]  # an unknown key is the command's
+
+
+def test_a_feature_adds_its_control_words_to_the_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(studio, "CONTROL_WORDS", dict(studio.CONTROL_WORDS))
+    monkeypatch.setattr(studio, "_BARE_CONTROLS", list(studio._BARE_CONTROLS))
+    studio.register_control_word(ControlWord("seed", ("lucky", "幸运"), lambda v: int(v) * 7, bare=(("lucky7", 7),)))
+    assert parse_controls(["hanfu", "幸运:6"]).seed == 42 and parse_controls(["lucky7", "hanfu"]).seed == 7
+    assert parse_controls(["hanfu", "lucky7"]).words == ["hanfu"]
 
 
 def test_the_service_side_of_the_studio_loads_no_model_library() -> None:
