@@ -1,6 +1,9 @@
 """The studio's pure parts: aspect sizes, likeness, Vary noise, the pose and template libraries."""
 from __future__ import annotations
 
+import hashlib
+from urllib.parse import unquote
+
 import numpy as np
 import pytest
 import torch
@@ -66,6 +69,17 @@ def test_template_library_is_redistributable_and_pulled_like_models() -> None:
     assert {e.name for e in pictures} == {f"template-{e.id}" for e in library}
     assert all(e.path.startswith("templates/") and not e.non_commercial for e in pictures)
     assert "controlnet-openpose-sdxl" in {e.name for e in manifest.for_features(["pose-sdxl"])}
+
+
+def test_template_sources_are_the_commons_files_their_pages_name() -> None:
+    """A Commons upload URL is /<md5[0]>/<md5[:2]>/<file name>, the MD5 taken of the name (UTF-8, underscores):
+    a typo in either the name or the folders would fetch nothing (or another picture)."""
+    for entry in load_templates():
+        host, _, path = entry.source.partition("/wikipedia/commons/")
+        first, pair, name = path.split("/")
+        digest = hashlib.md5(unquote(name).encode()).hexdigest()
+        assert host == "https://upload.wikimedia.org" and (first, pair) == (digest[0], digest[:2]), entry.id
+        assert unquote(entry.page.partition("/wiki/File:")[2]) == unquote(name), entry.id
 
 
 def test_controls_parse_english_and_chinese_words() -> None:
