@@ -696,13 +696,14 @@ class Storage:
 
     # -- panels --------------------------------------------------------------------------
     @_serialised
-    async def open_panel(self, user_key: str, chat_key: str, kind: str, state: dict[str, Any], ttl_s: float) -> str:
-        """Stores a new panel of the user in that chat (expired panels go); returns its id."""
-        panel_id = secrets.token_urlsafe(6)
+    async def open_panel(self, user_key: str, chat_key: str, kind: str, state: dict[str, Any], ttl_s: float,
+                         panel_id: str | None = None) -> str:
+        """Stores a panel of the user in that chat, new or (`panel_id`) again; expired panels go. Returns its id."""
+        panel_id = panel_id or secrets.token_urlsafe(6)
         now = time.time()
         await self.db.execute("DELETE FROM panels WHERE expires_at < ?", (now,))
         await self.db.execute(
-            "INSERT INTO panels (id, user_key, chat_key, kind, state, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO panels (id, user_key, chat_key, kind, state, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
             (panel_id, user_key, chat_key, kind, json.dumps(state), now + ttl_s))
         await self.db.commit()
         return panel_id

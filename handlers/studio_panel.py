@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from facechain_core.errors import UserFacingError
 from handlers import buttons, hooks, portrait, studio
 from handlers.messages import t
 from handlers.protocols import Button, Event, MessageRef, ReplyChannel
@@ -39,9 +40,10 @@ Choices = Callable[[Services, dict[str, Any], str], list[tuple[str, str]]]
 
 @dataclass(frozen=True)
 class PanelControl:
-    """One row of the panel: the state key it sets (a ``studio.Controls`` name, or "count"), the label of its
-    line, its choices as (value, button label) for a panel's state and language, and the value shown
-    when the user chose nothing."""
+    """One row of the panel: the state key it sets (a ``studio.Controls`` name, or "count"), the message of its
+    line (``label_code``, with ``{value}``; ``<label_code>_unavailable`` when it has no choices for a panel), its
+    choices as (value, button label) for a panel's state and language, and the value shown when the user chose
+    nothing."""
 
     name: str
     label_code: str
@@ -245,24 +247,34 @@ async def press_choice(services: Services, event: Event, channel: ReplyChannel, 
 
 
 async def press_go(services: Services, event: Event, channel: ReplyChannel, panel_id: str) -> None:
-    """Queues the portrait with the panel's choices and closes the panel."""
+    """Queues the portrait with the panel's choices and closes the panel (kept open when the job is refused, so
+    the user can change a choice and press Go again)."""
     panel = await _own_panel(services, event, channel, panel_id)
-    if panel is None or not await services.storage.close_panel(panel.id):
-        if panel is not None:
-            await channel.answer_button(t("button.stale", event.language))
+    if panel is None:
         return
-    state = panel.state
+    if not await services.storage.close_panel(panel.id):  # pressed twice: the first press took it
+        await channel.answer_button(t("button.stale", event.language))
+        return
     lang = event.language
-    if event.message_id is not None:
-        await channel.edit_text(MessageRef(event.chat, event.message_id), _summary(services, state, lang))
     await channel.answer_button(t("panel.going", lang))
+    try:
+        await _submit(services, event, channel, panel.state)
+    except UserFacingError:
+        await services.storage.open_panel(panel.user_key, panel.chat_key, KIND, panel.state, PANEL_TTL_S,
+                                          panel_id=panel.id)
+        raise
+    if event.message_id is not None:
+        await channel.edit_text(MessageRef(event.chat, event.message_id), _summary(services, panel.state, lang))
+
+
+async def _submit(services: Services, event: Event, channel: ReplyChannel, state: dict[str, Any]) -> None:
+    """Queues a catalogue style's portrait through /style's checks, or a result's job again with the choices."""
     count = int(state.get("count") or portrait.DEFAULT_COUNT)
     pose = state.get("pose")
     if state.get("job_id") is not None:
         job = await services.storage.job(int(state["job_id"]))
         if job is None or job.user_key != event.user.key:
-            await channel.send_text(t("button.stale", lang))
-            return
+            raise UserFacingError("button.stale")
         controls = {k: state[k] for k in ("aspect", "likeness") if state.get(k)}
         if pose == studio.POSE_PHOTO and state.get("pose_image"):
             controls["pose"] = {"image": state["pose_image"]}
@@ -272,8 +284,7 @@ async def press_go(services: Services, event: Event, channel: ReplyChannel, pane
         return
     style = runnable_styles(services, event).get(str(state.get("style_id")))
     if style is None:
-        await channel.send_text(t("button.stale", lang))
-        return
+        raise UserFacingError("button.stale")
     controls = studio.Controls(aspect=state.get("aspect"), likeness=state.get("likeness"), pose=pose)
     await portrait.submit_portrait(services, event, channel, style, count, controls)
 
