@@ -104,6 +104,6 @@ def test_the_service_side_of_the_studio_loads_no_model_library() -> None:
     import sys
 
     code = ("import sys, handlers.features, bot.platforms.discord_commands; "
-            "print(sorted(m for m in ('torch', 'diffusers', 'onnxruntime') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'diffusers', 'onnxruntime', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
