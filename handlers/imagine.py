@@ -27,6 +27,8 @@ from handlers.services import Services
 
 log = logging.getLogger(__name__)
 
+CLASSIFIER_MODEL = "text-moderation"  # the manifest's entry, pulled as the feature below
+CLASSIFIER_FEATURE = "imagine-classifier"
 MAX_CHARS = 300  # CLIP reads 77 tokens; longer scenes are cut by the tokenizer anyway
 COUNT = 2
 IMAGINE_STYLE = {
@@ -36,10 +38,6 @@ IMAGINE_STYLE = {
                        "nsfw, nude",
     "sampler": {"scheduler": "dpmpp_2m_karras", "steps": 30, "guidance_scale": 7.0, "width": 512, "height": 768},
 }
-
-
-CLASSIFIER_MODEL = "text-moderation"
-CLASSIFIER_FEATURE = "imagine-classifier"
 
 
 @cache
@@ -75,7 +73,12 @@ def check_prompt(services: Services, scene: str) -> str | None:
     folder = classifier_folder(services)
     if folder is None:
         return prompt_filter().check(scene)
-    return _filter_with_classifier(str(folder), float(services.settings.imagine.classifier_threshold)).check(scene)
+    try:
+        checker = _filter_with_classifier(str(folder), float(services.settings.imagine.classifier_threshold))
+    except (OSError, ValueError):
+        log.exception("the /imagine text classifier at %s does not load; prompts pass the word lists only", folder)
+        return prompt_filter().check(scene)
+    return checker.check(scene)
 
 
 def imagine_style(scene: str) -> Style:

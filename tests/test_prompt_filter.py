@@ -82,3 +82,26 @@ def test_the_text_classifier_refuses_what_the_lists_let_through(
     assert with_model.check("me n a k e d") == "sexual"  # the lists still answer first
     with pytest.raises(ValueError):
         TextClassifier(prompt_classifier_dir, threshold=0.0)
+
+
+def test_imagine_asks_the_classifier_only_where_installed_and_wanted(
+        prompt_classifier_dir: Path, tmp_path: Path, one_torch_thread: None,  # noqa: F811
+        caplog: pytest.LogCaptureFixture) -> None:
+    from types import SimpleNamespace
+
+    from bot.config import Settings
+    from handlers.imagine import check_prompt
+
+    def services(folder: Path, installed: bool = True, **imagine: object) -> SimpleNamespace:
+        settings = Settings.model_validate({"models_dir": str(tmp_path), "imagine": imagine,
+                                            "model_paths": {"text-moderation": str(folder)}})
+        return SimpleNamespace(settings=settings, features_installed={"imagine-classifier"} if installed else set())
+
+    assert check_prompt(services(prompt_classifier_dir), "me at a gorefest") == "violence"
+    assert check_prompt(services(prompt_classifier_dir, classifier=False), "me at a gorefest") is None
+    assert check_prompt(services(prompt_classifier_dir, installed=False), "me at a gorefest") is None
+    assert check_prompt(services(prompt_classifier_dir, classifier_threshold=1.0), "me at a gorefest") is None
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    assert check_prompt(services(broken), "me at a gorefest") is None  # a broken install: the lists still work
+    assert check_prompt(services(broken), "me naked") == "sexual" and "does not load" in caplog.text
