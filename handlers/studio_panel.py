@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from facechain_core.errors import UserFacingError
@@ -268,7 +268,9 @@ async def press_go(services: Services, event: Event, channel: ReplyChannel, pane
 
 
 async def _submit(services: Services, event: Event, channel: ReplyChannel, state: dict[str, Any]) -> None:
-    """Queues a catalogue style's portrait through /style's checks, or a result's job again with the choices."""
+    """Queues a catalogue style's portrait through /style's checks (every panel control that is a
+    ``studio.Controls`` field goes in), or a result's job again with the choices (a registered control beyond
+    these four, when chosen, goes into the job's params under its name)."""
     count = int(state.get("count") or portrait.DEFAULT_COUNT)
     pose = state.get("pose")
     if state.get("job_id") is not None:
@@ -280,12 +282,15 @@ async def _submit(services: Services, event: Event, channel: ReplyChannel, state
             controls["pose"] = {"image": state["pose_image"]}
         elif pose:
             controls["pose"] = {"id": pose}
-        await studio.resubmit(services, event, channel, job, controls, {"count": count})
+        extra = {c.name: state[c.name] for c in PANEL_CONTROLS
+                 if c.name not in ("aspect", "likeness", "pose") and state.get(c.name) is not None}
+        await studio.resubmit(services, event, channel, job, controls, {**extra, "count": count})
         return
     style = runnable_styles(services, event).get(str(state.get("style_id")))
     if style is None:
         raise UserFacingError("button.stale")
-    controls = studio.Controls(aspect=state.get("aspect"), likeness=state.get("likeness"), pose=pose)
+    names = {f.name for f in fields(studio.Controls)}
+    controls = studio.Controls(**{c.name: state.get(c.name) for c in PANEL_CONTROLS if c.name in names})
     await portrait.submit_portrait(services, event, channel, style, count, controls)
 
 
