@@ -120,7 +120,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 def cmd_check_selfie(args: argparse.Namespace) -> int:
     """Prints the selfie verdict for each photo; exits 1 if any was rejected."""
     from handlers.messages import t
-    from handlers.selfie import lazy_selfie_checker
+    from handlers.selfie_check import lazy_selfie_checker
 
     settings = _settings(args)
     check = lazy_selfie_checker(settings)

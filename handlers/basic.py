@@ -14,7 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from handlers import buttons, router
+from handlers import buttons, registry, router
+from handlers.consent import consent_text
 from handlers.messages import t
 from handlers.progress import ACTIVE_STATES, format_duration, kind_label
 from handlers.protocols import Button, Event, JobView, MessageRef, ReplyChannel
@@ -31,8 +32,6 @@ async def show_start(services: Services, event: Event, channel: ReplyChannel) ->
     """Says what the bot does, how to begin, and how user data is kept."""
     lang = event.language
     name = event.user.name or t("core.friend", lang)
-    from handlers.safety import consent_text  # imported where used, keeping the command menu's order
-
     text = t("core.start", lang, name=name, max_selfies=services.settings.limits.max_selfies)
     await channel.send_text(text + "\n\n" + consent_text(services, lang))
 
@@ -42,7 +41,7 @@ async def show_help(services: Services, event: Event, channel: ReplyChannel) -> 
     lang = event.language
     admin = router.is_admin(services, event.user.key)
     lines = [t("core.help_header", lang)]
-    for command in router.commands():
+    for command in registry.commands():
         if command.admin_only and not admin:
             continue
         lines.append(f"/{command.name} — {t(command.help_code, lang)}")
@@ -224,11 +223,11 @@ def _remove_paths(root: Path, paths: list[Path]) -> int:
     return removed
 
 
-router.register_command("start", show_start, "help.start")
-router.register_command("help", show_help, "help.help")
-router.register_command("status", show_status, "help.status")
-router.register_command("cancel", cancel_jobs, "help.cancel")
-router.register_command("delete", ask_delete, "help.delete")
+registry.register_command("start", show_start, "help.start")
+registry.register_command("help", show_help, "help.help")
+registry.register_command("status", show_status, "help.status")
+registry.register_command("cancel", cancel_jobs, "help.cancel")
+registry.register_command("delete", ask_delete, "help.delete")
 buttons.register_core_button("cancel", press_cancel)
 buttons.register_core_button("delete", press_delete)
 buttons.register_core_button("keep", press_keep)

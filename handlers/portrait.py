@@ -12,7 +12,7 @@ from typing import Any
 
 from facechain_core.errors import UserFacingError
 from facechain_core.styles import StyleCatalog
-from handlers import buttons, router
+from handlers import buttons, registry
 from handlers.messages import t
 from handlers.progress import present_default, register_presenter, submit_with_progress
 from handlers.protocols import Button, Event, MessageRef, ReplyChannel
@@ -206,9 +206,9 @@ async def record_lora(services: Services, job: Any, artifacts: list[Any], channe
     await channel.send_text(t("portrait.lora_ready", lang, steps=steps or "?"))
 
 
-router.register_command("style", make_portrait, "help.style")
-router.register_command("styles", show_styles, "help.styles")
-router.register_command("train", train_lora, "help.train")
+registry.register_command("style", make_portrait, "help.style")
+registry.register_command("styles", show_styles, "help.styles")
+registry.register_command("train", train_lora, "help.train")
 buttons.register_core_button("style", press_style)
 buttons.register_core_button("styles", press_page)
 buttons.register_result_button("more", "portrait.button_more", more_like_this, applies_to={"portrait"})

@@ -24,8 +24,8 @@ from typing import Any
 from facechain_core.errors import UserFacingError
 from facechain_core.safety import DEFAULT_SERVICE
 from facechain_core.safety import FEATURE as SAFETY_FEATURE
-from facechain_core.tts import edge_enabled
-from handlers import buttons, hooks, router
+from handlers import buttons, hooks, registry, router
+from handlers.consent import consent_text
 from handlers.messages import t
 from handlers.progress import format_duration, kind_label
 from handlers.protocols import Button, Event, Media, ReplyChannel, User
@@ -60,20 +60,6 @@ def _date(ts: float) -> str:
 
 
 # -- consent and labels ---------------------------------------------------------------------------
-def _kept_for(days: float, lang: str) -> str:
-    return t("safety.keep_days", lang, days=f"{days:g}") if days > 0 else t("safety.keep_forever", lang)
-
-
-def consent_text(services: Services, lang: str) -> str:
-    """Whose face may be sent and how photos are used and kept (/start and the first selfie)."""
-    retention = services.settings.retention
-    text = t("safety.consent", lang, selfies=_kept_for(retention.selfies_days, lang),
-             identities=_kept_for(retention.identities_days, lang), results=_kept_for(retention.results_days, lang))
-    if edge_enabled(getattr(services.settings, "pipeline", None) or {}):  # the operator turned online TTS on
-        text += " " + t("talk.privacy_online", lang)
-    return text
-
-
 def service_name(services: Services) -> str:
     """The service named in the AI label (``[pipeline] label_service``)."""
     pipeline = getattr(services.settings, "pipeline", None) or {}
@@ -350,10 +336,10 @@ async def stats_text(services: Services, lang: str) -> str:
     ])
 
 
-router.register_command("privacy", show_privacy, "help.privacy")
-router.register_command("quota", show_quota, "help.quota")
-router.register_command("admin", admin_command, "help.admin", admin_only=True)
-router.register_user_gate(refuse_banned)
+registry.register_command("privacy", show_privacy, "help.privacy")
+registry.register_command("quota", show_quota, "help.quota")
+registry.register_command("admin", admin_command, "help.admin", admin_only=True)
+registry.register_user_gate(refuse_banned)
 hooks.register_admission_check(admit_within_quota, hooks.AdmissionStage.USER)
 hooks.register_caption_decorator(result_caption)
 hooks.register_keyboard_decorator(add_report_buttons)

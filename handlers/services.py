@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from handlers.protocols import Chat, JobQueue, MessageRef, ReplyChannel, User
+from handlers.selfie_check import MB, lazy_selfie_checker
 
-MB = 1_000_000  # decimal, as facechain_core.images reports sizes
 
 
 class StorageLike(Protocol):
@@ -115,8 +115,6 @@ class Services:
         Without `check_selfie`, the detector named in ``settings.selfie`` is loaded on first use.
         """
         if check_selfie is None:
-            from handlers.selfie import lazy_selfie_checker  # handlers.selfie imports this module
-
             check_selfie = lazy_selfie_checker(settings)
         return cls(settings=settings, storage=storage, jobs=jobs or _NoQueue(), data_dir=Path(settings.data_dir),
                    check_selfie=check_selfie, channel_for=channel_for, private_chat=private_chat or same_id_private_chat,

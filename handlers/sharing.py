@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from handlers import buttons, router
+from handlers import buttons, registry
 from handlers.messages import t
 from handlers.protocols import Button, Chat, Event, Media, MessageRef, ReplyChannel, Visibility
 from handlers.services import Services
@@ -124,6 +124,6 @@ async def press_post(services: Services, event: Event, channel: ReplyChannel, ar
         await channel.send_text(done, visibility=Visibility.REQUESTER)
 
 
-router.register_inline(answer_inline_query)
+registry.register_inline(answer_inline_query)
 buttons.register_result_button(SHARE_ACTION, "sharing.button", press_share, applies_to=SHARED_KINDS)
 buttons.register_core_button(POST_ACTION, press_post)

@@ -24,7 +24,7 @@ from typing import Any
 from facechain_core.errors import UserFacingError
 from facechain_core.talk import DEFAULTS as TALK_DEFAULTS
 from facechain_core.tts import OFFLINE_VOICE, EdgeTTS, edge_enabled
-from handlers import buttons, cartoon, hooks, router
+from handlers import buttons, cartoon, hooks, registry, router
 from handlers.messages import t
 from handlers.progress import register_presenter, submit_with_progress
 from handlers.protocols import Attachment, Button, Event, Media, MessageRef, NotSupported, ReplyChannel
@@ -258,9 +258,9 @@ def _prune_folders(jobs: Path, max_age_s: float) -> None:
         cartoon._prune([*jobs.glob("*/input.jpg"), *jobs.glob("*/input.audio")], max_age_s)
 
 
-router.register_command("talk", make_talk, "help.talk")
-router.register_command("voice", choose_voice, "help.voice")
+registry.register_command("talk", make_talk, "help.talk")
+registry.register_command("voice", choose_voice, "help.voice")
 buttons.register_core_button(VOICE_ACTION, press_voice)
-router.register_pending(KIND, receive_voice)
+registry.register_pending(KIND, receive_voice)
 buttons.register_result_button(RESULT_ACTION, "talk.button", press_result, applies_to={"portrait", "cartoon"})
 register_presenter(KIND, present_talk)
