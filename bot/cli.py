@@ -216,7 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     command(msub, "status", "what is installed under models_dir")
     pull = command(msub, "pull", "download models for features (or all)")
     pull.add_argument("features", nargs="*", default=["all"])
-    pull.add_argument("--dry-run", action="store_true", help="list what would be fetched")
+    pull.add_argument("--dry-run", action="store_true", help="list what would be fetched (from the manifest)")
+    pull.add_argument("--check-sources", action="store_true",
+                      help="with --dry-run: ask each source for its size (network, short timeout)")
     pull.add_argument("--accept-license", action="append", default=[], metavar="NAME",
                       help="accept a non-commercial licence by name (repeatable)")
     tiny = command(msub, "tiny", "build tiny random-weight models of the real formats")
