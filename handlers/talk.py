@@ -23,7 +23,8 @@ from typing import Any
 
 from facechain_core.errors import UserFacingError
 from facechain_core.talk import DEFAULTS as TALK_DEFAULTS
-from facechain_core.tts import OFFLINE_VOICE, EdgeTTS, edge_enabled
+from facechain_core.tts import MAX_TEXT_CHARS  # noqa: F401  (re-exported: the Discord /talk option's limit)
+from facechain_core.tts import OFFLINE_VOICE, EdgeTTS, check_text_length, edge_enabled
 from handlers import buttons, cartoon, hooks, registry, router
 from handlers.messages import t
 from handlers.progress import register_presenter, submit_with_progress
@@ -37,7 +38,6 @@ RESULT_ACTION = "talk"  # talk:<artifact id> under portraits and cartoons
 VOICE_ACTION = "voice"  # voice:<edge-tts voice or "espeak"> under /voice
 FOLDER = "talk"  # under the user's folder: jobs/<token>/input.jpg and input.audio
 ROUND_WORDS = ("round", "--round")
-MAX_TEXT_CHARS = 500
 INPUT_TTL_S = 24 * 3600.0
 AUDIO_KINDS = ("voice", "audio")
 DONE_STATES = ("delivered", "done")
@@ -52,8 +52,7 @@ async def make_talk(services: Services, event: Event, channel: ReplyChannel) -> 
     if round_video:
         args = args[1:]
     text = " ".join(args).strip()
-    if len(text) > MAX_TEXT_CHARS:
-        raise UserFacingError("talk.text_too_long", length=len(text), max_length=MAX_TEXT_CHARS)
+    check_text_length(text)
     source = await portrait_source(services, event)
     folder = await stage_portrait(services, event.user.key, source)
     if not text:
