@@ -53,6 +53,7 @@ from facechain_core.manifest import (
     read_lock,
     staging_path,
 )
+from facechain_core.numbers import ascii_int
 
 logger = logging.getLogger(__name__)
 
@@ -441,7 +442,8 @@ def _plan_url(ctx: _Context, entry: ModelEntry, source: Source) -> tuple[int | N
         return entry.size, 1, [f"{entry.name}: {source.text} answered HEAD with {exc.code}; size from the manifest"]
     except (urllib.error.URLError, *_NET_ERRORS) as exc:
         raise SourceUnavailable(f"{source.text}: {exc}") from exc
-    return (int(length) if length and length.isdigit() else entry.size), 1, []
+    size = ascii_int(length)
+    return (size if size is not None else entry.size), 1, []
 
 
 def _parse_content_range(value: str | None) -> tuple[int, int | None] | None:
@@ -474,7 +476,7 @@ def _download_once(ctx: _Context, url: str, part: Path, counter: _Counter, file:
         else:
             offset = 0  # the server ignored the Range header: take the whole body
             length = resp.headers.get("Content-Length")
-            total = int(length) if length and length.isdigit() else None
+            total = ascii_int(length)
         counter.set(file, offset)
         with part.open("ab" if offset else "wb") as out:
             while chunk := resp.read(CHUNK_BYTES):

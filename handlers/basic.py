@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from facechain_core.numbers import ascii_int
 from handlers import buttons, registry, router
 from handlers.consent import consent_text
 from handlers.messages import t
@@ -116,7 +117,8 @@ async def ask_delete(services: Services, event: Event, channel: ReplyChannel) ->
 async def press_cancel(services: Services, event: Event, channel: ReplyChannel, argument: str) -> None:
     """Cancels the job of a progress message, if the presser owns it."""
     lang = event.language
-    job = await services.storage.job(int(argument)) if argument.isdigit() else None
+    job_id = ascii_int(argument)
+    job = await services.storage.job(job_id) if job_id is not None else None
     if job is None:
         await channel.answer_button(t("button.stale", lang))
     elif job.user_key != event.user.key:

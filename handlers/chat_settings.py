@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from facechain_core.errors import UserFacingError
+from facechain_core.numbers import ascii_int
 from facechain_core.safety import FEATURE as SAFETY_FEATURE
 from handlers import buttons, hooks, registry
 from handlers.messages import t
@@ -172,7 +173,7 @@ def _changed(settings: ChatSettings, argument: str) -> tuple[ChatSettings, str] 
         return settings, "home"
     if what == "safe":
         return replace(settings, safe_mode=not settings.safe_mode), "home"
-    if what == "limit" and value.isdigit() and int(value) in LIMIT_CHOICES:
+    if what == "limit" and ascii_int(value) in LIMIT_CHOICES:
         return replace(settings, daily_limit=int(value)), "home"
     if what == "cmds":
         return settings, "commands"

@@ -11,6 +11,7 @@ import secrets
 from typing import Any
 
 from facechain_core.errors import UserFacingError
+from facechain_core.numbers import ascii_int
 from facechain_core.styles import StyleCatalog
 from handlers import buttons, registry
 from handlers.messages import t
@@ -88,8 +89,8 @@ async def submit_portrait(services: Services, event: Event, channel: ReplyChanne
 
 def _split_count(args: list[str]) -> tuple[list[str], int]:
     """``["hanfu", "3"]`` -> (["hanfu"], 3); the count is optional and bounded."""
-    if len(args) > 1 and args[-1].isdigit():
-        count = int(args[-1])
+    count = ascii_int(args[-1]) if len(args) > 1 else None
+    if count is not None:
         if not 1 <= count <= MAX_COUNT:
             raise UserFacingError("portrait.bad_count", max=MAX_COUNT)
         return args[:-1], count
@@ -143,8 +144,11 @@ async def press_style(services: Services, event: Event, channel: ReplyChannel, s
 
 async def press_page(services: Services, event: Event, channel: ReplyChannel, argument: str) -> None:
     """Turns the catalogue message to another page."""
+    number = ascii_int(argument)
     try:
-        text, keyboard = _styles_page(services, int(argument), event.language)
+        if number is None:
+            raise ValueError(f"not a page number: {argument!r}")
+        text, keyboard = _styles_page(services, number, event.language)
     except ValueError:
         await channel.answer_button(t("button.stale", event.language))
         return

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from facechain_core.errors import UserFacingError
+from facechain_core.numbers import ascii_int
 from facechain_core.safety import DEFAULT_SERVICE
 from facechain_core.safety import FEATURE as SAFETY_FEATURE
 from handlers import buttons, hooks, registry, router
@@ -238,7 +239,8 @@ async def press_ban_owner(services: Services, event: Event, channel: ReplyChanne
         await channel.answer_button(t("core.admin_only", lang), alert=True)
         return
     storage: Any = services.storage
-    report = await storage.report(int(argument)) if argument.isdigit() else None
+    report_id = ascii_int(argument)
+    report = await storage.report(report_id) if report_id is not None else None
     if report is None:
         await channel.answer_button(t("button.stale", lang))
         return
@@ -287,7 +289,7 @@ def parse_user(argument: str, event: Event) -> str:
     platform, sep, user_id = argument.partition(":")
     if not sep:
         platform, user_id = event.user.platform, argument
-    if not platform.isalpha() or not user_id.isdigit():
+    if not platform.isascii() or not platform.isalpha() or ascii_int(user_id) is None:
         raise UserFacingError("admin.bad_user", user=argument[:64])
     return f"{platform.lower()}:{user_id}"
 
