@@ -101,12 +101,14 @@ def error_text(error: Any, lang: str) -> str:
 async def submit_with_progress(services: Services, event: Event, channel: ReplyChannel, kind: str,
                                params: dict[str, Any]) -> Submitted:
     """Admits and submits a job, then answers with its queue position and a Cancel button (its progress message)."""
-    params, undo = await hooks.admit(services, event, kind, params)  # quotas, a group's rules (features add them)
-    try:
-        submitted = await services.jobs.submit(event.user.key, kind, params, event.chat)
-    except BaseException:
-        await undo()
-        raise
+    # Checks and the job row they count are one step per user: concurrent commands cannot pass a quota.
+    async with services.runtime.user_lock(event.user.key):
+        params, undo = await hooks.admit(services, event, kind, params)  # quotas, a group's rules...
+        try:
+            submitted = await services.jobs.submit(event.user.key, kind, params, event.chat)
+        except BaseException:
+            await undo()
+            raise
     text = queued_text(kind, submitted.position, submitted.eta_s, event.language)
     ref = await channel.send_text(text, cancel_button(submitted.job_id, event.language))
     await services.jobs.attach_progress(submitted.job_id, ref)

@@ -127,7 +127,10 @@ async def check_quota(services: Services, event: Event, kind: str) -> None:
 
 
 async def admit_within_quota(services: Services, event: Event, kind: str, params: dict[str, Any]) -> None:
-    """An admission check: ``check_quota`` before every job (it only reads, so there is nothing to give back)."""
+    """An admission check: ``check_quota`` before every job (it only reads, so there is nothing to give back).
+
+    ``progress.submit_with_progress`` holds the user's lock from the checks until the job row is written,
+    so the count read here and the row that adds to it are one step."""
     await check_quota(services, event, kind)
 
 
