@@ -128,6 +128,7 @@ def queued_text(kind: str, position: int, eta_s: float | None, lang: str) -> str
 async def show_progress(services: Services, job: JobLike, step: int, total: int, text: str | None = None) -> None:
     """Edits the job's progress message (bar, percent, ETA), at most once per interval but always the last step."""
     now = services.clock()
+    services.runtime.maybe_sweep(now)
     memo = services.runtime.progress.get(job.id)
     if memo is None:
         memo = services.runtime.progress[job.id] = ProgressMemo(started=now, first_step=step)

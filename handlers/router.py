@@ -60,6 +60,7 @@ def message_for(error: UserFacingError, lang: str) -> str:
 
 async def handle_event(services: Services, event: Event, channel: ReplyChannel) -> None:
     """Handles one event; never raises (except cancellation)."""
+    services.runtime.maybe_sweep(services.clock())
     await _use_stored_language(services, event, channel)
     if event.button_payload is not None:
         channel = _AnswerOnce(channel)

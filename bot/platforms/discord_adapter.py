@@ -22,7 +22,7 @@ import discord
 from discord import app_commands
 
 from bot.config import Settings
-from bot.platforms.discord_channel import PLATFORM, DiscordChannel, DiscordLink, PayloadButton
+from bot.platforms.discord_channel import PLATFORM, DiscordChannel, DiscordLink, PayloadButton, Recent
 from bot.platforms.discord_commands import PRIVATE_COMMANDS, CatalogueTranslator, build_commands
 from bot.lifecycle import StartStop
 from facechain_core.errors import UserFacingError
@@ -144,7 +144,7 @@ class DiscordAdapter(StartStop):
         self.link = DiscordLink(self.client, default_language=settings.language)
         self.link.post_targets = self.post_targets
         self.connected = asyncio.Event()
-        self._languages: dict[str, str] = {}  # user id -> language of their last interaction
+        self._languages = Recent()  # user id -> language of their last interaction
         self._gateway: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[Any]] = set()
         self._started = False

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,9 @@ UNKNOWN_MESSAGE = 10008
 JPEG_QUALITIES = (90, 80, 70)
 SCALE_STEP = 0.8
 MIN_SIDE_PX = 64
+# Users and chats an adapter remembers facts about (DM channel, upload limit, language); older ones are
+# asked of Discord again or take the default.
+REMEMBERED_MAX = 10_000
 
 
 # -- buttons ------------------------------------------------------------------------------------
@@ -140,14 +144,28 @@ def _dead_token(exc: discord.HTTPException) -> bool:
 
 
 # -- the channel --------------------------------------------------------------------------------
+class Recent(OrderedDict[str, Any]):
+    """A dict of the `limit` entries written last: what an adapter learns per user or chat stays bounded."""
+
+    def __init__(self, limit: int = REMEMBERED_MAX) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > self.limit:
+            self.popitem(last=False)
+
+
 @dataclass
 class DiscordLink:
     """What every channel of one adapter shares: the client and what was learned about chats and users."""
 
     client: discord.Client
     default_language: str = "en"
-    upload_limits: dict[str, int] = field(default_factory=dict)  # chat id -> bytes (from interactions)
-    dm_channels: dict[str, int] = field(default_factory=dict)  # user id -> DM channel id
+    upload_limits: Recent = field(default_factory=Recent)  # chat id -> bytes (from interactions)
+    dm_channels: Recent = field(default_factory=Recent)  # user id -> DM channel id (else asked of Discord)
     # Server channels where a user and the bot may both post pictures (set by the adapter).
     post_targets: Callable[[User], Awaitable[list[Chat]]] | None = None
 
