@@ -64,8 +64,11 @@ async def train_lora(services: Services, event: Event, channel: ReplyChannel) ->
 
 # -- the job behind /style ----------------------------------------------------------------------
 async def submit_portrait(services: Services, event: Event, channel: ReplyChannel, style: Any,
-                          count: int = DEFAULT_COUNT) -> None:
-    """Checks what only the request can tell, then queues the portrait job."""
+                          count: int = DEFAULT_COUNT, *, new_seed: bool = False) -> None:
+    """Checks what only the request can tell, then queues the portrait job.
+
+    The seed is ``portrait_seed`` when the operator fixed one, unless `new_seed` (More like this) asks for a
+    fresh draw: the fixed seed would only reproduce the first result."""
     _require(services, FEATURE)
     if style.family == "sdxl":
         _require(services, SDXL_FEATURE)
@@ -74,7 +77,7 @@ async def submit_portrait(services: Services, event: Event, channel: ReplyChanne
     if not selfies:
         raise UserFacingError("portrait.need_selfie")
     identity = await services.storage.identity(key)
-    seed = services.settings.portrait_seed
+    seed = None if new_seed else services.settings.portrait_seed
     params = {
         "style": style.model_dump(mode="json"),
         "style_id": style.id,
@@ -165,7 +168,8 @@ async def more_like_this(services: Services, event: Event, channel: ReplyChannel
     if style is None:
         await channel.answer_button(t("button.stale", event.language))
         return
-    await submit_portrait(services, event, channel, style, int(job.params.get("count", DEFAULT_COUNT)))
+    count = int(job.params.get("count", DEFAULT_COUNT))
+    await submit_portrait(services, event, channel, style, count, new_seed=True)
 
 
 # -- presenters: what finished jobs do ----------------------------------------------------------
