@@ -17,7 +17,7 @@ from typing import Any
 from facechain_core.numbers import ascii_int
 from handlers import buttons, registry, router
 from handlers.consent import consent_text
-from handlers.messages import t
+from handlers.messages import for_platform, t
 from handlers.progress import ACTIVE_STATES, format_duration, kind_label
 from handlers.protocols import Button, Event, JobView, MessageRef, ReplyChannel
 from handlers.services import Services
@@ -33,21 +33,22 @@ async def show_start(services: Services, event: Event, channel: ReplyChannel) ->
     """Says what the bot does, how to begin, and how user data is kept."""
     lang = event.language
     name = event.user.name or t("core.friend", lang)
-    text = t("core.start", lang, name=name, max_selfies=services.settings.limits.max_selfies)
+    start = for_platform("core.start", event.user.platform)
+    text = t(start, lang, name=name, max_selfies=services.settings.limits.max_selfies)
     await channel.send_text(text + "\n\n" + consent_text(services, lang))
 
 
 async def show_help(services: Services, event: Event, channel: ReplyChannel) -> None:
     """Lists the commands this user may run."""
-    lang = event.language
+    lang, platform = event.language, event.user.platform
     admin = router.is_admin(services, event.user.key)
     lines = [t("core.help_header", lang)]
     for command in registry.commands():
         if command.admin_only and not admin:
             continue
-        lines.append(f"/{command.name} — {t(command.help_code, lang)}")
+        lines.append(f"/{command.name} — {t(for_platform(command.help_code, platform), lang)}")
     lines.append("")
-    lines.append(t("core.help_footer", lang))
+    lines.append(t(for_platform("core.help_footer", platform), lang))
     await channel.send_text("\n".join(lines))
 
 

@@ -24,7 +24,7 @@ MIN_SECRET_LENGTH = 6
 # Discord interaction tokens (valid 15 minutes) sit in webhook and callback URLs.
 INTERACTION_TOKEN = re.compile(r"((?:webhooks|interactions)/\d+/)[A-Za-z0-9_.-]{20,}")
 # ... and in the gateway's INTERACTION_CREATE payloads, which discord.py logs at DEBUG as a dict or JSON.
-TOKEN_FIELD = re.compile(r"""(['"]token['"]\s*:\s*['"])[A-Za-z0-9_.-]{20,}""")
+TOKEN_FIELD = re.compile(r"""(['"]token['"]\s*:\s*['"])[^'"]{20,}""")
 
 
 def secret_variants(secret: str) -> list[str]:

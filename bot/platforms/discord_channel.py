@@ -202,7 +202,46 @@ class DiscordChannel:
         self._original_used = self._component
         self._own: set[int] = set()  # messages sent through the interaction (editable with its token)
         self._original_id: int | None = None  # the command's response message, once filled
+        self._addressee: User | None = None  # named in public messages in a server (see address)
+        self._replace: MessageRef | None = None  # the next public message edits this one (result_in_place)
+        self.replaced = False
         self.answered = False
+
+    # -- who a job's messages are for --------------------------------------------------------------
+    def address(self, user: User) -> None:
+        """Mentions `user` in this channel's public messages in a server (a job's progress and result),
+        pinging them alone: the ephemeral "thinking…" that said who asked is gone by then."""
+        self._addressee = user if user.platform == PLATFORM and user.id.isdecimal() else None
+
+    def result_in_place(self, ref: MessageRef) -> None:
+        """The next public message replaces `ref` (a job's progress message) instead of following it."""
+        self._replace, self.replaced = ref, False
+
+    def _public(self, content: str | None) -> tuple[str | None, discord.AllowedMentions | None]:
+        """A public message's content, led by the addressee's mention in a server, and whom it may ping
+        (None: the client's default, nobody)."""
+        user = self._addressee
+        if user is None or self.chat.is_private:
+            return content, None
+        mention = f"<@{user.id}>"
+        text = f"{mention} {content}" if content else mention
+        return text[:TEXT_MAX], discord.AllowedMentions(everyone=False, roles=False,
+                                                        users=[discord.Object(int(user.id))])
+
+    async def _replace_progress(self, content: str | None, buttons: list[list[Button]] | None,
+                                files: list[tuple[bytes, str]] | tuple[()]) -> discord.Message | None:
+        """Edits the result into the progress message; None when that message is gone (then it is posted)."""
+        ref, self._replace = self._replace, None
+        assert ref is not None
+        content, mentions = self._public(content)
+        try:
+            message = await self._link.messageable(ref.chat).get_partial_message(int(ref.message_id)).edit(
+                content=content, attachments=_files(files), view=build_view(buttons), allowed_mentions=mentions)
+        except discord.NotFound:
+            log.info("discord: progress message %s in %s is gone; posting the result", ref.message_id, ref.chat.key)
+            return None
+        self.replaced = True
+        return message
 
     # -- routing ---------------------------------------------------------------------------------
     def _for_requester(self, visibility: Visibility, buttons: list[list[Button]] | None, files: bool) -> bool:
@@ -224,12 +263,20 @@ class DiscordChannel:
                     raise
                 log.info("discord: interaction %s expired (%s); answering outside it", self._interaction.id, exc.code)
                 self._interaction = None
-        target = self.chat
         if not self.chat.is_private and (visibility is Visibility.REQUESTER or (for_requester and self._private)):
             target = await self._requester_dm()
-        message = await self._link.messageable(target).send(
-            content=content or None, files=_files(files) or None, view=build_view(buttons))  # type: ignore[arg-type]
-        return target, message
+            message = await self._link.messageable(target).send(
+                content=content or None, files=_files(files) or None, view=build_view(buttons))  # type: ignore[arg-type]
+            return target, message
+        if self._replace is not None:
+            replaced = await self._replace_progress(content, buttons, files)
+            if replaced is not None:
+                return self.chat, replaced
+        content, mentions = self._public(content)
+        message = await self._link.messageable(self.chat).send(
+            content=content or None, files=_files(files) or None, view=build_view(buttons),  # type: ignore[arg-type]
+            allowed_mentions=mentions)
+        return self.chat, message
 
     async def _send_interaction(self, content: str | None, buttons: list[list[Button]] | None,
                                 files: list[tuple[bytes, str]]) -> discord.Message:
@@ -304,7 +351,9 @@ class DiscordChannel:
                 if not _dead_token(exc):
                     raise
                 self._interaction = None
-        await self._link.messageable(ref.chat).get_partial_message(message_id).edit(content=content, view=view)
+        content, mentions = self._public(content)
+        await self._link.messageable(ref.chat).get_partial_message(message_id).edit(
+            content=content, view=view, allowed_mentions=mentions)
 
     async def delete_message(self, ref: MessageRef) -> None:
         try:
