@@ -211,8 +211,7 @@ async def present_default(services: Services, job: JobLike, artifacts: list[Any]
     todo = [a for a in artifacts if a.delivered_at is None]
     images = [a for a in todo if a.media_type.startswith("image/")]
     if images:
-        text = hooks.decorate_caption(services, job, caption or t("result.caption", lang), lang)
-        keyboard = hooks.result_keyboard(services, job, images, lang)
+        text, keyboard = hooks.decorate_result(services, job, caption or t("result.caption", lang), images, lang)
         sent = await channel.send_images([_media(a, platform) for a in images], caption=text, buttons=keyboard)
         for artifact, file in zip(images, sent, strict=False):
             await services.storage.mark_delivered(artifact.id, platform, file.file_id)
@@ -220,12 +219,13 @@ async def present_default(services: Services, job: JobLike, artifacts: list[Any]
     for artifact in todo:
         if artifact.id in image_ids:
             continue
+        text, keyboard = hooks.decorate_result(services, job, caption, [artifact], lang)
         if artifact.media_type.startswith("video/"):
-            file = await channel.send_video(_media(artifact, platform), caption=hooks.decorate_caption(
-                services, job, caption, lang), buttons=hooks.result_keyboard(services, job, [artifact], lang))
+            file = await channel.send_video(_media(artifact, platform), caption=text, buttons=keyboard)
         elif artifact.media_type.startswith("audio/"):
-            file = await channel.send_audio(_media(artifact, platform), caption=hooks.decorate_caption(
-                services, job, caption, lang))
+            file = await channel.send_audio(_media(artifact, platform), caption=text)
+            if keyboard:  # an audio message carries no buttons: they follow it
+                await channel.send_text(t("core.more_actions", lang), keyboard)
         else:
             # Other files (embeddings, LoRA weights) are the bot's own, not for the chat.
             await services.storage.mark_delivered(artifact.id, platform, None)
