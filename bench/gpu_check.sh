@@ -10,6 +10,8 @@
 #   b. bench/bench_generate.py: portrait seconds per image, it/s, peak memory (full-size SD1.5, 512 px, 25 steps)
 #   c. bench/bench_lora_switch.py: user LoRA switch vs full reload, with a 25-step 512 px check image
 #   d. bench/bench_train_step.py: one LoRA training step, float16 + autocast + gradient checkpointing
+#   f. bench/bench_talk.py: a 10-second talking head, fast mode on the CPU and the animated mode
+#      (full-size audio-to-pose network) on CUDA; target under 30 s
 #   e. bench/bench_tryon.py: a try-on job (full-size SD1.5 inpainting + 2 ControlNets, 512 px, 30 steps);
 #      its models build in the background from step b on
 # Everything goes to $OUT/gpu_check.log (the model build's own output to $OUT/build.log).
@@ -124,6 +126,7 @@ build_models(Path('$MODELS/tryon'), tiny=bool(${#TINY[@]}))
     tail -n 3 "$OUT/build_tryon.log"
     run_step "e bench_tryon" 120 python3 bench/bench_tryon.py --device "$DEVICE" --models "$MODELS/tryon" \
         --runs 2 "${TINY[@]}"
+    run_step "f bench_talk" 120 python3 bench/bench_talk.py
 
     echo
     [[ $DEVICE == cuda ]] && nvidia-smi --query-gpu=memory.used,clocks.sm --format=csv

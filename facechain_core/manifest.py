@@ -394,14 +394,23 @@ def parse_manifest(data: dict[str, Any], path: Path | None = None) -> Manifest:
 
 
 def load_manifest(path: Path | str | None = None) -> Manifest:
-    """Loads and validates the manifest (the packaged ``models.toml`` by default)."""
+    """Loads and validates the manifest: the packaged ``models.toml`` with the template pictures of
+    ``templates/`` (``facechain_core.templates``) by default, or the one file `path`."""
+    packaged = path is None
     path = Path(path) if path is not None else DEFAULT_MANIFEST
     try:
         with path.open("rb") as f:
             data = tomllib.load(f)
     except tomllib.TOMLDecodeError as exc:
         raise ManifestError(f"{path}: not valid TOML: {exc}") from None
-    return parse_manifest(data, path)
+    manifest = parse_manifest(data, path)
+    if packaged:
+        from facechain_core.templates import DEFAULT_TEMPLATES_DIR, load_templates
+
+        if DEFAULT_TEMPLATES_DIR.is_dir():
+            extra = tuple(entry.manifest_entry() for entry in load_templates())
+            manifest = Manifest(entries=manifest.entries + extra, path=path)
+    return manifest
 
 
 # --- what is on disk -----------------------------------------------------------------------

@@ -39,6 +39,7 @@ from facechain_core.lora_fuse import fused_loras, wants_fusing
 from facechain_core.pipeline import JobResult, PipelineContext, Progress
 from facechain_core.ranking import Ranked, filter_and_rank
 from facechain_core.resident import SHARED_KEY, ResidentPipelines, modules_of
+from facechain_core.studio import aspect_size, identity_weight, size_multiple, variation_noise
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,12 @@ MODEL_NAMES = {
 DEFAULTS: dict[str, Any] = {
     "face_filter": True, "oversample": 2, "batch_size": 4, "subject": "a person",
     "default_family": "sd15", "plus_shortcut": True, "detector_kind": "yunet", "fuse_loras": "auto",
+    "pose_scale": 1.0,
 }
+# Pose for /style: the family's openpose ControlNet (manifest name, feature); DWPose reads a photo's pose.
+POSE_CONTROLNETS = {"sd15": ("controlnet-openpose-sd15", "pose"), "sdxl": ("controlnet-openpose-sdxl", "pose-sdxl")}
+POSE_MODEL, POSE_FEATURE = "dwpose-wholebody", "pose"
+DEFAULT_POSES_DIR = Path(__file__).resolve().parent.parent / "poses"
 
 
 @dataclass
@@ -90,6 +96,45 @@ class ResidentBase:
         self.pipe.scheduler = self.schedulers[key]
 
 
+@dataclass
+class StudioPlan:
+    """What a job's controls ask of the generation (facechain_core.studio)."""
+
+    width: int
+    height: int
+    identity_weight: float
+    aspect: str | None = None
+    likeness: str | None = None
+    pose_id: str | None = None
+    pose_image: Image.Image | None = None  # the openpose ControlNet's picture at width x height
+    vary_seed: int | None = None
+
+    def latents_for(self, base: ResidentBase) -> Callable[[list[int]], torch.Tensor] | None:
+        """Vary: each seed of a chunk picks the small change mixed into the varied seed's noise."""
+        if self.vary_seed is None:
+            return None
+        pipe = base.pipe
+        factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        shape = (int(pipe.unet.config.in_channels), self.height // factor, self.width // factor)
+        seed = self.vary_seed
+        return lambda chunk: variation_noise(seed, chunk, shape).to(pipe.device, pipe.unet.dtype)
+
+    def meta(self, base: ResidentBase) -> dict[str, Any]:
+        """The controls as they reached the model: the size, the identity scale the adapter holds, the pose."""
+        return {"size": [self.width, self.height], "identity_weight": adapter_scale(base.pipe),
+                "aspect": self.aspect or "style", "likeness": self.likeness or "normal", "pose": self.pose_id,
+                "vary_of": self.vary_seed}
+
+
+def adapter_scale(pipe: Any) -> float | None:
+    """The IP-Adapter scale its attention processors hold now (what set_ip_adapter_scale reached)."""
+    for processor in pipe.unet.attn_processors.values():
+        scale = getattr(processor, "scale", None)
+        if isinstance(scale, list) and scale:
+            return round(float(scale[0]), 4)
+    return None
+
+
 @dataclass(frozen=True)
 class LoraRequest:
     """A LoRA file to activate at a weight in an adapter slot; `key` changes when the file does."""
@@ -116,6 +161,7 @@ class PortraitPipeline:
         self._resident: ResidentPipelines | None = None
         self._arcface: ArcFace | None = None
         self._detector: Any | None = None
+        self._pose_model: Any | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -135,7 +181,7 @@ class PortraitPipeline:
         if self._resident is not None:
             for family in FAMILIES:
                 self._resident.evict(self.resident_key(family))
-        self._arcface = self._detector = None
+        self._arcface = self._detector = self._pose_model = None
 
     @staticmethod
     def resident_key(family: str) -> str:
@@ -156,7 +202,7 @@ class PortraitPipeline:
         """Generate, filter and rank portraits of the identity in the style; write PNGs."""
         if self._arcface is None:
             raise RuntimeError("PortraitPipeline.run called before load")
-        # 1. Resolve the style and the job's numbers.
+        # 1. Resolve the style, the job's numbers and the user's controls (aspect, likeness, pose, vary).
         style = _style_dict(params["style"])
         # The operator may cap every style's sampler (fewer steps or smaller images on a small GPU).
         sampler = style["sampler"] = {**style["sampler"], **self._settings.get("sampler_override", {})}
@@ -167,15 +213,16 @@ class PortraitPipeline:
         first_seed = params.get("seed")
         first_seed = secrets.randbelow(2**31) if first_seed is None else int(first_seed)
         seeds = [first_seed + i for i in range(count * max(1, int(self._settings["oversample"])))]
+        base = self.base(style["family"])
+        plan = self.studio_plan(base, style, params.get("controls") or {})
         # 2. Load the identity.
         identity = self._load_identity(params["identity"], params.get("selfies"))
         # 3. Set up the resident base: user and style LoRAs, identity scale, scheduler.
-        base = self.base(style["family"])
         loras = self._lora_requests(style, params)
 
         def set_up() -> None:
             self.activate_loras(base, loras)
-            base.pipe.set_ip_adapter_scale(float(style.get("identity_weight", 1.0)))
+            base.pipe.set_ip_adapter_scale(plan.identity_weight)
             base.use_scheduler(sampler.get("scheduler"))
 
         set_up()
@@ -184,7 +231,7 @@ class PortraitPipeline:
         chunks = [seeds[i:i + batch] for i in range(0, len(seeds), batch)]
         total = int(sampler["steps"]) * len(chunks) + 1
         prompt = style["prompt"].replace("{subject}", str(params.get("subject") or self._settings["subject"]))
-        candidates = self._generate(base, style, prompt, identity, chunks, progress, total, set_up)
+        candidates = self._generate(base, style, prompt, identity, chunks, progress, total, set_up, plan)
         # 5. Keep one-face candidates, best identity match first.
         ranked = self._rank(candidates, identity, len(candidates))
         progress(total, total)
@@ -203,10 +250,72 @@ class PortraitPipeline:
             "style": style.get("id"),
             "lora_used": user_lora,
             "safety": safety.safety_meta(screened),
+            "file_meta": [{"seed": seeds[r.index]} for r in ranked],
+            **plan.meta(base),
         }
         log.info("portrait style=%s kept %d of %d candidates, user lora=%s", style.get("id"), len(files),
                  len(candidates), user_lora)
         return JobResult(files=files, meta=meta)
+
+    def studio_plan(self, base: ResidentBase, style: dict[str, Any], controls: dict[str, Any]) -> StudioPlan:
+        """The picture size, identity weight, pose map and starting noise the user's controls ask for."""
+        sampler = style["sampler"]
+        width, height = aspect_size(int(sampler["width"]), int(sampler["height"]), controls.get("aspect"),
+                                    size_multiple(base.pipe))
+        weight = identity_weight(float(style.get("identity_weight", 1.0)), controls.get("likeness"))
+        plan = StudioPlan(width, height, weight, controls.get("aspect"), controls.get("likeness"))
+        pose = controls.get("pose")
+        if pose:
+            plan.pose_id = pose.get("id") or "photo"
+            plan.pose_image = Image.fromarray(self._pose_map(pose, (width, height)))
+        vary = controls.get("vary")
+        if vary is not None:
+            plan.vary_seed = int(vary["seed"])
+        return plan
+
+    def _pose_map(self, pose: dict[str, Any], size: tuple[int, int]) -> np.ndarray:
+        """A library pose (``{"id"}``) or the pose of a photo (``{"image"}``, through DWPose) drawn at `size`."""
+        from facechain_core.poses import has_pose, load_poses, photo_skeleton, pose_map
+
+        if pose.get("image"):
+            with Image.open(pose["image"]) as im:
+                rgb = np.asarray(im.convert("RGB"))
+            body, frame = photo_skeleton(self._pose_estimator(), rgb)
+            if not has_pose(body):
+                raise UserFacingError("pose.none_found")
+        else:
+            entry = load_poses(Path(self._settings.get("poses_dir") or DEFAULT_POSES_DIR)).get(str(pose.get("id")))
+            if entry is None:
+                raise UserFacingError("pose.unknown", name=str(pose.get("id")))
+            body, frame = entry.skeleton()
+        return pose_map(body, frame, size)
+
+    def _pose_estimator(self) -> Any:
+        from facechain_core.pose import PoseEstimator
+
+        if self._pose_model is None:
+            assert self._context is not None
+            self._pose_model = PoseEstimator(self._context.model_path(POSE_MODEL, POSE_FEATURE), self._context.device)
+        return self._pose_model
+
+    def pose_pipeline(self, base: ResidentBase) -> Any:
+        """The base's pipeline with the family's openpose ControlNet, sharing every module of the base."""
+        assert self._resident is not None
+        key = f"{self.resident_key(base.family)}:openpose"
+        return self._resident.derive(key, self.resident_key(base.family), lambda _: self._load_pose_pipe(base))
+
+    def _load_pose_pipe(self, base: ResidentBase) -> Any:
+        from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
+
+        assert self._context is not None
+        name, feature = POSE_CONTROLNETS[base.family]
+        path = self._context.model_path(name, feature)
+        controlnet = ControlNetModel.from_pretrained(path, dtype=base.pipe.unet.dtype, local_files_only=True)
+        cls = StableDiffusionControlNetPipeline if base.family == "sd15" else StableDiffusionXLControlNetPipeline
+        pipe = cls.from_pipe(base.pipe, controlnet=controlnet.to(base.pipe.device))
+        pipe.set_progress_bar_config(disable=True)
+        log.info("loaded the %s openpose ControlNet from %s", base.family, path)
+        return pipe
 
     # -- steps -----------------------------------------------------------------------------------
 
@@ -297,22 +406,32 @@ class PortraitPipeline:
 
     def _generate(self, base: ResidentBase, style: dict[str, Any], prompt: str, identity: Identity,
                   chunks: list[list[int]], progress: Progress, total: int,
-                  set_up: Callable[[], None]) -> list[np.ndarray]:
+                  set_up: Callable[[], None], plan: StudioPlan) -> list[np.ndarray]:
         """Run the base once per chunk of seeds, one image per seed; report each denoising step."""
         sampler = style["sampler"]
+        call: dict[str, Any] = {}
+        runner = None
+        if plan.pose_image is not None:
+            runner = self.pose_pipeline(base)
+            call = {"image": plan.pose_image, "controlnet_conditioning_scale": float(self._settings["pose_scale"])}
         return self.denoise_chunks(
             base, identity, chunks, progress, total, set_up, float(sampler.get("guidance_scale", 7.0)),
-            prompt=prompt, negative_prompt=style.get("negative_prompt") or None,
-            num_inference_steps=int(sampler["steps"]), width=int(sampler["width"]), height=int(sampler["height"]))
+            runner=runner, latents_for=plan.latents_for(base), prompt=prompt,
+            negative_prompt=style.get("negative_prompt") or None, num_inference_steps=int(sampler["steps"]),
+            width=plan.width, height=plan.height, **call)
 
     def denoise_chunks(self, base: ResidentBase, identity: Identity, chunks: list[list[int]], progress: Progress,
-                       total: int, set_up: Callable[[], None], guidance: float, **call: Any) -> list[np.ndarray]:
-        """Call the base's pipeline with `call` once per chunk of seeds, one image per seed, with what every job
-        shares: the identity's FaceID (Plus) embeddings, merged LoRAs, a step report, and between chunks a yield
-        point after which `set_up` restores this job's adapters."""
+                       total: int, set_up: Callable[[], None], guidance: float, *, runner: Any = None,
+                       latents_for: Callable[[list[int]], torch.Tensor] | None = None,
+                       **call: Any) -> list[np.ndarray]:
+        """Call the base's pipeline (or `runner`, one derived from it) with `call` once per chunk of seeds, one image
+        per seed, with what every job shares: the identity's FaceID (Plus) embeddings, merged LoRAs, a step report,
+        and between chunks a yield point after which `set_up` restores this job's adapters. `latents_for` gives a
+        chunk's starting noise where the seeds alone do not (Vary)."""
         cfg = guidance > 1.0
         done = 0
         pipe = base.pipe
+        runner = runner or pipe
         embedding = torch.from_numpy(identity.embedding).reshape(1, 1, -1).to(pipe.device, pipe.unet.dtype)
         ip_embeds = torch.cat([torch.zeros_like(embedding), embedding]) if cfg else embedding
 
@@ -331,10 +450,11 @@ class PortraitPipeline:
                     set_up()  # a short job may have used this base in between
             if base.plus:
                 self._set_clip_embeds(base, identity, len(chunk), cfg)
+            latents = latents_for(chunk) if latents_for is not None else None
             with fused_loras(pipe.unet, self.fusing(base)):
-                result = pipe(
+                result = runner(
                     **call, guidance_scale=guidance, num_images_per_prompt=len(chunk),
-                    generator=[torch.Generator("cpu").manual_seed(s) for s in chunk],
+                    generator=[torch.Generator("cpu").manual_seed(s) for s in chunk], latents=latents,
                     ip_adapter_image_embeds=[ip_embeds], callback_on_step_end=on_step_end, output_type="np",
                 )
             images.extend(_to_uint8(result.images))

@@ -29,9 +29,10 @@ choice: an edge-tts voice, or "espeak" for offline only), ``round`` (False),
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -42,7 +43,13 @@ import numpy as np
 
 from facechain_core.errors import ModelNotInstalled, UserFacingError
 from facechain_core.faces import Face, FaceDetector
+from facechain_core.head_motion import (
+    FEATURE as MOTION_FEATURE, MODEL as MOTION_MODEL, MOTION_LEVELS, HeadMotion, blink_track, head_warp, head_weight,
+    pose_matrix,
+)
 from facechain_core.images import decode_image
+from facechain_core.kokoro import FEATURE as VOICES_FEATURE
+from facechain_core.kokoro import KokoroTTS, installed_files
 from facechain_core.pipeline import JobResult, PipelineContext, Progress
 from facechain_core.restore import FaceRestorer, restore_frames
 from facechain_core.safety import label_text, service_name
@@ -64,10 +71,13 @@ DEFAULTS: dict[str, Any] = {
     "talk_round_side": 384,
     "talk_motion": True,
     "talk_threads": 0,
-    "talk_tts": ["espeak"],  # ["edge", "espeak"]: edge-tts (online) first, espeak-ng when it fails
+    "talk_tts": ["kokoro", "espeak"],  # Kokoro where pulled, espeak-ng last; "edge" (online) only if listed
     "talk_edge_proxy": "",
     "talk_restore": "auto",
     "talk_restore_weight": 0.8,
+    "talk_mode": "auto",  # "fast": Wav2Lip + procedural sway; "animated": head pose from the audio; auto: animated on a GPU
+    "talk_motion_level": "natural",  # animated mode: "still", "natural" or "lively"
+    "talk_pose_style": 0,  # animated mode: SadTalker's pose style, 0..45
 }
 ROUND_MAX_SECONDS = 60.0  # Telegram's limit for video notes
 MAX_IMAGE_BYTES = 50_000_000
@@ -79,6 +89,8 @@ MEL_PER_SECOND = SAMPLE_RATE / HOP
 MEL_STEP = 16  # mel columns per video frame window
 FACE_SIDE = 96
 BATCH = 32
+WINDOW = 64  # frames made, restored and encoded at a time
+TALK_MODES = ("auto", "fast", "animated")
 
 
 # -- audio features (pure) ----------------------------------------------------------------------
@@ -310,46 +322,103 @@ def sway(frame: np.ndarray, index: int, centre: tuple[float, float], fps: int = 
                           borderMode=cv2.BORDER_REFLECT)
 
 
-def animate(portrait: np.ndarray, face: Face, speech: Speech, model: LipSync | None, motion: bool = True,
-            progress: Callable[[int, int], None] | None = None, restorer: FaceRestorer | None = None,
-            restore_weight: float = 0.8) -> list[np.ndarray]:
-    """The video frames (RGB uint8) of the portrait saying `speech` at 25 fps (restored: see the module)."""
+class HeadTrack:
+    """The animated mode's motion: a pose per frame (from the audio) moves the head; blinks close the eyes."""
+
+    def __init__(self, poses: np.ndarray, blinks: np.ndarray, geometry: FaceGeometry, face: Face,
+                 shape: tuple[int, ...]) -> None:
+        x, y, w, h = face.box
+        self.poses, self.blinks, self.geometry = poses, blinks, geometry
+        self.face_size = float(max(w, h))
+        self.centre = (float(x + w / 2), float(y + h / 2))
+        self.weight = head_weight(shape, self.centre, self.face_size)
+
+    @classmethod
+    def predict(cls, model: HeadMotion, mels: np.ndarray, face: Face, shape: tuple[int, ...], level: str,
+                style: int = 0, seed: int = 0) -> HeadTrack:
+        """Poses for the clip's mel windows, scaled by the motion level (still: none)."""
+        if level not in MOTION_LEVELS:
+            raise ValueError(f"motion level must be one of {', '.join(MOTION_LEVELS)}, got {level!r}")
+        scale = MOTION_LEVELS[level]
+        poses = model.poses(mels, style, seed) * scale if scale else np.zeros((len(mels), 6), np.float32)
+        return cls(poses, blink_track(len(mels), FPS, seed), FaceGeometry.of(face, shape), face, shape)
+
+    def matrix(self, index: int) -> np.ndarray:
+        return pose_matrix(self.poses[index], self.centre, self.face_size)
+
+    def render(self, frame: np.ndarray, index: int) -> np.ndarray:
+        frame = blink(frame, self.geometry, float(self.blinks[index]))
+        if not self.poses[index].any():
+            return frame
+        return head_warp(frame, self.matrix(index), self.weight)
+
+
+def animate_frames(portrait: np.ndarray, face: Face, speech: Speech, model: LipSync | None, motion: bool = True,
+                   restorer: FaceRestorer | None = None, restore_weight: float = 0.8,
+                   head: HeadTrack | None = None, mels: np.ndarray | None = None) -> Iterator[np.ndarray]:
+    """The video frames (RGB uint8) of the portrait saying `speech` at 25 fps, made WINDOW frames at a time
+    so memory stays flat on long clips: the mouth (lip sync, restored; or the landmark warp), then the
+    head (the animated mode's pose track and blinks; or the fast mode's procedural blinks and sway)."""
     geometry = FaceGeometry.of(face, portrait.shape)
     frames_n = frame_count(speech.duration_s)
     base = resample(speech, SAMPLE_RATE)
-    if model is not None:
+    if model is not None and mels is None:
         mels = mel_windows(mel_spectrogram(base.samples), frames_n)
-        mask = lower_face_mask(portrait.shape, geometry)
-        frames = lipsync_frames(portrait, geometry, model, mels, mask)
-        if restorer is not None:
-            frames = restore_frames(frames, np.array(face.landmarks[:5], np.float32), restorer, mask, restore_weight)
-    else:
-        openings = loudness(base.samples, base.rate, frames_n)
-        frames = [warp_mouth(portrait, geometry, float(o)) for o in openings]
-    if motion:
-        x0, y0, x1, y1 = geometry.crop
-        centre = ((x0 + x1) / 2, float(y1))  # the head turns about the neck
-        frames = [sway(blink(f, geometry, blink_amount(i)), i, centre) for i, f in enumerate(frames)]
+    openings = loudness(base.samples, base.rate, frames_n) if model is None else None
+    mask = lower_face_mask(portrait.shape, geometry)
+    x0, y0, x1, y1 = geometry.crop
+    neck = ((x0 + x1) / 2, float(y1))  # the fast mode's sway turns the head about the neck
+    for start in range(0, frames_n, WINDOW):
+        stop = min(frames_n, start + WINDOW)
+        if model is not None:
+            assert mels is not None
+            frames = lipsync_frames(portrait, geometry, model, mels[start:stop], mask)
+            if restorer is not None:
+                frames = restore_frames(frames, np.array(face.landmarks[:5], np.float32), restorer, mask,
+                                        restore_weight)
+        else:
+            assert openings is not None
+            frames = [warp_mouth(portrait, geometry, float(o)) for o in openings[start:stop]]
+        for index, frame in enumerate(frames, start):
+            if head is not None:
+                yield head.render(frame, index)
+            elif motion:
+                yield sway(blink(frame, geometry, blink_amount(index)), index, neck)
+            else:
+                yield frame
+
+
+def animate(portrait: np.ndarray, face: Face, speech: Speech, model: LipSync | None, motion: bool = True,
+            progress: Callable[[int, int], None] | None = None, restorer: FaceRestorer | None = None,
+            restore_weight: float = 0.8, head: HeadTrack | None = None) -> list[np.ndarray]:
+    """All frames of ``animate_frames`` in a list (short clips, tests)."""
+    frames = list(animate_frames(portrait, face, speech, model, motion, restorer, restore_weight, head))
     if progress is not None:
-        progress(frames_n, frames_n)
+        progress(len(frames), len(frames))
     return frames
 
 
 # -- video --------------------------------------------------------------------------------------
-def encode_mp4(frames: list[np.ndarray], speech: Speech, out: Path, comment: str, fps: int = FPS) -> Path:
-    """Writes H.264 (yuv420p) + AAC frames and speech to an MP4 with `comment` (the AI label) as its tag."""
+def encode_mp4(frames: Iterable[np.ndarray], speech: Speech, out: Path, comment: str, fps: int = FPS) -> int:
+    """Writes H.264 (yuv420p) + AAC frames and speech to an MP4 with `comment` (the AI label) as its tag.
+
+    Frames are encoded as they come (an iterator keeps memory flat); returns how many there were."""
     import av
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".part")
-    height, width = frames[0].shape[:2]
+    frames = iter(frames)
+    first = next(frames)
+    height, width = first.shape[:2]
+    count = 0
     with av.open(str(tmp), "w", format="mp4") as container:
         container.metadata["comment"] = comment
         video = container.add_stream("libx264", rate=fps)
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
         video.options = {"crf": "23", "preset": "veryfast"}
         audio = container.add_stream("aac", rate=speech.rate, layout="mono")
-        for frame in frames:
+        for frame in itertools.chain([first], frames):
+            count += 1
             for packet in video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
         for packet in video.encode(None):
@@ -362,6 +431,24 @@ def encode_mp4(frames: list[np.ndarray], speech: Speech, out: Path, comment: str
             for packet in audio.encode(chunk):
                 container.mux(packet)
         for packet in audio.encode(None):
+            container.mux(packet)
+    tmp.replace(out)
+    return count
+
+
+def encode_voice_message(speech: Speech, out: Path) -> Path:
+    """Writes `speech` as OGG/Opus (mono, 48 kHz), the format of Telegram voice messages."""
+    import av
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".part")
+    samples = resample(speech, 48_000).samples
+    with av.open(str(tmp), "w", format="ogg") as container:
+        stream = container.add_stream("libopus", rate=48_000, layout="mono")
+        frame = av.AudioFrame.from_ndarray(np.clip(samples, -1.0, 1.0)[None].astype(np.float32), format="flt",
+                                           layout="mono")
+        frame.sample_rate = 48_000
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
             container.mux(packet)
     tmp.replace(out)
     return out
@@ -400,6 +487,8 @@ class _Loaded:
     detector: FaceDetector
     lipsync: LipSync | None
     restorer: FaceRestorer | None = None
+    kokoro: KokoroTTS | None = None
+    head: HeadMotion | None = None
 
 
 class TalkPipeline:
@@ -438,7 +527,12 @@ class TalkPipeline:
             elif settings["talk_restore"] == "on":
                 log.warning("talk: talk_restore is on but the restorer is not installed "
                             "(`facechain-bot models pull %s`)", RESTORE_FEATURE)
-        self._loaded = _Loaded(context, settings, detector, lipsync, restorer)
+        kokoro_files = installed_files(lambda name: _model_path(context, name, VOICES_FEATURE))
+        kokoro = KokoroTTS(kokoro_files, context.device, int(settings["talk_threads"])) if kokoro_files else None
+        if kokoro is None:
+            log.info("talk: no Kokoro voices (`facechain-bot models pull %s`); espeak-ng speaks", VOICES_FEATURE)
+        head = _head_motion(context, settings)
+        self._loaded = _Loaded(context, settings, detector, lipsync, restorer, kokoro, head)
 
     def close(self) -> None:
         self._loaded = None
@@ -449,6 +543,8 @@ class TalkPipeline:
         if loaded is None:
             raise RuntimeError("TalkPipeline.run before load")
         settings = loaded.settings
+        if params.get("sample"):
+            return self._sample(params, progress)
         round_video = bool(params.get("round", False))
         max_seconds = float(settings["talk_max_seconds"])
         if round_video:
@@ -469,17 +565,25 @@ class TalkPipeline:
                                       int(settings["talk_round_side"]) if round_video else None)
         progress(2, 4, "talk.step_frames")
         # 3. frames
-        frames = animate(portrait, face, speech, loaded.lipsync, bool(settings["talk_motion"]),
-                         restorer=loaded.restorer, restore_weight=float(settings["talk_restore_weight"]))
+        level = str(params.get("motion") or settings["talk_motion_level"])
+        head, mels = None, None
+        if loaded.head is not None:
+            mels = mel_windows(mel_spectrogram(resample(speech, SAMPLE_RATE).samples), frame_count(speech.duration_s))
+            head = HeadTrack.predict(loaded.head, mels, face, portrait.shape, level, int(settings["talk_pose_style"]))
+        frames = animate_frames(portrait, face, speech, loaded.lipsync, bool(settings["talk_motion"]),
+                                restorer=loaded.restorer, restore_weight=float(settings["talk_restore_weight"]),
+                                head=head, mels=mels)
         progress(3, 4, "talk.step_video")
-        # 4. the video
+        # 4. the video, encoded as the frames come
         out = Path(params["out"]) if params.get("out") else Path(params["out_dir"]) / "talk.mp4"
-        encode_mp4(frames, speech, out, label_text(service_name(loaded.context), "video"))
+        count = encode_mp4(frames, speech, out, label_text(service_name(loaded.context), "video"))
         progress(4, 4)
         animator = loaded.lipsync.name if loaded.lipsync is not None else "landmarks"
-        log.info("talk: %d frames, %.2f s, %s, %s", len(frames), speech.duration_s, animator, voice)
+        mode = "animated" if head is not None else "fast"
+        log.info("talk: %d frames, %.2f s, %s, %s mode, %s", count, speech.duration_s, animator, mode, voice)
         return JobResult(files=[out.resolve()], meta={
-            "animator": animator, "voice": voice, "duration_s": round(speech.duration_s, 3), "frames": len(frames),
+            "animator": animator, "voice": voice, "duration_s": round(speech.duration_s, 3), "frames": count,
+            "mode": mode, "motion": level if head is not None else ("sway" if settings["talk_motion"] else "none"),
             "round": round_video, "size": [portrait.shape[1], portrait.shape[0]],
             "restored": loaded.restorer is not None,
         })
@@ -490,9 +594,24 @@ class TalkPipeline:
         text = str(params.get("text") or "").strip()
         if not text:
             raise UserFacingError("talk.nothing_to_say")
-        engines = self._tts if self._tts is not None else engines_from_settings(settings)
-        speech, name = speak(text, str(params.get("language") or "en"), engines, params.get("voice") or None)
+        speech, name = speak(text, str(params.get("language") or "en"), self._engines(), params.get("voice") or None)
         return speech, name
+
+    def _engines(self) -> list[TextToSpeech]:
+        loaded = self._loaded
+        assert loaded is not None
+        return self._tts if self._tts is not None else engines_from_settings(loaded.settings, loaded.kokoro)
+
+    def _sample(self, params: dict[str, Any], progress: Progress) -> JobResult:
+        """A voice's sample for /voice: `text` spoken with `voice`, as an OGG/Opus voice message."""
+        progress(0, 1, "talk.step_speech")
+        speech, engine = speak(str(params["text"]), str(params.get("language") or "en"), self._engines(),
+                               params.get("voice") or None)
+        out = Path(params["out"]) if params.get("out") else Path(params["out_dir"]) / "sample.ogg"
+        encode_voice_message(speech, out)
+        progress(1, 1)
+        return JobResult(files=[out.resolve()], meta={"engine": engine, "voice": speech.voice or engine,
+                                                      "duration_s": round(speech.duration_s, 3)})
 
 
 def _wants_restorer(settings: dict[str, Any], device: str) -> bool:
@@ -508,6 +627,25 @@ def _wants_restorer(settings: dict[str, Any], device: str) -> bool:
         log.info("talk: no face restoration (talk_restore auto): this onnxruntime has no CUDA provider "
                  "(install onnxruntime-gpu, or set talk_restore = \"on\" to run it on the CPU)")
     return on_gpu
+
+
+def _head_motion(context: PipelineContext, settings: dict[str, Any]) -> HeadMotion | None:
+    """The audio-to-pose model when the mode asks for it ("animated", or "auto" on a GPU) and it is installed."""
+    mode, level = str(settings["talk_mode"]), str(settings["talk_motion_level"])
+    if mode not in TALK_MODES:
+        raise ValueError(f"talk_mode must be one of {', '.join(TALK_MODES)}, got {mode!r}")
+    if level not in MOTION_LEVELS:
+        raise ValueError(f"talk_motion_level must be one of {', '.join(MOTION_LEVELS)}, got {level!r}")
+    if mode == "fast" or (mode == "auto" and not context.device.startswith("cuda")):
+        if mode == "auto":
+            log.info("talk: fast mode (talk_mode auto on %s; the animated mode runs on a GPU)", context.device)
+        return None
+    path = _model_path(context, MOTION_MODEL, MOTION_FEATURE)
+    if path is None:
+        log.info("talk: no head-motion model (`facechain-bot models pull %s --accept-license ...`); fast mode",
+                 MOTION_FEATURE)
+        return None
+    return HeadMotion.open(path, context.device)
 
 
 def _model_path(context: PipelineContext, name: str, feature: str) -> Path | None:

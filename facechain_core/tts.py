@@ -1,7 +1,9 @@
-"""Speech for the talking head: text-to-speech (espeak-ng offline, edge-tts online) and audio decoding (PyAV).
+"""Speech for the talking head: text-to-speech (Kokoro and espeak-ng offline, edge-tts online) and audio decoding.
 
-edge-tts sends the text to Microsoft's online read-aloud service, so it runs only where the operator
-lists it (``[pipeline] talk_tts = ["edge", "espeak"]``); ``speak`` falls back to the next engine
+Kokoro-82M (``facechain_core.kokoro``) is the natural offline voice once its files are pulled
+(``models pull talk-voices``); espeak-ng is the last fallback. edge-tts sends the text to
+Microsoft's online read-aloud service, so it runs only where the operator lists it
+(``[pipeline] talk_tts = ["edge", "kokoro", "espeak"]``); ``speak`` falls back to the next engine
 when one fails. espeak-ng comes as a bundled shared library from the ``espeakng-loader`` wheel and is driven
 through ctypes in synchronous mode: no network, no subprocess. The library keeps global state, so
 one lock serialises every synthesis in the process. Audio files and voice messages (OGG/Opus, MP3,
@@ -29,7 +31,7 @@ _AUDIO_OUTPUT_SYNCHRONOUS = 2
 _POS_CHARACTER = 1
 _ESPEAK_CHARS_UTF8 = 1
 _VOICES = {"en": "en-us", "zh": "cmn"}  # catalogue language -> espeak-ng voice
-OFFLINE_VOICE = "espeak"  # the voice choice meaning "the offline engine only"
+OFFLINE_VOICE = "espeak"  # the voice choice meaning "espeak-ng only"
 MAX_TEXT_CHARS = 500  # the most one talking portrait says (the /talk handler and the CLI take no more)
 # Demuxers decode_audio opens: audio containers only ("mov" is MP4/M4A's, "matroska" WebM's).
 AUDIO_FORMATS = "ogg,mp3,mov,wav,flac,aac,matroska,webm"
@@ -38,10 +40,11 @@ DECODE_MARGIN_S = 1.0  # decoded past the limit before refusing (a stated durati
 
 @dataclass(frozen=True)
 class Speech:
-    """Mono float32 samples in [-1, 1] at `rate` Hz."""
+    """Mono float32 samples in [-1, 1] at `rate` Hz (`voice`: the engine's voice that spoke them, if it says)."""
 
     samples: np.ndarray
     rate: int
+    voice: str = ""
 
     @property
     def duration_s(self) -> float:
@@ -53,7 +56,7 @@ class TextToSpeech(Protocol):
 
     name: str
 
-    def synthesize(self, text: str, language: str = "en") -> Speech: ...
+    def synthesize(self, text: str, language: str = "en") -> Speech: ...  # Kokoro and edge-tts also take voice=
 
 
 class EspeakTTS:
@@ -95,6 +98,16 @@ class EspeakTTS:
             rate = type(self)._rate
         samples = np.concatenate(chunks) if chunks else np.zeros(0, np.int16)
         return Speech(samples.astype(np.float32) / 32768.0, rate)
+
+    @classmethod
+    def lock(cls) -> threading.Lock:
+        """The lock every call into the library holds (it keeps global state)."""
+        return cls._lock
+
+    @classmethod
+    def library(cls) -> ctypes.CDLL:
+        """The initialised library; call with ``lock()`` held."""
+        return cls._open()
 
     @classmethod
     def _open(cls) -> ctypes.CDLL:
@@ -158,41 +171,67 @@ class EdgeTTS:
         return b"".join(chunks)
 
 
-def engines_from_settings(settings: dict[str, object]) -> list[TextToSpeech]:
-    """The engines named by ``talk_tts`` (in order; "edge", "espeak"); espeak-ng always ends the list."""
-    names = settings.get("talk_tts") or ["espeak"]
+DEFAULT_ENGINES = ["kokoro", "espeak"]
+ENGINE_NAMES = ("edge", "kokoro", "espeak")
+
+
+def engines_from_settings(settings: dict[str, object], kokoro: TextToSpeech | None = None) -> list[TextToSpeech]:
+    """The engines named by ``talk_tts`` (in order: "edge", "kokoro", "espeak"); espeak-ng always ends the list.
+
+    "kokoro" takes part only where its files are installed (`kokoro`, built by the pipeline from them)."""
+    names = settings.get("talk_tts") or DEFAULT_ENGINES
     if isinstance(names, str):
         names = [names]
     engines: list[TextToSpeech] = []
     for name in names:  # type: ignore[union-attr]
         if name == "edge":
             engines.append(EdgeTTS(proxy=str(settings.get("talk_edge_proxy") or "") or None))
+        elif name == "kokoro":
+            if kokoro is not None:
+                engines.append(kokoro)
         elif name != "espeak":
-            raise ValueError(f"talk_tts: unknown engine {name!r} (known: edge, espeak)")
+            raise ValueError(f"talk_tts: unknown engine {name!r} (known: {', '.join(ENGINE_NAMES)})")
     engines.append(EspeakTTS())
     return engines
 
 
 def edge_enabled(settings: dict[str, object]) -> bool:
     """Whether the operator lets edge-tts (online) speak: "edge" in ``talk_tts``."""
-    names = settings.get("talk_tts") or ["espeak"]
+    names = settings.get("talk_tts") or DEFAULT_ENGINES
     return "edge" in ([names] if isinstance(names, str) else list(names))  # type: ignore[call-overload]
+
+
+def edge_voice_language(voice: str | None) -> str | None:
+    """The language of one of our edge-tts voices (``en-GB-RyanNeural`` -> ``en``), else None."""
+    return voice.split("-", 1)[0] if voice in EdgeTTS.known_voices() else None
 
 
 def speak(text: str, language: str, engines: list[TextToSpeech], voice: str | None = None) -> tuple[Speech, str]:
     """Speaks with the first engine that works; returns the speech and that engine's name.
 
-    `voice` (a user's /voice choice) picks an edge-tts voice, or with ``OFFLINE_VOICE`` skips the online engines."""
+    The text's own language (``phonemes.text_language``; `language` when it has no letters) picks the
+    model and the default voice. `voice` (a user's /voice choice) is used when it speaks that language,
+    and its engine goes first; ``OFFLINE_VOICE`` means espeak-ng alone."""
+    from facechain_core.phonemes import text_language
+
     check_text_length(text)
+    language = text_language(text, language)
     if voice == OFFLINE_VOICE:
-        engines = [e for e in engines if not isinstance(e, EdgeTTS)] or engines
+        engines = [e for e in engines if isinstance(e, EspeakTTS)] or engines
+    owner = _owner(engines, voice, language)
+    if owner is not None:
+        engines = [owner, *(e for e in engines if e is not owner)]
+    else:
+        voice = None
     errors = []
     for engine in engines:
+        if language not in getattr(engine, "languages", {language}):
+            continue  # Kokoro without this language's model
         try:
-            if voice and isinstance(engine, EdgeTTS):
-                speech = engine.synthesize(text, language, voice=voice)
-            else:
+            if isinstance(engine, EspeakTTS):
                 speech = engine.synthesize(text, language)
+            else:
+                speech = engine.synthesize(text, language, voice=voice if engine is owner else None)  # type: ignore[call-arg]
         except Exception as exc:  # an online engine may fail in any way; the next one takes over
             log.warning("tts %s failed (%s); trying the next engine", engine.name, exc)
             errors.append(engine.name)
@@ -201,6 +240,18 @@ def speak(text: str, language: str, engines: list[TextToSpeech], voice: str | No
             return speech, engine.name
         errors.append(engine.name)
     raise UserFacingError("talk.tts_failed")
+
+
+def _owner(engines: list[TextToSpeech], voice: str | None, language: str) -> TextToSpeech | None:
+    """The engine a chosen voice belongs to, if that voice speaks `language`."""
+    from facechain_core.kokoro import voice_language
+
+    for engine in engines:
+        if isinstance(engine, EdgeTTS) and edge_voice_language(voice) == language:
+            return engine
+        if engine.name == "kokoro" and voice_language(voice or "") == language:
+            return engine
+    return None
 
 
 def decode_audio(path: Path | bytes, rate: int = SAMPLE_RATE, max_seconds: float | None = None) -> Speech:

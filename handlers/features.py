@@ -9,6 +9,9 @@ from handlers import portrait  # noqa: F401  /style /styles /train
 from handlers import cartoon  # noqa: F401  /cartoon
 from handlers import talk  # noqa: F401  /talk
 from handlers import tryon  # noqa: F401  /tryon
+from handlers import studio  # noqa: F401  Vary and Again under portraits
+from handlers import template  # noqa: F401  /template
+from handlers import imagine  # noqa: F401  /imagine
 from handlers import language  # noqa: F401  /language
 from handlers import sharing  # noqa: F401  Share button, inline results, Discord "post to channel"
 from handlers import chat_settings  # noqa: F401  /settings in groups, group rules before commands and jobs

@@ -6,14 +6,17 @@ that record the result (storage.set_identity / set_lora) before telling the user
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
+import shutil
 from typing import Any
 
 from facechain_core.errors import UserFacingError
 from facechain_core.numbers import ascii_int
 from facechain_core.styles import StyleCatalog
-from handlers import buttons, registry
+from handlers import buttons, cartoon, registry, studio
+from handlers.cartoon import Source
 from handlers.messages import t
 from handlers.progress import present_default, register_presenter, submit_with_progress
 from handlers.protocols import Button, Event, MessageRef, ReplyChannel
@@ -28,17 +31,36 @@ MAX_COUNT = 8
 STYLES_PER_PAGE = 8
 STYLE_BUTTONS_PER_ROW = 2
 MIN_TRAIN_SELFIES = 1
+POSE_FEATURES = {"sd15": "pose", "sdxl": "pose-sdxl"}  # the models pose needs, per style family
+POSE_FOLDER = "pose"  # under the user's folder: <token>/pose.jpg, a copy of the photo whose pose a job takes
 
 
 # -- commands -----------------------------------------------------------------------------------
 async def make_portrait(services: Services, event: Event, channel: ReplyChannel) -> None:
-    """Queues portraits of the user in the named style (no name: shows the catalogue)."""
-    if not event.args:
+    """Queues portraits of the user in the named style, with the studio's ``key:value`` controls; a photo
+    the command carries or replies to lends its pose (no name: shows the catalogue)."""
+    controls = studio.parse_controls(event.args)
+    if not controls.words:
         await show_styles(services, event, channel)
         return
-    words, count = _split_count(event.args)
+    words, count = _split_count(controls.words)
     style = _catalogue(services).find(" ".join(words), event.language)
-    await submit_portrait(services, event, channel, style, count)
+    pose_photo = None
+    if controls.pose in (None, studio.POSE_PHOTO):
+        pose_photo = await pose_source(services, event)
+        if pose_photo is None and controls.pose == studio.POSE_PHOTO:
+            raise UserFacingError("pose.send_photo")
+    await submit_portrait(services, event, channel, style, count, controls, pose_photo)
+
+
+async def pose_source(services: Services, event: Event) -> Source | None:
+    """The photo the command carries or replies to, when it is the requester's own (try-on's rules)."""
+    try:
+        return await cartoon.command_source(services, event)
+    except UserFacingError as exc:
+        if exc.code in ("cartoon.not_yours", "cartoon.reply_no_photo", "cartoon.photo_gone"):
+            raise UserFacingError("pose." + exc.code.partition(".")[2], **exc.details) from None
+        raise
 
 
 async def show_styles(services: Services, event: Event, channel: ReplyChannel) -> None:
@@ -64,30 +86,52 @@ async def train_lora(services: Services, event: Event, channel: ReplyChannel) ->
 
 # -- the job behind /style ----------------------------------------------------------------------
 async def submit_portrait(services: Services, event: Event, channel: ReplyChannel, style: Any,
-                          count: int = DEFAULT_COUNT, *, new_seed: bool = False) -> None:
-    """Checks what only the request can tell, then queues the portrait job.
+                          count: int = DEFAULT_COUNT, controls: studio.Controls | None = None,
+                          pose_photo: Source | None = None, extra: dict[str, Any] | None = None, *,
+                          new_seed: bool = False) -> None:
+    """Checks what only the request can tell, then queues the portrait job (`extra`: more params, /imagine's).
 
-    The seed is ``portrait_seed`` when the operator fixed one, unless `new_seed` (More like this) asks for a
-    fresh draw: the fixed seed would only reproduce the first result."""
+    Without a seed in `controls`, the seed is ``portrait_seed`` when the operator fixed one, unless
+    `new_seed` (More like this) asks for a fresh draw: the fixed seed would only reproduce the first result."""
     _require(services, FEATURE)
     if style.family == "sdxl":
         _require(services, SDXL_FEATURE)
+    controls = controls or studio.Controls()
+    wants_pose = pose_photo is not None or controls.pose not in (None, studio.POSE_PHOTO)
+    if wants_pose and POSE_FEATURES[style.family] not in services.features_installed:
+        raise UserFacingError("pose.unavailable", style=style.display_name(event.language))
     key = event.user.key
     selfies = await services.storage.selfies(key)
     if not selfies:
         raise UserFacingError("portrait.need_selfie")
     identity = await services.storage.identity(key)
-    seed = None if new_seed else services.settings.portrait_seed
+    job_controls = controls.job_controls()
+    folder = None
+    if pose_photo is not None:
+        folder = services.user_dir(key) / POSE_FOLDER / secrets.token_hex(6)
+        limits = services.settings.limits
+        staged = await asyncio.to_thread(cartoon._stage, pose_photo, folder / "pose.jpg", services.max_upload_bytes,
+                                         int(limits.max_pixels))
+        job_controls["pose"] = {"image": str(staged.resolve())}
+    elif controls.pose is not None:
+        job_controls["pose"] = {"id": controls.pose}
     params = {
         "style": style.model_dump(mode="json"),
         "style_id": style.id,
         "count": count,
-        "seed": seed if seed is not None else secrets.randbelow(2**31),
+        "seed": controls.seed if controls.seed is not None else studio.new_seed(services, fresh=new_seed),
+        "controls": job_controls,
         "identity": str((services.user_dir(key) / "identity.npz").resolve()),
         "selfies": [{"path": s.path, "face": s.face} for s in selfies],
         "user_lora": identity.lora_path if identity and identity.lora_path else None,
+        **(extra or {}),
     }
-    await submit_with_progress(services, event, channel, "portrait", params)
+    try:
+        await submit_with_progress(services, event, channel, "portrait", params)
+    except BaseException:
+        if folder is not None:
+            await asyncio.to_thread(shutil.rmtree, folder, True)
+        raise
 
 
 def _split_count(args: list[str]) -> tuple[list[str], int]:
@@ -175,11 +219,16 @@ async def more_like_this(services: Services, event: Event, channel: ReplyChannel
 # -- presenters: what finished jobs do ----------------------------------------------------------
 async def present_portraits(services: Services, job: Any, artifacts: list[Any], channel: ReplyChannel,
                             lang: str) -> None:
-    """Sends the portraits as an album captioned with the style, with the result buttons."""
-    style = services.styles.get(job.params.get("style_id", "")) if services.styles else None
-    name = style.display_name(lang) if style else job.params.get("style_id", "")
-    caption = t("portrait.caption", lang, style=name)
-    await present_default(services, job, artifacts, channel, lang, caption=caption)
+    """Sends the portraits as an album captioned with the style (or /imagine's scene) and each picture's seed,
+    with the result buttons."""
+    if job.params.get("imagine"):
+        caption = t("imagine.caption", lang, scene=job.params["imagine"])
+    else:
+        style = services.styles.get(job.params.get("style_id", "")) if services.styles else None
+        name = style.display_name(lang) if style else job.params.get("style_id", "")
+        caption = t("portrait.caption", lang, style=name)
+    seeds = studio.seeds_line(job, lang)
+    await present_default(services, job, artifacts, channel, lang, caption=f"{caption}\n{seeds}" if seeds else caption)
 
 
 async def record_identity(services: Services, job: Any, artifacts: list[Any], channel: ReplyChannel,

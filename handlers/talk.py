@@ -1,6 +1,7 @@
 """Talking portraits in chat: ``/talk Hello everyone`` speaks the words with the user's portrait;
 ``/talk`` alone asks for a voice message and uses the user's own voice; ``/talk round ...`` (or
-``--round``) asks for a round video note (a plain video where the platform has none).
+``--round``) asks for a round video note (a plain video where the platform has none); ``--still``,
+``--natural`` or ``--lively`` set how much the head moves where the animated mode runs.
 
 The portrait is, in this order: a photo sent with the command, the photo or result the command
 replies to (only the requester's own, as for /cartoon), the user's latest image result, their latest
@@ -8,9 +9,12 @@ selfie (private chats only). "Make it talk" under a result asks for a voice mess
 result. Each job gets a copy of its inputs in the user's own folder
 (``data_dir/users/<key>/talk/jobs/<token>/``), so /delete removes them; they go once delivered.
 
-``/voice`` lists the voices for the user's language as buttons: edge-tts's (only where the operator put
-"edge" in ``[pipeline] talk_tts``) and the offline espeak-ng voice. The choice is stored with the user
-and text /talk jobs carry it as ``voice``; the engines fall back as without it.
+``/voice`` lists the voices by language (English, then Mandarin) as buttons: Kokoro's natural offline
+voices (where ``models pull talk-voices`` installed them), edge-tts's (only where the operator put "edge"
+in ``[pipeline] talk_tts``) and the robotic espeak-ng voice; ▶ beside each queues a short sample
+(a ``voice_sample`` job) that comes back as a voice message. The choice is stored with the user and
+text /talk jobs carry it as ``voice``: it speaks texts in its own language, and the text's language
+picks the default otherwise (``facechain_core.tts.speak``).
 """
 from __future__ import annotations
 
@@ -21,10 +25,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from facechain_core import kokoro
 from facechain_core.errors import UserFacingError
 from facechain_core.talk import DEFAULTS as TALK_DEFAULTS
 from facechain_core.tts import MAX_TEXT_CHARS  # noqa: F401  (re-exported: the Discord /talk option's limit)
-from facechain_core.tts import OFFLINE_VOICE, EdgeTTS, check_text_length, edge_enabled
+from facechain_core.tts import OFFLINE_VOICE, EdgeTTS, check_text_length, edge_enabled, edge_voice_language
 from handlers import buttons, cartoon, hooks, registry, router
 from handlers.messages import t
 from handlers.progress import register_presenter, submit_with_progress
@@ -35,9 +40,13 @@ log = logging.getLogger(__name__)
 
 KIND = "talk"
 RESULT_ACTION = "talk"  # talk:<artifact id> under portraits and cartoons
-VOICE_ACTION = "voice"  # voice:<edge-tts voice or "espeak"> under /voice
+VOICE_ACTION = "voice"  # voice:<Kokoro or edge-tts voice, or "espeak"> under /voice
+SAMPLE_ACTION = "voicetry"  # voicetry:<voice>: a short sample of it
+SAMPLE_KIND = "voice_sample"
+VOICE_LANGUAGES = ("en", "zh")
 FOLDER = "talk"  # under the user's folder: jobs/<token>/input.jpg and input.audio
 ROUND_WORDS = ("round", "--round")
+MOTION_FLAGS = {"--still": "still", "--natural": "natural", "--lively": "lively"}  # the animated mode's head motion
 INPUT_TTL_S = 24 * 3600.0
 AUDIO_KINDS = ("voice", "audio")
 DONE_STATES = ("delivered", "done")
@@ -48,18 +57,23 @@ _CARTOON_CODES = {"cartoon.not_yours": "talk.not_yours", "cartoon.reply_no_photo
 async def make_talk(services: Services, event: Event, channel: ReplyChannel) -> None:
     """Queues the portrait speaking the text; without text, asks for a voice message."""
     args = list(event.args)
-    round_video = bool(args) and args[0].lower() in ROUND_WORDS
-    if round_video:
-        args = args[1:]
+    round_video, motion = False, None
+    while args and (args[0].lower() in ROUND_WORDS or args[0].lower() in MOTION_FLAGS):
+        word = args.pop(0).lower()
+        if word in ROUND_WORDS:
+            round_video = True
+        else:
+            motion = MOTION_FLAGS[word]
     text = " ".join(args).strip()
     check_text_length(text)
     source = await portrait_source(services, event)
     folder = await stage_portrait(services, event.user.key, source)
     if not text:
-        await router.expect_input(services, event, KIND, {"folder": str(folder), "round": round_video})
+        await router.expect_input(services, event, KIND, {"folder": str(folder), "round": round_video,
+                                                          **({"motion": motion} if motion else {})})
         await channel.send_text(t("talk.send_voice", event.language, max_seconds=max_seconds(services)))
         return
-    speech = {"text": text, "language": event.language}
+    speech: dict[str, Any] = {"text": text, "language": event.language, **({"motion": motion} if motion else {})}
     voice = await services.storage.user_voice(event.user.key)  # type: ignore[attr-defined]
     if voice:
         speech["voice"] = voice
@@ -85,7 +99,8 @@ async def receive_voice(services: Services, event: Event, channel: ReplyChannel,
         raise UserFacingError("talk.audio_too_large", size_mb=f"{len(data) / MB:.1f}", max_mb=f"{limit / MB:.1f}")
     path = folder / "input.audio"
     await asyncio.to_thread(path.write_bytes, data)
-    await submit_talk(services, event, channel, folder, {"audio": str(path.resolve())}, bool(payload.get("round")))
+    speech = {"audio": str(path.resolve()), **({"motion": payload["motion"]} if payload.get("motion") else {})}
+    await submit_talk(services, event, channel, folder, speech, bool(payload.get("round")))
 
 
 async def submit_talk(services: Services, event: Event, channel: ReplyChannel, folder: Path,
@@ -118,40 +133,57 @@ def online_speech(services: Services) -> bool:
     return edge_enabled(talk_settings(services))
 
 
-def voices_for(services: Services, lang: str) -> list[str]:
-    """The voices /voice offers in `lang`: edge-tts's (when enabled), then the offline one."""
-    online = list(EdgeTTS.LANGUAGE_VOICES.get(lang) or EdgeTTS.LANGUAGE_VOICES["en"]) if online_speech(services) else []
-    return [*online, OFFLINE_VOICE]
+def voices_for(services: Services) -> list[str]:
+    """The voices /voice offers, by language (English, then Mandarin): Kokoro's where its files are
+    installed, edge-tts's where enabled, then espeak-ng."""
+    offered: list[str] = []
+    for language in VOICE_LANGUAGES:
+        if kokoro.FEATURE in services.features_installed:
+            offered += [v.id for v in kokoro.voices_of(language)]
+        if online_speech(services):
+            offered += list(EdgeTTS.LANGUAGE_VOICES.get(language, ()))
+    return [*offered, OFFLINE_VOICE]
 
 
 def voice_label(voice: str, lang: str) -> str:
-    """``Emma (en-US)`` for an edge-tts voice; the catalogue's words for the offline one."""
+    """``EN · Heart (US, female)`` for Kokoro, ``Emma (en-US) · online`` for edge-tts, the catalogue's words for espeak."""
     if voice == OFFLINE_VOICE:
         return t("talk.voice_offline", lang)
+    known = next((v for v in kokoro.VOICES if v.id == voice), None)
+    if known is not None:
+        gender = t("talk.voice_female" if known.female else "talk.voice_male", lang)
+        if known.language == "zh":
+            return t("talk.voice_kokoro_zh", lang, name=known.name, gender=gender)
+        return t("talk.voice_kokoro_en", lang, name=known.name, accent=known.accent, gender=gender)
     locale, _, name = voice.partition("-")[2].partition("-")
     name = name.removesuffix("Neural").removesuffix("Multilingual")
-    return f"{name} ({voice.split('-')[0]}-{locale})"
+    return f"{name} ({voice.split('-')[0]}-{locale}) · {t('talk.voice_online', lang)}"
+
+
+def voice_language(voice: str, fallback: str) -> str:
+    """The language a voice speaks (its samples are in it)."""
+    return kokoro.voice_language(voice) or edge_voice_language(voice) or fallback
 
 
 async def choose_voice(services: Services, event: Event, channel: ReplyChannel) -> None:
-    """Shows the voices for the user's language as buttons (the current one ticked)."""
+    """Shows the voices by language as buttons (the current one ticked), each with a ▶ sample button."""
     lang = event.language
-    if not online_speech(services):
+    voices = voices_for(services)
+    if voices == [OFFLINE_VOICE]:
         await channel.send_text(t("talk.voice_offline_only", lang))
         return
     current = await services.storage.user_voice(event.user.key)  # type: ignore[attr-defined]
-    voices = voices_for(services, lang)
     current = current if current in voices else voices[0]
-    keyboard = [[Button(("✓ " if v == current else "") + voice_label(v, lang), buttons.payload(VOICE_ACTION, v))]
-                for v in voices]
+    sample = t("talk.voice_sample_button", lang)
+    keyboard = [[Button(("✓ " if v == current else "") + voice_label(v, lang), buttons.payload(VOICE_ACTION, v)),
+                 Button(sample, buttons.payload(SAMPLE_ACTION, v))] for v in voices]
     await channel.send_text(t("talk.voice_choose", lang), keyboard)
 
 
 async def press_voice(services: Services, event: Event, channel: ReplyChannel, argument: str) -> None:
     """Stores the presser's /talk voice (anyone may press: it sets their own)."""
     lang = event.language
-    allowed = {v for language in EdgeTTS.LANGUAGE_VOICES for v in voices_for(services, language)}
-    if argument not in allowed:
+    if argument not in voices_for(services):
         await channel.answer_button(t("button.stale", lang))
         return
     await services.storage.set_voice(event.user.key, argument)  # type: ignore[attr-defined]
@@ -163,6 +195,33 @@ async def press_voice(services: Services, event: Event, channel: ReplyChannel, a
             await channel.edit_text(MessageRef(event.chat, event.message_id), text, None)
         except Exception:
             log.warning("could not edit the /voice question of %s", event.user.key, exc_info=True)
+
+
+async def press_sample(services: Services, event: Event, channel: ReplyChannel, argument: str) -> None:
+    """Queues a short sample of a voice, spoken in its own language, for the presser."""
+    lang = event.language
+    if argument not in voices_for(services):
+        await channel.answer_button(t("button.stale", lang))
+        return
+    await channel.answer_button()
+    spoken = voice_language(argument, lang)
+    folder = services.user_dir(event.user.key) / FOLDER / "samples" / secrets.token_hex(6)
+    params = {"sample": True, "voice": argument, "language": spoken, "text": t("talk.voice_sample_text", spoken),
+              "out_dir": str(folder.resolve())}
+    await submit_with_progress(services, event, channel, SAMPLE_KIND, params)
+
+
+async def present_sample(services: Services, job: Any, artifacts: list[Any], channel: ReplyChannel,
+                         lang: str) -> None:
+    """Sends the sample as a voice message captioned with the voice's name."""
+    caption = t("talk.voice_sample_caption", lang, voice=voice_label(str(job.params.get("voice")), lang))
+    for artifact in artifacts:
+        if artifact.delivered_at is not None:
+            continue
+        file_id = (artifact.file_ids or {}).get(channel.chat.platform)
+        media = Media(file_id=file_id) if file_id else Media(path=Path(artifact.path))
+        sent = await channel.send_audio(media, caption=caption, voice=True)
+        await services.storage.mark_delivered(artifact.id, channel.chat.platform, sent.file_id)
 
 
 def is_audio(attachment: Attachment) -> bool:
@@ -260,6 +319,8 @@ def _prune_folders(jobs: Path, max_age_s: float) -> None:
 registry.register_command("talk", make_talk, "help.talk")
 registry.register_command("voice", choose_voice, "help.voice")
 buttons.register_core_button(VOICE_ACTION, press_voice)
+buttons.register_core_button(SAMPLE_ACTION, press_sample)
+register_presenter(SAMPLE_KIND, present_sample)
 registry.register_pending(KIND, receive_voice)
 buttons.register_result_button(RESULT_ACTION, "talk.button", press_result, applies_to={"portrait", "cartoon"})
 register_presenter(KIND, present_talk)

@@ -16,11 +16,13 @@ from facechain_core.safety import label_text
 from facechain_core.tiny.cartoon import build_cartoon_models
 from facechain_core.tiny.talk import build_talk_models
 from handlers.messages import t
+from tests.fixtures.fake_discord import fake_discord  # noqa: F401
 from tests.fixtures.fake_telegram import FakeTelegram
 
 pytestmark = pytest.mark.timeout(120)
 
 ANN, BOB = 424242, 515151
+DISCORD_USER = 412345678901234567
 GROUP = -100900
 
 
@@ -186,15 +188,17 @@ async def test_voice_choice_reaches_the_talk_job_and_the_privacy_note(fake_teleg
         listed = await fake.wait_for("sendMessage", since=mark, timeout=10)
         assert listed.params["text"] == t("talk.voice_choose", "en")
         rows = listed.result["reply_markup"]["inline_keyboard"]
-        choices = {b["callback_data"]: b["text"] for row in rows for b in row}
-        assert choices["voice:en-US-EmmaMultilingualNeural"] == "✓ Emma (en-US)"  # the default, ticked
-        assert choices["voice:espeak"] == t("talk.voice_offline", "en") and len(choices) == 5
-        assert not any("zh-CN" in data for data in choices)  # the voices of the user's language only
+        choices = {b["callback_data"]: b["text"] for row in rows for b in row if b["callback_data"].startswith("voice:")}
+        assert choices["voice:en-US-EmmaMultilingualNeural"] == "✓ Emma (en-US) · online"  # the default, ticked
+        assert choices["voice:espeak"] == t("talk.voice_offline", "en") and len(choices) == 9
+        order = [row[0]["callback_data"] for row in rows]  # by language: English, then Mandarin, then espeak
+        assert order.index("voice:en-GB-RyanNeural") < order.index("voice:zh-CN-XiaoxiaoNeural") < len(order) - 1
+        assert all(row[1]["callback_data"] == "voicetry:" + row[0]["callback_data"][6:] for row in rows)
 
         mark = fake.mark()
         fake.press_button(listed.result, "voice:en-GB-RyanNeural")
         answered = await fake.wait_for("answerCallbackQuery", since=mark, timeout=10)
-        assert answered.params["text"] == t("talk.voice_set", "en", voice="Ryan (en-GB)")
+        assert answered.params["text"] == t("talk.voice_set", "en", voice="Ryan (en-GB) · online")
         assert await service.storage.user_voice(f"telegram:{ANN}") == "en-GB-RyanNeural"
 
         mark = fake.mark()
@@ -227,3 +231,77 @@ async def test_voice_offers_only_the_offline_voice_when_edge_is_off(fake_telegra
         privacy = await fake.wait_for("sendMessage", since=mark, timeout=10)
         assert t("safety.consent", "en").split(".")[0] in privacy.params["text"]
         assert "Microsoft" not in privacy.params["text"]
+
+
+async def test_voice_lists_kokoros_voices_and_plays_a_sample(fake_telegram: FakeTelegram, tmp_path: Path,
+                                                            yunet_path: Path, kokoro_models: dict[str, Path]) -> None:
+    fake = fake_telegram
+    settings = fake.bot_settings(
+        data_dir=tmp_path / "data", models_dir=yunet_path.parent, selfie={"detector_model": yunet_path.name},
+        scheduler={"progress_interval_s": 0}, model_paths=kokoro_models, pipeline={"talk_threads": 1})
+    async with open_service(settings) as service:
+        assert "talk-voices" in service.services.features_installed
+        mark = fake.mark()
+        fake.send_message(ANN, None, "/voice")
+        listed = await fake.wait_for("sendMessage", since=mark, timeout=10)
+        rows = listed.result["reply_markup"]["inline_keyboard"]
+        labels = {row[0]["callback_data"]: row[0]["text"] for row in rows}
+        assert labels["voice:af_heart"] == "✓ EN · Heart (US, female)"  # English first, its default ticked
+        assert labels["voice:zm_009"] == "ZH · Mandarin 3 (male)" and list(labels)[-1] == "voice:espeak"
+        assert list(labels).index("voice:bm_george") < list(labels).index("voice:zf_001")
+
+        mark = fake.mark()
+        fake.press_button(listed.result, "voicetry:am_michael")
+        voiced = await fake.wait_for("sendVoice", since=mark, timeout=60)
+        assert voiced.params["caption"] == t("talk.voice_sample_caption", "en", voice="EN · Michael (US, male)")
+        (audio,) = fake.uploads(voiced)
+        with av.open(io.BytesIO(audio)) as container:
+            assert container.streams.audio[0].codec_context.name == "opus"
+            assert float(container.duration or 0) / 1e6 > 0.3
+        await fake.wait_idle()
+        (job,) = [j for j in await service.storage.user_jobs(f"telegram:{ANN}", ["delivered"])
+                  if j.kind == "voice_sample"]
+        assert job.result["meta"]["engine"] == "kokoro" and job.result["meta"]["voice"] == "am_michael"
+        assert job.params["text"] == t("talk.voice_sample_text", "en")
+        assert await service.storage.user_voice(f"telegram:{ANN}") is None  # a sample chooses nothing
+
+        mark = fake.mark()
+        fake.press_button(listed.result, "voice:zf_001")
+        answered = await fake.wait_for("answerCallbackQuery", since=mark, timeout=10)
+        assert answered.params["text"] == t("talk.voice_set", "en", voice="ZH · Mandarin 1 (female)")
+        assert await service.storage.user_voice(f"telegram:{ANN}") == "zf_001"
+
+
+async def test_the_animated_mode_reaches_telegram_and_discord(fake_telegram: FakeTelegram, fake_discord: Any,
+                                                              tmp_path: Path, yunet_path: Path,
+                                                              face_jpeg: bytes) -> None:
+    from facechain_core.tiny.head_motion import build_audio2pose
+
+    models = {**build_talk_models(tmp_path / "models"),
+              "sadtalker-audio2pose": build_audio2pose(tmp_path / "models" / "a2p.pth")}
+    settings = fake_telegram.bot_settings(
+        data_dir=tmp_path / "data", models_dir=yunet_path.parent, selfie={"detector_model": yunet_path.name},
+        scheduler={"progress_interval_s": 0}, model_paths=models,
+        pipeline={"talk_max_side": 192, "talk_mode": "animated", "talk_threads": 1})
+    settings = settings.model_copy(update={"discord": fake_discord.discord_settings()})
+    async with open_service(settings) as service:
+        assert "talk-motion" in service.services.features_installed
+        mark = fake_telegram.mark()
+        fake_telegram.send_photo(ANN, None, face_jpeg)
+        await fake_telegram.wait_for("sendMessage", since=mark, timeout=15)
+        mark = fake_telegram.mark()
+        fake_telegram.send_message(ANN, None, "/talk Hello everyone")
+        sent = await fake_telegram.wait_for("sendVideo", since=mark, timeout=60)
+        info = _video_info(fake_telegram.uploads(sent)[0])
+        assert abs(info["video_s"] - info["audio_s"]) <= 1 / 25 and max(info["size"]) == 192
+
+        mark = fake_discord.mark()
+        fake_discord.slash(DISCORD_USER, "talk", text="Good morning", photo=face_jpeg)
+        posted = await fake_discord.wait_for_files(r"/channels/\d+/messages", timeout=60, since=mark)
+        ((name, video),) = posted.files
+        assert name.endswith(".mp4") and _video_info(video)["audio_s"] > 0.3
+        await fake_telegram.wait_idle()
+        await fake_discord.wait_idle()
+        jobs = [j for key in (f"telegram:{ANN}", f"discord:{DISCORD_USER}")
+                for j in await service.storage.user_jobs(key, ["delivered"]) if j.kind == "talk"]
+        assert len(jobs) == 2 and all(j.result["meta"]["mode"] == "animated" for j in jobs)

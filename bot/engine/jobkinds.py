@@ -28,9 +28,12 @@ class JobKind:
 BUILTIN_KINDS: tuple[JobKind, ...] = (
     JobKind("identity", "facechain_core.identity:IdentityPipeline", INTERACTIVE, 3, 300),
     JobKind("cartoon", "facechain_core.cartoon:CartoonPipeline", INTERACTIVE, 2, 300),
+    # /voice's ▶: a few seconds of speech, through the talk pipeline (its voices stay loaded once).
+    JobKind("voice_sample", "facechain_core.talk:TalkPipeline", INTERACTIVE, 2, 120),
     JobKind("portrait", "facechain_core.portrait:PortraitPipeline", GENERATE, 2, 900),
     JobKind("talk", "facechain_core.talk:TalkPipeline", GENERATE, 2, 600),
     JobKind("tryon", "facechain_core.tryon:TryOnPipeline", GENERATE, 2, 900),
+    JobKind("template", "facechain_core.template:TemplatePipeline", GENERATE, 2, 900),
     JobKind("train", "facechain_core.train_lora:TrainLoraPipeline", LONG, 3, 4 * 3600, preemptible=True),
 )
 

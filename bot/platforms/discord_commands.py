@@ -22,7 +22,10 @@ from discord.app_commands import locale_str
 from facechain_core.cartoon import load_cartoon_styles
 from handlers import router
 from handlers.messages import for_platform, normalise_language, t
+from handlers.imagine import MAX_CHARS as MAX_SCENE_CHARS
+from handlers.studio import SEED_MAX, poses
 from handlers.talk import MAX_TEXT_CHARS
+from handlers.template import installed as installed_templates
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +71,49 @@ async def run_plain(interaction: discord.Interaction) -> None:
     await _adapter(interaction).run_command(interaction, interaction.command.name, [], [])
 
 
-@app_commands.describe(style=described("discord.option_style"), count=described("discord.option_count"))
+Aspect = Literal["square", "2:3", "9:16", "3:2"]
+Likeness = Literal["low", "normal", "high"]
+
+
+def studio_words(aspect: str | None = None, likeness: str | None = None, pose: str | None = None,
+                 seed: int | None = None) -> list[str]:
+    """The studio's ``key:value`` words (handlers.studio) for the options given."""
+    return [f"{key}:{value}" for key, value in (("aspect", aspect), ("likeness", likeness), ("pose", pose),
+                                                ("seed", seed)) if value is not None and value != ""]
+
+
+@app_commands.describe(style=described("discord.option_style"), count=described("discord.option_count"),
+                       aspect=described("discord.option_aspect"), likeness=described("discord.option_likeness"),
+                       pose=described("discord.option_pose"), pose_photo=described("discord.option_pose_photo"),
+                       seed=described("discord.option_seed"))
 async def run_style(interaction: discord.Interaction, style: str,
-                    count: app_commands.Range[int, 1, MAX_PORTRAITS] | None = None) -> None:
-    """Runs /style with the chosen style and count."""
-    args = style.split() + ([str(count)] if count is not None else [])
-    await _adapter(interaction).run_command(interaction, "style", args, [])
+                    count: app_commands.Range[int, 1, MAX_PORTRAITS] | None = None, aspect: Aspect | None = None,
+                    likeness: Likeness | None = None, pose: str | None = None,
+                    pose_photo: discord.Attachment | None = None,
+                    seed: app_commands.Range[int, 0, SEED_MAX] | None = None) -> None:
+    """Runs /style with the chosen style, count and studio controls (a photo lends its pose)."""
+    args = style.split() + ([str(count)] if count is not None else []) + studio_words(aspect, likeness, pose, seed)
+    await _adapter(interaction).run_command(interaction, "style", args, [pose_photo] if pose_photo else [])
+
+
+@app_commands.describe(template=described("discord.option_template"),
+                       photo=described("discord.option_template_photo"), likeness=described("discord.option_likeness"))
+async def run_template(interaction: discord.Interaction, template: str | None = None,
+                       photo: discord.Attachment | None = None, likeness: Likeness | None = None) -> None:
+    """Runs /template with a library template or the user's own photo."""
+    args = (template.split() if template else []) + studio_words(likeness=likeness)
+    await _adapter(interaction).run_command(interaction, "template", args, [photo] if photo else [])
+
+
+@app_commands.describe(scene=described("discord.option_scene"), aspect=described("discord.option_aspect"),
+                       likeness=described("discord.option_likeness"), pose=described("discord.option_pose"),
+                       seed=described("discord.option_seed"))
+async def run_imagine(interaction: discord.Interaction, scene: app_commands.Range[str, 1, MAX_SCENE_CHARS],
+                      aspect: Aspect | None = None, likeness: Likeness | None = None, pose: str | None = None,
+                      seed: app_commands.Range[int, 0, SEED_MAX] | None = None) -> None:
+    """Runs /imagine with the scene and the studio controls."""
+    args = scene.split() + studio_words(aspect, likeness, pose, seed)
+    await _adapter(interaction).run_command(interaction, "imagine", args, [])
 
 
 @app_commands.describe(photo1=described("discord.option_photo"), photo2=described("discord.option_more_photo"),
@@ -174,10 +214,43 @@ def cartoon_choices(features: set[str], current: str, lang: str) -> list[tuple[s
     return choices[:CHOICES_MAX]
 
 
+async def complete_pose(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+    """Suggests the library's poses whose id or name matches what the user typed so far."""
+    lang = normalise_language(interaction.locale.value)
+    wanted = current.strip().casefold()
+    return [app_commands.Choice(name=_cut(p.display_name(lang)), value=p.id) for p in poses()
+            if not wanted or any(wanted in n.casefold() for n in (p.id, p.name.en, p.name.zh))][:CHOICES_MAX]
+
+
+async def complete_template(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+    """Suggests the installed one-face templates whose id or name matches what the user typed so far."""
+    adapter = _adapter(interaction)
+    if adapter.refuses(interaction) or adapter.services is None:
+        return []
+    lang = normalise_language(interaction.locale.value)
+    wanted = current.strip().casefold()
+    return [app_commands.Choice(name=_cut(e.display_name(lang)), value=e.id)
+            for e in installed_templates(adapter.services)
+            if not wanted or any(wanted in n.casefold() for n in (e.id, e.name.en, e.name.zh))][:CHOICES_MAX]
+
+
 # -- building -----------------------------------------------------------------------------------
 def _style_command(command: router.Command) -> app_commands.Command:
     slash = app_commands.Command(name=command.name, description=described(command.help_code), callback=run_style)
     slash.autocomplete("style")(complete_style)
+    slash.autocomplete("pose")(complete_pose)
+    return slash
+
+
+def _template_command(command: router.Command) -> app_commands.Command:
+    slash = app_commands.Command(name=command.name, description=described(command.help_code), callback=run_template)
+    slash.autocomplete("template")(complete_template)
+    return slash
+
+
+def _imagine_command(command: router.Command) -> app_commands.Command:
+    slash = app_commands.Command(name=command.name, description=described(command.help_code), callback=run_imagine)
+    slash.autocomplete("pose")(complete_pose)
     return slash
 
 
@@ -205,6 +278,8 @@ TYPED_COMMANDS: dict[str, Callable[[router.Command], app_commands.Command]] = {
     "cartoon": _cartoon_command,
     "talk": _typed(run_talk),
     "tryon": _typed(run_tryon),
+    "template": _template_command,
+    "imagine": _imagine_command,
     "admin": _admin_command,
 }
 
