@@ -91,7 +91,7 @@ def test_text_over_the_cap_is_refused_before_any_engine_runs() -> None:
         name = "spy"
         calls = 0
 
-        def synthesize(self, text: str, language: str = "en") -> Speech:
+        def synthesize(self, text: str, language: str = "en", voice: str | None = None) -> Speech:
             Engine.calls += 1
             return Speech(np.zeros(160, np.float32), 16_000)
 
