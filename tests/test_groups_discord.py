@@ -195,7 +195,9 @@ async def test_post_a_dm_result_to_a_channel(fake_discord: FakeDiscord, settings
         mark = fake.mark()
         press = fake.press(ANN, picker.response, post)
         posted = await fake.wait_for("POST", rf"/channels/{open_room['id']}/messages", since=mark, timeout=15)
-        assert posted.content == t("sharing.caption", "en", name="Ann")
+        # The post carries the label and Report button of every result (not Ann's own buttons).
+        assert posted.content.startswith(t("sharing.caption", "en", name="Ann")) and "AI-generated" in posted.content
+        assert posted.custom_ids() == [f"fc:report:{artifact.id}"]
         assert [data for _, data in posted.files] == [Path(artifact.path).read_bytes()]
         done = await fake.wait_for("PATCH", WEBHOOK + "/messages/@original", lambda r: press.token in r.path,
                                    since=mark)
