@@ -93,10 +93,10 @@ def _pick(words: dict[str, str], value: str, code: str, choices: list[str]) -> s
     return found
 
 
-def new_seed(services: Services) -> int:
-    """The operator's fixed seed (reproducible runs) or a fresh one."""
+def new_seed(services: Services, fresh: bool = False) -> int:
+    """The operator's fixed seed (reproducible runs) or, without one or when `fresh`, a new one."""
     seed = services.settings.portrait_seed
-    return int(seed) if seed is not None else secrets.randbelow(2**31)
+    return int(seed) if seed is not None and not fresh else secrets.randbelow(2**31)
 
 
 def seeds_line(job: Any, lang: str) -> str:
