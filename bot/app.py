@@ -139,7 +139,7 @@ async def open_service(settings: Settings, extra_kinds: Iterable[JobKind] = ()) 
         scheduler = Scheduler(
             storage, kinds, settings.scheduler, data_dir=settings.data_dir,
             context=pipeline_context(settings), sink=HandlerSink(services), devices=_devices(settings),
-            on_event=metrics.observe if metrics is not None else None,
+            on_event=metrics.observe if metrics is not None else None, secrets=settings.secrets(),
         )
         services.jobs = scheduler
         await stack.enter_async_context(scheduler)

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from facechain_core.numbers import ascii_int
+
 TELEGRAM_TOKEN_ENV = "FACECHAIN_TELEGRAM_TOKEN"
 DISCORD_TOKEN_ENV = "FACECHAIN_DISCORD_TOKEN"
 
@@ -120,10 +122,11 @@ class MetricsSettings(_Section):
 def parse_address(address: str) -> tuple[str, int]:
     """Splits ``host:port`` (``[::1]:9464`` for IPv6); raises ValueError naming the bad part."""
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    number = ascii_int(port)
+    if not sep or number is None or not 0 <= number <= 65535:
         raise ValueError(f"must be host:port with a port of 0 to 65535, got {address!r}")
     host = host.strip("[]") or "0.0.0.0"
-    return host, int(port)
+    return host, number
 
 
 class ImagineSettings(_Section):

@@ -1,7 +1,8 @@
 """What features add to every job: admission checks before it is submitted, decorations on its result.
 
-``progress.submit_with_progress`` runs the admission checks; ``progress.present_default`` (and any
-presenter that wants the same look) runs the decorations. Features register at import time::
+``progress.submit_with_progress`` runs the admission checks; every way a result leaves the bot
+(``progress.present_default``, a Share post, an inline result) runs the decorations through
+``decorate_result``. Features register at import time::
 
     register_admission_check(check_quota, AdmissionStage.USER)
     register_caption_decorator(result_caption)
@@ -122,3 +123,15 @@ def decorate_keyboard(services: Services, job: Any, keyboard: Keyboard | None, a
 def result_keyboard(services: Services, job: Any, artifacts: list[Any], lang: str) -> Keyboard | None:
     """The registered result buttons for `artifacts`, then every decoration's (e.g. Report)."""
     return decorate_keyboard(services, job, buttons.result_keyboard(artifacts, lang), artifacts, lang)
+
+
+def decorate_result(services: Services, job: Any, caption: str | None, artifacts: list[Any], lang: str, *,
+                    owner_buttons: bool = True) -> tuple[str | None, Keyboard | None]:
+    """The caption and keyboard a result leaves the bot with, whatever the way (album, video, a post in a
+    channel, an inline result): every registered note on the caption, every decoration's buttons (Report).
+
+    `owner_buttons` adds the result buttons only its owner may press (More like this, Share...) first;
+    leave them out where the result is shown to others."""
+    keyboard = buttons.result_keyboard(artifacts, lang) if owner_buttons else None
+    return (decorate_caption(services, job, caption, lang),
+            decorate_keyboard(services, job, keyboard, artifacts, lang))

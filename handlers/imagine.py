@@ -20,7 +20,7 @@ from facechain_core.errors import ModelNotInstalled, UserFacingError
 from facechain_core.manifest import resolve
 from facechain_core.prompt_filter import PromptFilter
 from facechain_core.styles import Style
-from handlers import portrait, router, studio
+from handlers import portrait, registry, studio
 from handlers.messages import t
 from handlers.protocols import Event, ReplyChannel
 from handlers.services import Services
@@ -109,4 +109,4 @@ async def make_imagine(services: Services, event: Event, channel: ReplyChannel) 
                                    extra={"imagine": scene})
 
 
-router.register_command("imagine", make_imagine, "help.imagine")
+registry.register_command("imagine", make_imagine, "help.imagine")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from facechain_core.errors import UserFacingError
+from facechain_core.numbers import ascii_int
 from facechain_core.poses import PoseLibrary, load_poses
 from facechain_core.studio import ASPECTS, LIKENESS
 from handlers import buttons
@@ -99,9 +100,10 @@ def _pick(words: dict[str, str], code: str, choices: list[str]) -> Callable[[str
 
 
 def _read_seed(value: str) -> int:
-    if not value.isascii() or not value.isdigit() or int(value) > SEED_MAX:
+    seed = ascii_int(value)
+    if seed is None or seed > SEED_MAX:
         raise UserFacingError("studio.bad_seed", max=SEED_MAX)
-    return int(value)
+    return seed
 
 
 def _read_pose(value: str) -> str:
@@ -160,10 +162,10 @@ async def open_options(services: Services, event: Event, channel: ReplyChannel, 
     return True
 
 
-def new_seed(services: Services) -> int:
-    """The operator's fixed seed (reproducible runs) or a fresh one."""
+def new_seed(services: Services, fresh: bool = False) -> int:
+    """The operator's fixed seed (reproducible runs) or, without one or when `fresh`, a new one."""
     seed = services.settings.portrait_seed
-    return int(seed) if seed is not None else secrets.randbelow(2**31)
+    return int(seed) if seed is not None and not fresh else secrets.randbelow(2**31)
 
 
 def seeds_line(job: Any, lang: str) -> str:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from facechain_core.errors import UserFacingError
+from facechain_core.numbers import ascii_int
 from handlers import buttons, hooks, portrait, studio
 from handlers.messages import t
 from handlers.protocols import Button, Event, MessageRef, ReplyChannel
@@ -139,8 +140,11 @@ async def turn_style_list(services: Services, event: Event, channel: ReplyChanne
 
 async def _style_list(services: Services, event: Event, channel: ReplyChannel, argument: str, *, edit: bool) -> None:
     lang = event.language
+    number = ascii_int(argument)
     try:
-        page = runnable_styles(services, event).page(int(argument), STYLES_PER_PAGE)
+        if number is None:
+            raise ValueError(f"not a page number: {argument!r}")
+        page = runnable_styles(services, event).page(number, STYLES_PER_PAGE)
     except ValueError:
         await channel.answer_button(t("button.stale", lang))
         return
@@ -271,7 +275,7 @@ async def _submit(services: Services, event: Event, channel: ReplyChannel, state
     """Queues a catalogue style's portrait through /style's checks (every panel control that is a
     ``studio.Controls`` field goes in), or a result's job again with the choices (a registered control beyond
     these four, when chosen, goes into the job's params under its name)."""
-    count = int(state.get("count") or portrait.DEFAULT_COUNT)
+    count = ascii_int(str(state.get("count"))) or portrait.DEFAULT_COUNT
     pose = state.get("pose")
     if state.get("job_id") is not None:
         job = await services.storage.job(int(state["job_id"]))

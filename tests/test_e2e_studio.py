@@ -426,13 +426,13 @@ async def test_discord_options_reach_the_jobs(studio: Studio) -> None:
     posts = rf"/channels/{fake.dm_channel(user)['id']}/messages"
     mark = fake.mark()
     fake.slash(user, "style", style="hanfu", count=1, aspect="9:16", likeness="low", pose="closeup", seed=9)
-    result = await fake.wait_for("POST", posts, lambda r: bool(r.files), timeout=90, since=mark)
+    result = await fake.wait_for_files(posts, timeout=90, since=mark)
     assert t("studio.seed", "en", seed=9) in result.content
     ((_, picture),) = result.files
     assert Image.open(io.BytesIO(picture)).height > Image.open(io.BytesIO(picture)).width
     mark = fake.mark()
     fake.slash(user, "template", template="mona_lisa", likeness="high")
-    result = await fake.wait_for("POST", posts, lambda r: bool(r.files), timeout=90, since=mark)
+    result = await fake.wait_for_files(posts, timeout=90, since=mark)
     assert result.content.startswith(t("template.caption", "en", name="Mona Lisa"))
     mark = fake.mark()
     refused = fake.slash(user, "imagine", scene="me as a nazi officer")

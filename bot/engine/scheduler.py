@@ -36,6 +36,7 @@ from typing import Any, Protocol, TypeVar
 from bot.engine import worker_protocol as wp
 from bot.config import SchedulerSettings
 from bot.engine.jobkinds import JobKinds
+from bot.engine.worker_env import worker_environment
 from bot.lifecycle import StartStop
 from bot.storage import Artifact, Job, JobState, Storage, new_artifact_id
 from facechain_core.errors import UserFacingError
@@ -288,7 +289,7 @@ class Scheduler(StartStop):
     def __init__(
         self, storage: Storage, kinds: JobKinds, settings: SchedulerSettings, *, data_dir: Path,
         context: dict[str, Any], sink: JobSink, devices: list[str] | None = None,
-        on_event: JobEventHook | None = None,
+        on_event: JobEventHook | None = None, secrets: Iterable[str] = (),
     ) -> None:
         self._storage = storage
         self._kinds = kinds
@@ -305,7 +306,7 @@ class Scheduler(StartStop):
         self._workers: list[_Worker] = []
         for index, configured in enumerate(devices):
             device, extra = _device_env(configured)
-            env = {**os.environ, **extra, "PYTHONUNBUFFERED": "1"}
+            env = {**worker_environment(os.environ, secrets), **extra, "PYTHONUNBUFFERED": "1"}
             env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
             self._workers.append(_Worker(index, device, env))
         self._queued: dict[int, Job] = {}
