@@ -320,7 +320,7 @@ def _summary(services: Services, state: dict[str, Any], lang: str) -> str:
 
 
 studio.register_options_panel(open_for_command)
-hooks.register_keyboard_decorator(options_keyboard)
+hooks.register_keyboard_decorator(options_keyboard, owner_only=True)
 buttons.register_core_button(SET_ACTION, press_choice)
 buttons.register_core_button(GO_ACTION, press_go)
 buttons.register_core_button(CLOSE_ACTION, press_close)
