@@ -129,6 +129,14 @@ def parse_address(address: str) -> tuple[str, int]:
     return host, number
 
 
+class ImagineSettings(_Section):
+    # Check /imagine prompts with the text classifier too, after the word lists, where it is installed
+    # (`facechain-bot models pull imagine-classifier`); it loads in the bot process on the first /imagine.
+    classifier: bool = True
+    # The probability of a refused category (sexual, minors, violence, hate, self-harm) that refuses a prompt.
+    classifier_threshold: float = Field(default=0.6, gt=0, le=1)
+
+
 class RetentionSettings(_Section):
     # Days each kind of user data is kept (0: until the user deletes it), counted from when it was made.
     results_days: float = Field(default=30, ge=0)
@@ -165,6 +173,7 @@ class Settings(_Section):
     selfie: SelfieSettings = SelfieSettings()
     metrics: MetricsSettings = MetricsSettings()
     retention: RetentionSettings = RetentionSettings()
+    imagine: ImagineSettings = ImagineSettings()
     # Jobs per user per UTC day by job kind; kinds not named keep DEFAULT_QUOTAS, 0: no limit.
     quotas: dict[str, int] = dict(DEFAULT_QUOTAS)
     # Model name (as in facechain_core/models.toml) -> your own local copy, used instead of

@@ -310,12 +310,13 @@ def _stage(source: Source, target: Path, max_bytes: int, max_pixels: int) -> Pat
 
 
 def _prune(paths: Iterable[Path], max_age_s: float) -> None:
-    """Removes the files older than `max_age_s`."""
+    """Removes the files older than `max_age_s`, and the folders they leave empty."""
     cutoff = time.time() - max_age_s
-    for path in paths:
+    for path in list(paths):
         try:
             if path.stat().st_mtime < cutoff:
                 path.unlink()
+                path.parent.rmdir()  # only an empty folder goes
         except OSError:
             continue
 

@@ -32,7 +32,8 @@ STYLES_PER_PAGE = 8
 STYLE_BUTTONS_PER_ROW = 2
 MIN_TRAIN_SELFIES = 1
 POSE_FEATURES = {"sd15": "pose", "sdxl": "pose-sdxl"}  # the models pose needs, per style family
-POSE_FOLDER = "pose"  # under the user's folder: <token>/pose.jpg, a copy of the photo whose pose a job takes
+POSE_FOLDER = "pose"  # under the user's folder: <token>/pose.jpg, a copy of the photo whose pose a job takes;
+# kept like other inputs (cartoon.SOURCE_TTL_S), so Vary and Again can reuse it meanwhile
 
 
 # -- commands -----------------------------------------------------------------------------------
@@ -45,6 +46,8 @@ async def make_portrait(services: Services, event: Event, channel: ReplyChannel)
         return
     words, count = _split_count(controls.words)
     style = _catalogue(services).find(" ".join(words), event.language)
+    if controls.panel and await studio.open_options(services, event, channel, style):
+        return
     pose_photo = None
     if controls.pose in (None, studio.POSE_PHOTO):
         pose_photo = await pose_source(services, event)
@@ -108,8 +111,10 @@ async def submit_portrait(services: Services, event: Event, channel: ReplyChanne
     job_controls = controls.job_controls()
     folder = None
     if pose_photo is not None:
-        folder = services.user_dir(key) / POSE_FOLDER / secrets.token_hex(6)
+        copies = services.user_dir(key) / POSE_FOLDER
+        folder = copies / secrets.token_hex(6)
         limits = services.settings.limits
+        await asyncio.to_thread(cartoon._prune, copies.glob("*/pose.jpg"), cartoon.SOURCE_TTL_S)  # as other inputs
         staged = await asyncio.to_thread(cartoon._stage, pose_photo, folder / "pose.jpg", services.max_upload_bytes,
                                          int(limits.max_pixels))
         job_controls["pose"] = {"image": str(staged.resolve())}
@@ -175,6 +180,7 @@ def _styles_page(services: Services, number: int, lang: str) -> tuple[str, list[
         nav.append(Button("▶", buttons.payload("styles", page.number + 1)))
     if nav:
         rows.append(nav)
+    rows.append([Button(t("panel.button", lang), buttons.payload(studio.PANEL_LIST_ACTION, page.number))])
     text = t("portrait.catalogue", lang, page=page.number + 1, pages=page.total_pages, count=len(catalogue))
     return text, rows
 
