@@ -95,6 +95,9 @@ def main() -> None:
             ("template (detect, mask, DWPose, inpaint, composite)", lambda: template.run(
                 {"template": str(picture), "identity": str(identity), "count": 1, "seed": 1,
                  "out_dir": str(root / "tpl")}, _progress)),
+            ("template, Vary", lambda: template.run(
+                {"template": str(picture), "identity": str(identity), "count": 1, "seed": 1,
+                 "controls": {"vary": {"seed": 1}}, "out_dir": str(root / "tpl")}, _progress)),
         ]
         base = None
         print(f"studio jobs on tiny models, 64 px, 4 steps, 1 torch thread, median of {args.runs} warm runs")

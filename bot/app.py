@@ -159,7 +159,7 @@ async def open_service(settings: Settings, extra_kinds: Iterable[JobKind] = ()) 
         scheduler = Scheduler(
             storage, kinds, settings.scheduler, data_dir=settings.data_dir,
             context=pipeline_context(settings), sink=sink, devices=_devices(settings),
-            on_event=metrics.observe if metrics is not None else None,
+            on_event=metrics.observe if metrics is not None else None, secrets=settings.secrets(),
             results_ttl_s=settings.retention.results_days * DAY_S or None,
         )
         services.jobs = scheduler

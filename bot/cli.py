@@ -3,14 +3,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
+from typing import Any
 
-from bot.config import ConfigError, Settings, load_config
+from bot.config import DISCORD_TOKEN_ENV, TELEGRAM_TOKEN_ENV, ConfigError, Settings, load_config
+from bot.ops.logredact import redacted_output
 from facechain_core.errors import UserFacingError
 
 log = logging.getLogger("facechain_bot")
@@ -18,6 +23,7 @@ log = logging.getLogger("facechain_bot")
 HEARTBEAT_MAX_AGE_S = 60.0
 # A worker must have answered (progress, result or a pong to the heartbeat's ping) within this.
 WORKER_MAX_SILENCE_S = 60.0
+CONFIG_HELP = "TOML config (see config.example.toml)"
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -120,7 +126,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 def cmd_check_selfie(args: argparse.Namespace) -> int:
     """Prints the selfie verdict for each photo; exits 1 if any was rejected."""
     from handlers.messages import t
-    from handlers.selfie import lazy_selfie_checker
+    from handlers.selfie_check import lazy_selfie_checker
 
     settings = _settings(args)
     check = lazy_selfie_checker(settings)
@@ -175,43 +181,52 @@ def cmd_tryon(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facechain-bot", description=__doc__)
-    parser.add_argument("--config", type=Path, default=None, help="TOML config (see config.example.toml)")
+    parser.add_argument("--config", type=Path, default=None, help=CONFIG_HELP)
+    # Every subcommand takes --config too (`facechain-bot run --config c.toml`, as `make run` passes it).
+    # SUPPRESS: a subcommand without it keeps what was given before the subcommand.
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=CONFIG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("run", help="run the bot").set_defaults(func=cmd_run)
-    p = sub.add_parser("health", help="exit 0 while the running service is healthy, else 1 with the reason")
+    def command(subparsers: Any, name: str, description: str) -> argparse.ArgumentParser:
+        return subparsers.add_parser(name, parents=[config], help=description)
+
+    command(sub, "run", "run the bot").set_defaults(func=cmd_run)
+    p = command(sub, "health", "exit 0 while the running service is healthy, else 1 with the reason")
     p.add_argument("--max-age", type=float, default=HEARTBEAT_MAX_AGE_S, metavar="S",
                    help="oldest acceptable heartbeat, seconds")
     p.add_argument("--max-silence", type=float, default=WORKER_MAX_SILENCE_S, metavar="S",
                    help="longest a worker may go without answering, seconds")
     p.set_defaults(func=cmd_health)
 
-    p = sub.add_parser("backup", help="back up the database and user folders (safe while the bot runs)")
+    p = command(sub, "backup", "back up the database and user folders (safe while the bot runs)")
     p.add_argument("out", type=Path, help="the archive to write: .tar, or .tar.gz to compress")
     p.set_defaults(func=cmd_backup)
 
-    p = sub.add_parser("restore", help="restore a backup into the configured, empty data dir")
+    p = command(sub, "restore", "restore a backup into the configured, empty data dir")
     p.add_argument("archive", type=Path, help="an archive written by `backup`")
     p.set_defaults(func=cmd_restore)
 
-    p = sub.add_parser("check-selfie", help="check photos as the bot would")
+    p = command(sub, "check-selfie", "check photos as the bot would")
     p.add_argument("photos", nargs="+")
     p.set_defaults(func=cmd_check_selfie)
 
-    models = sub.add_parser("models", help="model status, download, tiny test models")
+    models = command(sub, "models", "model status, download, tiny test models")
     msub = models.add_subparsers(dest="models_command", required=True)
-    msub.add_parser("status", help="what is installed under models_dir")
-    pull = msub.add_parser("pull", help="download models for features (or all)")
+    command(msub, "status", "what is installed under models_dir")
+    pull = command(msub, "pull", "download models for features (or all)")
     pull.add_argument("features", nargs="*", default=["all"])
-    pull.add_argument("--dry-run", action="store_true", help="list what would be fetched")
+    pull.add_argument("--dry-run", action="store_true", help="list what would be fetched (from the manifest)")
+    pull.add_argument("--check-sources", action="store_true",
+                      help="with --dry-run: ask each source for its size (network, short timeout)")
     pull.add_argument("--accept-license", action="append", default=[], metavar="NAME",
                       help="accept a non-commercial licence by name (repeatable)")
-    tiny = msub.add_parser("tiny", help="build tiny random-weight models of the real formats")
+    tiny = command(msub, "tiny", "build tiny random-weight models of the real formats")
     tiny.add_argument("out", type=Path)
     tiny.add_argument("--full-size", action="store_true", help="real SD1.5 dimensions, random weights (timing)")
     models.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("portrait", help="generate portraits from photos without a chat")
+    p = command(sub, "portrait", "generate portraits from photos without a chat")
     p.add_argument("--photo", action="append", required=True, type=Path)
     p.add_argument("--style", required=True)
     p.add_argument("--count", type=int, default=2)
@@ -220,19 +235,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(func=cmd_portrait)
 
-    p = sub.add_parser("train", help="train a user LoRA from photos without a chat")
+    p = command(sub, "train", "train a user LoRA from photos without a chat")
     p.add_argument("--photo", action="append", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--steps", type=int, default=None, help="total steps (default: per photo, capped)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("cartoon", help="cartoonise a photo without a chat")
+    p = command(sub, "cartoon", "cartoonise a photo without a chat")
     p.add_argument("--image", required=True, type=Path)
     p.add_argument("--style", required=True, help="a style id of facechain_core/cartoon_styles.toml, e.g. anime")
     p.add_argument("--out", required=True, type=Path, help="the picture to write (.jpg, or .png)")
     p.set_defaults(func=cmd_cartoon)
 
-    p = sub.add_parser("talk", help="make a portrait speak text or an audio file, without a chat")
+    p = command(sub, "talk", "make a portrait speak text or an audio file, without a chat")
     p.add_argument("--image", required=True, type=Path)
     said = p.add_mutually_exclusive_group(required=True)
     said.add_argument("--text", help="the words to speak (offline TTS)")
@@ -242,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="the MP4 to write")
     p.set_defaults(func=cmd_talk)
 
-    p = sub.add_parser("tryon", help="dress the person of --photo in an outfit photo, without a chat")
+    p = command(sub, "tryon", "dress the person of --photo in an outfit photo, without a chat")
     p.add_argument("--photo", action="append", required=True, type=Path, help="a selfie (repeatable)")
     p.add_argument("--outfit", required=True, type=Path, help="a photo of the outfit worn by someone")
     p.add_argument("--count", type=int, default=1)
@@ -252,8 +267,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def known_secrets(args: argparse.Namespace) -> list[str]:
+    """The tokens this command may meet: from the environment and, when it loads, the config file."""
+    found = [os.environ.get(TELEGRAM_TOKEN_ENV, ""), os.environ.get(DISCORD_TOKEN_ENV, "")]
+    with contextlib.suppress(Exception):  # a broken config is reported by the command itself
+        found += load_config(args.config).secrets()
+    return [s for s in dict.fromkeys(found) if s]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Every way out (an error line, a traceback, a library's warning) passes the redactor.
+    with redacted_output(known_secrets(args)):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except ConfigError as exc:
@@ -269,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        traceback.print_exc(file=sys.stderr)
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from facechain_core.numbers import ascii_int
+
 TELEGRAM_TOKEN_ENV = "FACECHAIN_TELEGRAM_TOKEN"
 DISCORD_TOKEN_ENV = "FACECHAIN_DISCORD_TOKEN"
 
@@ -125,10 +127,19 @@ class MetricsSettings(_Section):
 def parse_address(address: str) -> tuple[str, int]:
     """Splits ``host:port`` (``[::1]:9464`` for IPv6); raises ValueError naming the bad part."""
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    number = ascii_int(port)
+    if not sep or number is None or not 0 <= number <= 65535:
         raise ValueError(f"must be host:port with a port of 0 to 65535, got {address!r}")
     host = host.strip("[]") or "0.0.0.0"
-    return host, int(port)
+    return host, number
+
+
+class ImagineSettings(_Section):
+    # Check /imagine prompts with the text classifier too, after the word lists, where it is installed
+    # (`facechain-bot models pull imagine-classifier`); it loads in the bot process on the first /imagine.
+    classifier: bool = True
+    # The probability of a refused category (sexual, minors, violence, hate, self-harm) that refuses a prompt.
+    classifier_threshold: float = Field(default=0.6, gt=0, le=1)
 
 
 class RetentionSettings(_Section):
@@ -170,6 +181,7 @@ class Settings(_Section):
     selfie: SelfieSettings = SelfieSettings()
     metrics: MetricsSettings = MetricsSettings()
     retention: RetentionSettings = RetentionSettings()
+    imagine: ImagineSettings = ImagineSettings()
     # Jobs per user per UTC day by job kind; kinds not named keep DEFAULT_QUOTAS, 0: no limit.
     quotas: dict[str, int] = dict(DEFAULT_QUOTAS)
     # Model name (as in facechain_core/models.toml) -> your own local copy, used instead of

@@ -40,8 +40,12 @@ class _ProgressPrinter:
 
 
 def cmd_pull(args: argparse.Namespace, settings: Settings) -> int:
+    if args.check_sources and not args.dry_run:
+        print("error: --check-sources goes with --dry-run (a pull checks every source anyway)", file=sys.stderr)
+        return 2
     report = pull(load_manifest(), settings.models_dir, args.features, accept_licenses=set(args.accept_license),
-                  dry_run=args.dry_run, progress=None if args.dry_run else _ProgressPrinter())
+                  dry_run=args.dry_run, check_sources=args.check_sources,
+                  progress=None if args.dry_run else _ProgressPrinter())
     print(file=sys.stderr)
     for model in report.models:
         print(f"{model.action.value:<18} {model.name:<28} {_mb(model.size):>12}  {model.source or ''}")

@@ -40,7 +40,7 @@ def pipeline_context(settings: Settings) -> PipelineContext:
 
 def checked_photos(settings: Settings, photos: list[Path], out: Path) -> list[dict[str, Any]]:
     """Checks each photo as a selfie; writes the upright copies under out/selfies/."""
-    from handlers.selfie import lazy_selfie_checker
+    from handlers.selfie_check import lazy_selfie_checker
 
     check = lazy_selfie_checker(settings)
     folder = out / "selfies"

@@ -155,7 +155,20 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE users ADD COLUMN voice TEXT;
     """,
-    # 6: the job lifecycle: the chat update that created a job (unique: a re-sent update makes no second
+    # 6: panels: a message of buttons (the studio's options) whose choices are kept here, not in the
+    # buttons' payloads, until its user sends it or it expires.
+    """
+    CREATE TABLE panels (
+        id TEXT PRIMARY KEY,
+        user_key TEXT NOT NULL,
+        chat_key TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        state TEXT NOT NULL DEFAULT '{}',
+        expires_at REAL NOT NULL
+    );
+    CREATE INDEX panels_user ON panels(user_key);
+    """,
+    # 7: the job lifecycle: the chat update that created a job (unique: a re-sent update makes no second
     # job), how delivery of its outcome went (tries, when to try next, the user told it is late), and
     # when the user was told it failed (jobs that failed before this migration count as told).
     """
@@ -176,6 +189,7 @@ USER_TABLES: dict[str, str] = {
     "reports": "owner_key",
     "chat_usage": "user_key",
     "pending_inputs": "user_key",
+    "panels": "user_key",
     "artifacts": "owner_key",
     "jobs": "user_key",
     "identities": "user_key",
@@ -188,7 +202,7 @@ PATH_COLUMNS: dict[str, tuple[str, ...]] = {
     "selfies": ("path",), "artifacts": ("path",), "identities": ("path", "lora_path"),
 }
 JSON_PATH_COLUMNS: dict[str, tuple[str, ...]] = {
-    "jobs": ("params", "result"), "artifacts": ("meta",), "pending_inputs": ("payload",),
+    "jobs": ("params", "result"), "artifacts": ("meta",), "pending_inputs": ("payload",), "panels": ("state",),
 }
 
 
@@ -273,6 +287,16 @@ class PendingInput:
     chat_key: str
     command: str
     payload: dict[str, Any]
+    expires_at: float
+
+
+@dataclass
+class Panel:
+    id: str
+    user_key: str
+    chat_key: str
+    kind: str
+    state: dict[str, Any]
     expires_at: float
 
 
@@ -815,6 +839,42 @@ class Storage:
         if row is None or row["expires_at"] < time.time():
             return None
         return PendingInput(row["user_key"], row["chat_key"], row["command"], json.loads(row["payload"]), row["expires_at"])
+
+    # -- panels --------------------------------------------------------------------------
+    @_serialised
+    async def open_panel(self, user_key: str, chat_key: str, kind: str, state: dict[str, Any], ttl_s: float,
+                         panel_id: str | None = None) -> str:
+        """Stores a panel of the user in that chat, new or (`panel_id`) again; expired panels go. Returns its id."""
+        panel_id = panel_id or secrets.token_urlsafe(6)
+        now = time.time()
+        await self.db.execute("DELETE FROM panels WHERE expires_at < ?", (now,))
+        await self.db.execute(
+            "INSERT OR REPLACE INTO panels (id, user_key, chat_key, kind, state, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (panel_id, user_key, chat_key, kind, json.dumps(state), now + ttl_s))
+        await self.db.commit()
+        return panel_id
+
+    async def panel(self, panel_id: str) -> Panel | None:
+        """The panel, unless it is gone or expired."""
+        async with self.db.execute("SELECT * FROM panels WHERE id = ? AND expires_at >= ?",
+                                   (panel_id, time.time())) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        return Panel(row["id"], row["user_key"], row["chat_key"], row["kind"], json.loads(row["state"]),
+                     row["expires_at"])
+
+    @_serialised
+    async def update_panel(self, panel_id: str, state: dict[str, Any]) -> None:
+        await self.db.execute("UPDATE panels SET state = ? WHERE id = ?", (json.dumps(state), panel_id))
+        await self.db.commit()
+
+    @_serialised
+    async def close_panel(self, panel_id: str) -> bool:
+        """Removes the panel; True when it was there (a second press of "Go" finds it gone)."""
+        cur = await self.db.execute("DELETE FROM panels WHERE id = ?", (panel_id,))
+        await self.db.commit()
+        return cur.rowcount == 1
 
     # -- groups and sharing --------------------------------------------------------------
     async def chat_settings(self, chat_key: str) -> dict[str, Any]:

@@ -111,19 +111,25 @@ class StudioPlan:
 
     def latents_for(self, base: ResidentBase) -> Callable[[list[int]], torch.Tensor] | None:
         """Vary: each seed of a chunk picks the small change mixed into the varied seed's noise."""
-        if self.vary_seed is None:
-            return None
-        pipe = base.pipe
-        factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-        shape = (int(pipe.unet.config.in_channels), self.height // factor, self.width // factor)
-        seed = self.vary_seed
-        return lambda chunk: variation_noise(seed, chunk, shape).to(pipe.device, pipe.unet.dtype)
+        return vary_latents(base.pipe, self.vary_seed, self.width, self.height)
 
     def meta(self, base: ResidentBase) -> dict[str, Any]:
         """The controls as they reached the model: the size, the identity scale the adapter holds, the pose."""
         return {"size": [self.width, self.height], "identity_weight": adapter_scale(base.pipe),
                 "aspect": self.aspect or "style", "likeness": self.likeness or "normal", "pose": self.pose_id,
                 "vary_of": self.vary_seed}
+
+
+def vary_latents(pipe: Any, vary_seed: int | None, width: int, height: int
+                 ) -> Callable[[list[int]], torch.Tensor] | None:
+    """Vary's starting noise for a pipeline at width x height (None: no Vary): each seed of a chunk picks the
+    small change mixed into the varied seed's noise. The noise has the VAE's latent channels (an inpainting
+    UNet takes more inputs than that)."""
+    if vary_seed is None:
+        return None
+    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    shape = (int(pipe.vae.config.latent_channels), height // factor, width // factor)
+    return lambda chunk: variation_noise(int(vary_seed), chunk, shape).to(pipe.device, pipe.unet.dtype)
 
 
 def adapter_scale(pipe: Any) -> float | None:

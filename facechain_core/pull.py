@@ -11,7 +11,9 @@
 4. checks size and sha256 (the manifest's, else the hub's LFS hash, else the git blob id of a small
    file) and only then moves the bytes into place and records them in ``models_dir/models.lock.json``.
 
-A dry run asks the sources for sizes (metadata only, no file bodies) and downloads nothing.
+A dry run answers from the manifest alone (sizes, sources, licences: no network). With
+``check_sources`` it also asks each source for its size (metadata only, no file bodies), with a short
+timeout; a host name that does not resolve is tried once per pull, not once per source or retry.
 Library code: everything raises a ``PullError``; the CLI decides what to print and how to exit.
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ import shutil
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -50,6 +53,7 @@ from facechain_core.manifest import (
     read_lock,
     staging_path,
 )
+from facechain_core.numbers import ascii_int
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +61,8 @@ USER_AGENT = "facechain-bot (model pull)"
 CHUNK_BYTES = 1024 * 1024
 DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_RETRIES = 3
+CHECK_TIMEOUT_S = 5.0  # per request of a dry run that checks its sources
+HF_DEFAULT_HOST = "huggingface.co"
 _RETRY_PAUSE_S = 1.0  # times the attempt number; tests set it to 0
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _SHA1_RE = re.compile(r"[0-9a-f]{40}")
@@ -163,6 +169,7 @@ class _Context:
     progress: ProgressFn | None
     retries: int
     timeout: float
+    resolved: dict[str, bool] = field(default_factory=dict)  # host -> whether its name resolved
 
 
 @dataclass
@@ -435,7 +442,8 @@ def _plan_url(ctx: _Context, entry: ModelEntry, source: Source) -> tuple[int | N
         return entry.size, 1, [f"{entry.name}: {source.text} answered HEAD with {exc.code}; size from the manifest"]
     except (urllib.error.URLError, *_NET_ERRORS) as exc:
         raise SourceUnavailable(f"{source.text}: {exc}") from exc
-    return (int(length) if length and length.isdigit() else entry.size), 1, []
+    size = ascii_int(length)
+    return (size if size is not None else entry.size), 1, []
 
 
 def _parse_content_range(value: str | None) -> tuple[int, int | None] | None:
@@ -468,7 +476,7 @@ def _download_once(ctx: _Context, url: str, part: Path, counter: _Counter, file:
         else:
             offset = 0  # the server ignored the Range header: take the whole body
             length = resp.headers.get("Content-Length")
-            total = int(length) if length and length.isdigit() else None
+            total = ascii_int(length)
         counter.set(file, offset)
         with part.open("ab" if offset else "wb") as out:
             while chunk := resp.read(CHUNK_BYTES):
@@ -532,6 +540,11 @@ def _fetch(ctx: _Context, entry: ModelEntry) -> _Fetched:
     """Tries the entry's sources in order; an interrupted download stops at once so it can resume."""
     failures: list[PullError] = []
     for source in entry.sources:
+        host = _source_host(ctx, source)
+        if not _resolves(ctx, host):
+            failures.append(SourceUnavailable(f"{source.text}: the host name {host!r} does not resolve"))
+            logger.warning("%s: %s", entry.name, failures[-1])
+            continue
         try:
             if source.kind == "url":
                 return _fetch_url(ctx, entry, source)
@@ -556,11 +569,37 @@ def _plan_source(ctx: _Context, entry: ModelEntry, source: Source) -> tuple[int 
     return _plan_hf_file(ctx, entry, source)
 
 
+def _source_host(ctx: _Context, source: Source) -> str:
+    url = source.url if source.kind == "url" else (ctx.endpoint or f"https://{HF_DEFAULT_HOST}")
+    return urllib.parse.urlsplit(url).hostname or ""
+
+
+def _resolves(ctx: _Context, host: str) -> bool:
+    """Whether `host` has an address; asked once per pull (no retry: the answer will not change)."""
+    if host not in ctx.resolved:
+        try:
+            socket.getaddrinfo(host, None)
+            ctx.resolved[host] = True
+        except (OSError, UnicodeError):
+            ctx.resolved[host] = False
+    return ctx.resolved[host]
+
+
+def _plan_from_manifest(ctx: _Context, entry: ModelEntry) -> PulledModel:
+    """What the manifest says fetching `entry` takes (no network)."""
+    return PulledModel(entry.name, PullAction.WOULD_FETCH, model_path(ctx.models_dir, entry), entry.size,
+                       entry.source.text, entry.licence, entry.non_commercial)
+
+
 def _plan(ctx: _Context, entry: ModelEntry) -> PulledModel:
     """Asks the first source that answers how much would be fetched."""
     failures: list[str] = []
     target = model_path(ctx.models_dir, entry)
     for source in entry.sources:
+        host = _source_host(ctx, source)
+        if not _resolves(ctx, host):
+            failures.append(f"{source.text}: the host name {host!r} does not resolve")
+            continue
         try:
             size, files, warnings = _plan_source(ctx, entry, source)
         except SourceUnavailable as exc:
@@ -580,15 +619,17 @@ def pull(
     *,
     accept_licenses: Iterable[str] = (),
     dry_run: bool = False,
+    check_sources: bool = False,
     progress: ProgressFn | None = None,
     hf_endpoint: str | None = None,
     force: bool = False,
     retries: int = DEFAULT_RETRIES,
-    timeout: float = DEFAULT_TIMEOUT_S,
+    timeout: float | None = None,
 ) -> PullReport:
     """Fetches the models of `features` into `models_dir`; see the module docstring.
 
-    `features` names features, single models, or ``"all"``.
+    `features` names features, single models, or ``"all"``. A dry run answers from the manifest; with
+    `check_sources` it asks the sources for sizes (with `timeout`, default ``CHECK_TIMEOUT_S`` then).
 
     `hf_endpoint` defaults to ``$HF_ENDPOINT`` (read now, not at import) and then to huggingface_hub's
     default. `retries` counts resumptions after a broken connection within this call.
@@ -599,6 +640,8 @@ def pull(
     models_dir = Path(models_dir)
     entries = manifest.select(features)
     endpoint = (hf_endpoint or os.environ.get("HF_ENDPOINT") or "").rstrip("/") or None
+    if timeout is None:
+        timeout = CHECK_TIMEOUT_S if dry_run else DEFAULT_TIMEOUT_S
     ctx = _Context(models_dir, endpoint, progress, retries, timeout)
     lock = read_lock(models_dir)
 
@@ -630,7 +673,7 @@ def pull(
         if entry.name in installed:
             report.models.append(installed[entry.name])
         elif dry_run:
-            report.models.append(_plan(ctx, entry))
+            report.models.append(_plan(ctx, entry) if check_sources else _plan_from_manifest(ctx, entry))
         else:
             logger.info("pulling %s from %s", entry.name, entry.source.text)
             fetched = _fetch(ctx, entry)

@@ -551,7 +551,7 @@ class TalkPipeline:
             max_seconds = min(max_seconds, ROUND_MAX_SECONDS)
         progress(0, 4, "talk.step_speech")
         # 1. speech
-        speech, voice = self._speech(params, settings)
+        speech, voice = self._speech(params, settings, max_seconds)
         if speech.duration_s > max_seconds + 0.05:
             raise UserFacingError("talk.too_long", seconds=round(speech.duration_s), max_seconds=round(max_seconds))
         progress(1, 4, "talk.step_face")
@@ -588,9 +588,9 @@ class TalkPipeline:
             "restored": loaded.restorer is not None,
         })
 
-    def _speech(self, params: dict[str, Any], settings: dict[str, Any]) -> tuple[Speech, str]:
+    def _speech(self, params: dict[str, Any], settings: dict[str, Any], max_seconds: float) -> tuple[Speech, str]:
         if params.get("audio"):
-            return decode_audio(Path(params["audio"]), TRACK_RATE), "audio"
+            return decode_audio(Path(params["audio"]), TRACK_RATE, max_seconds), "audio"
         text = str(params.get("text") or "").strip()
         if not text:
             raise UserFacingError("talk.nothing_to_say")

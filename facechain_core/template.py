@@ -5,7 +5,8 @@ the working size; find its one face (YuNet; none or several are refused, several
 portraits); the region to repaint is an ellipse over that face and its hair, dilated and feathered; DWPose's
 skeleton of the person holds the pose through the openpose ControlNet; SD1.5 inpainting (the try-on's
 resident base, ``facechain_core.tryon``) repaints the region with the user's IP-Adapter FaceID embedding
-(FaceID Plus with the face crop, and their LoRA when trained); the template's own pixels are put back outside
+(FaceID Plus with the face crop, and their LoRA when trained), from the starting noise of the seed or, for
+"Vary" (``controls["vary"]``), of a seed it varies; the template's own pixels are put back outside
 the region through the feathered mask; candidates are ranked by similarity to the identity, screened by safe
 mode and labelled as portraits are.
 
@@ -30,7 +31,7 @@ from facechain_core.faces import Face
 from facechain_core.garment import feather_mask
 from facechain_core.identity import open_arcface
 from facechain_core.pipeline import JobResult, PipelineContext, Progress
-from facechain_core.portrait import DEFAULTS, MAX_COUNT, _write_pngs
+from facechain_core.portrait import DEFAULTS, MAX_COUNT, _write_pngs, vary_latents
 from facechain_core.poses import has_pose, photo_skeleton, pose_map
 from facechain_core.pose import PoseEstimator
 from facechain_core.resident import SHARED_KEY, ResidentPipelines
@@ -92,7 +93,9 @@ class TemplatePipeline(TryOnPipeline):
         identity = self._load_identity(params["identity"], params.get("selfies"))
         base = self.base()
         loras = self._lora_requests({}, params)
-        weight = identity_weight(float(cfg["identity_weight"]), (params.get("controls") or {}).get("likeness"))
+        controls = params.get("controls") or {}
+        weight = identity_weight(float(cfg["identity_weight"]), controls.get("likeness"))
+        vary_seed = int(controls["vary"]["seed"]) if controls.get("vary") else None
 
         def set_up() -> None:
             self.activate_loras(base, loras)
@@ -108,6 +111,7 @@ class TemplatePipeline(TryOnPipeline):
         height, width = picture.shape[:2]
         generated = self.denoise_chunks(
             base, identity, chunks, progress, total, set_up, float(cfg["guidance_scale"]),
+            latents_for=vary_latents(base.pipe, vary_seed, width, height),
             prompt=prompt, negative_prompt=cfg["negative_prompt"] or None, image=Image.fromarray(picture),
             mask_image=repaint, control_image=[pose, silhouette], height=height, width=width, strength=1.0,
             num_inference_steps=int(cfg["steps"]), controlnet_conditioning_scale=[pose_weight, 0.0])
@@ -125,7 +129,7 @@ class TemplatePipeline(TryOnPipeline):
         meta = {"seeds": [seeds[r.index] for r in ranked], "similarity": [round(r.similarity, 4) for r in ranked],
                 "template": params.get("template_id") or "photo", "size": [width, height],
                 "mask_box": [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1],
-                "identity_weight": weight, "pose_found": pose_weight > 0, "lora_used": bool(loras),
+                "identity_weight": weight, "pose_found": pose_weight > 0, "lora_used": bool(loras), "vary_of": vary_seed,
                 "safety": safety.safety_meta(screened), "file_meta": [{"seed": seeds[r.index]} for r in ranked]}
         log.info("template %s kept %d of %d candidates", meta["template"], len(files), len(candidates))
         return JobResult(files=files, meta=meta)

@@ -32,6 +32,10 @@ _POS_CHARACTER = 1
 _ESPEAK_CHARS_UTF8 = 1
 _VOICES = {"en": "en-us", "zh": "cmn"}  # catalogue language -> espeak-ng voice
 OFFLINE_VOICE = "espeak"  # the voice choice meaning "espeak-ng only"
+MAX_TEXT_CHARS = 500  # the most one talking portrait says (the /talk handler and the CLI take no more)
+# Demuxers decode_audio opens: audio containers only ("mov" is MP4/M4A's, "matroska" WebM's).
+AUDIO_FORMATS = "ogg,mp3,mov,wav,flac,aac,matroska,webm"
+DECODE_MARGIN_S = 1.0  # decoded past the limit before refusing (a stated duration rounds)
 
 
 @dataclass(frozen=True)
@@ -210,6 +214,7 @@ def speak(text: str, language: str, engines: list[TextToSpeech], voice: str | No
     and its engine goes first; ``OFFLINE_VOICE`` means espeak-ng alone."""
     from facechain_core.phonemes import text_language
 
+    check_text_length(text)
     language = text_language(text, language)
     if voice == OFFLINE_VOICE:
         engines = [e for e in engines if isinstance(e, EspeakTTS)] or engines
@@ -249,31 +254,63 @@ def _owner(engines: list[TextToSpeech], voice: str | None, language: str) -> Tex
     return None
 
 
-def decode_audio(path: Path | bytes, rate: int = SAMPLE_RATE) -> Speech:
-    """Decodes any audio file PyAV reads to mono float32 at `rate` (raises talk.bad_audio).
+def decode_audio(path: Path | bytes, rate: int = SAMPLE_RATE, max_seconds: float | None = None) -> Speech:
+    """Decodes an audio file (the containers of ``AUDIO_FORMATS``) to mono float32 at `rate`.
 
-    The whole file is decoded (its size is capped by the upload limit), so a refusal can say its length."""
+    Past `max_seconds` (plus ``DECODE_MARGIN_S``) it refuses with ``talk.audio_too_long``: from the
+    container's stated duration before decoding anything, else as soon as the decoded audio passes it,
+    so a small file that inflates to hours of samples costs nothing. Raises ``talk.bad_audio`` for the rest."""
     import av
 
+    limit = None if max_seconds is None else max_seconds + DECODE_MARGIN_S
+    parts: list[np.ndarray] = []
     try:
-        with av.open(io.BytesIO(path) if isinstance(path, bytes) else str(path)) as container:
+        source = io.BytesIO(path) if isinstance(path, bytes) else str(path)
+        # Only audio demuxers: no playlists or concat scripts that open other files or URLs.
+        with av.open(source, options={"format_whitelist": AUDIO_FORMATS}) as container:
             if not container.streams.audio:
                 raise UserFacingError("talk.bad_audio")
             stream = container.streams.audio[0]
+            stated = _stated_seconds(container, stream)
+            if limit is not None and stated is not None and stated > limit:
+                raise _too_long(max_seconds)
             resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
-            parts: list[np.ndarray] = []
+            decoded = 0
             for frame in container.decode(stream):
                 for out in resampler.resample(frame):
                     parts.append(out.to_ndarray().reshape(-1))
+                    decoded += len(parts[-1])
+                if limit is not None and decoded > limit * rate:
+                    raise _too_long(max_seconds)
             for out in resampler.resample(None):
                 parts.append(out.to_ndarray().reshape(-1))
     except (av.error.FFmpegError, ValueError) as exc:
-        log.info("could not decode audio %s: %s", path, exc)
+        log.info("could not decode audio %s: %s", "bytes" if isinstance(path, bytes) else path, exc)
         raise UserFacingError("talk.bad_audio") from None
     samples = np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
     if not len(samples):
         raise UserFacingError("talk.bad_audio")
     return Speech(samples, rate)
+
+
+def _stated_seconds(container: object, stream: object) -> float | None:
+    """The duration the container or the stream states, if any (it may be missing or a lie: decoding checks too)."""
+    duration = getattr(container, "duration", None)  # in AV_TIME_BASE (microsecond) units
+    if duration:
+        return duration / 1_000_000
+    if getattr(stream, "duration", None) and getattr(stream, "time_base", None):
+        return float(stream.duration * stream.time_base)  # type: ignore[attr-defined]
+    return None
+
+
+def _too_long(max_seconds: float | None) -> UserFacingError:
+    return UserFacingError("talk.audio_too_long", max_seconds=round(max_seconds or 0))
+
+
+def check_text_length(text: str) -> None:
+    """Refuses text longer than one talking portrait says (``talk.text_too_long``), before any synthesis."""
+    if len(text) > MAX_TEXT_CHARS:
+        raise UserFacingError("talk.text_too_long", length=len(text), max_length=MAX_TEXT_CHARS)
 
 
 def resample(speech: Speech, rate: int = SAMPLE_RATE) -> Speech:

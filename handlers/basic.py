@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from handlers import buttons, router
-from handlers.messages import t
+from facechain_core.numbers import ascii_int
+from handlers import buttons, registry, router
+from handlers.consent import consent_text
+from handlers.messages import for_platform, t
 from handlers.progress import ACTIVE_STATES, format_duration, kind_label
 from handlers.protocols import Button, Event, JobView, MessageRef, ReplyChannel
 from handlers.services import Services
@@ -33,23 +35,22 @@ async def show_start(services: Services, event: Event, channel: ReplyChannel) ->
     """Says what the bot does, how to begin, and how user data is kept."""
     lang = event.language
     name = event.user.name or t("core.friend", lang)
-    from handlers.safety import consent_text  # imported where used, keeping the command menu's order
-
-    text = t("core.start", lang, name=name, max_selfies=services.settings.limits.max_selfies)
+    start = for_platform("core.start", event.user.platform)
+    text = t(start, lang, name=name, max_selfies=services.settings.limits.max_selfies)
     await channel.send_text(text + "\n\n" + consent_text(services, lang))
 
 
 async def show_help(services: Services, event: Event, channel: ReplyChannel) -> None:
     """Lists the commands this user may run."""
-    lang = event.language
+    lang, platform = event.language, event.user.platform
     admin = router.is_admin(services, event.user.key)
     lines = [t("core.help_header", lang)]
-    for command in router.commands():
+    for command in registry.commands():
         if command.admin_only and not admin:
             continue
-        lines.append(f"/{command.name} — {t(command.help_code, lang)}")
+        lines.append(f"/{command.name} — {t(for_platform(command.help_code, platform), lang)}")
     lines.append("")
-    lines.append(t("core.help_footer", lang))
+    lines.append(t(for_platform("core.help_footer", platform), lang))
     await channel.send_text("\n".join(lines))
 
 
@@ -119,7 +120,8 @@ async def ask_delete(services: Services, event: Event, channel: ReplyChannel) ->
 async def press_cancel(services: Services, event: Event, channel: ReplyChannel, argument: str) -> None:
     """Cancels the job of a progress message, if the presser owns it."""
     lang = event.language
-    job = await services.storage.job(int(argument)) if argument.isdigit() else None
+    job_id = ascii_int(argument)
+    job = await services.storage.job(job_id) if job_id is not None else None
     if job is None:
         await channel.answer_button(t("button.stale", lang))
     elif job.user_key != event.user.key:
@@ -277,11 +279,11 @@ def _remove_paths(root: Path, paths: list[Path]) -> int:
     return removed
 
 
-router.register_command("start", show_start, "help.start")
-router.register_command("help", show_help, "help.help")
-router.register_command("status", show_status, "help.status")
-router.register_command("cancel", cancel_jobs, "help.cancel")
-router.register_command("delete", ask_delete, "help.delete")
+registry.register_command("start", show_start, "help.start")
+registry.register_command("help", show_help, "help.help")
+registry.register_command("status", show_status, "help.status")
+registry.register_command("cancel", cancel_jobs, "help.cancel")
+registry.register_command("delete", ask_delete, "help.delete")
 buttons.register_core_button("cancel", press_cancel)
 buttons.register_core_button("delete", press_delete)
 buttons.register_core_button("keep", press_keep)

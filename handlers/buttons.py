@@ -120,12 +120,21 @@ async def handle_button(services: Services, event: Event, channel: ReplyChannel)
 
 async def _press_result_button(services: Services, event: Event, channel: ReplyChannel,
                                spec: ResultButton, artifact_id: str) -> None:
+    artifact = await owned_artifact(services, event, channel, artifact_id, spec.applies_to)
+    if artifact is not None:
+        await spec.handler(services, event, channel, artifact)
+
+
+async def owned_artifact(services: Services, event: Event, channel: ReplyChannel, artifact_id: str,
+                         kinds: Iterable[str] | None = None) -> Any | None:
+    """The pressed artifact when it exists, is of one of `kinds` (None: any) and the presser owns it;
+    otherwise answers the press (stale, or not yours) and returns None."""
     artifact = await services.storage.artifact(artifact_id)
-    if artifact is None or (spec.applies_to is not None and artifact.kind not in spec.applies_to):
+    if artifact is None or (kinds is not None and artifact.kind not in kinds):
         await channel.answer_button(t("button.stale", event.language))
-        return
+        return None
     if artifact.owner_key != event.user.key:
-        log.info("%s pressed %s on an artifact of someone else", event.user.key, spec.action)
+        log.info("%s pressed %s on an artifact of someone else", event.user.key, event.button_payload)
         await channel.answer_button(t("button.not_yours", event.language), alert=True)
-        return
-    await spec.handler(services, event, channel, artifact)
+        return None
+    return artifact

@@ -32,7 +32,7 @@ import numpy as np
 from facechain_core.cartoon import CartoonBook, CartoonStyle, load_cartoon_styles
 from facechain_core.errors import UserFacingError
 from facechain_core.images import decode_image, encode_jpeg
-from handlers import buttons, router
+from handlers import buttons, registry, router
 from handlers.messages import t
 from handlers.progress import present_default, register_presenter, submit_with_progress
 from handlers.protocols import Attachment, Button, Event, ReplyChannel
@@ -310,12 +310,13 @@ def _stage(source: Source, target: Path, max_bytes: int, max_pixels: int) -> Pat
 
 
 def _prune(paths: Iterable[Path], max_age_s: float) -> None:
-    """Removes the files older than `max_age_s`."""
+    """Removes the files older than `max_age_s`, and the folders they leave empty."""
     cutoff = time.time() - max_age_s
-    for path in paths:
+    for path in list(paths):
         try:
             if path.stat().st_mtime < cutoff:
                 path.unlink()
+                path.parent.rmdir()  # only an empty folder goes
         except OSError:
             continue
 
@@ -349,8 +350,8 @@ def _match_picture(data: bytes, candidates: list[Path]) -> int | None:
     return best
 
 
-router.register_command("cartoon", make_cartoon, "help.cartoon")
-router.register_pending(KIND, receive_photo)
+registry.register_command("cartoon", make_cartoon, "help.cartoon")
+registry.register_pending(KIND, receive_photo)
 buttons.register_core_button(PRESS_ACTION, press_style)
 buttons.register_result_button(RESULT_ACTION, "cartoon.button", press_result, applies_to={"portrait", "cartoon"})
 register_presenter(KIND, present_cartoon)

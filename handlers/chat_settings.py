@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from facechain_core.errors import UserFacingError
+from facechain_core.numbers import ascii_int
 from facechain_core.safety import FEATURE as SAFETY_FEATURE
-from handlers import buttons, hooks, router
+from handlers import buttons, hooks, registry
 from handlers.messages import t
 from handlers.protocols import Button, Chat, Event, MessageRef, ReplyChannel
 from handlers.services import Services
@@ -73,7 +74,7 @@ async def chat_settings(services: Services, chat: Chat) -> dict[str, Any]:
     return (await load_settings(services, chat)).to_dict()
 
 
-async def check_command(services: Services, event: Event, command: router.Command) -> None:
+async def check_command(services: Services, event: Event, command: registry.Command) -> None:
     """Refuses a command the group's admins switched off (a router gate)."""
     if event.chat.is_private or command.name not in switchable_commands():
         return
@@ -172,7 +173,7 @@ def _changed(settings: ChatSettings, argument: str) -> tuple[ChatSettings, str] 
         return settings, "home"
     if what == "safe":
         return replace(settings, safe_mode=not settings.safe_mode), "home"
-    if what == "limit" and value.isdigit() and int(value) in LIMIT_CHOICES:
+    if what == "limit" and ascii_int(value) in LIMIT_CHOICES:
         return replace(settings, daily_limit=int(value)), "home"
     if what == "cmds":
         return settings, "commands"
@@ -190,7 +191,7 @@ def _changed(settings: ChatSettings, argument: str) -> tuple[ChatSettings, str] 
 
 def switchable_commands() -> list[str]:
     """The commands a group's admins may switch off, in menu order."""
-    return [c.name for c in router.commands() if not c.admin_only and c.in_menu and c.name not in ALWAYS_ALLOWED]
+    return [c.name for c in registry.commands() if not c.admin_only and c.in_menu and c.name not in ALWAYS_ALLOWED]
 
 
 # -- the panel ------------------------------------------------------------------------------------
@@ -227,7 +228,7 @@ def render_commands(settings: ChatSettings, lang: str) -> tuple[str, list[list[B
     return t("groups.commands_title", lang), keyboard
 
 
-router.register_command("settings", show_settings, "help.settings")
-router.register_gate(check_command)
+registry.register_command("settings", show_settings, "help.settings")
+registry.register_gate(check_command)
 hooks.register_admission_check(admit_job, hooks.AdmissionStage.CHAT)
 buttons.register_core_button(ACTION, press_setting)

@@ -10,6 +10,7 @@ from handlers import cartoon  # noqa: F401  /cartoon
 from handlers import talk  # noqa: F401  /talk
 from handlers import tryon  # noqa: F401  /tryon
 from handlers import studio  # noqa: F401  Vary and Again under portraits
+from handlers import studio_panel  # noqa: F401  the options panel: aspect, likeness, pose, count as buttons
 from handlers import template  # noqa: F401  /template
 from handlers import imagine  # noqa: F401  /imagine
 from handlers import language  # noqa: F401  /language

@@ -1,11 +1,13 @@
 """What features add to every job: admission checks before it is submitted, decorations on its result.
 
-``progress.submit_with_progress`` runs the admission checks; ``progress.present_default`` (and any
-presenter that wants the same look) runs the decorations. Features register at import time::
+``progress.submit_with_progress`` runs the admission checks; every way a result leaves the bot
+(``progress.present_default``, a Share post, an inline result) runs the decorations through
+``decorate_result``. Features register at import time::
 
     register_admission_check(check_quota, AdmissionStage.USER)
     register_caption_decorator(result_caption)
     register_keyboard_decorator(add_report_buttons)
+    register_keyboard_decorator(add_options_button, owner_only=True)   # never on a Share post
 
 With nothing registered a job is admitted as asked and its result shown as presented.
 """
@@ -51,7 +53,7 @@ KeyboardDecorator = Callable[[Services, Any, Keyboard | None, list[Any], str], K
 
 _admission_checks: list[tuple[AdmissionStage, AdmissionCheck]] = []
 _caption_decorators: list[CaptionDecorator] = []
-_keyboard_decorators: list[KeyboardDecorator] = []
+_keyboard_decorators: list[tuple[KeyboardDecorator, bool]] = []  # (decorator, only where the owner sees it)
 
 
 def register_admission_check(check: AdmissionCheck, stage: AdmissionStage) -> None:
@@ -68,10 +70,11 @@ def register_caption_decorator(decorator: CaptionDecorator) -> None:
         _caption_decorators.append(decorator)
 
 
-def register_keyboard_decorator(decorator: KeyboardDecorator) -> None:
-    """Adds buttons under every result (in registration order)."""
-    if decorator not in _keyboard_decorators:
-        _keyboard_decorators.append(decorator)
+def register_keyboard_decorator(decorator: KeyboardDecorator, *, owner_only: bool = False) -> None:
+    """Adds buttons under every result (in registration order); `owner_only` buttons are left out where the
+    result is shown to others (a Share post, an inline result)."""
+    if all(existing is not decorator for existing, _ in _keyboard_decorators):
+        _keyboard_decorators.append((decorator, owner_only))
 
 
 async def admit(services: Services, event: Event, kind: str, params: dict[str, Any]) -> tuple[dict[str, Any], Undo]:
@@ -112,13 +115,27 @@ def decorate_caption(services: Services, job: Any, caption: str | None, lang: st
 
 
 def decorate_keyboard(services: Services, job: Any, keyboard: Keyboard | None, artifacts: list[Any],
-                      lang: str) -> Keyboard | None:
-    """`keyboard` with every registered decoration's buttons for `artifacts`."""
-    for decorator in _keyboard_decorators:
-        keyboard = decorator(services, job, keyboard, artifacts, lang)
+                      lang: str, *, owner: bool = True) -> Keyboard | None:
+    """`keyboard` with every registered decoration's buttons for `artifacts` (without the owner-only ones
+    unless `owner`)."""
+    for decorator, owner_only in _keyboard_decorators:
+        if owner or not owner_only:
+            keyboard = decorator(services, job, keyboard, artifacts, lang)
     return keyboard
 
 
 def result_keyboard(services: Services, job: Any, artifacts: list[Any], lang: str) -> Keyboard | None:
     """The registered result buttons for `artifacts`, then every decoration's (e.g. Report)."""
     return decorate_keyboard(services, job, buttons.result_keyboard(artifacts, lang), artifacts, lang)
+
+
+def decorate_result(services: Services, job: Any, caption: str | None, artifacts: list[Any], lang: str, *,
+                    owner_buttons: bool = True) -> tuple[str | None, Keyboard | None]:
+    """The caption and keyboard a result leaves the bot with, whatever the way (album, video, a post in a
+    channel, an inline result): every registered note on the caption, every decoration's buttons (Report).
+
+    `owner_buttons` adds the result buttons only its owner may press (More like this, Share...) first;
+    leave them out where the result is shown to others."""
+    keyboard = buttons.result_keyboard(artifacts, lang) if owner_buttons else None
+    return (decorate_caption(services, job, caption, lang),
+            decorate_keyboard(services, job, keyboard, artifacts, lang, owner=owner_buttons))

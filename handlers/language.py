@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from handlers import buttons, router
+from handlers import buttons, registry
 from handlers.messages import LANGUAGES, t
 from handlers.protocols import Button, Event, MessageRef, ReplyChannel
 from handlers.services import Services
@@ -82,5 +82,5 @@ async def _store(services: Services, event: Event, code: str) -> None:
     event.language = code
 
 
-router.register_command("language", choose_language, "help.language")
+registry.register_command("language", choose_language, "help.language")
 buttons.register_core_button(ACTION, press_language)

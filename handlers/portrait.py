@@ -13,8 +13,9 @@ import shutil
 from typing import Any
 
 from facechain_core.errors import UserFacingError
+from facechain_core.numbers import ascii_int
 from facechain_core.styles import StyleCatalog
-from handlers import buttons, cartoon, router, studio
+from handlers import buttons, cartoon, registry, studio
 from handlers.cartoon import Source
 from handlers.messages import t
 from handlers.progress import present_default, register_presenter, submit_with_progress
@@ -31,7 +32,8 @@ STYLES_PER_PAGE = 8
 STYLE_BUTTONS_PER_ROW = 2
 MIN_TRAIN_SELFIES = 1
 POSE_FEATURES = {"sd15": "pose", "sdxl": "pose-sdxl"}  # the models pose needs, per style family
-POSE_FOLDER = "pose"  # under the user's folder: <token>/pose.jpg, a copy of the photo whose pose a job takes
+POSE_FOLDER = "pose"  # under the user's folder: <token>/pose.jpg, a copy of the photo whose pose a job takes;
+# kept like other inputs (cartoon.SOURCE_TTL_S), so Vary and Again can reuse it meanwhile
 
 
 # -- commands -----------------------------------------------------------------------------------
@@ -44,6 +46,8 @@ async def make_portrait(services: Services, event: Event, channel: ReplyChannel)
         return
     words, count = _split_count(controls.words)
     style = _catalogue(services).find(" ".join(words), event.language)
+    if controls.panel and await studio.open_options(services, event, channel, style):
+        return
     pose_photo = None
     if controls.pose in (None, studio.POSE_PHOTO):
         pose_photo = await pose_source(services, event)
@@ -86,8 +90,12 @@ async def train_lora(services: Services, event: Event, channel: ReplyChannel) ->
 # -- the job behind /style ----------------------------------------------------------------------
 async def submit_portrait(services: Services, event: Event, channel: ReplyChannel, style: Any,
                           count: int = DEFAULT_COUNT, controls: studio.Controls | None = None,
-                          pose_photo: Source | None = None, extra: dict[str, Any] | None = None) -> None:
-    """Checks what only the request can tell, then queues the portrait job (`extra`: more params, /imagine's)."""
+                          pose_photo: Source | None = None, extra: dict[str, Any] | None = None, *,
+                          new_seed: bool = False) -> None:
+    """Checks what only the request can tell, then queues the portrait job (`extra`: more params, /imagine's).
+
+    Without a seed in `controls`, the seed is ``portrait_seed`` when the operator fixed one, unless
+    `new_seed` (More like this) asks for a fresh draw: the fixed seed would only reproduce the first result."""
     _require(services, FEATURE)
     if style.family == "sdxl":
         _require(services, SDXL_FEATURE)
@@ -103,8 +111,10 @@ async def submit_portrait(services: Services, event: Event, channel: ReplyChanne
     job_controls = controls.job_controls()
     folder = None
     if pose_photo is not None:
-        folder = services.user_dir(key) / POSE_FOLDER / secrets.token_hex(6)
+        copies = services.user_dir(key) / POSE_FOLDER
+        folder = copies / secrets.token_hex(6)
         limits = services.settings.limits
+        await asyncio.to_thread(cartoon._prune, copies.glob("*/pose.jpg"), cartoon.SOURCE_TTL_S)  # as other inputs
         staged = await asyncio.to_thread(cartoon._stage, pose_photo, folder / "pose.jpg", services.max_upload_bytes,
                                          int(limits.max_pixels))
         job_controls["pose"] = {"image": str(staged.resolve())}
@@ -114,7 +124,7 @@ async def submit_portrait(services: Services, event: Event, channel: ReplyChanne
         "style": style.model_dump(mode="json"),
         "style_id": style.id,
         "count": count,
-        "seed": controls.seed if controls.seed is not None else studio.new_seed(services),
+        "seed": controls.seed if controls.seed is not None else studio.new_seed(services, fresh=new_seed),
         "controls": job_controls,
         "identity": str((services.user_dir(key) / "identity.npz").resolve()),
         "selfies": [{"path": s.path, "face": s.face} for s in selfies],
@@ -131,8 +141,8 @@ async def submit_portrait(services: Services, event: Event, channel: ReplyChanne
 
 def _split_count(args: list[str]) -> tuple[list[str], int]:
     """``["hanfu", "3"]`` -> (["hanfu"], 3); the count is optional and bounded."""
-    if len(args) > 1 and args[-1].isdigit():
-        count = int(args[-1])
+    count = ascii_int(args[-1]) if len(args) > 1 else None
+    if count is not None:
         if not 1 <= count <= MAX_COUNT:
             raise UserFacingError("portrait.bad_count", max=MAX_COUNT)
         return args[:-1], count
@@ -170,6 +180,7 @@ def _styles_page(services: Services, number: int, lang: str) -> tuple[str, list[
         nav.append(Button("▶", buttons.payload("styles", page.number + 1)))
     if nav:
         rows.append(nav)
+    rows.append([Button(t("panel.button", lang), buttons.payload(studio.PANEL_LIST_ACTION, page.number))])
     text = t("portrait.catalogue", lang, page=page.number + 1, pages=page.total_pages, count=len(catalogue))
     return text, rows
 
@@ -186,8 +197,11 @@ async def press_style(services: Services, event: Event, channel: ReplyChannel, s
 
 async def press_page(services: Services, event: Event, channel: ReplyChannel, argument: str) -> None:
     """Turns the catalogue message to another page."""
+    number = ascii_int(argument)
     try:
-        text, keyboard = _styles_page(services, int(argument), event.language)
+        if number is None:
+            raise ValueError(f"not a page number: {argument!r}")
+        text, keyboard = _styles_page(services, number, event.language)
     except ValueError:
         await channel.answer_button(t("button.stale", event.language))
         return
@@ -204,7 +218,8 @@ async def more_like_this(services: Services, event: Event, channel: ReplyChannel
     if style is None:
         await channel.answer_button(t("button.stale", event.language))
         return
-    await submit_portrait(services, event, channel, style, int(job.params.get("count", DEFAULT_COUNT)))
+    count = int(job.params.get("count", DEFAULT_COUNT))
+    await submit_portrait(services, event, channel, style, count, new_seed=True)
 
 
 # -- presenters: what finished jobs do ----------------------------------------------------------
@@ -254,9 +269,9 @@ async def record_lora(services: Services, job: Any, artifacts: list[Any], channe
     await channel.send_text(t("portrait.lora_ready", lang, steps=steps or "?"))
 
 
-router.register_command("style", make_portrait, "help.style")
-router.register_command("styles", show_styles, "help.styles")
-router.register_command("train", train_lora, "help.train")
+registry.register_command("style", make_portrait, "help.style")
+registry.register_command("styles", show_styles, "help.styles")
+registry.register_command("train", train_lora, "help.train")
 buttons.register_core_button("style", press_style)
 buttons.register_core_button("styles", press_page)
 buttons.register_result_button("more", "portrait.button_more", more_like_this, applies_to={"portrait"})

@@ -17,7 +17,18 @@ from typing import Any, Protocol
 from facechain_core.errors import UserFacingError
 from handlers import buttons, hooks
 from handlers.messages import catalogue, t
-from handlers.protocols import Button, Chat, Event, Media, MessageRef, ReplyChannel, Submitted
+from handlers.protocols import (
+    Addressing,
+    Button,
+    Chat,
+    Event,
+    Media,
+    MessageRef,
+    ReplyChannel,
+    ResultInPlace,
+    Submitted,
+    User,
+)
 from handlers.services import ProgressMemo, Services
 
 log = logging.getLogger(__name__)
@@ -101,15 +112,17 @@ def error_text(error: Any, lang: str) -> str:
 async def submit_with_progress(services: Services, event: Event, channel: ReplyChannel, kind: str,
                                params: dict[str, Any]) -> Submitted:
     """Admits and submits a job, then answers with its queue position and a Cancel button (its progress message)."""
-    params, undo = await hooks.admit(services, event, kind, params)  # quotas, a group's rules (features add them)
-    try:
-        submitted = await submit_job(services, event, kind, params)
-    except BaseException:
-        await undo()
-        raise
+    # Checks and the job row they count are one step per user: concurrent commands cannot pass a quota.
+    async with services.runtime.user_lock(event.user.key):
+        params, undo = await hooks.admit(services, event, kind, params)  # quotas, a group's rules...
+        try:
+            submitted = await submit_job(services, event, kind, params)
+        except BaseException:
+            await undo()
+            raise
     text = queued_text(kind, submitted.position, submitted.eta_s, event.language)
     try:
-        ref = await channel.send_text(text, cancel_button(submitted.job_id, event.language))
+        ref = await addressed(channel, event.user).send_text(text, cancel_button(submitted.job_id, event.language))
     except Exception:
         # The job is queued all the same: its progress (or result) will be the user's first word of it.
         log.warning("job %d: could not say it is queued", submitted.job_id, exc_info=True)
@@ -139,6 +152,7 @@ def queued_text(kind: str, position: int, eta_s: float | None, lang: str) -> str
 async def show_progress(services: Services, job: JobLike, step: int, total: int, text: str | None = None) -> None:
     """Edits the job's progress message (bar, percent, ETA), at most once per interval but always the last step."""
     now = services.clock()
+    services.runtime.maybe_sweep(now)
     memo = services.runtime.progress.get(job.id)
     if memo is None:
         memo = services.runtime.progress[job.id] = ProgressMemo(started=now, first_step=step)
@@ -165,11 +179,21 @@ async def show_progress(services: Services, job: JobLike, step: int, total: int,
 
 
 async def deliver_result(services: Services, job: JobLike, artifacts: list[Any]) -> None:
-    """Sends the job's undelivered artifacts through its kind's presenter; raises if sending failed."""
-    channel = services.channel_for(_job_chat(job))
+    """Sends the job's undelivered artifacts through its kind's presenter; raises if sending failed.
+
+    Where the platform can (Discord), the result replaces the progress message; elsewhere that message
+    says the job is done."""
+    channel = _job_channel(services, job)
     lang = await _job_language(services, job)
+    ref = _stored_ref(services, job)
+    in_place = ref is not None and isinstance(channel, ResultInPlace)
+    if in_place:
+        channel.result_in_place(ref)  # type: ignore[union-attr]
     presenter = _presenters.get(job.kind, present_default)
     await presenter(services, job, artifacts, channel, lang)
+    if in_place and channel.replaced:  # type: ignore[union-attr]
+        services.runtime.progress.pop(job.id, None)
+        return
     await _finish_progress(services, job, channel, t("progress.done", lang))
 
 
@@ -177,7 +201,7 @@ async def report_failure(services: Services, job: JobLike, error: Any) -> None:
     """Tells the user why the job failed, in its progress message when there is one, else in a new
     message; raises when neither reached the chat (the scheduler tries again later)."""
     lang = await _job_language(services, job)
-    channel = services.channel_for(_job_chat(job))
+    channel = _job_channel(services, job)
     text = error_text(error, lang)
     if not await _finish_progress(services, job, channel, text):
         await channel.send_text(text)
@@ -187,14 +211,13 @@ async def report_late(services: Services, job: JobLike) -> None:
     """Tells the user their result is ready but sending it keeps failing: it will arrive late. Raises when
     that did not reach the chat either."""
     lang = await _job_language(services, job)
-    channel = services.channel_for(_job_chat(job))
-    await channel.send_text(t("job.late", lang))
+    await _job_channel(services, job).send_text(t("job.late", lang))
 
 
 async def report_cancelled(services: Services, job: JobLike) -> None:
     """Marks the job's progress message as cancelled (a job without one needs no word: /cancel answered)."""
     lang = await _job_language(services, job)
-    await _finish_progress(services, job, services.channel_for(_job_chat(job)), t("progress.cancelled", lang))
+    await _finish_progress(services, job, _job_channel(services, job), t("progress.cancelled", lang))
 
 
 # -- presenting ---------------------------------------------------------------------------------
@@ -206,8 +229,7 @@ async def present_default(services: Services, job: JobLike, artifacts: list[Any]
     todo = [a for a in artifacts if a.delivered_at is None]
     images = [a for a in todo if a.media_type.startswith("image/")]
     if images:
-        text = hooks.decorate_caption(services, job, caption or t("result.caption", lang), lang)
-        keyboard = hooks.result_keyboard(services, job, images, lang)
+        text, keyboard = hooks.decorate_result(services, job, caption or t("result.caption", lang), images, lang)
         sent = await channel.send_images([_media(a, platform) for a in images], caption=text, buttons=keyboard)
         for artifact, file in zip(images, sent, strict=False):
             await services.storage.mark_delivered(artifact.id, platform, file.file_id)
@@ -215,12 +237,13 @@ async def present_default(services: Services, job: JobLike, artifacts: list[Any]
     for artifact in todo:
         if artifact.id in image_ids:
             continue
+        text, keyboard = hooks.decorate_result(services, job, caption, [artifact], lang)
         if artifact.media_type.startswith("video/"):
-            file = await channel.send_video(_media(artifact, platform), caption=hooks.decorate_caption(
-                services, job, caption, lang), buttons=hooks.result_keyboard(services, job, [artifact], lang))
+            file = await channel.send_video(_media(artifact, platform), caption=text, buttons=keyboard)
         elif artifact.media_type.startswith("audio/"):
-            file = await channel.send_audio(_media(artifact, platform), caption=hooks.decorate_caption(
-                services, job, caption, lang))
+            file = await channel.send_audio(_media(artifact, platform), caption=text)
+            if keyboard:  # an audio message carries no buttons: they follow it
+                await channel.send_text(t("core.more_actions", lang), keyboard)
         else:
             # Other files (embeddings, LoRA weights) are the bot's own, not for the chat.
             await services.storage.mark_delivered(artifact.id, platform, None)
@@ -236,6 +259,19 @@ def _media(artifact: Any, platform: str) -> Media:
 # -- helpers ------------------------------------------------------------------------------------
 def _job_chat(job: JobLike) -> Chat:
     return Chat.from_dict(job.chat)
+
+
+def addressed(channel: ReplyChannel, user: User) -> ReplyChannel:
+    """`channel`, naming `user` in its public messages where the platform does (a Discord server)."""
+    if isinstance(channel, Addressing):
+        channel.address(user)
+    return channel
+
+
+def _job_channel(services: Services, job: JobLike) -> ReplyChannel:
+    """The channel of the job's chat, naming its requester (who asked is not otherwise clear on Discord)."""
+    platform, _, user_id = job.user_key.partition(":")
+    return addressed(services.channel_for(_job_chat(job)), User(platform, user_id))
 
 
 def _progress_body(kind: str, text: str | None, lang: str) -> str:
@@ -263,7 +299,7 @@ def _stored_ref(services: Services, job: JobLike) -> MessageRef | None:
 
 async def _put_progress(services: Services, job: JobLike, memo: ProgressMemo, text: str,
                         keyboard: list[list[Button]] | None) -> None:
-    channel = services.channel_for(_job_chat(job))
+    channel = _job_channel(services, job)
     ref = _stored_ref(services, job)
     if ref is not None:
         await channel.edit_text(ref, text, keyboard)

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 
 class NotSupported(Exception):
@@ -208,6 +208,24 @@ class ReplyChannel(Protocol):
 
     async def answer_button(self, text: str | None = None, alert: bool = False) -> None:
         """Acknowledges the button press that produced this event (no-op elsewhere)."""
+
+
+@runtime_checkable
+class Addressing(Protocol):
+    """A channel that can name whom a job's messages are for (Discord mentions them in a server)."""
+
+    def address(self, user: User) -> None:
+        """Names `user` in this channel's public messages from now on."""
+
+
+@runtime_checkable
+class ResultInPlace(Protocol):
+    """A channel that can turn a job's progress message into its result (Discord edits the files in)."""
+
+    replaced: bool  # whether the last result_in_place message was replaced
+
+    def result_in_place(self, ref: MessageRef) -> None:
+        """The next public message this channel sends replaces `ref` instead of following it."""
 
 
 @dataclass

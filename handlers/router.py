@@ -4,99 +4,38 @@
 user gates (a ban), then dispatches: button presses to the button registry, commands to the command table, files to
 the command waiting for one (pending input) or else to selfie intake. It never raises: an
 expected failure becomes its catalogue message, anything else is logged and answered plainly.
-Features register at import time::
-
-    register_command("style", make_portrait, "help.style")
-    register_pending("tryon", receive_outfit)
+Features register into ``handlers.registry`` (which imports no feature) at import time; the names
+are re-exported here for features that still call ``router.register_command``.
 """
 from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from facechain_core.errors import UserFacingError
-from handlers import buttons
+from handlers import buttons, registry
 from handlers.messages import catalogue, t
 from handlers.protocols import DuplicateUpdate, Event, ReplyChannel
+from handlers.registry import (  # noqa: F401  (re-exported: features and tests used the router's names before)
+    Command,
+    _commands,
+    _pending_handlers,
+    command_menu,
+    commands,
+    register_command,
+    register_gate,
+    register_inline,
+    register_pending,
+    register_user_gate,
+)
 from handlers.services import Services
 
 log = logging.getLogger(__name__)
 
-CommandHandler = Callable[[Services, Event, ReplyChannel], Awaitable[None]]
-# Gets the pending input row (``command``, ``payload``, ``expires_at``) it was waiting for.
-PendingHandler = Callable[[Services, Event, ReplyChannel, Any], Awaitable[None]]
-# Runs before a command's handler; refuses it by raising UserFacingError (e.g. a group's rules).
-CommandGate = Callable[[Services, Event, "Command"], Awaitable[None]]
-# Refuses everything a user sends (a ban): returns the refusal in the event's language, or None.
-UserGate = Callable[[Services, Event], Awaitable[str | None]]
-# Answers a typed inline query; `allowed` is False when access control refuses the user.
-InlineHandler = Callable[[Services, Event, ReplyChannel, bool], Awaitable[None]]
-
 RATE_WINDOW_S = 60.0
 # Telegram shows at most 200 characters in a button alert.
 ALERT_MAX_CHARS = 200
-
-
-@dataclass(frozen=True)
-class Command:
-    name: str
-    handler: CommandHandler
-    help_code: str  # a short description: the /help line and the platform's command menu
-    admin_only: bool = False
-    in_menu: bool = True
-
-
-_commands: dict[str, Command] = {}
-_pending_handlers: dict[str, PendingHandler] = {}
-_gates: list[CommandGate] = []
-_inline_handlers: list[InlineHandler] = []
-_user_gates: list[UserGate] = []
-
-
-def register_command(name: str, handler: CommandHandler, help_code: str, *,
-                     admin_only: bool = False, in_menu: bool = True) -> None:
-    """Adds a command to the dispatch table (names are lowercase, as platforms require)."""
-    if not name.isascii() or not name.replace("_", "").isalnum() or name != name.lower() or len(name) > 32:
-        raise ValueError(f"command names are 1-32 lowercase letters, digits or _, got {name!r}")
-    existing = _commands.get(name)
-    if existing is not None and existing.handler is not handler:
-        raise ValueError(f"command /{name} is already registered")
-    _commands[name] = Command(name, handler, help_code, admin_only, in_menu)
-
-
-def register_pending(command: str, handler: PendingHandler) -> None:
-    """Routes the next file a user sends after `command` asked for one (see ``expect_input``)."""
-    _pending_handlers[command] = handler
-
-
-def register_gate(gate: CommandGate) -> None:
-    """Adds a check every command passes before its handler runs (in registration order)."""
-    if gate not in _gates:
-        _gates.append(gate)
-
-
-def register_user_gate(gate: UserGate) -> None:
-    """Adds a check every event of a user passes, after access control and the rate limit."""
-    if gate not in _user_gates:
-        _user_gates.append(gate)
-
-
-def register_inline(handler: InlineHandler) -> None:
-    """Sets the handler of typed inline queries (one: the last registered wins)."""
-    _inline_handlers[:] = [handler]
-
-
-def commands() -> list[Command]:
-    """Every registered command, in registration order."""
-    return list(_commands.values())
-
-
-def command_menu(lang: str) -> list[tuple[str, str]]:
-    """``(name, description)`` for the platform's command menu (admin commands left out)."""
-    return [(c.name, t(c.help_code, lang)) for c in _commands.values() if c.in_menu and not c.admin_only]
 
 
 def is_admin(services: Services, user_key: str) -> bool:
@@ -105,7 +44,7 @@ def is_admin(services: Services, user_key: str) -> bool:
 
 async def expect_input(services: Services, event: Event, command: str, payload: dict[str, Any] | None = None) -> None:
     """Stores that `command` waits for the user's next file in this chat (expires per settings)."""
-    if command not in _pending_handlers:
+    if registry.pending_handler(command) is None:
         raise ValueError(f"no pending handler registered for {command!r}")
     await services.storage.set_pending(event.user.key, event.chat.key, command, payload or {},
                                        services.settings.limits.pending_input_ttl_s)
@@ -125,6 +64,7 @@ async def handle_event(services: Services, event: Event, channel: ReplyChannel) 
     A user's events run one at a time (inline queries, which only read, excepted), so their /delete
     waits for intake already under way and nothing they sent is written after it. An update the
     platform sent again after it made a job (a crash before the platform heard it was handled) does nothing."""
+    services.runtime.maybe_sweep(services.clock())
     await _use_stored_language(services, event, channel)
     if event.button_payload is not None:
         channel = _AnswerOnce(channel)
@@ -132,7 +72,7 @@ async def handle_event(services: Services, event: Event, channel: ReplyChannel) 
         if event.inline_query is not None:
             await _route(services, event, channel)
         else:
-            async with services.runtime.intake.hold(event.user.key):
+            async with services.runtime.intake_lock(event.user.key):
                 if event.update_key is not None and await services.storage.update_seen(event.update_key):
                     log.info("%s from %s was handled before (sent again): ignored", _describe(event), event.user.key)
                     return
@@ -248,7 +188,7 @@ def _within_rate(services: Services, user_key: str) -> tuple[bool, bool]:
 
 async def _run_command(services: Services, event: Event, channel: ReplyChannel) -> None:
     name = (event.command or "").lower()
-    command = _commands.get(name)
+    command = registry.command(name)
     if command is None:
         # In a group an unknown command is likely another bot's: stay quiet there.
         if event.chat.is_private:
@@ -257,7 +197,7 @@ async def _run_command(services: Services, event: Event, channel: ReplyChannel) 
     if command.admin_only and not is_admin(services, event.user.key):
         await channel.send_text(t("core.admin_only", event.language))
         return
-    for gate in _gates:
+    for gate in registry.gates():
         await gate(services, event, command)
     log.info("/%s from %s in %s", name, event.user.key, event.chat.key)
     await command.handler(services, event, channel)
@@ -265,14 +205,15 @@ async def _run_command(services: Services, event: Event, channel: ReplyChannel) 
 
 async def _route_inline(services: Services, event: Event, channel: ReplyChannel) -> None:
     """Answers an inline query; they come per keystroke, so they are not counted as commands."""
-    if not _inline_handlers:
+    handler = registry.inline_handler()
+    if handler is None:
         return
     refusal = _access_refusal(services, event) or await _user_gate_refusal(services, event)
-    await _inline_handlers[0](services, event, channel, refusal is None)
+    await handler(services, event, channel, refusal is None)
 
 
 async def _user_gate_refusal(services: Services, event: Event) -> str | None:
-    for gate in _user_gates:
+    for gate in registry.user_gates():
         refusal = await gate(services, event)
         if refusal is not None:
             return refusal
@@ -282,15 +223,17 @@ async def _user_gate_refusal(services: Services, event: Event) -> str | None:
 async def _route_attachments(services: Services, event: Event, channel: ReplyChannel) -> None:
     pending = await services.storage.take_pending(event.user.key, event.chat.key)
     if pending is not None:
-        handler = _pending_handlers.get(pending.command)
+        handler = registry.pending_handler(pending.command)
         if handler is not None:
             log.info("file from %s goes to pending /%s", event.user.key, pending.command)
             await handler(services, event, channel, pending)
             return
         log.warning("pending input for unregistered command %r dropped", pending.command)
-    from handlers import selfie  # selfie imports this module: resolved at call time
-
-    await selfie.receive_attachments(services, event, channel)
+    intake = registry.file_intake()
+    if intake is None:
+        log.warning("no file intake registered: files from %s dropped", event.user.key)
+        return
+    await intake(services, event, channel)
 
 
 async def _reply_safely(event: Event, channel: ReplyChannel, text: str) -> None:

@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from facechain_core.errors import UserFacingError
+from facechain_core.numbers import ascii_int
 from facechain_core.safety import DEFAULT_SERVICE
 from facechain_core.safety import FEATURE as SAFETY_FEATURE
-from facechain_core.tts import edge_enabled
-from handlers import buttons, hooks, router
+from handlers import buttons, hooks, registry, router
 from handlers.basic import other_files
+from handlers.consent import consent_text
 from handlers.messages import t
 from handlers.progress import format_duration, kind_label
 from handlers.protocols import Button, Event, Media, ReplyChannel, User
@@ -61,20 +62,6 @@ def _date(ts: float) -> str:
 
 
 # -- consent and labels ---------------------------------------------------------------------------
-def _kept_for(days: float, lang: str) -> str:
-    return t("safety.keep_days", lang, days=f"{days:g}") if days > 0 else t("safety.keep_forever", lang)
-
-
-def consent_text(services: Services, lang: str) -> str:
-    """Whose face may be sent and how photos are used and kept (/start and the first selfie)."""
-    retention = services.settings.retention
-    text = t("safety.consent", lang, selfies=_kept_for(retention.selfies_days, lang),
-             identities=_kept_for(retention.identities_days, lang), results=_kept_for(retention.results_days, lang))
-    if edge_enabled(getattr(services.settings, "pipeline", None) or {}):  # the operator turned online TTS on
-        text += " " + t("talk.privacy_online", lang)
-    return text
-
-
 def service_name(services: Services) -> str:
     """The service named in the AI label (``[pipeline] label_service``)."""
     pipeline = getattr(services.settings, "pipeline", None) or {}
@@ -141,7 +128,10 @@ async def check_quota(services: Services, event: Event, kind: str) -> None:
 
 
 async def admit_within_quota(services: Services, event: Event, kind: str, params: dict[str, Any]) -> None:
-    """An admission check: ``check_quota`` before every job (it only reads, so there is nothing to give back)."""
+    """An admission check: ``check_quota`` before every job (it only reads, so there is nothing to give back).
+
+    ``progress.submit_with_progress`` holds the user's lock from the checks until the job row is written,
+    so the count read here and the row that adds to it are one step."""
     await check_quota(services, event, kind)
 
 
@@ -257,7 +247,8 @@ async def press_ban_owner(services: Services, event: Event, channel: ReplyChanne
         await channel.answer_button(t("core.admin_only", lang), alert=True)
         return
     storage: Any = services.storage
-    report = await storage.report(int(argument)) if argument.isdigit() else None
+    report_id = ascii_int(argument)
+    report = await storage.report(report_id) if report_id is not None else None
     if report is None:
         await channel.answer_button(t("button.stale", lang))
         return
@@ -306,7 +297,7 @@ def parse_user(argument: str, event: Event) -> str:
     platform, sep, user_id = argument.partition(":")
     if not sep:
         platform, user_id = event.user.platform, argument
-    if not platform.isalpha() or not user_id.isdigit():
+    if not platform.isascii() or not platform.isalpha() or ascii_int(user_id) is None:
         raise UserFacingError("admin.bad_user", user=argument[:64])
     return f"{platform.lower()}:{user_id}"
 
@@ -355,10 +346,10 @@ async def stats_text(services: Services, lang: str) -> str:
     ])
 
 
-router.register_command("privacy", show_privacy, "help.privacy")
-router.register_command("quota", show_quota, "help.quota")
-router.register_command("admin", admin_command, "help.admin", admin_only=True)
-router.register_user_gate(refuse_banned)
+registry.register_command("privacy", show_privacy, "help.privacy")
+registry.register_command("quota", show_quota, "help.quota")
+registry.register_command("admin", admin_command, "help.admin", admin_only=True)
+registry.register_user_gate(refuse_banned)
 hooks.register_admission_check(admit_within_quota, hooks.AdmissionStage.USER)
 hooks.register_caption_decorator(result_caption)
 hooks.register_keyboard_decorator(add_report_buttons)

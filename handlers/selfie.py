@@ -9,23 +9,22 @@ an "identity" job is (re)submitted so the likeness follows the newest set of sel
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import secrets
-import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from facechain_core.errors import ModelNotInstalled, UserFacingError
-from facechain_core.faces import FaceDetector, create_detector
+from facechain_core.errors import UserFacingError
 from facechain_core.images import encode_jpeg
-from facechain_core.selfie import SelfieResult, SelfieThresholds, check_selfie, face_record
+from facechain_core.selfie import SelfieResult, face_record
+from handlers import registry
+from handlers.consent import consent_text
 from handlers.messages import t
 from handlers.progress import submit_job
 from handlers.protocols import Attachment, Event, ReplyChannel, User
 from handlers.router import message_for
+from handlers.selfie_check import build_selfie_checker, lazy_selfie_checker  # noqa: F401  (their old home)
 from handlers.services import MB, Services
 
 log = logging.getLogger(__name__)
@@ -36,35 +35,6 @@ GROUP_HINT_INTERVAL_S = 600.0
 JPEG_QUALITY = 95
 IDENTITY_KIND = "identity"
 PORTRAIT_FEATURE = "portrait"
-
-
-def build_selfie_checker(detector: FaceDetector, *, min_face_px: int, max_upload_mb: float,
-                         max_pixels: int) -> Callable[[bytes], SelfieResult]:
-    """The ``Services.check_selfie`` callable: bytes in, SelfieResult out or UserFacingError."""
-    thresholds = SelfieThresholds(min_face_px=min_face_px)
-    return functools.partial(check_selfie, detector=detector, thresholds=thresholds,
-                             max_bytes=int(max_upload_mb * MB), max_pixels=max_pixels)
-
-
-def lazy_selfie_checker(settings: Any) -> Callable[[bytes], SelfieResult]:
-    """A checker whose detector (named in ``settings.selfie``, under models_dir) loads on first use."""
-    lock = threading.Lock()
-    loaded: list[Callable[[bytes], SelfieResult]] = []
-
-    def check(data: bytes) -> SelfieResult:
-        with lock:
-            if not loaded:
-                model = Path(settings.selfie.detector_model).expanduser()
-                if not model.is_absolute():
-                    model = Path(settings.models_dir) / model
-                if not model.exists():
-                    raise ModelNotInstalled(model.name, "selfie", "facechain-bot models pull selfie")
-                loaded.append(build_selfie_checker(
-                    create_detector(settings.selfie.detector, model), min_face_px=settings.selfie.min_face_px,
-                    max_upload_mb=settings.limits.max_upload_mb, max_pixels=settings.limits.max_pixels))
-        return loaded[0](data)
-
-    return check
 
 
 def is_image(attachment: Attachment) -> bool:
@@ -112,8 +82,6 @@ async def receive_selfie(services: Services, event: Event, channel: ReplyChannel
         selfies = await _store_selfie(services, user, result, face)
         count = len(selfies)
         log.info("selfie accepted from %s (%d kept)", user.key, count)
-        from handlers.safety import consent_text  # imported where used, keeping the command menu's order
-
         # The first selfie says plainly whose face may be sent and how it is kept.
         consent = "\n\n" + consent_text(services, event.language) if count == 1 else ""
         if PORTRAIT_FEATURE not in services.features_installed:
@@ -179,3 +147,6 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 def _mb(n: int) -> str:
     return f"{n / MB:.1f}"
+
+
+registry.register_file_intake(receive_attachments)

@@ -7,17 +7,17 @@ never in module globals, so two services in one process (tests) never share it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
+import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from handlers.protocols import Chat, JobQueue, MessageRef, ReplyChannel, User
+from handlers.selfie_check import MB, lazy_selfie_checker
 
-MB = 1_000_000  # decimal, as facechain_core.images reports sizes
 
 
 class StorageLike(Protocol):
@@ -51,50 +51,36 @@ class ProgressMemo:
     language: str | None = None
 
 
-class KeyedLocks:
-    """One lock per key, kept only while someone holds or waits for it (memory stays bounded)."""
-
-    def __init__(self) -> None:
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._holders: dict[str, int] = {}
-
-    @contextlib.asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        self._holders[key] = self._holders.get(key, 0) + 1
-        try:
-            async with lock:
-                yield
-        finally:
-            self._holders[key] -= 1
-            if not self._holders[key]:
-                del self._holders[key], self._locks[key]
-
-    def __len__(self) -> int:
-        return len(self._locks)
+# In-memory entries (rate windows, warnings, group hints, /delete confirmations, progress memos) untouched
+# this long are dropped: they only throttle or remember for minutes, and each user or job adds one.
+STALE_AFTER_S = 3600.0
+SWEEP_INTERVAL_S = 60.0  # how often the maps are swept (on the next event or progress report)
 
 
 @dataclass
 class RuntimeState:
-    """In-memory state of the handlers; lost on restart by design."""
+    """In-memory state of the handlers; lost on restart by design, bounded by ``sweep``."""
 
     rate_windows: dict[str, deque[float]] = field(default_factory=dict)
     rate_warned_until: dict[str, float] = field(default_factory=dict)
     progress: dict[int, ProgressMemo] = field(default_factory=dict)
-    user_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    # Held by the coroutines using them: a lock nobody holds or awaits goes away by itself.
+    user_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = field(default_factory=weakref.WeakValueDictionary)
     # One user's updates are handled one at a time (the router), and so are their /delete and the
     # retention sweep of their data: nothing a user sent is written after their /delete finished.
-    intake: KeyedLocks = field(default_factory=KeyedLocks)
+    intake_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = field(default_factory=weakref.WeakValueDictionary)
     # /delete confirmations: nonce -> (user key, expiry clock time).
     delete_confirms: dict[str, tuple[str, float]] = field(default_factory=dict)
     # Last time a user was told (in a group) to send selfies privately.
     group_hints: dict[str, float] = field(default_factory=dict)
+    swept_at: float | None = None
 
     def user_lock(self, user_key: str) -> asyncio.Lock:
-        lock = self.user_locks.get(user_key)
-        if lock is None:
-            lock = self.user_locks[user_key] = asyncio.Lock()
-        return lock
+        return _lock_of(self.user_locks, user_key)
+
+    def intake_lock(self, user_key: str) -> asyncio.Lock:
+        """Taken around each of the user's events, their /delete and their retention sweep (before user_lock)."""
+        return _lock_of(self.intake_locks, user_key)
 
     def forget_user(self, user_key: str) -> None:
         """Drops what memory holds about a user (after /delete)."""
@@ -104,6 +90,38 @@ class RuntimeState:
         for nonce, (owner, _) in list(self.delete_confirms.items()):
             if owner == user_key:
                 del self.delete_confirms[nonce]
+
+    def maybe_sweep(self, now: float) -> None:
+        """Sweeps at most once per ``SWEEP_INTERVAL_S`` of clock time."""
+        if self.swept_at is None or now - self.swept_at >= SWEEP_INTERVAL_S:
+            self.sweep(now)
+
+    def sweep(self, now: float) -> None:
+        """Drops entries untouched for ``STALE_AFTER_S`` (progress of forgotten jobs included)."""
+        self.swept_at = now
+        old = now - STALE_AFTER_S
+        for key, window in list(self.rate_windows.items()):
+            if not window or window[-1] < old:
+                del self.rate_windows[key]
+        for key, until in list(self.rate_warned_until.items()):
+            if until < now:
+                del self.rate_warned_until[key]
+        for key, told in list(self.group_hints.items()):
+            if told < old:
+                del self.group_hints[key]
+        for nonce, (_, expires) in list(self.delete_confirms.items()):
+            if expires < now:
+                del self.delete_confirms[nonce]
+        for job_id, memo in list(self.progress.items()):
+            if (memo.last_edit if memo.last_edit is not None else memo.started) < old:
+                del self.progress[job_id]
+
+
+def _lock_of(locks: weakref.WeakValueDictionary[str, asyncio.Lock], key: str) -> asyncio.Lock:
+    lock = locks.get(key)
+    if lock is None:
+        lock = locks[key] = asyncio.Lock()
+    return lock
 
 
 async def same_id_private_chat(user: User) -> Chat:
@@ -143,8 +161,6 @@ class Services:
         Without `check_selfie`, the detector named in ``settings.selfie`` is loaded on first use.
         """
         if check_selfie is None:
-            from handlers.selfie import lazy_selfie_checker  # handlers.selfie imports this module
-
             check_selfie = lazy_selfie_checker(settings)
         return cls(settings=settings, storage=storage, jobs=jobs or _NoQueue(), data_dir=Path(settings.data_dir),
                    check_selfie=check_selfie, channel_for=channel_for, private_chat=private_chat or same_id_private_chat,

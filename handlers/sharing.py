@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from handlers import buttons, router
+from handlers import buttons, hooks, registry
 from handlers.messages import t
 from handlers.protocols import Button, Chat, Event, Media, MessageRef, ReplyChannel, Visibility
 from handlers.services import Services
@@ -36,10 +36,13 @@ SHARED_KINDS = frozenset({"portrait", "cartoon"})
 
 @dataclass(frozen=True)
 class InlinePhoto:
-    """A result offered in inline mode: re-sent by the platform's file id."""
+    """A result offered in inline mode: re-sent by the platform's file id, with the caption and buttons
+    every result carries (the platform drops a photo's own metadata)."""
 
     id: str  # the artifact id
     file_id: str
+    caption: str | None = None
+    buttons: list[list[Button]] | None = None
 
 
 @runtime_checkable
@@ -71,7 +74,8 @@ async def answer_inline_query(services: Services, event: Event, channel: ReplyCh
              if a.owner_key == key and (a.file_ids or {}).get(platform)]
     wanted = (event.inline_query or "").strip()
     found.sort(key=lambda a: a.id != wanted)  # stable: the rest stay newest first
-    results = [InlinePhoto(a.id, a.file_ids[platform]) for a in found]
+    results = [InlinePhoto(a.id, a.file_ids[platform], *await _shown_to_others(services, a, None, event.language))
+               for a in found]
     log.info("inline query from %s: %d results", key, len(results))
     await channel.answer_inline(results, None if results else t("sharing.inline_start", event.language))
 
@@ -115,7 +119,8 @@ async def press_post(services: Services, event: Event, channel: ReplyChannel, ar
         return
     await channel.answer_button()
     name = event.user.name or t("core.friend", lang)
-    await services.channel_for(target).send_images([Media(path=path)], caption=t("sharing.caption", lang, name=name))
+    caption, keyboard = await _shown_to_others(services, artifact, t("sharing.caption", lang, name=name), lang)
+    await services.channel_for(target).send_images([Media(path=path)], caption=caption, buttons=keyboard)
     log.info("%s posted result %s in %s", event.user.key, artifact.id, target.key)
     done = t("sharing.posted", lang, channel=target.title or target.id)
     if event.message_id is not None:
@@ -124,6 +129,13 @@ async def press_post(services: Services, event: Event, channel: ReplyChannel, ar
         await channel.send_text(done, visibility=Visibility.REQUESTER)
 
 
-router.register_inline(answer_inline_query)
+async def _shown_to_others(services: Services, artifact: Any, caption: str | None,
+                           lang: str) -> tuple[str | None, list[list[Button]] | None]:
+    """A result's caption and buttons where others see it: every decoration (AI note, Report), no owner buttons."""
+    job = await services.storage.job(artifact.job_id) if artifact.job_id is not None else None
+    return hooks.decorate_result(services, job, caption, [artifact], lang, owner_buttons=False)
+
+
+registry.register_inline(answer_inline_query)
 buttons.register_result_button(SHARE_ACTION, "sharing.button", press_share, applies_to=SHARED_KINDS)
 buttons.register_core_button(POST_ACTION, press_post)

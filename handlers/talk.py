@@ -28,8 +28,9 @@ from typing import Any
 from facechain_core import kokoro
 from facechain_core.errors import UserFacingError
 from facechain_core.talk import DEFAULTS as TALK_DEFAULTS
-from facechain_core.tts import OFFLINE_VOICE, EdgeTTS, edge_enabled, edge_voice_language
-from handlers import buttons, cartoon, hooks, router
+from facechain_core.tts import MAX_TEXT_CHARS  # noqa: F401  (re-exported: the Discord /talk option's limit)
+from facechain_core.tts import OFFLINE_VOICE, EdgeTTS, check_text_length, edge_enabled, edge_voice_language
+from handlers import buttons, cartoon, hooks, registry, router
 from handlers.messages import t
 from handlers.progress import register_presenter, submit_with_progress
 from handlers.protocols import Attachment, Button, Event, Media, MessageRef, NotSupported, ReplyChannel
@@ -46,7 +47,6 @@ VOICE_LANGUAGES = ("en", "zh")
 FOLDER = "talk"  # under the user's folder: jobs/<token>/input.jpg and input.audio
 ROUND_WORDS = ("round", "--round")
 MOTION_FLAGS = {"--still": "still", "--natural": "natural", "--lively": "lively"}  # the animated mode's head motion
-MAX_TEXT_CHARS = 500
 INPUT_TTL_S = 24 * 3600.0
 AUDIO_KINDS = ("voice", "audio")
 DONE_STATES = ("delivered", "done")
@@ -65,8 +65,7 @@ async def make_talk(services: Services, event: Event, channel: ReplyChannel) -> 
         else:
             motion = MOTION_FLAGS[word]
     text = " ".join(args).strip()
-    if len(text) > MAX_TEXT_CHARS:
-        raise UserFacingError("talk.text_too_long", length=len(text), max_length=MAX_TEXT_CHARS)
+    check_text_length(text)
     source = await portrait_source(services, event)
     folder = await stage_portrait(services, event.user.key, source)
     if not text:
@@ -317,11 +316,11 @@ def _prune_folders(jobs: Path, max_age_s: float) -> None:
         cartoon._prune([*jobs.glob("*/input.jpg"), *jobs.glob("*/input.audio")], max_age_s)
 
 
-router.register_command("talk", make_talk, "help.talk")
-router.register_command("voice", choose_voice, "help.voice")
+registry.register_command("talk", make_talk, "help.talk")
+registry.register_command("voice", choose_voice, "help.voice")
 buttons.register_core_button(VOICE_ACTION, press_voice)
 buttons.register_core_button(SAMPLE_ACTION, press_sample)
 register_presenter(SAMPLE_KIND, present_sample)
-router.register_pending(KIND, receive_voice)
+registry.register_pending(KIND, receive_voice)
 buttons.register_result_button(RESULT_ACTION, "talk.button", press_result, applies_to={"portrait", "cartoon"})
 register_presenter(KIND, present_talk)

@@ -19,7 +19,7 @@ from typing import Any
 
 from facechain_core.errors import UserFacingError
 from facechain_core.templates import TemplateEntry, TemplateLibrary, load_templates
-from handlers import buttons, cartoon, router, studio
+from handlers import buttons, cartoon, registry, router, studio
 from handlers.cartoon import Source
 from handlers.messages import t
 from handlers.progress import present_default, register_presenter, submit_with_progress
@@ -174,7 +174,7 @@ async def _require_identity(services: Services, event: Event) -> None:
         raise UserFacingError("portrait.need_selfie")
 
 
-router.register_command("template", make_template, "help.template")
-router.register_pending(KIND, receive_photo)
+registry.register_command("template", make_template, "help.template")
+registry.register_pending(KIND, receive_photo)
 buttons.register_core_button(PRESS_ACTION, press_template)
 register_presenter(KIND, present_template)

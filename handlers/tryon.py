@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from facechain_core.errors import UserFacingError
-from handlers import cartoon, router
+from handlers import cartoon, registry, router
 from handlers.cartoon import Source
 from handlers.messages import t
 from handlers.progress import present_default, register_presenter, submit_with_progress
@@ -118,6 +118,6 @@ async def _require_identity(services: Services, event: Event) -> None:
         raise UserFacingError("tryon.no_identity")
 
 
-router.register_command("tryon", make_tryon, "help.tryon")
-router.register_pending(KIND, receive_photo)
+registry.register_command("tryon", make_tryon, "help.tryon")
+registry.register_pending(KIND, receive_photo)
 register_presenter(KIND, present_tryon)

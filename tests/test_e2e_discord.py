@@ -151,8 +151,8 @@ async def test_style_defers_edits_progress_and_delivers_images(fake_discord: Fak
         posts = rf"/channels/{room['id']}/messages"
         mark = fake.mark()
         styled = fake.slash(USER, "style", channel=room, style="hanfu", count=2)
-        result = await fake.wait_for("POST", posts, lambda r: bool(r.files), timeout=30, since=mark)
-        await fake.wait_for("PATCH", posts + r"/\d+", lambda r: r.content == t("progress.done", "en"), since=mark)
+        # The result is edited into the job's progress message (no separate "Done" message).
+        result = await fake.wait_for_files(posts, since=mark)
         await fake.wait_idle()
 
         callback = fake.interaction_responses(styled)[0]
@@ -161,16 +161,17 @@ async def test_style_defers_edits_progress_and_delivers_images(fake_discord: Fak
         queued = fake.find("POST", posts, since=mark)[0]
         (job,) = [j for j in await service.storage.user_jobs(f"discord:{USER}", ["delivered"]) if j.kind == "portrait"]
         assert queued.custom_ids() == [f"fc:cancel:{job.id}"] and "Portraits" in (queued.content or "")
+        assert queued.content.startswith(f"<@{USER}> ")  # in a server it names whom it is for
         progress_id = queued.response["id"]
         edits = fake.find("PATCH", rf"{posts}/{progress_id}", since=mark)
         assert any("100%" in (e.content or "") for e in edits)
-        assert edits[-1].content == t("progress.done", "en") and edits[-1].custom_ids() == []
-        assert fake.requests.index(edits[0]) < fake.requests.index(result)  # progress before the result
+        assert edits[-1] is result and fake.find("POST", posts, since=mark) == [queued]
         # The result: both images in one message with the caption and persistent "More like this" buttons.
         artifacts = await service.storage.job_artifacts(job.id)
         assert len(artifacts) == 2 and all(a.delivered_at is not None for a in artifacts)
         assert [data for _, data in result.files] == [Path(a.path).read_bytes() for a in artifacts]
-        assert result.content.startswith(t("portrait.caption", "en", style="Hanfu")) and "AI-generated" in result.content
+        caption = t("portrait.caption", "en", style="Hanfu")
+        assert result.content.startswith(f"<@{USER}> {caption}") and "AI-generated" in result.content
         expected = ["fc:" + b.payload for row in buttons.result_keyboard(artifacts, "en") or [] for b in row]
         assert set(expected) <= set(result.custom_ids()) and len(result.custom_ids()) <= 25
         assert {f"fc:more:{a.id}" for a in artifacts} | {f"fc:report:{a.id}" for a in artifacts} <= set(result.custom_ids())
@@ -187,8 +188,8 @@ async def test_style_defers_edits_progress_and_delivers_images(fake_discord: Fak
         # The requester's own press queues more portraits in the same style.
         mark = fake.mark()
         fake.press(USER, result.response, f"fc:more:{artifacts[1].id}")
-        again = await fake.wait_for("POST", posts, lambda r: bool(r.files), timeout=30, since=mark)
-        assert again.content.startswith(t("portrait.caption", "en", style="Hanfu"))
+        again = await fake.wait_for_files(posts, since=mark)
+        assert again.content.startswith(f"<@{USER}> {caption}")
         await fake.wait_idle()
     # Jobs keep channel and message ids only: no interaction token is stored anywhere.
     tokens = [i.token for i in fake.interactions.values()]
@@ -203,7 +204,7 @@ async def test_delete_asks_then_erases_everything(fake_discord: FakeDiscord, set
         await send_selfie(fake, (faces_dir / "obama.jpg").read_bytes())
         mark = fake.mark()
         fake.slash(USER, "render")
-        await fake.wait_for("POST", rf"/channels/{dm_id(fake)}/messages", lambda r: bool(r.files), 30, since=mark)
+        await fake.wait_for_files(rf"/channels/{dm_id(fake)}/messages", since=mark)
         mark = fake.mark()
         status = fake.slash(USER, "status")
         assert t("status.selfies", "en", count=1, max=settings.limits.max_selfies) in await answer_of(fake, status, mark)
@@ -243,9 +244,8 @@ async def test_expired_interaction_tokens_still_deliver_as_normal_messages(
         await fake.wait_for("POST", dm_posts, lambda r: "no-such-style" in (r.content or ""), since=mark)
         mark = fake.mark()
         fake.slash(USER, "style", style="hanfu")
-        result = await fake.wait_for("POST", dm_posts, lambda r: bool(r.files), timeout=30, since=mark)
+        result = await fake.wait_for_files(dm_posts, since=mark)
         assert result.content.startswith(t("portrait.caption", "en", style="Hanfu")) and "AI-generated" in result.content
-        await fake.wait_for("PATCH", dm_posts + r"/\d+", lambda r: r.content == t("progress.done", "en"), since=mark)
         await fake.wait_idle()
     refused = [r for r in fake.requests if r.path.startswith("/webhooks/") and not r.ok]
     assert refused and {r.response["code"] for r in refused} == {50027}
@@ -267,7 +267,7 @@ async def test_gateway_outage_mid_job_loses_nothing(fake_discord: FakeDiscord, s
         fake.gateway_down = True
         await fake.disconnect()
         during = fake.slash(USER, "status")  # queued by the gateway until the session resumes
-        result = await fake.wait_for("POST", dm_posts, lambda r: bool(r.files), timeout=30, since=mark)
+        result = await fake.wait_for_files(dm_posts, since=mark)
         assert fake.connections == ["identify"]  # the result came while the gateway was still down
         fake.gateway_down = False
         await fake.wait_connected(2, timeout=30)
@@ -299,8 +299,7 @@ async def test_telegram_and_discord_run_in_one_process(fake_discord: FakeDiscord
         fake_telegram.send_message(telegram_user, None, "/render")
         fake_discord.slash(USER, "render")
         await fake_telegram.wait_for("sendPhoto", timeout=30)
-        upload = await fake_discord.wait_for("POST", rf"/channels/{dm_id(fake_discord)}/messages",
-                                             lambda r: bool(r.files), timeout=30)
+        upload = await fake_discord.wait_for_files(rf"/channels/{dm_id(fake_discord)}/messages")
         await fake_discord.wait_idle()
         for key in (f"telegram:{telegram_user}", f"discord:{USER}"):
             (job,) = await service.storage.user_jobs(key, ["delivered"])
@@ -327,7 +326,7 @@ async def test_cartoon_with_photo_and_style_options_delivers_the_cartoon(
         posts = rf"/channels/{dm_id(fake)}/messages"
         mark = fake.mark()
         asked = fake.slash(USER, "cartoon", style="anime", photo=sent)
-        result = await fake.wait_for("POST", posts, lambda r: bool(r.files), timeout=30, since=mark)
+        result = await fake.wait_for_files(posts, since=mark)
         await fake.wait_idle()
         (job,) = await service.storage.user_jobs(f"discord:{USER}", ["delivered"])
     assert job.kind == "cartoon" and job.params["style"] == "anime"

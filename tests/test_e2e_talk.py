@@ -297,8 +297,7 @@ async def test_the_animated_mode_reaches_telegram_and_discord(fake_telegram: Fak
 
         mark = fake_discord.mark()
         fake_discord.slash(DISCORD_USER, "talk", text="Good morning", photo=face_jpeg)
-        posted = await fake_discord.wait_for("POST", r"/(channels|webhooks)/.*", lambda r: bool(r.files),
-                                             timeout=60, since=mark)
+        posted = await fake_discord.wait_for_files(r"/channels/\d+/messages", timeout=60, since=mark)
         ((name, video),) = posted.files
         assert name.endswith(".mp4") and _video_info(video)["audio_s"] > 0.3
         await fake_telegram.wait_idle()

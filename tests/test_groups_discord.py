@@ -96,7 +96,7 @@ async def test_every_member_is_only_themselves(fake_discord: FakeDiscord, settin
         await dm_selfie(fake, ANN, face)
         mark = fake.mark()
         fake.slash(ANN, "style", channel=room, style="hanfu", count=1)
-        result = await fake.wait_for("POST", posts, lambda r: bool(r.files), timeout=30, since=mark)
+        result = await fake.wait_for_files(posts, since=mark)
         (job,) = [j for j in await jobs_of(service, ANN) if j.kind == "portrait"]
         assert f"discord:{ANN.id}" in job.params["identity"]
         ids = result.custom_ids()
@@ -151,7 +151,7 @@ async def test_server_admins_set_a_channels_rules(fake_discord: FakeDiscord, set
             mark = fake.mark()
             fake.slash(BOB, "render", channel=where)
             target = room["id"] if where else fake.dm_channel(BOB)["id"]
-            await fake.wait_for("POST", rf"/channels/{target}/messages", lambda r: bool(r.files), 30, since=mark)
+            await fake.wait_for_files(rf"/channels/{target}/messages", since=mark)
         in_room, in_dm = sorted(await jobs_of(service, BOB), key=lambda j: j.id)
         assert in_room.params["safe_mode"] is True and "safe_mode" not in in_dm.params
         await fake.wait_idle()
@@ -172,7 +172,7 @@ async def test_post_a_dm_result_to_a_channel(fake_discord: FakeDiscord, settings
         dm_posts = rf"/channels/{fake.dm_channel(ANN)['id']}/messages"
         mark = fake.mark()
         fake.slash(ANN, "style", style="hanfu", count=1)
-        result = await fake.wait_for("POST", dm_posts, lambda r: bool(r.files), timeout=30, since=mark)
+        result = await fake.wait_for_files(dm_posts, since=mark)
         await fake.wait_idle()
         (artifact,) = [a for j in await jobs_of(service, ANN) for a in await service.storage.job_artifacts(j.id)
                        if a.media_type.startswith("image/")]
@@ -195,7 +195,9 @@ async def test_post_a_dm_result_to_a_channel(fake_discord: FakeDiscord, settings
         mark = fake.mark()
         press = fake.press(ANN, picker.response, post)
         posted = await fake.wait_for("POST", rf"/channels/{open_room['id']}/messages", since=mark, timeout=15)
-        assert posted.content == t("sharing.caption", "en", name="Ann")
+        # The post carries the label and Report button of every result (not Ann's own buttons).
+        assert posted.content.startswith(t("sharing.caption", "en", name="Ann")) and "AI-generated" in posted.content
+        assert posted.custom_ids() == [f"fc:report:{artifact.id}"]
         assert [data for _, data in posted.files] == [Path(artifact.path).read_bytes()]
         done = await fake.wait_for("PATCH", WEBHOOK + "/messages/@original", lambda r: press.token in r.path,
                                    since=mark)
@@ -219,8 +221,7 @@ async def test_a_report_reaches_the_admin_in_their_dm(fake_discord: FakeDiscord,
         await dm_selfie(fake, ANN, (faces_dir / "obama.jpg").read_bytes())
         mark = fake.mark()
         fake.slash(ANN, "style", channel=room, style="hanfu", count=1)
-        result = await fake.wait_for("POST", rf"/channels/{room['id']}/messages", lambda r: bool(r.files),
-                                     timeout=30, since=mark)
+        result = await fake.wait_for_files(rf"/channels/{room['id']}/messages", since=mark)
         report = next(c for c in result.custom_ids() if c.startswith("fc:report:"))
         mark = fake.mark()
         note = await note_of(fake, fake.press(BOB, result.response, report), mark)
@@ -228,7 +229,6 @@ async def test_a_report_reaches_the_admin_in_their_dm(fake_discord: FakeDiscord,
         # The admin's DM has its own id on Discord: the bot opens it and sends the picture there.
         dm = fake.dm_channel(cat)
         assert dm["id"] != str(cat.id)
-        notice = await fake.wait_for("POST", rf"/channels/{dm['id']}/messages", lambda r: bool(r.files),
-                                     timeout=15, since=mark)
+        notice = await fake.wait_for_files(rf"/channels/{dm['id']}/messages", timeout=15, since=mark)
         assert f"discord:{ANN.id}" in notice.content and f"discord:{BOB.id}" in notice.content
         assert any(c.startswith("fc:rban:") for c in notice.custom_ids())

@@ -356,6 +356,7 @@ async def test_delete_confirms_then_leaves_nothing(world: World) -> None:
                                                   "image/png"))
         await world.jobs.submit(user, "demo", {}, private())
         await world.storage.set_pending(user, private().key, "tryon", {}, 60)
+        await world.storage.open_panel(user, private().key, "studio", {"style_id": "hanfu"}, 60)
         await world.storage.take_chat_quota("telegram:-1", user, "2099-01-01", 5)
         artifact = Artifact(new_artifact_id(), None, user, "demo", str(folder / "s.png"), "image/png")
         await world.storage.add_artifact(artifact)

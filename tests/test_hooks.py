@@ -107,3 +107,21 @@ async def test_the_users_quota_is_checked_before_the_groups_rules(make_world) ->
         await submit_with_progress(world.services, event(1, chat=group), world.channel(group), "demo", {})
     assert refused.value.code == "quota.exceeded"  # the user's own limit speaks first
     assert await world.storage.take_chat_quota(group.key, user_key, day, 2)  # one share taken, not two
+
+
+def test_owner_only_buttons_stay_off_results_shown_to_others(no_hooks) -> None:  # noqa: ANN001
+    from handlers.protocols import Button
+
+    def everyone(services: Any, job: Any, keyboard: Any, artifacts: list[Any], lang: str) -> Any:
+        return (keyboard or []) + [[Button("Report", "report:a")]]
+
+    def owner(services: Any, job: Any, keyboard: Any, artifacts: list[Any], lang: str) -> Any:
+        return (keyboard or []) + [[Button("Options", "optres:a")]]
+
+    hooks.register_keyboard_decorator(everyone)
+    hooks.register_keyboard_decorator(owner, owner_only=True)
+    hooks.register_keyboard_decorator(owner, owner_only=True)  # once only
+    _, mine = hooks.decorate_result(None, None, "c", [], "en")  # type: ignore[arg-type]
+    _, shared = hooks.decorate_result(None, None, "c", [], "en", owner_buttons=False)  # type: ignore[arg-type]
+    assert [b.payload for row in mine for b in row] == ["report:a", "optres:a"]
+    assert [b.payload for row in shared for b in row] == ["report:a"]

@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from facechain_core.prompt_classifier import TextClassifier
 from facechain_core.prompt_filter import CATEGORIES, PromptFilter, normalise
+from tests.fixtures.tiny_models import one_torch_thread, prompt_classifier_dir  # noqa: F401
 
 CORPUS = Path(__file__).parent / "data" / "prompt_corpus.tsv"
 MAX_FALSE_REFUSALS = 0.02  # of allowed prompts refused
@@ -65,3 +67,41 @@ def test_allowed_phrases_and_an_installed_classifier(prompt_filter: PromptFilter
     assert with_model.check("A GRIM scene") == "violence" and seen == ["a grim scene"]
     assert with_model.check("naked") == "sexual" and len(seen) == 1  # the lists decide first
     assert set(prompt_filter.lists["en"].words) <= set(CATEGORIES)
+
+
+def test_the_text_classifier_refuses_what_the_lists_let_through(
+        prompt_filter: PromptFilter, prompt_classifier_dir: Path, one_torch_thread: None) -> None:  # noqa: F811
+    classifier = TextClassifier(prompt_classifier_dir, threshold=0.6)
+    scores = classifier.scores("me at a gorefest")
+    assert set(scores) == set(CATEGORIES) and scores["violence"] > 0.9  # V and V2 add up; OK and HR refuse nothing
+    assert classifier("me at a gorefest") == "violence"
+    assert classifier("me surfing at sunset") is None and classifier("我在西湖边划船") is None
+    assert TextClassifier(prompt_classifier_dir, threshold=1.0)("me at a gorefest") is None  # below the threshold
+    with_model = PromptFilter(prompt_filter.lists, classifier)
+    assert prompt_filter.check("me at a gorefest") is None and with_model.check("Me at a GOREFEST") == "violence"
+    assert with_model.check("me n a k e d") == "sexual"  # the lists still answer first
+    with pytest.raises(ValueError):
+        TextClassifier(prompt_classifier_dir, threshold=0.0)
+
+
+def test_imagine_asks_the_classifier_only_where_installed_and_wanted(
+        prompt_classifier_dir: Path, tmp_path: Path, one_torch_thread: None,  # noqa: F811
+        caplog: pytest.LogCaptureFixture) -> None:
+    from types import SimpleNamespace
+
+    from bot.config import Settings
+    from handlers.imagine import check_prompt
+
+    def services(folder: Path, installed: bool = True, **imagine: object) -> SimpleNamespace:
+        settings = Settings.model_validate({"models_dir": str(tmp_path), "imagine": imagine,
+                                            "model_paths": {"text-moderation": str(folder)}})
+        return SimpleNamespace(settings=settings, features_installed={"imagine-classifier"} if installed else set())
+
+    assert check_prompt(services(prompt_classifier_dir), "me at a gorefest") == "violence"
+    assert check_prompt(services(prompt_classifier_dir, classifier=False), "me at a gorefest") is None
+    assert check_prompt(services(prompt_classifier_dir, installed=False), "me at a gorefest") is None
+    assert check_prompt(services(prompt_classifier_dir, classifier_threshold=1.0), "me at a gorefest") is None
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    assert check_prompt(services(broken), "me at a gorefest") is None  # a broken install: the lists still work
+    assert check_prompt(services(broken), "me naked") == "sexual" and "does not load" in caplog.text

@@ -176,7 +176,7 @@ def test_snapshot_pattern_matching_nothing_is_an_error(hub: FakeHub, tmp_path: P
     assert not (models_dir / "tiny-sd").exists()
 
 
-def test_dry_run_lists_sizes_without_downloading(hub: FakeHub, cdn: FileServer, files: FileServer, tmp_path: Path,
+def test_dry_run_checking_sources_lists_their_sizes_without_downloading(hub: FakeHub, cdn: FileServer, files: FileServer, tmp_path: Path,
                                                  models_dir: Path) -> None:
     url = files.add("/releases/speaker.bin", SPEAKER)
     manifest = make_manifest(
@@ -187,7 +187,7 @@ def test_dry_run_lists_sizes_without_downloading(hub: FakeHub, cdn: FileServer, 
         entry("readme", f"hf:{REPO}/README.md@main", "README.md", 1),
     )
 
-    report = pull(manifest, models_dir, ["toy"], dry_run=True)
+    report = pull(manifest, models_dir, ["toy"], dry_run=True, check_sources=True)
 
     assert [(m.name, m.action, m.size) for m in report.models] == [
         ("detector", PullAction.WOULD_FETCH, len(DETECTOR)),
@@ -370,3 +370,46 @@ def test_interrupted_snapshot_keeps_finished_files(hub: FakeHub, cdn: FileServer
     assert report.models[0].warnings == []  # the manifest's size was exact
     assert seen[-1].done == seen[-1].total == len(UNET) + len(TEXT_ENCODER)
     assert [p.done for p in seen] == sorted(p.done for p in seen)
+
+
+def test_a_dry_run_answers_from_the_manifest_without_asking_any_source(hub: FakeHub, cdn: FileServer,
+                                                                       files: FileServer, tmp_path: Path,
+                                                                       models_dir: Path) -> None:
+    url = files.add("/releases/speaker.bin", SPEAKER)
+    manifest = make_manifest(
+        tmp_path,
+        entry("detector", f"hf:{REPO}/detector.onnx@main", "detector.onnx", 61_000),
+        entry("speaker", url, "speaker.bin", 300_000, non_commercial=True, licence="toy-nc"),
+    )
+    report = pull(manifest, models_dir, ["toy"], dry_run=True)
+    assert [(m.name, m.action, m.size, m.source) for m in report.models] == [
+        ("detector", PullAction.WOULD_FETCH, 61_000, f"hf:{REPO}/detector.onnx@main"),
+        ("speaker", PullAction.WOULD_FETCH, 300_000, url),
+    ]
+    assert report.licences_to_accept == ["toy-nc"]
+    assert not hub.requests and not cdn.requests and not files.requests
+
+
+def test_checking_sources_tries_a_host_that_does_not_resolve_once(tmp_path: Path, models_dir: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """No network (the host names do not resolve): each host is looked up once, nothing is retried."""
+    looked_up: list[str] = []
+
+    def no_dns(host: str, *args: object, **kwargs: object) -> object:
+        looked_up.append(host)
+        raise OSError(-3, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(pull_module.socket, "getaddrinfo", no_dns)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example.invalid")
+    manifest = make_manifest(
+        tmp_path,
+        entry("a", f"hf:{REPO}/detector.onnx@main", "a.onnx", 10, mirrors=["https://cdn.example.invalid/a.onnx"]),
+        entry("b", f"hf:{REPO}/recognizer.onnx@main", "b.onnx", 20),
+        entry("c", "https://cdn.example.invalid/c.bin", "c.bin", 30),
+    )
+    report = pull(manifest, models_dir, ["toy"], dry_run=True, check_sources=True)
+    assert [(m.name, m.size) for m in report.models] == [("a", 10), ("b", 20), ("c", 30)]  # the manifest's
+    assert sorted(looked_up) == ["cdn.example.invalid", "hub.example.invalid"]
+    assert all("does not resolve" in m.warnings[0] for m in report.models)
+    with pytest.raises(SourceUnavailable, match="does not resolve"):
+        pull(manifest, models_dir, ["b"])

@@ -2,6 +2,7 @@
 next day it is accepted; admins are exempt; a job cancelled before it started is given back."""
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import pytest
@@ -92,6 +93,15 @@ async def test_a_job_cancelled_before_it_started_is_given_back(make_world) -> No
     assert _queued(channel.said[-1]), channel.said[-1]
     channel = await world.send(event(OTHER, "/demo"))
     assert channel.said[-1].startswith("You've used all 2")
+
+
+async def test_concurrent_commands_of_one_user_never_pass_the_quota(make_world) -> None:  # noqa: F811
+    """Six /demo at once with two left: the check and the job row it counts happen in one step."""
+    world = await make_world(quotas={"demo": 2})
+    channels = await asyncio.gather(*(world.send(event(USER, "/demo")) for _ in range(6)))
+    assert len(await _jobs(world, USER)) == 2
+    said = channels[0].said  # one chat, one channel
+    assert sum(map(_queued, said)) == 2 and sum(s.startswith("You've used all 2") for s in said) == 4
 
 
 def test_config_merges_quotas_over_the_defaults(tmp_path) -> None:  # noqa: ANN001

@@ -122,6 +122,15 @@ async def test_the_share_button_under_a_result(fake_telegram: FakeTelegram, tmp_
             assert share == {"text": t("sharing.button", "en"), "switch_inline_query": artifact.id}
             answer = await inline(fake, ANN, share["switch_inline_query"])
             assert answer.params["results"][0]["id"] == artifact.id
+            # The photo keeps no metadata in Telegram: the AI note goes in its caption, with the Report button.
+            shared = answer.params["results"][0]
+            assert "AI-generated" in shared["caption"]
+            assert shared["reply_markup"]["inline_keyboard"] == [[{"text": t("safety.report_button", "en"),
+                                                                   "callback_data": f"report:{artifact.id}"}]]
+            mark = fake.mark()
+            fake.press_inline_button(BOB, f"report:{artifact.id}")  # someone in the chat it was shared to
+            note = await fake.wait_for("answerCallbackQuery", since=mark, timeout=10)
+            assert note.params["text"] == t("safety.reported", "en")
         else:
             assert share["callback_data"] == f"share:{artifact.id}"
             mark = fake.mark()

@@ -1,6 +1,9 @@
 """The studio's pure parts: aspect sizes, likeness, Vary noise, the pose and template libraries."""
 from __future__ import annotations
 
+import hashlib
+from urllib.parse import unquote
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +12,8 @@ from facechain_core.manifest import load_manifest
 from facechain_core.poses import fit_skeleton, load_poses, pose_map
 from facechain_core.studio import aspect_size, identity_weight, variation_noise
 from facechain_core.templates import LICENCES, load_templates
-from handlers.studio import parse_controls
+from handlers import studio
+from handlers.studio import ControlWord, parse_controls
 
 
 def test_aspect_sizes_keep_the_area_on_the_unets_multiple() -> None:
@@ -67,11 +71,32 @@ def test_template_library_is_redistributable_and_pulled_like_models() -> None:
     assert "controlnet-openpose-sdxl" in {e.name for e in manifest.for_features(["pose-sdxl"])}
 
 
+def test_template_sources_are_the_commons_files_their_pages_name() -> None:
+    """A Commons upload URL is /<md5[0]>/<md5[:2]>/<file name>, the MD5 taken of the name (UTF-8, underscores):
+    a typo in either the name or the folders would fetch nothing (or another picture)."""
+    for entry in load_templates():
+        host, _, path = entry.source.partition("/wikipedia/commons/")
+        first, pair, name = path.split("/")
+        digest = hashlib.md5(unquote(name).encode()).hexdigest()
+        assert host == "https://upload.wikimedia.org" and (first, pair) == (digest[0], digest[:2]), entry.id
+        assert unquote(entry.page.partition("/wiki/File:")[2]) == unquote(name), entry.id
+
+
 def test_controls_parse_english_and_chinese_words() -> None:
     controls = parse_controls(["hanfu", "2", "aspect:2:3", "相似度:高", "姿势:坐姿", "seed:42"])
     assert controls.words == ["hanfu", "2"]
     assert (controls.aspect, controls.likeness, controls.pose, controls.seed) == ("2:3", "high", "seated", 42)
     assert parse_controls(["比例：9:16"]).aspect == "9:16"
+    assert parse_controls(["hanfu", "options"]).panel and parse_controls(["hanfu", "选项"]).words == ["hanfu"]
+    assert parse_controls(["ratio:2:3", "sundown:1"]).words == ["sundown:1"]  # an unknown key is the command's
+
+
+def test_a_feature_adds_its_control_words_to_the_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(studio, "CONTROL_WORDS", dict(studio.CONTROL_WORDS))
+    monkeypatch.setattr(studio, "_BARE_CONTROLS", list(studio._BARE_CONTROLS))
+    studio.register_control_word(ControlWord("seed", ("lucky", "幸运"), lambda v: int(v) * 7, bare=(("lucky7", 7),)))
+    assert parse_controls(["hanfu", "幸运:6"]).seed == 42 and parse_controls(["lucky7", "hanfu"]).seed == 7
+    assert parse_controls(["hanfu", "lucky7"]).words == ["hanfu"]
 
 
 def test_the_service_side_of_the_studio_loads_no_model_library() -> None:
@@ -79,6 +104,6 @@ def test_the_service_side_of_the_studio_loads_no_model_library() -> None:
     import sys
 
     code = ("import sys, handlers.features, bot.platforms.discord_commands; "
-            "print(sorted(m for m in ('torch', 'diffusers', 'onnxruntime') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'diffusers', 'onnxruntime', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

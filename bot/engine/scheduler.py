@@ -44,6 +44,7 @@ from typing import Any, Protocol, TypeVar
 from bot.engine import worker_protocol as wp
 from bot.config import SchedulerSettings
 from bot.engine.jobkinds import JobKinds
+from bot.engine.worker_env import worker_environment
 from bot.lifecycle import StartStop
 from bot.storage import Artifact, DuplicateKey, Job, JobState, Storage, new_artifact_id, retry_transient
 from facechain_core.errors import UserFacingError
@@ -308,7 +309,7 @@ class Scheduler(StartStop):
     def __init__(
         self, storage: Storage, kinds: JobKinds, settings: SchedulerSettings, *, data_dir: Path,
         context: dict[str, Any], sink: JobSink, devices: list[str] | None = None,
-        on_event: JobEventHook | None = None, results_ttl_s: float | None = None,
+        on_event: JobEventHook | None = None, secrets: Iterable[str] = (), results_ttl_s: float | None = None,
     ) -> None:
         """`results_ttl_s`: how long retention keeps a result (None: forever); an older one is not sent."""
         self._storage = storage
@@ -326,7 +327,7 @@ class Scheduler(StartStop):
         self._workers: list[_Worker] = []
         for index, configured in enumerate(devices):
             device, extra = _device_env(configured)
-            env = {**os.environ, **extra, "PYTHONUNBUFFERED": "1"}
+            env = {**worker_environment(os.environ, secrets), **extra, "PYTHONUNBUFFERED": "1"}
             env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
             self._workers.append(_Worker(index, device, env))
         self._queued: dict[int, Job] = {}

@@ -4,20 +4,27 @@ Telegram puts the bot token in every request URL, and httpx logs URLs at INFO; e
 can carry them too. ``install_redaction(secrets)`` puts one ``RedactingFilter`` on the root
 logger's handlers and wraps the log record factory, so a record is cleaned when it is created:
 handlers added later (pytest's caplog, a file handler) never see the secret either.
+``redacted_output(secrets)`` does the same for everything a command line writes to stdout and stderr
+(tracebacks and library warnings included).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import sys
 import traceback
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from typing import TextIO
 
 MASK = "***"
 # A secret shorter than this is not masked on its own (masking "a" would mangle every line).
 MIN_SECRET_LENGTH = 6
 # Discord interaction tokens (valid 15 minutes) sit in webhook and callback URLs.
 INTERACTION_TOKEN = re.compile(r"((?:webhooks|interactions)/\d+/)[A-Za-z0-9_.-]{20,}")
+# ... and in the gateway's INTERACTION_CREATE payloads, which discord.py logs at DEBUG as a dict or JSON.
+TOKEN_FIELD = re.compile(r"""(['"]token['"]\s*:\s*['"])[^'"]{20,}""")
 
 
 def secret_variants(secret: str) -> list[str]:
@@ -48,7 +55,7 @@ class RedactingFilter(logging.Filter):
         for variant in self._variants:
             if variant in text:
                 text = text.replace(variant, MASK)
-        return INTERACTION_TOKEN.sub(rf"\1{MASK}", text)
+        return TOKEN_FIELD.sub(rf"\1{MASK}", INTERACTION_TOKEN.sub(rf"\1{MASK}", text))
 
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "_redacted", None) is self:
@@ -93,3 +100,44 @@ def install_redaction(secrets: Iterable[str], root: logging.Logger | None = None
         if _installed not in handler.filters:
             handler.addFilter(_installed)
     return _installed
+
+
+class RedactingStream:
+    """A text stream that writes whole lines to `inner` with every secret masked (partial lines on flush)."""
+
+    def __init__(self, inner: TextIO, redactor: RedactingFilter) -> None:
+        self._inner = inner
+        self._redactor = redactor
+        self._pending = ""
+
+    def write(self, text: str) -> int:
+        self._pending += text
+        head, newline, self._pending = self._pending.rpartition("\n")
+        if newline:
+            self._inner.write(self._redactor.redact(head + newline))
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending:
+            self._inner.write(self._redactor.redact(self._pending))
+            self._pending = ""
+        self._inner.flush()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+
+@contextlib.contextmanager
+def redacted_output(secrets: Iterable[str]) -> Iterator[RedactingFilter]:
+    """Masks `secrets` (and Discord interaction tokens) in all that is written to stdout and stderr
+    meanwhile, and in log records (``install_redaction``)."""
+    redactor = install_redaction(secrets)
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = RedactingStream(sys.stdout, redactor), RedactingStream(sys.stderr, redactor)
+    try:
+        yield redactor
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        sys.stdout, sys.stderr = streams

@@ -48,7 +48,7 @@ async def sweep(services: Services, retention: RetentionSettings, now: float) ->
         if await _busy(services, user_key):
             log.info("retention: %s has a job in flight; their expired data waits for the next sweep", user_key)
             continue
-        async with services.runtime.intake.hold(user_key), services.runtime.user_lock(user_key):
+        async with services.runtime.intake_lock(user_key), services.runtime.user_lock(user_key):
             for data_class, cutoff in limits.items():
                 counts = await delete_expired_data(services, user_key, data_class, cutoff)
                 totals.update(counts)
@@ -57,7 +57,7 @@ async def sweep(services: Services, retention: RetentionSettings, now: float) ->
     for user_key in await asyncio.to_thread(_user_folders, services):
         if await _busy(services, user_key):
             continue
-        async with services.runtime.intake.hold(user_key), services.runtime.user_lock(user_key):
+        async with services.runtime.intake_lock(user_key), services.runtime.user_lock(user_key):
             old = [f.path for f in await other_files(services, user_key, now)
                    if not f.needed and f.written < leftovers_before]
             if old:

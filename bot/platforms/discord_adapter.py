@@ -22,7 +22,7 @@ import discord
 from discord import app_commands
 
 from bot.config import Settings
-from bot.platforms.discord_channel import PLATFORM, DiscordChannel, DiscordLink, PayloadButton
+from bot.platforms.discord_channel import PLATFORM, DiscordChannel, DiscordLink, PayloadButton, Recent
 from bot.platforms.discord_commands import PRIVATE_COMMANDS, CatalogueTranslator, build_commands
 from bot.lifecycle import StartStop
 from facechain_core.errors import UserFacingError
@@ -98,7 +98,10 @@ class FaceChainClient(discord.Client):
         # privileged intent). Server messages are not read: slash commands are the way in there.
         intents.guilds = True
         intents.dm_messages = True
-        super().__init__(intents=intents, max_messages=None, chunk_guilds_at_startup=False)
+        # Text users typed is echoed (a style name, a shared result's caption): no message may ping anyone
+        # but whom it names on purpose (a job's requester, see DiscordChannel.address).
+        super().__init__(intents=intents, max_messages=None, chunk_guilds_at_startup=False,
+                         allowed_mentions=discord.AllowedMentions.none())
         self.adapter = adapter
         self.tree = app_commands.CommandTree(self)
 
@@ -144,7 +147,7 @@ class DiscordAdapter(StartStop):
         self.link = DiscordLink(self.client, default_language=settings.language)
         self.link.post_targets = self.post_targets
         self.connected = asyncio.Event()
-        self._languages: dict[str, str] = {}  # user id -> language of their last interaction
+        self._languages = Recent()  # user id -> language of their last interaction
         self._gateway: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[Any]] = set()
         self._started = False
@@ -201,12 +204,18 @@ class DiscordAdapter(StartStop):
                       exc_info=task.exception())
 
     async def sync_commands(self) -> None:
-        """Publishes the slash commands: to `guild_ids` at once when set, else globally."""
+        """Publishes the slash commands: to `guild_ids` at once when set (and only there), else globally.
+
+        Not both: a server with guild and global copies shows every command twice."""
         tree = self.client.tree
         await tree.set_translator(CatalogueTranslator())
         for command in build_commands():
             tree.add_command(command, override=True)
         scopes: list[discord.Object | None] = [discord.Object(g) for g in self.settings.guild_ids] or [None]
+        if self.settings.guild_ids:
+            log.warning("discord: slash commands go to the %d server(s) of guild_ids only: direct messages and "
+                        "other servers have none (leave guild_ids empty to publish them globally)",
+                        len(self.settings.guild_ids))
         for guild in scopes:
             if guild is not None:
                 tree.copy_global_to(guild=guild)

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import io
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,9 @@ UNKNOWN_CHANNEL = 10003
 JPEG_QUALITIES = (90, 80, 70)
 SCALE_STEP = 0.8
 MIN_SIDE_PX = 64
+# Users and chats an adapter remembers facts about (DM channel, upload limit, language); older ones are
+# asked of Discord again or take the default.
+REMEMBERED_MAX = 10_000
 
 
 # -- buttons ------------------------------------------------------------------------------------
@@ -164,14 +168,28 @@ def _refusals() -> Iterator[None]:
 
 
 # -- the channel --------------------------------------------------------------------------------
+class Recent(OrderedDict[str, Any]):
+    """A dict of the `limit` entries written last: what an adapter learns per user or chat stays bounded."""
+
+    def __init__(self, limit: int = REMEMBERED_MAX) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > self.limit:
+            self.popitem(last=False)
+
+
 @dataclass
 class DiscordLink:
     """What every channel of one adapter shares: the client and what was learned about chats and users."""
 
     client: discord.Client
     default_language: str = "en"
-    upload_limits: dict[str, int] = field(default_factory=dict)  # chat id -> bytes (from interactions)
-    dm_channels: dict[str, int] = field(default_factory=dict)  # user id -> DM channel id
+    upload_limits: Recent = field(default_factory=Recent)  # chat id -> bytes (from interactions)
+    dm_channels: Recent = field(default_factory=Recent)  # user id -> DM channel id (else asked of Discord)
     # Server channels where a user and the bot may both post pictures (set by the adapter).
     post_targets: Callable[[User], Awaitable[list[Chat]]] | None = None
 
@@ -208,7 +226,47 @@ class DiscordChannel:
         self._original_used = self._component
         self._own: set[int] = set()  # messages sent through the interaction (editable with its token)
         self._original_id: int | None = None  # the command's response message, once filled
+        self._addressee: User | None = None  # named in public messages in a server (see address)
+        self._replace: MessageRef | None = None  # the next public message edits this one (result_in_place)
+        self.replaced = False
         self.answered = False
+
+    # -- who a job's messages are for --------------------------------------------------------------
+    def address(self, user: User) -> None:
+        """Mentions `user` in this channel's public messages in a server (a job's progress and result),
+        pinging them alone: the ephemeral "thinking…" that said who asked is gone by then."""
+        self._addressee = user if user.platform == PLATFORM and user.id.isdecimal() else None
+
+    def result_in_place(self, ref: MessageRef) -> None:
+        """The next public message replaces `ref` (a job's progress message) instead of following it."""
+        self._replace, self.replaced = ref, False
+
+    def _public(self, content: str | None) -> tuple[str | None, discord.AllowedMentions | None]:
+        """A public message's content, led by the addressee's mention in a server, and whom it may ping
+        (None: the client's default, nobody)."""
+        user = self._addressee
+        if user is None or self.chat.is_private:
+            return content, None
+        mention = f"<@{user.id}>"
+        text = f"{mention} {content}" if content else mention
+        return text[:TEXT_MAX], discord.AllowedMentions(everyone=False, roles=False,
+                                                        users=[discord.Object(int(user.id))])
+
+    async def _replace_progress(self, content: str | None, buttons: list[list[Button]] | None,
+                                files: list[tuple[bytes, str]] | tuple[()]) -> discord.Message | None:
+        """Edits the result into the progress message; None when that message is gone (then it is posted)."""
+        ref, self._replace = self._replace, None
+        assert ref is not None
+        content, mentions = self._public(content)
+        try:
+            with _refusals():
+                message = await self._link.messageable(ref.chat).get_partial_message(int(ref.message_id)).edit(
+                    content=content, attachments=_files(files), view=build_view(buttons), allowed_mentions=mentions)
+        except discord.NotFound:
+            log.info("discord: progress message %s in %s is gone; posting the result", ref.message_id, ref.chat.key)
+            return None
+        self.replaced = True
+        return message
 
     # -- routing ---------------------------------------------------------------------------------
     def _for_requester(self, visibility: Visibility, buttons: list[list[Button]] | None, files: bool) -> bool:
@@ -230,13 +288,22 @@ class DiscordChannel:
                     raise
                 log.info("discord: interaction %s expired (%s); answering outside it", self._interaction.id, exc.code)
                 self._interaction = None
-        target = self.chat
         if not self.chat.is_private and (visibility is Visibility.REQUESTER or (for_requester and self._private)):
             target = await self._requester_dm()
+            with _refusals():
+                message = await self._link.messageable(target).send(
+                    content=content or None, files=_files(files) or None, view=build_view(buttons))  # type: ignore[arg-type]
+            return target, message
+        if self._replace is not None:
+            replaced = await self._replace_progress(content, buttons, files)
+            if replaced is not None:
+                return self.chat, replaced
+        content, mentions = self._public(content)
         with _refusals():
-            message = await self._link.messageable(target).send(
-                content=content or None, files=_files(files) or None, view=build_view(buttons))  # type: ignore[arg-type]
-        return target, message
+            message = await self._link.messageable(self.chat).send(
+                content=content or None, files=_files(files) or None, view=build_view(buttons),  # type: ignore[arg-type]
+                allowed_mentions=mentions)
+        return self.chat, message
 
     async def _send_interaction(self, content: str | None, buttons: list[list[Button]] | None,
                                 files: list[tuple[bytes, str]]) -> discord.Message:
@@ -311,8 +378,10 @@ class DiscordChannel:
                 if not _dead_token(exc):
                     raise
                 self._interaction = None
+        content, mentions = self._public(content)
         with _refusals():
-            await self._link.messageable(ref.chat).get_partial_message(message_id).edit(content=content, view=view)
+            await self._link.messageable(ref.chat).get_partial_message(message_id).edit(
+                content=content, view=view, allowed_mentions=mentions)
 
     async def delete_message(self, ref: MessageRef) -> None:
         try:

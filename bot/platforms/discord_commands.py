@@ -21,7 +21,7 @@ from discord.app_commands import locale_str
 
 from facechain_core.cartoon import load_cartoon_styles
 from handlers import router
-from handlers.messages import normalise_language, t
+from handlers.messages import for_platform, normalise_language, t
 from handlers.imagine import MAX_CHARS as MAX_SCENE_CHARS
 from handlers.studio import SEED_MAX, poses
 from handlers.talk import MAX_TEXT_CHARS
@@ -40,7 +40,8 @@ SDXL_FEATURE = "portrait-sdxl"
 
 
 def described(code: str) -> locale_str:
-    """A description from the catalogue (English; the translator supplies Chinese)."""
+    """A description from the catalogue in Discord's wording (English; the translator supplies Chinese)."""
+    code = for_platform(code, "discord")
     return locale_str(_cut(t(code, "en")), code=code)
 
 

@@ -339,7 +339,9 @@ class TelegramChannel:
         if self._inline_query is None:
             raise NotSupported("no inline query to answer")
         button = InlineQueryResultsButton(start_label, start_parameter=START_PARAMETER) if start_label else None
-        photos = [InlineQueryResultCachedPhoto(r.id, r.file_id) for r in results]
+        # The caption carries the AI note (Telegram drops a photo's metadata); the buttons, Report.
+        photos = [InlineQueryResultCachedPhoto(r.id, r.file_id, caption=_caption(r.caption),
+                                               reply_markup=_keyboard(r.buttons)) for r in results]
         try:
             await self._inline_query.answer(photos, cache_time=self._options.inline_cache_s, is_personal=True,
                                             button=button)
@@ -553,9 +555,18 @@ class TelegramAdapter(StartStop):
 
     def _button_event(self, query: CallbackQuery) -> tuple[Event, CallbackQuery] | None:
         message = query.message
-        if message is None or query.from_user is None:
-            return None  # a button of an inline message: not ours
-        user, chat = to_user(query.from_user), to_chat(message.chat)
+        if query.from_user is None:
+            return None
+        user = to_user(query.from_user)
+        if message is None:
+            if query.inline_message_id is None:
+                return None
+            # A button under a result shared in inline mode (Report): the bot is in no chat there, so
+            # the press is answered to the presser and anything more goes to their private chat.
+            private = Chat(platform=PLATFORM, id=user.id, is_private=True)
+            return Event(user=user, chat=private, button_payload=query.data or "",
+                         language=self._language(query.from_user)), query
+        chat = to_chat(message.chat)
         event = Event(user=user, chat=chat, button_payload=query.data or "", message_id=str(message.message_id),
                       language=self._language(query.from_user), chat_admin=self._admin_check(chat, user),
                       update_key=f"{PLATFORM}:q{query.id}")

@@ -51,6 +51,16 @@ def normalise_language(code: str | None) -> str:
     return DEFAULT_LANGUAGE
 
 
+def for_platform(code: str, platform: str | None) -> str:
+    """The code of `platform`'s own wording of `code` (``discord.core.start``) where the catalogue has one,
+    else `code`: texts that say how to use the bot differ between Telegram and Discord."""
+    if platform:
+        special = f"{platform}.{code}"
+        if special in catalogue():
+            return special
+    return code
+
+
 def t(code: str, lang: str | None = None, /, **details: Any) -> str:
     """Returns the text for `code` in `lang` with placeholders filled."""
     entry = catalogue()[code]
