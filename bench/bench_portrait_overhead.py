@@ -58,6 +58,9 @@ class _Sink:
     async def deliver(self, job: Job, artifacts: list[Artifact]) -> None:
         self.waiter(job.id).set_result(time.perf_counter())
 
+    async def on_late(self, job: Job) -> None:
+        pass
+
     async def on_failed(self, job: Job, error: dict[str, Any]) -> None:
         raise RuntimeError(f"job {job.id} failed: {error}")
 

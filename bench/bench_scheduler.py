@@ -44,6 +44,9 @@ class _Sink:
         if waiter is not None and not waiter.done():
             waiter.set_result(now)
 
+    async def on_late(self, job: Job) -> None:
+        pass
+
     async def on_failed(self, job: Job, error: dict[str, Any]) -> None:
         raise RuntimeError(f"job {job.id} failed: {error}")
 

@@ -17,7 +17,7 @@ from typing import Any
 from bot.config import Settings
 from bot.engine.jobkinds import JobKind, JobKinds
 from bot.ops.metrics import JobMetrics, serve_metrics
-from bot.ops.retention import run_retention
+from bot.ops.retention import DAY_S, run_retention
 from bot.engine.scheduler import Scheduler
 from bot.storage import Artifact, Job, Storage
 from facechain_core.manifest import installed_features
@@ -33,21 +33,33 @@ HEARTBEAT_INTERVAL_S = 10.0
 
 
 class HandlerSink:
-    """The scheduler's JobSink: hands job events to the platform-neutral handlers."""
+    """The scheduler's JobSink: hands job events to the platform-neutral handlers.
+
+    Every call waits until the chat adapters run (`ready`): results left undelivered by the last run
+    go out as soon as the platforms are up, not one failed try later."""
 
     def __init__(self, services: Services) -> None:
         self.services = services
+        self.ready = asyncio.Event()
 
     async def on_progress(self, job: Job, step: int, total: int, text: str | None) -> None:
+        await self.ready.wait()
         await job_views.show_progress(self.services, job, step, total, text)
 
     async def deliver(self, job: Job, artifacts: list[Artifact]) -> None:
+        await self.ready.wait()
         await job_views.deliver_result(self.services, job, artifacts)
 
+    async def on_late(self, job: Job) -> None:
+        await self.ready.wait()
+        await job_views.report_late(self.services, job)
+
     async def on_failed(self, job: Job, error: dict[str, Any]) -> None:
+        await self.ready.wait()
         await job_views.report_failure(self.services, job, error)
 
     async def on_cancelled(self, job: Job) -> None:
+        await self.ready.wait()
         await job_views.report_cancelled(self.services, job)
 
 
@@ -81,13 +93,20 @@ async def _heartbeat(settings: Settings, scheduler: Scheduler) -> None:
     """Writes a small JSON heartbeat that `facechain-bot health` (and Docker's HEALTHCHECK) reads.
 
     Each beat also pings the workers: the next beat shows when each last answered, and its memory.
+    A beat that fails (a full disk) is logged; the next one tries again.
     """
     while True:
-        state = {"time": time.time(), **scheduler.health()}
-        tmp = settings.heartbeat_path.with_suffix(".tmp")
-        await asyncio.to_thread(tmp.write_text, json.dumps(state))
-        await asyncio.to_thread(tmp.replace, settings.heartbeat_path)
-        scheduler.ping_workers()
+        try:
+            state = {"time": time.time(), **scheduler.health()}
+            tmp = settings.heartbeat_path.with_suffix(".tmp")
+            await asyncio.to_thread(tmp.write_text, json.dumps(state))
+            await asyncio.to_thread(tmp.replace, settings.heartbeat_path)
+        except Exception:
+            log.warning("could not write the heartbeat %s", settings.heartbeat_path, exc_info=True)
+        try:
+            scheduler.ping_workers()
+        except Exception:
+            log.warning("could not ping the workers", exc_info=True)
         await asyncio.sleep(HEARTBEAT_INTERVAL_S)
 
 
@@ -136,10 +155,12 @@ async def open_service(settings: Settings, extra_kinds: Iterable[JobKind] = ()) 
                                   features_installed=features,
                                   styles=load_styles(settings.styles_dir))
         metrics = JobMetrics() if settings.metrics.enabled else None
+        sink = HandlerSink(services)
         scheduler = Scheduler(
             storage, kinds, settings.scheduler, data_dir=settings.data_dir,
-            context=pipeline_context(settings), sink=HandlerSink(services), devices=_devices(settings),
+            context=pipeline_context(settings), sink=sink, devices=_devices(settings),
             on_event=metrics.observe if metrics is not None else None, secrets=settings.secrets(),
+            results_ttl_s=settings.retention.results_days * DAY_S or None,
         )
         services.jobs = scheduler
         await stack.enter_async_context(scheduler)
@@ -151,6 +172,7 @@ async def open_service(settings: Settings, extra_kinds: Iterable[JobKind] = ()) 
         for name, adapter in adapters.items():
             log.info("starting the %s adapter", name)
             await stack.enter_async_context(adapter)
+        sink.ready.set()
         heartbeat = asyncio.create_task(_heartbeat(settings, scheduler), name="heartbeat")
         stack.callback(heartbeat.cancel)
         retention = asyncio.create_task(run_retention(services, settings.retention), name="retention")

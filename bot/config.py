@@ -39,6 +39,9 @@ class TelegramSettings(_Section):
     group_time_period: float = Field(default=60, gt=0)
     # Seconds Telegram may cache a user's inline results ("@bot" in any chat); they are personal.
     inline_cache_s: int = Field(default=10, ge=0)
+    # Seconds to wait for the Bot API to connect, take an upload or answer (a send past it is tried again
+    # later); unset: python-telegram-bot's own (5 s, 20 s for uploads).
+    request_timeout_s: float | None = Field(default=None, gt=0)
 
     @property
     def enabled(self) -> bool:
@@ -73,8 +76,10 @@ class SchedulerSettings(_Section):
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     # Minimum seconds between two edits of a progress message.
     progress_interval_s: float = Field(default=2.0, ge=0)
-    # Seconds between two attempts to deliver a result that failed to send.
+    # Seconds before the second try to deliver a result that failed to send; each further wait doubles,
+    # up to delivery_max_backoff_s. Tries go on across restarts for as long as retention keeps the result.
     delivery_retry_s: float = Field(default=30.0, gt=0)
+    delivery_max_backoff_s: float = Field(default=600.0, gt=0)
     # Per job kind: timeout and tries, overriding the built-in table.
     kinds: dict[str, KindOverride] = {}
 
@@ -143,6 +148,9 @@ class RetentionSettings(_Section):
     selfies_days: float = Field(default=90, ge=0)
     identities_days: float = Field(default=90, ge=0)
     loras_days: float = Field(default=90, ge=0)
+    # Hours a file in a user's folder that no row names is kept: inputs of jobs that failed, were cancelled
+    # or never got the file they asked for, checkpoints of a stopped training, photos behind style buttons.
+    inputs_hours: float = Field(default=24, gt=0)
     # Seconds between two cleanups of expired data (the first runs when the service starts).
     sweep_interval_s: float = Field(default=3600, gt=0)
 

@@ -6,6 +6,8 @@ version table. Timestamps are Unix seconds (float). JSON columns hold dicts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import functools
 import json
 import logging
@@ -21,6 +23,13 @@ import aiosqlite
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# A write that finds the database locked (another connection: a backup, the CLI) or the disk full
+# waits and tries again, for up to WRITE_RETRY_S; SQLite itself waits BUSY_TIMEOUT_MS for a lock first.
+WRITE_RETRY_S = 30.0
+BUSY_TIMEOUT_MS = 5000
+RETRY_DELAYS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
+TRANSIENT_MESSAGES = ("locked", "busy", "disk is full", "disk i/o error")
 
 MIGRATIONS: list[str] = [
     # 1: the foundation.
@@ -159,6 +168,18 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX panels_user ON panels(user_key);
     """,
+    # 7: the job lifecycle: the chat update that created a job (unique: a re-sent update makes no second
+    # job), how delivery of its outcome went (tries, when to try next, the user told it is late), and
+    # when the user was told it failed (jobs that failed before this migration count as told).
+    """
+    ALTER TABLE jobs ADD COLUMN update_key TEXT;
+    CREATE UNIQUE INDEX jobs_update_key ON jobs(update_key) WHERE update_key IS NOT NULL;
+    ALTER TABLE jobs ADD COLUMN delivery_tries INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN deliver_after REAL;
+    ALTER TABLE jobs ADD COLUMN late_notice_at REAL;
+    ALTER TABLE jobs ADD COLUMN notified_at REAL;
+    UPDATE jobs SET notified_at = COALESCE(finished_at, created_at) WHERE state = 'failed';
+    """,
 ]
 
 # Tables holding a user's rows, and the column naming the user: /delete empties all of them.
@@ -230,6 +251,11 @@ class Job:
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None
+    update_key: str | None = None  # the chat update that created it (see insert_job)
+    delivery_tries: int = 0  # failed tries to send its outcome
+    deliver_after: float | None = None  # no try before this (capped backoff, kept across restarts)
+    late_notice_at: float | None = None  # when the user was told its result is late
+    notified_at: float | None = None  # when the user was told it failed (None: not yet, or not failed)
 
 
 @dataclass
@@ -324,6 +350,17 @@ _EXPIRED_FILES = {
 }
 
 
+def _strings(value: Any) -> list[str]:
+    """Every string inside a JSON value."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    return []
+
+
 def _loads(value: str | None) -> Any:
     return None if value is None else json.loads(value)
 
@@ -334,7 +371,9 @@ def _job(row: aiosqlite.Row) -> Job:
         priority=row["priority"], params=json.loads(row["params"]), chat=json.loads(row["chat"]),
         progress_ref=_loads(row["progress_ref"]), result=_loads(row["result"]), error=_loads(row["error"]),
         attempts=row["attempts"], max_tries=row["max_tries"], created_at=row["created_at"],
-        started_at=row["started_at"], finished_at=row["finished_at"],
+        started_at=row["started_at"], finished_at=row["finished_at"], update_key=row["update_key"],
+        delivery_tries=row["delivery_tries"], deliver_after=row["deliver_after"],
+        late_notice_at=row["late_notice_at"], notified_at=row["notified_at"],
     )
 
 
@@ -346,14 +385,69 @@ def _artifact(row: aiosqlite.Row) -> Artifact:
     )
 
 
+class DuplicateKey(Exception):
+    """A job row for this chat update exists already (the update was sent again)."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a database error passes by itself: the database is locked or busy, or the disk is full."""
+    if isinstance(exc, sqlite3.OperationalError):
+        message = str(exc).lower()
+        return any(word in message for word in TRANSIENT_MESSAGES)
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EAGAIN, errno.EIO)
+
+
+async def retry_transient(call: Callable[[], Awaitable[T]], what: str, budget_s: float | None,
+                          give_up: Callable[[], bool] = lambda: False) -> T:
+    """Runs `call`, again after each transient error (``is_transient``) with capped backoff, for up to
+    `budget_s` seconds (None: until `give_up()` says so); then the last error propagates."""
+    started = time.monotonic()
+    attempt = 0
+    while True:
+        try:
+            return await call()
+        except Exception as exc:
+            if not is_transient(exc) or give_up() or (
+                    budget_s is not None and time.monotonic() - started >= budget_s):
+                raise
+            delay = RETRY_DELAYS_S[min(attempt, len(RETRY_DELAYS_S) - 1)]
+            attempt += 1
+            (log.warning if attempt in (1, 10) or attempt % 100 == 0 else log.debug)(
+                "%s: %s; trying again in %.2f s (try %d)", what, exc, delay, attempt)
+            await asyncio.sleep(delay)
+
+
 def _serialised(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Runs a write method alone: on the one shared connection, another coroutine's commit
-    landing inside a BEGIN ... COMMIT would commit half a transaction."""
+    """Runs a write method alone (on the one shared connection, another coroutine's commit landing
+    inside a BEGIN ... COMMIT would commit half a transaction), retrying it after a transient error
+    for up to ``Storage.write_retry_s``, to its end even when the caller is cancelled; a failed try
+    leaves no transaction open."""
 
     @functools.wraps(method)
     async def wrapper(self: Storage, *args: Any, **kwargs: Any) -> T:
-        async with self._write_lock:
-            return await method(self, *args, **kwargs)
+        async def attempt() -> T:
+            try:
+                return await method(self, *args, **kwargs)
+            except BaseException:
+                if self._db is not None and self._db.in_transaction:
+                    try:
+                        await self._db.rollback()
+                    except Exception:
+                        log.warning("rolling back after a failed %s failed too", method.__name__, exc_info=True)
+                raise
+
+        async def locked() -> T:
+            async with self._write_lock:
+                return await retry_transient(attempt, method.__name__, self.write_retry_s)
+
+        # A write once started finishes even if its caller is cancelled (a result marked delivered stays so).
+        task = asyncio.ensure_future(locked())
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            with contextlib.suppress(BaseException):
+                await task
+            raise
 
     return wrapper
 
@@ -385,6 +479,7 @@ class Storage:
         self.path = Path(path)
         self._db: aiosqlite.Connection | None = None
         self._write_lock = asyncio.Lock()
+        self.write_retry_s = WRITE_RETRY_S
 
     async def __aenter__(self) -> Storage:
         await self.open()
@@ -403,7 +498,8 @@ class Storage:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = await aiosqlite.connect(self.path)
         self._db.row_factory = aiosqlite.Row
-        for pragma in ("journal_mode=WAL", "secure_delete=ON", "foreign_keys=ON", "synchronous=NORMAL"):
+        for pragma in ("journal_mode=WAL", "secure_delete=ON", "foreign_keys=ON", "synchronous=NORMAL",
+                       f"busy_timeout={BUSY_TIMEOUT_MS}"):
             await self._db.execute(f"PRAGMA {pragma}")
         await self._migrate()
 
@@ -534,18 +630,32 @@ class Storage:
     # -- jobs ----------------------------------------------------------------------------
     @_serialised
     async def insert_job(
-        self, user_key: str, kind: str, priority: int, params: dict[str, Any], chat: dict[str, Any], max_tries: int
+        self, user_key: str, kind: str, priority: int, params: dict[str, Any], chat: dict[str, Any], max_tries: int,
+        update_key: str | None = None,
     ) -> Job:
+        """Writes a queued job; with `update_key` (the chat update that asked for it) in the same row, under
+        a unique index: raises DuplicateKey when a job of that update exists."""
         now = time.time()
-        cur = await self.db.execute(
-            "INSERT INTO jobs (user_key, kind, state, priority, params, chat, max_tries, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (user_key, kind, JobState.QUEUED, priority, json.dumps(params), json.dumps(chat), max_tries, now),
-        )
+        try:
+            cur = await self.db.execute(
+                "INSERT INTO jobs (user_key, kind, state, priority, params, chat, max_tries, created_at, update_key) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (user_key, kind, JobState.QUEUED, priority, json.dumps(params), json.dumps(chat), max_tries, now,
+                 update_key),
+            )
+        except sqlite3.IntegrityError as exc:
+            if update_key is not None and "update_key" in str(exc):
+                raise DuplicateKey(update_key) from None
+            raise
         await self.db.commit()
         job = await self.job(int(cur.lastrowid))
         assert job is not None
         return job
+
+    async def update_seen(self, update_key: str) -> bool:
+        """Whether a job was created by this chat update already."""
+        async with self.db.execute("SELECT 1 FROM jobs WHERE update_key = ?", (update_key,)) as cur:
+            return await cur.fetchone() is not None
 
     async def job(self, job_id: int) -> Job | None:
         async with self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)) as cur:
@@ -568,43 +678,47 @@ class Storage:
         ) as cur:
             return [_job(r) for r in await cur.fetchall()]
 
+    # Writes by job id return False when the row is gone (its user deleted everything): a late write of a
+    # deleted user's job is refused, not turned into new rows.
+    async def _update_job(self, sql: str, args: tuple[Any, ...]) -> bool:
+        cur = await self.db.execute(sql, args)
+        await self.db.commit()
+        return cur.rowcount == 1
+
     @_serialised
-    async def mark_running(self, job_id: int) -> None:
+    async def mark_running(self, job_id: int) -> bool:
         """Counts the attempt before the job runs (a worker death mid-job is an attempt)."""
-        await self.db.execute(
-            "UPDATE jobs SET state = ?, attempts = attempts + 1, started_at = ? WHERE id = ?",
-            (JobState.RUNNING, time.time(), job_id),
-        )
-        await self.db.commit()
+        return await self._update_job("UPDATE jobs SET state = ?, attempts = attempts + 1, started_at = ? WHERE id = ?",
+                                      (JobState.RUNNING, time.time(), job_id))
 
     @_serialised
-    async def requeue(self, job_id: int) -> None:
-        await self.db.execute("UPDATE jobs SET state = ? WHERE id = ?", (JobState.QUEUED, job_id))
-        await self.db.commit()
+    async def requeue(self, job_id: int) -> bool:
+        return await self._update_job("UPDATE jobs SET state = ? WHERE id = ?", (JobState.QUEUED, job_id))
 
     @_serialised
-    async def release_job(self, job_id: int) -> None:
+    async def release_job(self, job_id: int) -> bool:
         """Puts a job that was stopped by us (shutdown, a neighbour's timeout) back, refunding its attempt."""
-        await self.db.execute(
+        return await self._update_job(
             "UPDATE jobs SET state = ?, attempts = MAX(attempts - 1, 0), started_at = NULL WHERE id = ?",
-            (JobState.QUEUED, job_id),
-        )
-        await self.db.commit()
+            (JobState.QUEUED, job_id))
 
     @_serialised
-    async def set_progress_ref(self, job_id: int, ref: dict[str, Any]) -> None:
-        await self.db.execute("UPDATE jobs SET progress_ref = ? WHERE id = ?", (json.dumps(ref), job_id))
-        await self.db.commit()
+    async def set_progress_ref(self, job_id: int, ref: dict[str, Any]) -> bool:
+        return await self._update_job("UPDATE jobs SET progress_ref = ? WHERE id = ?", (json.dumps(ref), job_id))
 
     @_serialised
-    async def finish_job(self, job_id: int, result: dict[str, Any], artifacts: list[Artifact]) -> None:
-        """Stores the result and its artifacts in one transaction: the job is never generated twice."""
+    async def finish_job(self, job_id: int, result: dict[str, Any], artifacts: list[Artifact]) -> bool:
+        """Stores the result and its artifacts in one transaction: the job is never generated twice.
+        Returns False, writing nothing, when the job row is gone."""
         await self.db.execute("BEGIN")
         try:
-            await self.db.execute(
+            cur = await self.db.execute(
                 "UPDATE jobs SET state = ?, result = ?, finished_at = ? WHERE id = ?",
                 (JobState.DONE, json.dumps(result), time.time(), job_id),
             )
+            if cur.rowcount != 1:
+                await self.db.rollback()
+                return False
             for a in artifacts:
                 await self.db.execute(
                     "INSERT INTO artifacts (id, job_id, owner_key, kind, path, media_type, meta, created_at) "
@@ -615,17 +729,48 @@ class Storage:
         except BaseException:
             await self.db.rollback()
             raise
+        return True
 
     @_serialised
-    async def end_job(self, job_id: int, state: str, error: dict[str, Any] | None = None) -> None:
-        await self.db.execute(
-            "UPDATE jobs SET state = ?, error = ?, finished_at = ? WHERE id = ?",
-            (state, json.dumps(error) if error else None, time.time(), job_id),
-        )
+    async def end_job(self, job_id: int, state: str, error: dict[str, Any] | None = None, *,
+                      notify: bool = False) -> bool:
+        """Ends a job in `state`; with `notify`, the user is still to be told why (see mark_notified)."""
+        now = time.time()
+        return await self._update_job(
+            "UPDATE jobs SET state = ?, error = ?, finished_at = ?, notified_at = ? WHERE id = ?",
+            (state, json.dumps(error) if error else None, now, None if notify else now, job_id))
+
+    @_serialised
+    async def mark_notified(self, job_id: int) -> bool:
+        """Records that the user was told how their failed job ended."""
+        return await self._update_job("UPDATE jobs SET notified_at = ? WHERE id = ?", (time.time(), job_id))
+
+    @_serialised
+    async def delivery_failed(self, job_id: int, retry_at: float) -> int:
+        """Counts a failed try to send a job's outcome and when to try next; returns the tries so far."""
+        async with self.db.execute(
+            "UPDATE jobs SET delivery_tries = delivery_tries + 1, deliver_after = ? WHERE id = ? "
+            "RETURNING delivery_tries", (retry_at, job_id)
+        ) as cur:
+            row = await cur.fetchone()
         await self.db.commit()
+        return int(row[0]) if row else 0
 
     @_serialised
-    async def mark_job_delivered(self, job_id: int) -> None:
+    async def set_late_notice(self, job_id: int) -> bool:
+        """Records that the user was told their result is late."""
+        return await self._update_job("UPDATE jobs SET late_notice_at = ? WHERE id = ?", (time.time(), job_id))
+
+    async def unsent_outcomes(self) -> list[Job]:
+        """Jobs whose outcome has not reached the user: results not delivered, failures not told."""
+        async with self.db.execute(
+            "SELECT * FROM jobs WHERE state = ? OR (state = ? AND notified_at IS NULL) ORDER BY id",
+            (JobState.DONE, JobState.FAILED),
+        ) as cur:
+            return [_job(r) for r in await cur.fetchall()]
+
+    @_serialised
+    async def mark_job_delivered(self, job_id: int) -> bool:
         """Marks the job and every artifact of it not yet marked as delivered, in one transaction."""
         now = time.time()
         await self.db.execute("BEGIN")
@@ -633,11 +778,12 @@ class Storage:
             await self.db.execute(
                 "UPDATE artifacts SET delivered_at = ? WHERE job_id = ? AND delivered_at IS NULL", (now, job_id)
             )
-            await self.db.execute("UPDATE jobs SET state = ? WHERE id = ?", (JobState.DELIVERED, job_id))
+            cur = await self.db.execute("UPDATE jobs SET state = ? WHERE id = ?", (JobState.DELIVERED, job_id))
             await self.db.commit()
         except BaseException:
             await self.db.rollback()
             raise
+        return cur.rowcount == 1
 
     # -- artifacts -----------------------------------------------------------------------
     @_serialised
@@ -890,6 +1036,28 @@ class Storage:
             "jobs": jobs["n"],
             "reports_made": reported["n"],
         }
+
+    async def named_paths(self, user_key: str, now: float) -> tuple[list[str], list[str]]:
+        """What the user's rows name: (1) the paths of their data (selfies, identity, LoRA, artifacts), and
+        (2) every string in the params of their jobs still to run or deliver and in a command's unexpired
+        wait for a file (the inputs and output folders those still need). A file under the user's folder
+        that neither names is a leftover."""
+        keys = (user_key,) * 4
+        async with self.db.execute(
+            "SELECT path FROM selfies WHERE user_key = ? UNION ALL SELECT path FROM identities WHERE user_key = ? "
+            "UNION ALL SELECT lora_path FROM identities WHERE user_key = ? AND lora_path IS NOT NULL "
+            "UNION ALL SELECT path FROM artifacts WHERE owner_key = ?", keys
+        ) as cur:
+            data = [r[0] for r in await cur.fetchall()]
+        needed: list[str] = []
+        async with self.db.execute(
+            "SELECT params FROM jobs WHERE user_key = ? AND state IN (?, ?, ?) "
+            "UNION ALL SELECT payload FROM pending_inputs WHERE user_key = ? AND expires_at > ?",
+            (user_key, JobState.QUEUED, JobState.RUNNING, JobState.DONE, user_key, now),
+        ) as cur:
+            for row in await cur.fetchall():
+                needed += _strings(json.loads(row[0]))
+        return data, needed
 
     async def users_with_expired(self, cutoffs: dict[str, float]) -> list[str]:
         """Users holding data of a class older than its cutoff (``{data class: unix time}``)."""

@@ -10,6 +10,9 @@
 - ``crash_at``: ``os._exit`` at that step; with ``crash_marker`` only while that file is missing
   (it is created first, so the next attempt passes).
 - ``hang_at``: sleep forever at that step (for timeouts).
+- ``pause_at`` with ``pause_dir``: at that step, unless ``<pause_dir>/<tag>.go`` exists, write
+  ``<tag>.paused`` there (holding this process's pid) and wait until ``<tag>.go`` appears: a test can
+  kill the worker, or the whole service, at a known point of a job (the ledger line is not written yet).
 - ``fail_code`` (+ ``fail_details``): raise ``UserFacingError`` at the start.
 - ``bug``: raise ``RuntimeError`` at the start.
 - ``chatter``: print to stdout (Python and fd 1) at each step, as noisy libraries do.
@@ -33,6 +36,17 @@ CRASH_EXIT_CODE = 87
 def _hang() -> None:
     while True:
         time.sleep(3600)
+
+
+def _pause(folder: Path, tag: str) -> None:
+    go = folder / f"{tag}.go"
+    if go.exists():
+        return
+    marker = folder / f"{tag}.paused"
+    marker.with_suffix(".part").write_text(str(os.getpid()))
+    marker.with_suffix(".part").replace(marker)  # whole, or not there: a reader never sees it empty
+    while not go.exists():
+        time.sleep(0.01)
 
 
 def _should_crash(params: dict[str, Any]) -> bool:
@@ -84,9 +98,12 @@ class SleepPipeline:
         steps = int(params.get("steps", 3))
         delay = float(params.get("delay_s", 0))
         yield_every = int(params.get("yield_every", 0))
+        tag = str(params.get("tag", params.get("job_id", "job")))
         for step in range(1, steps + 1):
             if params.get("hang_at") == step:
                 _hang()
+            if params.get("pause_at") == step and params.get("pause_dir"):
+                _pause(Path(params["pause_dir"]), tag)
             if params.get("crash_at") == step and _should_crash(params):
                 os._exit(CRASH_EXIT_CODE)
             if delay:
@@ -98,7 +115,6 @@ class SleepPipeline:
             if yield_every and step % yield_every == 0 and step < steps:
                 progress.yield_point()
         # 3. Output and ledger.
-        tag = str(params.get("tag", params.get("job_id", "job")))
         out = Path(params["out_dir"]) / f"{tag}{params.get('suffix', '.txt')}"
         out.write_text(f"{tag}\n")
         if params.get("ledger"):

@@ -3,7 +3,8 @@
 /delete asks first; its Yes button carries a one-time nonce bound to the asking user, so nobody
 else can press it and an old one expires. Confirmed, it cancels and drops the user's jobs, removes
 ``data_dir/users/<key>/`` and then every row of the user. Retention (``bot/ops/retention.py``) deletes one
-class of a user's data with the same file helpers (``delete_expired_data``).
+class of a user's data with the same file helpers (``delete_expired_data``), and the files no row names
+(``other_files``: inputs of jobs that never delivered, checkpoints of a stopped training) by their age.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import asyncio
 import logging
 import secrets
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +203,57 @@ async def remove_user_files(services: Services, user_key: str, paths: list[Path]
     the folders they leave empty, up to the user's own; returns how many paths were removed."""
     root = services.user_dir(user_key).resolve()
     return await asyncio.to_thread(_remove_paths, root, paths)
+
+
+@dataclass(frozen=True)
+class OtherFile:
+    """A file in a user's folder that is none of their data (selfies, identity, LoRA, results)."""
+
+    path: Path
+    written: float  # modification time
+    needed: bool  # a job still to run or deliver, or a command waiting for a file, names it
+
+
+async def other_files(services: Services, user_key: str, now: float) -> list[OtherFile]:
+    """Files under the user's folder that no data row names, oldest first: inputs and work files of jobs
+    (needed while the job is queued, running or delivering), inputs of jobs that failed, were cancelled
+    or never got their file, a stopped training's checkpoints, photos kept for style buttons."""
+    storage: Any = services.storage
+    data, needed = await storage.named_paths(user_key, now)
+    return await asyncio.to_thread(_other_files, services.user_dir(user_key), data, needed)
+
+
+def _other_files(root: Path, data: list[str], needed: list[str]) -> list[OtherFile]:
+    if not root.is_dir():
+        return []
+    root = root.resolve()
+    data_files, data_folders = _under(root, data)
+    data_folders |= {p.parent for p in data_files if p.parent.name == LORA_FOLDER}  # a LoRA keeps its checkpoints
+    needed_files, needed_folders = _under(root, needed)
+    found = []
+    for path in root.rglob("*"):
+        if path.is_dir() and not path.is_symlink():
+            continue
+        resolved = path.resolve()
+        if resolved in data_files or any(resolved.is_relative_to(f) for f in data_folders):
+            continue
+        is_needed = resolved in needed_files or any(resolved.is_relative_to(f) for f in needed_folders)
+        found.append(OtherFile(path, path.lstat().st_mtime, is_needed))
+    return sorted(found, key=lambda f: f.written)
+
+
+def _under(root: Path, names: list[str]) -> tuple[set[Path], set[Path]]:
+    """The files and the folders among `names` (absolute paths) that lie under `root`."""
+    files: set[Path] = set()
+    folders: set[Path] = set()
+    for name in names:
+        path = Path(name)
+        if not path.is_absolute():
+            continue
+        path = path.resolve()
+        if path.is_relative_to(root):
+            (folders if path.is_dir() else files).add(path)
+    return files, folders
 
 
 def _remove_paths(root: Path, paths: list[Path]) -> int:

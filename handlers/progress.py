@@ -116,14 +116,27 @@ async def submit_with_progress(services: Services, event: Event, channel: ReplyC
     async with services.runtime.user_lock(event.user.key):
         params, undo = await hooks.admit(services, event, kind, params)  # quotas, a group's rules...
         try:
-            submitted = await services.jobs.submit(event.user.key, kind, params, event.chat)
+            submitted = await submit_job(services, event, kind, params)
         except BaseException:
             await undo()
             raise
     text = queued_text(kind, submitted.position, submitted.eta_s, event.language)
-    ref = await addressed(channel, event.user).send_text(text, cancel_button(submitted.job_id, event.language))
+    try:
+        ref = await addressed(channel, event.user).send_text(text, cancel_button(submitted.job_id, event.language))
+    except Exception:
+        # The job is queued all the same: its progress (or result) will be the user's first word of it.
+        log.warning("job %d: could not say it is queued", submitted.job_id, exc_info=True)
+        return submitted
     await services.jobs.attach_progress(submitted.job_id, ref)
     return submitted
+
+
+async def submit_job(services: Services, event: Event, kind: str, params: dict[str, Any]) -> Submitted:
+    """Submits a job for the event's user and chat, keyed by the update that asked for it (a re-sent
+    update then raises DuplicateUpdate instead of making a second job)."""
+    key = event.submission_key()
+    extra = {"update_key": key} if key is not None else {}
+    return await services.jobs.submit(event.user.key, kind, params, event.chat, **extra)
 
 
 def queued_text(kind: str, position: int, eta_s: float | None, lang: str) -> str:
@@ -185,15 +198,20 @@ async def deliver_result(services: Services, job: JobLike, artifacts: list[Any])
 
 
 async def report_failure(services: Services, job: JobLike, error: Any) -> None:
-    """Tells the user why the job failed, in its progress message when there is one."""
+    """Tells the user why the job failed, in its progress message when there is one, else in a new
+    message; raises when neither reached the chat (the scheduler tries again later)."""
     lang = await _job_language(services, job)
     channel = _job_channel(services, job)
     text = error_text(error, lang)
     if not await _finish_progress(services, job, channel, text):
-        try:
-            await channel.send_text(text)
-        except Exception:
-            log.warning("job %d: could not report its failure", job.id, exc_info=True)
+        await channel.send_text(text)
+
+
+async def report_late(services: Services, job: JobLike) -> None:
+    """Tells the user their result is ready but sending it keeps failing: it will arrive late. Raises when
+    that did not reach the chat either."""
+    lang = await _job_language(services, job)
+    await _job_channel(services, job).send_text(t("job.late", lang))
 
 
 async def report_cancelled(services: Services, job: JobLike) -> None:

@@ -17,6 +17,15 @@ class NotSupported(Exception):
     """The platform cannot do this (e.g. a round video note on Discord); handlers fall back."""
 
 
+class ChatUnreachable(Exception):
+    """The platform refused for good to reach the chat: the user blocked the bot, the bot was removed, the
+    chat is gone (Telegram 403 or "chat not found"; Discord 403 or Unknown Channel). Trying again is useless."""
+
+
+class DuplicateUpdate(Exception):
+    """This chat update made a job already (the platform sent it again, e.g. after a crash): do nothing."""
+
+
 class Visibility(str, Enum):
     """Who sees a message."""
 
@@ -122,6 +131,18 @@ class Event:
     inline_query: str | None = None
     # Whether the user administers this group chat (asked of the platform lazily); None where unknown.
     chat_admin: Callable[[], Awaitable[bool]] | None = None
+    # The platform's identity of this update (chat and message id, or a button press's query id): the
+    # same when the platform sends the update again. Jobs it creates carry it (see submission_key).
+    update_key: str | None = None
+    _submissions: int = field(default=0, repr=False, compare=False)
+
+    def submission_key(self) -> str | None:
+        """The key of the next job this event submits: the update's key, then ``key#2``, ``key#3``...
+        (handling the same update again submits the same sequence, so each job exists once)."""
+        if self.update_key is None:
+            return None
+        self._submissions += 1
+        return self.update_key if self._submissions == 1 else f"{self.update_key}#{self._submissions}"
 
 
 @dataclass(frozen=True)
@@ -232,8 +253,9 @@ class JobQueue(Protocol):
     """The scheduler as handlers see it."""
 
     async def submit(self, user_key: str, kind: str, params: dict[str, Any], chat: Chat,
-                     progress_ref: MessageRef | None = None) -> Submitted:
-        """Writes the job row and queues it; raises UserFacingError("queue.*") when refused."""
+                     progress_ref: MessageRef | None = None, update_key: str | None = None) -> Submitted:
+        """Writes the job row and queues it; raises UserFacingError("queue.*") when refused, and
+        DuplicateUpdate when the update `update_key` (``Event.submission_key``) made a job already."""
 
     async def attach_progress(self, job_id: int, ref: MessageRef) -> None:
         """Records the message that shows the job's progress."""

@@ -16,7 +16,7 @@ from typing import Any
 from facechain_core.errors import UserFacingError
 from handlers import buttons, registry
 from handlers.messages import catalogue, t
-from handlers.protocols import Event, ReplyChannel
+from handlers.protocols import DuplicateUpdate, Event, ReplyChannel
 from handlers.registry import (  # noqa: F401  (re-exported: features and tests used the router's names before)
     Command,
     _commands,
@@ -59,13 +59,26 @@ def message_for(error: UserFacingError, lang: str) -> str:
 
 
 async def handle_event(services: Services, event: Event, channel: ReplyChannel) -> None:
-    """Handles one event; never raises (except cancellation)."""
+    """Handles one event; never raises (except cancellation).
+
+    A user's events run one at a time (inline queries, which only read, excepted), so their /delete
+    waits for intake already under way and nothing they sent is written after it. An update the
+    platform sent again after it made a job (a crash before the platform heard it was handled) does nothing."""
     services.runtime.maybe_sweep(services.clock())
     await _use_stored_language(services, event, channel)
     if event.button_payload is not None:
         channel = _AnswerOnce(channel)
     try:
-        await _route(services, event, channel)
+        if event.inline_query is not None:
+            await _route(services, event, channel)
+        else:
+            async with services.runtime.intake_lock(event.user.key):
+                if event.update_key is not None and await services.storage.update_seen(event.update_key):
+                    log.info("%s from %s was handled before (sent again): ignored", _describe(event), event.user.key)
+                    return
+                await _route(services, event, channel)
+    except DuplicateUpdate:
+        log.info("%s from %s made its job before (sent again): ignored", _describe(event), event.user.key)
     except UserFacingError as exc:
         await _reply_safely(event, channel, message_for(exc, event.language))
     except Exception:

@@ -26,6 +26,7 @@ from facechain_core.numbers import ascii_int
 from facechain_core.safety import DEFAULT_SERVICE
 from facechain_core.safety import FEATURE as SAFETY_FEATURE
 from handlers import buttons, hooks, registry, router
+from handlers.basic import other_files
 from handlers.consent import consent_text
 from handlers.messages import t
 from handlers.progress import format_duration, kind_label
@@ -176,6 +177,10 @@ async def show_privacy(services: Services, event: Event, channel: ReplyChannel) 
         if entry["count"]:
             lines.append(t(f"privacy.{data_class}", lang, count=entry["count"], made=_date(entry["oldest"]),
                            expiry=_expiry(entry["oldest"], days[data_class], now, lang)))
+    others = await other_files(services, key, now)
+    if others:
+        lines.append(t("privacy.files", lang, count=len(others), made=_date(others[0].written),
+                       hours=round(services.settings.retention.inputs_hours)))
     if summary["jobs"]:
         lines.append(t("privacy.jobs", lang, count=summary["jobs"]))
     if summary["reports_made"]:

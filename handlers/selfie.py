@@ -21,6 +21,7 @@ from facechain_core.selfie import SelfieResult, face_record
 from handlers import registry
 from handlers.consent import consent_text
 from handlers.messages import t
+from handlers.progress import submit_job
 from handlers.protocols import Attachment, Event, ReplyChannel, User
 from handlers.router import message_for
 from handlers.selfie_check import build_selfie_checker, lazy_selfie_checker  # noqa: F401  (their old home)
@@ -124,7 +125,7 @@ async def _submit_identity(services: Services, event: Event, selfies: list[Any])
         "selfies": [{"path": s.path, "face": s.face} for s in selfies],
         "out": str((services.user_dir(key) / "identity.npz").resolve()),
     }
-    submitted = await services.jobs.submit(key, IDENTITY_KIND, params, event.chat)
+    submitted = await submit_job(services, event, IDENTITY_KIND, params)
     log.info("identity job %d queued for %s over %d selfies", submitted.job_id, key, len(selfies))
 
 

@@ -36,6 +36,7 @@ class StorageLike(Protocol):
     async def set_pending(self, user_key: str, chat_key: str, command: str, payload: dict[str, Any],
                           ttl_s: float) -> None: ...
     async def take_pending(self, user_key: str, chat_key: str) -> Any | None: ...
+    async def update_seen(self, update_key: str) -> bool: ...
 
 
 @dataclass
@@ -65,6 +66,9 @@ class RuntimeState:
     progress: dict[int, ProgressMemo] = field(default_factory=dict)
     # Held by the coroutines using them: a lock nobody holds or awaits goes away by itself.
     user_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = field(default_factory=weakref.WeakValueDictionary)
+    # One user's updates are handled one at a time (the router), and so are their /delete and the
+    # retention sweep of their data: nothing a user sent is written after their /delete finished.
+    intake_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = field(default_factory=weakref.WeakValueDictionary)
     # /delete confirmations: nonce -> (user key, expiry clock time).
     delete_confirms: dict[str, tuple[str, float]] = field(default_factory=dict)
     # Last time a user was told (in a group) to send selfies privately.
@@ -72,10 +76,11 @@ class RuntimeState:
     swept_at: float | None = None
 
     def user_lock(self, user_key: str) -> asyncio.Lock:
-        lock = self.user_locks.get(user_key)
-        if lock is None:
-            lock = self.user_locks[user_key] = asyncio.Lock()
-        return lock
+        return _lock_of(self.user_locks, user_key)
+
+    def intake_lock(self, user_key: str) -> asyncio.Lock:
+        """Taken around each of the user's events, their /delete and their retention sweep (before user_lock)."""
+        return _lock_of(self.intake_locks, user_key)
 
     def forget_user(self, user_key: str) -> None:
         """Drops what memory holds about a user (after /delete)."""
@@ -110,6 +115,13 @@ class RuntimeState:
         for job_id, memo in list(self.progress.items()):
             if (memo.last_edit if memo.last_edit is not None else memo.started) < old:
                 del self.progress[job_id]
+
+
+def _lock_of(locks: weakref.WeakValueDictionary[str, asyncio.Lock], key: str) -> asyncio.Lock:
+    lock = locks.get(key)
+    if lock is None:
+        lock = locks[key] = asyncio.Lock()
+    return lock
 
 
 async def same_id_private_chat(user: User) -> Chat:

@@ -29,6 +29,9 @@ class _Sink:
     async def deliver(self, job: Job, artifacts: list[Artifact]) -> None:
         pass
 
+    async def on_late(self, job: Job) -> None:
+        pass
+
     async def on_failed(self, job: Job, error: dict) -> None:
         pass
 

@@ -38,6 +38,9 @@ class Sink:
     async def deliver(self, job: Job, artifacts: list[Artifact]) -> None:
         pass
 
+    async def on_late(self, job: Job) -> None:
+        pass
+
     async def on_failed(self, job: Job, error: dict[str, Any]) -> None:
         pass
 

@@ -163,3 +163,75 @@ async def test_files_outside_the_users_folder_are_never_removed(make_world, tmp_
     await world.storage.add_selfie(KEY, str(outside), {})
     await sweep(world.services, RetentionSettings(**RETENTION), time.time() + 61 * DAY_S)
     assert outside.exists() and await world.storage.selfies(KEY) == []
+
+
+async def _end(world: World, state: str) -> None:
+    """Ends every job the world's queue holds, as the scheduler would when they fail or are cancelled."""
+    for job_id in list(world.jobs.active):
+        await world.storage.end_job(job_id, state)
+        world.jobs.active.pop(job_id)
+
+
+def _photo(data: bytes) -> Any:
+    from handlers.protocols import Attachment
+
+    async def fetch() -> bytes:
+        return data
+
+    return Attachment("photo", len(data), "image/jpeg", None, fetch)
+
+
+def _jpeg() -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (64, 64), (90, 120, 150)).save(out, "JPEG")
+    return out.getvalue()
+
+
+async def test_inputs_of_jobs_that_never_delivered_are_swept(make_world) -> None:  # noqa: F811
+    """Failed, cancelled and unanswered jobs of each kind leave inputs no row names: /privacy lists them
+    and the sweep removes them a day later; what is left is exactly what /privacy lists."""
+    world = await make_world(retention=RETENTION)
+    world.services.features_installed = {"cartoon", "tryon", "portrait"}
+    await world.send(event(USER, "/start"))
+    folder = world.services.user_dir(KEY)
+    selfie = _write(folder / "selfies" / "keptselfie.jpg", _jpeg())
+    await world.storage.add_selfie(KEY, str(selfie), {"box": [0, 0, 1, 1]})
+
+    def sent(text: str, photo: bool = False) -> Any:
+        update = event(USER, text)
+        if photo:
+            update.attachments = [_photo(_jpeg())]
+        return update
+
+    await world.send(sent("/cartoon anime", photo=True))  # a cartoon that fails
+    await world.send(sent("/tryon", photo=True))  # a try-on that fails
+    await _end(world, "failed")
+    await world.send(sent("/talk hello there"))  # a talk the user cancels
+    await world.send(sent("/train"))  # a training cancelled after its first checkpoint
+    _write(folder / "lora" / "checkpoint-4" / "optimizer.bin", b"state")
+    await _end(world, "cancelled")
+    await world.send(sent("/talk"))  # asks for a voice message that never comes
+    await world.send(sent("/cartoon", photo=True))  # style buttons for a photo, never pressed
+    leftovers = [p for p in folder.rglob("*") if p.is_file() and p != selfie]
+    assert len(leftovers) >= 6, leftovers
+    assert not world.jobs.active
+
+    before = (await world.send(event(USER, "/privacy"))).said[-1]
+    made = time.strftime("%Y-%m-%d", time.gmtime(world.start))
+    assert t("privacy.files", "en", count=len(leftovers), made=made, hours=24) in before, before
+
+    await sweep(world.services, RetentionSettings(**RETENTION), time.time() + 0.5 * DAY_S)
+    assert all(p.exists() for p in leftovers)  # not a day old yet
+    counts = await sweep(world.services, RetentionSettings(**RETENTION), time.time() + 2 * DAY_S)
+    assert counts["files"] == len(leftovers)
+    left = sorted(p for p in folder.rglob("*") if p.is_file())
+    assert left == [selfie]
+    world.now[0] += 2 * DAY_S
+    after = (await world.send(event(USER, "/privacy"))).said[-1]
+    assert t("privacy.selfies", "en", count=1, made=made, expiry=t(
+        "privacy.expires", "en", date=time.strftime("%Y-%m-%d", time.gmtime(world.start + 60 * DAY_S)))) in after
+    assert "other file" not in after

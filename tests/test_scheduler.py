@@ -49,6 +49,7 @@ class RecordingSink:
         self.deliver_calls: dict[int, int] = defaultdict(int)
         self.failed: dict[int, dict[str, Any]] = {}
         self.cancelled: list[int] = []
+        self.late: list[int] = []
         self.failing_deliveries = failing_deliveries
         self.failing_progress = failing_progress
 
@@ -63,6 +64,9 @@ class RecordingSink:
             self.failing_deliveries -= 1
             raise ConnectionError("network down")
         self.delivered[job.id] = artifacts
+
+    async def on_late(self, job: Job) -> None:
+        self.late.append(job.id)
 
     async def on_failed(self, job: Job, error: dict[str, Any]) -> None:
         self.failed[job.id] = error
@@ -184,7 +188,7 @@ async def test_caps_refuse_with_codes_and_write_no_row(storage: Storage, tmp_pat
         await sched.submit("u:f", "quick", params(tmp_path, "f1"), CHAT)
     assert stopping.value.code == "queue.stopping"
     for code in ("queue.full", "queue.user_full", "queue.stopping", "job.failed", "job.crashed", "job.timeout",
-                 "job.unavailable", "job.undeliverable"):
+                 "job.unavailable", "job.late", "job.unreachable", "job.expired"):
         assert set(catalogue()[code]) >= {"en", "zh"}
     assert "2" in t("queue.user_full", "zh", max=2)
 

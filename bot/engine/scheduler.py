@@ -7,6 +7,13 @@ within a user. The job row is written before ``submit`` returns; a job in DONE i
 re-delivered after a restart. A preemptible job (training) yields at checkpoints: the worker then
 runs waiting short jobs in place. A job past its kind's timeout has its worker killed and respawned.
 
+The lifecycle is written before it is acted on: each state change goes to the job's row first
+(retrying a locked database or a full disk until it lands), and only then do the in-memory maps
+move, so a failed write never strands a job. A finished job's outcome (its results, or why it
+failed) is sent until it reaches the chat, with capped backoff kept across restarts, for as long as
+retention keeps the result; a chat that refuses for good (``ChatUnreachable``) ends it at once. The
+dispatch pump, the worker readers and respawns survive a failed round.
+
 Pipelines get ``params["job_id"]`` and ``params["out_dir"]`` (``data_dir/users/<user>/jobs/<id>``
 unless the handler set one). A result's files become artifacts of the job's kind, unless its meta
 names ``artifact_kind``; ``meta["file_meta"]`` (a list, one dict per file) becomes each artifact's meta.
@@ -21,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import itertools
 import logging
 import mimetypes
 import os
@@ -38,9 +46,9 @@ from bot.config import SchedulerSettings
 from bot.engine.jobkinds import JobKinds
 from bot.engine.worker_env import worker_environment
 from bot.lifecycle import StartStop
-from bot.storage import Artifact, Job, JobState, Storage, new_artifact_id
+from bot.storage import Artifact, DuplicateKey, Job, JobState, Storage, new_artifact_id, retry_transient
 from facechain_core.errors import UserFacingError
-from handlers.protocols import Chat, JobView, MessageRef, Submitted
+from handlers.protocols import Chat, ChatUnreachable, DuplicateUpdate, JobView, MessageRef, Submitted
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -53,7 +61,8 @@ JOB_FAILED = "job.failed"  # the pipeline had a bug on every try
 JOB_CRASHED = "job.crashed"  # the worker died on every try
 JOB_TIMEOUT = "job.timeout"
 JOB_UNAVAILABLE = "job.unavailable"  # its kind is no longer configured
-JOB_UNDELIVERABLE = "job.undeliverable"
+JOB_UNREACHABLE = "job.unreachable"  # the chat refused its result for good (blocked, removed, gone)
+JOB_EXPIRED = "job.expired"  # retention removed its result before the chat could take it
 
 WORKER_START_TIMEOUT_S = 60.0
 WORKER_EXIT_WAIT_S = 5.0
@@ -63,7 +72,10 @@ RESPAWN_DELAYS_S = (0.0, 1.0, 5.0, 30.0)
 PROGRESS_FLUSH_S = 10.0
 # How long forget_user waits for the user's running jobs to stop before killing their worker.
 FORGET_WAIT_S = 10.0
-DELIVERY_MAX_TRIES = 20
+# Failed tries to send a result before the user is told it will arrive late.
+LATE_NOTICE_AFTER_TRIES = 3
+# Pause of the dispatch pump after a round failed (a persistent error must not spin).
+PUMP_ERROR_PAUSE_S = 1.0
 # Weight of the newest run in the running average of a kind's duration (ETA estimates).
 DURATION_ALPHA = 0.2
 
@@ -89,15 +101,19 @@ class JobSink(Protocol):
         """Shows a running job's progress (rate-limit edits here)."""
 
     async def deliver(self, job: Job, artifacts: list[Artifact]) -> None:
-        """Sends a DONE job's results; raises on a transient failure (retried later).
+        """Sends a DONE job's results; raises on a failure (tried again later), ChatUnreachable for good.
 
         `artifacts` are all of the job's; those with ``delivered_at`` set already reached the chat.
         Call ``Storage.mark_delivered`` per artifact to keep its platform file id; after this
         returns, the scheduler marks the job and any remaining artifacts delivered.
         """
 
+    async def on_late(self, job: Job) -> None:
+        """Tells the user a DONE job's result is late (sending failed a few times); raises if that failed."""
+
     async def on_failed(self, job: Job, error: dict[str, Any]) -> None:
-        """Tells the user the job failed; `error` is ``{"code": ..., "details": {...}}``."""
+        """Tells the user the job failed; `error` is ``{"code": ..., "details": {...}}``. Raises when the
+        user could not be told (tried again later, as a delivery)."""
 
     async def on_cancelled(self, job: Job) -> None:
         """Tells the user the job was cancelled."""
@@ -107,6 +123,10 @@ def media_type(path: str | Path) -> str:
     """The media type of a result file, from its suffix."""
     suffix = Path(path).suffix.lower()
     return _MEDIA_TYPES.get(suffix) or mimetypes.guess_type(str(path))[0] or "application/octet-stream"
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _error(code: str, **details: Any) -> dict[str, Any]:
@@ -289,8 +309,9 @@ class Scheduler(StartStop):
     def __init__(
         self, storage: Storage, kinds: JobKinds, settings: SchedulerSettings, *, data_dir: Path,
         context: dict[str, Any], sink: JobSink, devices: list[str] | None = None,
-        on_event: JobEventHook | None = None, secrets: Iterable[str] = (),
+        on_event: JobEventHook | None = None, secrets: Iterable[str] = (), results_ttl_s: float | None = None,
     ) -> None:
+        """`results_ttl_s`: how long retention keeps a result (None: forever); an older one is not sent."""
         self._storage = storage
         self._kinds = kinds
         self._settings = settings
@@ -324,10 +345,13 @@ class Scheduler(StartStop):
         self._admit_lock = asyncio.Lock()
         # One coroutine at a time on the shared connection: a transaction must not interleave.
         self._db_lock = asyncio.Lock()
+        self._results_ttl_s = results_ttl_s or None
         self._pump_task: asyncio.Task[None] | None = None
         self._started = False
         self._stopping = False
         self._stopped = False
+        self._stop_event = asyncio.Event()  # wakes deliveries waiting to try again
+        self._abandon_writes = False  # set when stop gives up on writes still waiting for the database
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -362,7 +386,7 @@ class Scheduler(StartStop):
                 worker.stopping = True
                 worker.kill()
             raise
-        for job in await self._db(self._storage.jobs_in_states, [JobState.DONE]):
+        for job in await self._db(self._storage.unsent_outcomes):
             self._start_delivery(job)
         self._pump_task = asyncio.create_task(self._pump(), name="scheduler-pump")
         self._wake.set()
@@ -374,6 +398,7 @@ class Scheduler(StartStop):
         if not self._started or self._stopped:
             return
         self._stopping = True
+        self._stop_event.set()
         grace = self._settings.shutdown_grace_s if grace_s is None else grace_s
         deadline = time.monotonic() + grace
         if self._running:
@@ -401,6 +426,7 @@ class Scheduler(StartStop):
         tasks = set(self._tasks)
         if tasks:
             _, late = await asyncio.wait(tasks, timeout=max(deadline - time.monotonic(), 0.0))
+            self._abandon_writes = True  # a write still waiting for the database: its row decides at start
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
@@ -441,8 +467,9 @@ class Scheduler(StartStop):
 
     # -- JobQueue ----------------------------------------------------------------------------
     async def submit(self, user_key: str, kind: str, params: dict[str, Any], chat: Chat,
-                     progress_ref: MessageRef | None = None) -> Submitted:
-        """Writes the job row and queues it; raises UserFacingError("queue.*") when refused."""
+                     progress_ref: MessageRef | None = None, update_key: str | None = None) -> Submitted:
+        """Writes the job row and queues it; raises UserFacingError("queue.*") when refused, and
+        DuplicateUpdate when the chat update `update_key` made a job already."""
         if kind not in self._kinds:
             raise ValueError(f"unknown job kind: {kind!r}")
         if not self._started or self._stopping:
@@ -454,9 +481,12 @@ class Scheduler(StartStop):
             active = sum(1 for j in self._active_jobs() if j.user_key == user_key)
             if active >= self._settings.user_max_queued:
                 raise UserFacingError(QUEUE_USER_FULL, max=self._settings.user_max_queued)
-            job = await self._db(
-                self._storage.insert_job, user_key, kind, spec.priority, params, chat.to_dict(), spec.max_tries
-            )
+            try:
+                job = await self._db(self._storage.insert_job, user_key, kind, spec.priority, params, chat.to_dict(),
+                                     spec.max_tries, update_key)
+            except DuplicateKey:
+                log.info("update %s of %s made a job already: not queued again", update_key, user_key)
+                raise DuplicateUpdate(update_key) from None
             if progress_ref is not None:
                 job.progress_ref = progress_ref.to_dict()
                 await self._db(self._storage.set_progress_ref, job.id, job.progress_ref)
@@ -492,7 +522,7 @@ class Scheduler(StartStop):
                 progress = run.step / run.total if run.total else None
                 views.append(JobView(run.job.id, run.job.kind, JobState.RUNNING, 0, self._remaining(run, now), progress))
         for job, _ in self._delivering.values():
-            if job.user_key == user_key:
+            if job.user_key == user_key and job.state == JobState.DONE:
                 views.append(JobView(job.id, job.kind, JobState.DONE, None, None, 1.0))
         return sorted(views, key=lambda v: v.id)
 
@@ -525,10 +555,13 @@ class Scheduler(StartStop):
             except Exception:
                 log.exception("the job event hook failed on %s of job %d", name, job.id)
 
-    async def _db(self, call: Callable[..., Awaitable[T]], *args: Any) -> T:
-        """Runs one storage call alone on the connection, shielded from cancellation."""
+    async def _db(self, call: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        """Runs one storage call alone on the connection, shielded from cancellation; a transient error
+        (locked database, full disk) is retried until the write lands, or until stop gives up on it."""
         async with self._db_lock:
-            task = asyncio.ensure_future(call(*args))
+            task = asyncio.ensure_future(retry_transient(
+                lambda: call(*args, **kwargs), getattr(call, "__name__", "a database call"), None,
+                lambda: self._abandon_writes))
             try:
                 return await asyncio.shield(task)
             except asyncio.CancelledError:
@@ -589,7 +622,8 @@ class Scheduler(StartStop):
 
     # -- internals: dispatch -------------------------------------------------------------------
     async def _pump(self) -> None:
-        """Hands queued jobs to idle workers whenever something changes."""
+        """Hands queued jobs to idle workers whenever something changes; a failed round is logged and
+        tried again after a pause (the job it was for stays queued)."""
         while not self._stopping:
             await self._wake.wait()
             self._wake.clear()
@@ -598,7 +632,18 @@ class Scheduler(StartStop):
                 job = self._pick() if worker is not None else None
                 if worker is None or job is None:
                     break
-                await self._dispatch(worker, job, nested=False)
+                try:
+                    await self._dispatch(worker, job, nested=False)
+                except Exception:
+                    log.exception("dispatching job %d failed; it stays queued", job.id)
+                    await self._pause(PUMP_ERROR_PAUSE_S)
+                    self._wake.set()
+                    break
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleeps `seconds`, or less when the scheduler stops meanwhile."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop_event.wait(), seconds)
 
     async def _dispatch(self, worker: _Worker, job: Job, nested: bool) -> bool:
         """Marks the job running (the attempt counts now) and sends it; False if it did not go."""
@@ -618,7 +663,14 @@ class Scheduler(StartStop):
         job.attempts += 1
         job.state = JobState.RUNNING
         job.started_at = time.time()
-        await self._db(self._storage.mark_running, job.id)
+        try:
+            written = await self._db(self._storage.mark_running, job.id)
+        except BaseException:
+            self._unreserve(run)
+            raise
+        if not written:  # the row is gone (its user deleted everything)
+            self._end_run(run)
+            return False
         if self._running.get(job.id) is not run or worker.gen != run.gen:
             return False  # the worker died meanwhile; its exit handler put the job back
         run.started = time.monotonic()
@@ -631,6 +683,20 @@ class Scheduler(StartStop):
         self._event("started", job, worker=worker.index, nested=nested, attempt=job.attempts,
                     wait_s=job.started_at - job.created_at)
         return True
+
+    def _unreserve(self, run: _Run) -> None:
+        """Undoes a dispatch whose row was not written: the job waits in the queue again."""
+        if self._running.get(run.job.id) is not run:
+            return  # the worker's exit handler settled it meanwhile
+        self._end_run(run)
+        job = run.job
+        job.attempts = max(job.attempts - 1, 0)
+        job.state, job.started_at = JobState.QUEUED, None
+        if run.cancel:
+            self._spawn_task(self._cancelled(job, run.notify), f"cancelled-{job.id}")
+        else:
+            self._queued[job.id] = job
+            self._wake.set()
 
     def _on_timeout(self, run: _Run) -> None:
         if self._running.get(run.job.id) is not run or run.worker.gen != run.gen:
@@ -689,6 +755,10 @@ class Scheduler(StartStop):
                 log.error("worker %d sent an over-long line: killing it", worker.index)
                 worker.kill()
                 break
+            except OSError:
+                log.exception("reading worker %d failed: killing it", worker.index)
+                worker.kill()
+                break
             if not line:
                 break  # the process is exiting
             worker.heard = time.time()
@@ -723,20 +793,12 @@ class Scheduler(StartStop):
             run = self._running.get(job_id)
             if run is None:
                 continue
-            self._end_run(run)
-            job = run.job
-            if doom.get(job_id) == "timeout":
-                await self._fail(job, _error(JOB_TIMEOUT, timeout_s=self._kinds[job.kind].timeout_s))
-            elif run.cancel:
-                await self._cancelled(job, run.notify)
-            elif killed_by_us or self._stopping or not run.sent or depth > 0:
-                # Not its own fault (shutdown, a neighbour's timeout, not yet started): no attempt used.
-                await self._release(job)
-            elif job.attempts < job.max_tries:
-                log.info("job %d will be retried (try %d of %d used)", job.id, job.attempts, job.max_tries)
-                await self._requeue(job)
-            else:
-                await self._fail(job, _error(JOB_CRASHED, tries=job.attempts))
+            try:
+                await self._settle_exit(run, doom.get(job_id), killed_by_us, depth)
+            except Exception:
+                # Its row keeps the state it had (running): the next start puts it back in the queue.
+                log.exception("job %d: recording how it ended failed; its row decides at the next start", job_id)
+                self._end_run(run)
         worker.jobs.clear()
         if self._stopping or worker.stopping:
             return
@@ -746,7 +808,36 @@ class Scheduler(StartStop):
         if delay:
             log.error("worker %d died before it was ready: respawning in %.0f s", worker.index, delay)
             await asyncio.sleep(delay)
-        await self._spawn(worker)
+        await self._respawn(worker)
+
+    async def _settle_exit(self, run: _Run, doom: str | None, killed_by_us: bool, depth: int) -> None:
+        """Records how a job of a worker that exited ends: failed, cancelled, back in the queue."""
+        job = run.job
+        if doom == "timeout":
+            await self._fail(job, _error(JOB_TIMEOUT, timeout_s=self._kinds[job.kind].timeout_s), run)
+        elif run.cancel:
+            await self._cancelled(job, run.notify, run)
+        elif killed_by_us or self._stopping or not run.sent or depth > 0:
+            # Not its own fault (shutdown, a neighbour's timeout, not yet started): no attempt used.
+            await self._release(job, run)
+        elif job.attempts < job.max_tries:
+            log.info("job %d will be retried (try %d of %d used)", job.id, job.attempts, job.max_tries)
+            await self._requeue(job, run)
+        else:
+            await self._fail(job, _error(JOB_CRASHED, tries=job.attempts), run)
+
+    async def _respawn(self, worker: _Worker) -> None:
+        """Spawns the worker's process again, retrying (with backoff) when the spawn itself fails."""
+        for attempt in itertools.count():
+            try:
+                await self._spawn(worker)
+                return
+            except Exception:
+                delay = RESPAWN_DELAYS_S[min(attempt + 1, len(RESPAWN_DELAYS_S) - 1)]
+                log.exception("worker %d could not be started; trying again in %.1f s", worker.index, delay)
+                await self._pause(delay)
+                if self._stopping or worker.stopping:
+                    return
 
     async def _on_message(self, worker: _Worker, message: dict[str, Any]) -> None:
         op = message["op"]
@@ -773,24 +864,21 @@ class Scheduler(StartStop):
         elif op == wp.DONE:
             await self._on_done(run, message.get("result") or {})
         elif op == wp.ERROR:
-            self._end_run(run)
             if run.cancel:
-                await self._cancelled(run.job, run.notify)
+                await self._cancelled(run.job, run.notify, run)
             else:
-                await self._fail(run.job, _error(message["code"], **(message.get("details") or {})))
+                await self._fail(run.job, _error(message["code"], **(message.get("details") or {})), run)
         elif op == wp.CRASH:
-            self._end_run(run)
             job = run.job
             if run.cancel:
-                await self._cancelled(job, run.notify)
+                await self._cancelled(job, run.notify, run)
             elif job.attempts < job.max_tries:
                 log.info("job %d crashed (%s): retrying", job.id, message.get("error"))
-                await self._requeue(job)
+                await self._requeue(job, run)
             else:
-                await self._fail(job, _error(JOB_FAILED, tries=job.attempts))
+                await self._fail(job, _error(JOB_FAILED, tries=job.attempts), run)
         elif op == wp.CANCELLED:
-            self._end_run(run)
-            await self._cancelled(run.job, run.notify)
+            await self._cancelled(run.job, run.notify, run)
         else:
             log.warning("worker %d sent an unknown op %r", worker.index, op)
 
@@ -800,18 +888,21 @@ class Scheduler(StartStop):
             job = self._pick(short_only=True)
             if job is None:
                 break
-            if await self._dispatch(worker, job, nested=True):
-                return
+            try:
+                if await self._dispatch(worker, job, nested=True):
+                    return
+            except Exception:
+                log.exception("dispatching job %d inside job %d failed; it stays queued", job.id, host.job.id)
+                break
             if worker.gen != host.gen:
                 return
         worker.send({"op": wp.RESUME})
 
     async def _on_done(self, run: _Run, result: dict[str, Any]) -> None:
         """Stores the result and its artifacts (DONE: never run again), then delivers."""
-        self._end_run(run)
         job = run.job
         if run.cancel:
-            await self._cancelled(job, run.notify)
+            await self._cancelled(job, run.notify, run)
             return
         meta = result.get("meta") or {}
         kind = str(meta.get("artifact_kind") or job.kind)
@@ -825,44 +916,85 @@ class Scheduler(StartStop):
             )
             for i, path in enumerate(result.get("files") or [])
         ]
-        await self._db(self._storage.finish_job, job.id, result, artifacts)
+        written = await self._db(self._storage.finish_job, job.id, result, artifacts)
+        self._end_run(run)
+        if not written:
+            log.info("job %d finished after its user deleted their data: its result is dropped", job.id)
+            await asyncio.to_thread(self._remove_orphan_result, result)
+            return
         job.state, job.result, job.finished_at = JobState.DONE, result, now
         self._counters["done"] += 1
         seconds = time.monotonic() - run.started
         self._event("done", job, run_s=seconds, files=len(artifacts))
-        await self._db(self._storage.record_duration, job.kind, seconds, DURATION_ALPHA)
+        self._start_delivery(job, artifacts)
         previous = self._averages.get(job.kind)
         self._averages[job.kind] = seconds if previous is None else previous * (1 - DURATION_ALPHA) + DURATION_ALPHA * seconds
-        self._start_delivery(job, artifacts)
+        try:
+            await self._db(self._storage.record_duration, job.kind, seconds, DURATION_ALPHA)
+        except Exception:
+            log.warning("could not record the duration of job %d (estimates only)", job.id, exc_info=True)
 
-    async def _requeue(self, job: Job) -> None:
+    def _remove_orphan_result(self, result: dict[str, Any]) -> None:
+        """Removes the files a job of a deleted user wrote (only inside the users' folder)."""
+        users = (self._data_dir / "users").resolve()
+        for name in result.get("files") or []:
+            path = Path(name).resolve()
+            if path.is_relative_to(users):
+                path.unlink(missing_ok=True)
+
+    async def _requeue(self, job: Job, run: _Run | None = None) -> None:
+        """Puts a job back in the queue after a crash (its attempt stays used)."""
+        written = await self._db(self._storage.requeue, job.id)
+        if run is not None:
+            self._end_run(run)
+        if not written:
+            return  # the row is gone (its user deleted everything)
+        if run is not None and run.cancel:  # cancelled while its row was written
+            await self._cancelled(job, run.notify)
+            return
         self._counters["retried"] += 1
         self._event("retried", job, attempt=job.attempts)
-        await self._db(self._storage.requeue, job.id)
         job.state = JobState.QUEUED
         self._queued[job.id] = job
         self._wake.set()
 
-    async def _release(self, job: Job) -> None:
+    async def _release(self, job: Job, run: _Run | None = None) -> None:
         """Puts a job back without using up its attempt."""
-        await self._db(self._storage.release_job, job.id)
+        written = await self._db(self._storage.release_job, job.id)
+        if run is not None:
+            self._end_run(run)
+        if not written:
+            return
+        if run is not None and run.cancel:
+            await self._cancelled(job, run.notify)
+            return
         job.state = JobState.QUEUED
         job.attempts = max(job.attempts - 1, 0)
         job.started_at = None
         self._queued[job.id] = job
         self._wake.set()
 
-    async def _fail(self, job: Job, error: dict[str, Any]) -> None:
+    async def _fail(self, job: Job, error: dict[str, Any], run: _Run | None = None) -> None:
+        """Records the failure, then tells the user (sent as a delivery: until it reaches the chat)."""
+        written = await self._db(self._storage.end_job, job.id, JobState.FAILED, error, notify=True)
+        if run is not None:
+            self._end_run(run)
+        if not written:
+            return
         self._counters["failed"] += 1
-        await self._db(self._storage.end_job, job.id, JobState.FAILED, error)
-        job.state, job.error = JobState.FAILED, error
+        job.state, job.error, job.finished_at = JobState.FAILED, error, time.time()
         self._event("failed", job, code=error["code"], total_s=time.time() - job.created_at)
-        self._final(job, lambda: self._sink.on_failed(job, error), "failed")
+        self._start_delivery(job)
 
-    async def _cancelled(self, job: Job, notify: bool) -> None:
-        self._counters["cancelled"] += 1
-        await self._db(self._storage.end_job, job.id, JobState.CANCELLED)
+    async def _cancelled(self, job: Job, notify: bool, run: _Run | None = None) -> None:
+        written = await self._db(self._storage.end_job, job.id, JobState.CANCELLED)
+        if run is not None:
+            self._end_run(run)
         job.state = JobState.CANCELLED
+        if not written:
+            self._lanes.pop(job.id, None)
+            return
+        self._counters["cancelled"] += 1
         self._event("cancelled", job, total_s=time.time() - job.created_at)
         if notify:
             self._final(job, lambda: self._sink.on_cancelled(job), "cancelled")
@@ -882,8 +1014,14 @@ class Scheduler(StartStop):
                     run.cancel = True
                     run.worker.send({"op": wp.CANCEL, "job": run.job.id})
                     log.info("job %d: cancel sent to worker %d", run.job.id, run.worker.index)
-        for job in wanted:
-            await self._cancelled(job, notify)
+        for index, job in enumerate(wanted):
+            try:
+                await self._cancelled(job, notify)
+            except BaseException:
+                for rest in wanted[index:]:  # not written: they wait in the queue again
+                    self._queued[rest.id] = rest
+                self._wake.set()
+                raise
         return sorted(ids)
 
     # -- internals: sink ---------------------------------------------------------------------
@@ -922,32 +1060,86 @@ class Scheduler(StartStop):
         self._spawn_task(run(), f"{what}-{job.id}")
 
     def _start_delivery(self, job: Job, artifacts: list[Artifact] | None = None) -> None:
+        """Starts sending a finished job's outcome: a DONE job's results, or why a FAILED job failed."""
         if job.id not in self._delivering:
             task = self._spawn_task(self._deliver(job, artifacts), f"deliver-{job.id}")
             self._delivering[job.id] = (job, task)
 
+    def _backoff(self, tries: int) -> float:
+        """Seconds before try `tries` + 1: doubling from ``delivery_retry_s``, capped."""
+        first, cap = self._settings.delivery_retry_s, self._settings.delivery_max_backoff_s
+        return min(first * 2 ** min(max(tries - 1, 0), 30), cap)
+
+    def _expired(self, job: Job) -> bool:
+        """Whether retention has (or is about to have) removed the job's result."""
+        if self._results_ttl_s is None:
+            return False
+        return time.time() > (job.finished_at or job.created_at) + self._results_ttl_s
+
     async def _deliver(self, job: Job, artifacts: list[Artifact] | None) -> None:
-        """Sends a DONE job's artifacts until the sink succeeds; then marks it delivered."""
+        """Sends a finished job's outcome until the chat has it, trying again with capped backoff (the next
+        try's time is in the row, so a restart keeps the pace); the user hears when a result runs late.
+        A refusal for good, or a result retention removed, ends it."""
         try:
             await self._flush_progress(job.id)
-            for attempt in range(1, DELIVERY_MAX_TRIES + 1):
-                if artifacts is None or attempt > 1:  # re-read: the sink may have marked some delivered
-                    artifacts = await self._db(self._storage.job_artifacts, job.id)
+            while True:
+                wait = (job.deliver_after or 0.0) - time.time()
+                if wait > 0:
+                    await self._pause(wait)
+                    if self._stopping:
+                        return  # the row says when to try next: the next start goes on
+                if self._expired(job):
+                    await self._give_up(job, JOB_EXPIRED, "its result expired before the chat took it")
+                    return
                 try:
-                    await self._sink.deliver(job, artifacts)
-                except Exception:
-                    log.warning("delivering job %d failed (try %d of %d)", job.id, attempt, DELIVERY_MAX_TRIES,
-                                exc_info=True)
-                    if attempt < DELIVERY_MAX_TRIES:
-                        await asyncio.sleep(self._settings.delivery_retry_s)
+                    if job.state == JobState.DONE:
+                        if artifacts is None:  # re-read: the sink may have marked some delivered
+                            artifacts = await self._db(self._storage.job_artifacts, job.id)
+                        if not artifacts and (job.result or {}).get("files"):
+                            await self._give_up(job, JOB_EXPIRED, "retention removed its result")
+                            return
+                        if job.delivery_tries >= LATE_NOTICE_AFTER_TRIES and job.late_notice_at is None:
+                            await self._sink.on_late(job)
+                            await self._db(self._storage.set_late_notice, job.id)
+                            job.late_notice_at = time.time()
+                        await self._sink.deliver(job, artifacts)
+                    else:
+                        await self._sink.on_failed(job, job.error or _error(JOB_FAILED))
+                except ChatUnreachable as exc:
+                    await self._give_up(job, JOB_UNREACHABLE, f"the chat refused it for good ({exc})")
+                    return
+                except Exception as exc:
+                    artifacts = None
+                    delay = self._backoff(job.delivery_tries + 1)
+                    retry_at = time.time() + delay
+                    job.delivery_tries = await self._db(self._storage.delivery_failed, job.id, retry_at)
+                    job.deliver_after = retry_at
+                    # The first failure with its traceback; later ones in a line each.
+                    log.warning("sending the outcome of job %d failed (try %d: %s); trying again in %.1f s", job.id,
+                                job.delivery_tries, _describe(exc), delay, exc_info=job.delivery_tries == 1)
                     continue
-                await self._db(self._storage.mark_job_delivered, job.id)
-                job.state = JobState.DELIVERED
-                self._event("delivered", job, total_s=time.time() - job.created_at)
+                await self._delivered(job)
                 return
-            log.error("job %d could not be delivered after %d tries", job.id, DELIVERY_MAX_TRIES)
-            error = _error(JOB_UNDELIVERABLE, tries=DELIVERY_MAX_TRIES)
-            await self._db(self._storage.end_job, job.id, JobState.FAILED, error)
-            job.state, job.error = JobState.FAILED, error
         finally:
             self._delivering.pop(job.id, None)
+
+    async def _delivered(self, job: Job) -> None:
+        if job.state == JobState.DONE:
+            await self._db(self._storage.mark_job_delivered, job.id)
+            job.state = JobState.DELIVERED
+            self._event("delivered", job, total_s=time.time() - job.created_at, tries=job.delivery_tries + 1)
+        else:
+            await self._db(self._storage.mark_notified, job.id)
+            job.notified_at = time.time()
+
+    async def _give_up(self, job: Job, code: str, why: str) -> None:
+        """Ends the sending of a job's outcome for good: a result becomes a failure nobody is told of."""
+        log.warning("job %d: %s; not sending it again", job.id, why)
+        if job.state == JobState.DONE:
+            error = _error(code)
+            await self._db(self._storage.end_job, job.id, JobState.FAILED, error)
+            job.state, job.error = JobState.FAILED, error
+            self._counters["failed"] += 1
+            self._event("failed", job, code=code, total_s=time.time() - job.created_at)
+        else:
+            await self._db(self._storage.mark_notified, job.id)

@@ -3,8 +3,12 @@
 Each data class (``bot.storage.DATA_CLASSES``: selfies, identities, LoRAs, results) is kept for its
 ``[retention]`` days, counted from when it was made (0: until the user deletes it). A sweep finds the
 users holding expired data and, per user and class, removes the files and then the rows through
-``handlers.basic.delete_expired_data``. A user with a job in flight is left for the next sweep, so a
-job never loses its input halfway. The clock is injectable (tests advance it).
+``handlers.basic.delete_expired_data``. Every other file in a user's folder that no row names (inputs
+of jobs that never delivered, a stopped training's checkpoints) goes ``inputs_hours`` after it was
+written. A user with a job queued or running is left for the next sweep, so a job never loses its
+input halfway; a result still waiting to be delivered does not hold the sweep up (it expires as any
+result). The sweep takes the user's intake lock: it never races their uploads or /delete. The clock is
+injectable (tests advance it).
 
 Usage::
 
@@ -20,12 +24,14 @@ from collections.abc import Callable
 from typing import Any
 
 from bot.config import RetentionSettings
-from handlers.basic import delete_expired_data
+from handlers.basic import delete_expired_data, other_files, remove_user_files
 from handlers.services import Services
 
 log = logging.getLogger(__name__)
 
 DAY_S = 86_400.0
+HOUR_S = 3600.0
+ACTIVE_STATES = ("queued", "running")
 
 
 def cutoffs(retention: RetentionSettings, now: float) -> dict[str, float]:
@@ -38,20 +44,48 @@ async def sweep(services: Services, retention: RetentionSettings, now: float) ->
     limits = cutoffs(retention, now)
     storage: Any = services.storage
     totals: Counter[str] = Counter()
-    if not limits:
-        return totals
-    for user_key in await storage.users_with_expired(limits):
-        if await services.jobs.user_jobs(user_key):
+    for user_key in await storage.users_with_expired(limits) if limits else []:
+        if await _busy(services, user_key):
             log.info("retention: %s has a job in flight; their expired data waits for the next sweep", user_key)
             continue
-        async with services.runtime.user_lock(user_key):
+        async with services.runtime.intake_lock(user_key), services.runtime.user_lock(user_key):
             for data_class, cutoff in limits.items():
                 counts = await delete_expired_data(services, user_key, data_class, cutoff)
                 totals.update(counts)
         totals["users"] += 1
+    leftovers_before = now - retention.inputs_hours * HOUR_S
+    for user_key in await asyncio.to_thread(_user_folders, services):
+        if await _busy(services, user_key):
+            continue
+        async with services.runtime.intake_lock(user_key), services.runtime.user_lock(user_key):
+            old = [f.path for f in await other_files(services, user_key, now)
+                   if not f.needed and f.written < leftovers_before]
+            if old:
+                log.info("retention: %d file(s) of %s that no row names are older than %.0f h",
+                         len(old), user_key, retention.inputs_hours)
+                totals["files"] += await remove_user_files(services, user_key, old)
     if totals:
         log.info("retention: deleted expired data (%s)", ", ".join(f"{k}={v}" for k, v in sorted(totals.items())))
     return totals
+
+
+async def _busy(services: Services, user_key: str) -> bool:
+    """Whether the user has a job queued or running (a result being delivered does not count)."""
+    return any(view.state in ACTIVE_STATES for view in await services.jobs.user_jobs(user_key))
+
+
+def _user_folders(services: Services) -> list[str]:
+    """The user keys that have a folder under ``data_dir/users``."""
+    users = services.data_dir / "users"
+    keys = sorted(p.name for p in users.iterdir() if p.is_dir()) if users.is_dir() else []
+    valid = []
+    for key in keys:
+        try:
+            services.user_dir(key)
+        except ValueError:
+            continue
+        valid.append(key)
+    return valid
 
 
 async def run_retention(services: Services, retention: RetentionSettings,

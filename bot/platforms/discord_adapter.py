@@ -248,7 +248,7 @@ class DiscordAdapter(StartStop):
             text = " ".join([f"/{name}"] + args) if name else ""
             event = Event(user=user, chat=chat, text=text, command=name, args=args,
                           attachments=[self._attachment(a) for a in attachments], language=lang,
-                          chat_admin=_admin_check(interaction))
+                          chat_admin=_admin_check(interaction), update_key=f"{PLATFORM}:i{interaction.id}")
             channel = DiscordChannel(self.link, chat, requester=user, language=lang, interaction=interaction,
                                      private=name in PRIVATE_COMMANDS, usable=usable)
             try:
@@ -267,7 +267,7 @@ class DiscordAdapter(StartStop):
             user = to_user(interaction.user, interaction.locale)
             message_id = str(interaction.message.id) if interaction.message is not None else None
             event = Event(user=user, chat=chat, button_payload=payload, message_id=message_id, language=lang,
-                          chat_admin=_admin_check(interaction))
+                          chat_admin=_admin_check(interaction), update_key=f"{PLATFORM}:i{interaction.id}")
             channel = DiscordChannel(self.link, chat, requester=user, language=lang, interaction=interaction,
                                      usable=usable)
             await self._dispatch(event, channel)
@@ -286,7 +286,7 @@ class DiscordAdapter(StartStop):
             command, args = parse_command(message.content)
             event = Event(user=user, chat=chat, text=message.content, command=command, args=args,
                           attachments=[self._attachment(a) for a in message.attachments],
-                          message_id=str(message.id), language=lang)
+                          message_id=str(message.id), language=lang, update_key=f"{PLATFORM}:m{message.id}")
             await self._dispatch(event, DiscordChannel(self.link, chat, requester=user, language=lang))
 
     async def _acknowledge(self, interaction: discord.Interaction, **defer: Any) -> bool:

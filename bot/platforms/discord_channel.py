@@ -12,10 +12,11 @@ a press reaches the bot whatever message or restart it comes from.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,17 @@ from PIL import Image
 
 from bot.platforms.textsplit import split_text
 from handlers.messages import t
-from handlers.protocols import Button, Chat, Media, MessageRef, NotSupported, SentFile, User, Visibility
+from handlers.protocols import (
+    Button,
+    Chat,
+    ChatUnreachable,
+    Media,
+    MessageRef,
+    NotSupported,
+    SentFile,
+    User,
+    Visibility,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +52,7 @@ DEFAULT_UPLOAD_LIMIT = discord.utils.DEFAULT_FILE_SIZE_LIMIT_BYTES
 # unknown webhook, unknown interaction, already acknowledged.
 DEAD_TOKEN_CODES = frozenset({50027, 10015, 10062, 40060})
 UNKNOWN_MESSAGE = 10008
+UNKNOWN_CHANNEL = 10003
 # Downscaling steps for a result over the upload limit: JPEG qualities per size, then smaller.
 JPEG_QUALITIES = (90, 80, 70)
 SCALE_STEP = 0.8
@@ -143,6 +155,18 @@ def _dead_token(exc: discord.HTTPException) -> bool:
     return exc.status == 401 or exc.code in DEAD_TOKEN_CODES
 
 
+@contextlib.contextmanager
+def _refusals() -> Iterator[None]:
+    """Turns Discord's refusals for good (403: blocked, DMs closed, no access; Unknown Channel) into
+    ChatUnreachable; other errors pass (they may pass by themselves)."""
+    try:
+        yield
+    except discord.HTTPException as exc:
+        if exc.status == 403 or (exc.status == 404 and exc.code == UNKNOWN_CHANNEL):
+            raise ChatUnreachable(f"{exc.status} {exc.code}: {exc.text}") from exc
+        raise
+
+
 # -- the channel --------------------------------------------------------------------------------
 class Recent(OrderedDict[str, Any]):
     """A dict of the `limit` entries written last: what an adapter learns per user or chat stays bounded."""
@@ -235,8 +259,9 @@ class DiscordChannel:
         assert ref is not None
         content, mentions = self._public(content)
         try:
-            message = await self._link.messageable(ref.chat).get_partial_message(int(ref.message_id)).edit(
-                content=content, attachments=_files(files), view=build_view(buttons), allowed_mentions=mentions)
+            with _refusals():
+                message = await self._link.messageable(ref.chat).get_partial_message(int(ref.message_id)).edit(
+                    content=content, attachments=_files(files), view=build_view(buttons), allowed_mentions=mentions)
         except discord.NotFound:
             log.info("discord: progress message %s in %s is gone; posting the result", ref.message_id, ref.chat.key)
             return None
@@ -265,17 +290,19 @@ class DiscordChannel:
                 self._interaction = None
         if not self.chat.is_private and (visibility is Visibility.REQUESTER or (for_requester and self._private)):
             target = await self._requester_dm()
-            message = await self._link.messageable(target).send(
-                content=content or None, files=_files(files) or None, view=build_view(buttons))  # type: ignore[arg-type]
+            with _refusals():
+                message = await self._link.messageable(target).send(
+                    content=content or None, files=_files(files) or None, view=build_view(buttons))  # type: ignore[arg-type]
             return target, message
         if self._replace is not None:
             replaced = await self._replace_progress(content, buttons, files)
             if replaced is not None:
                 return self.chat, replaced
         content, mentions = self._public(content)
-        message = await self._link.messageable(self.chat).send(
-            content=content or None, files=_files(files) or None, view=build_view(buttons),  # type: ignore[arg-type]
-            allowed_mentions=mentions)
+        with _refusals():
+            message = await self._link.messageable(self.chat).send(
+                content=content or None, files=_files(files) or None, view=build_view(buttons),  # type: ignore[arg-type]
+                allowed_mentions=mentions)
         return self.chat, message
 
     async def _send_interaction(self, content: str | None, buttons: list[list[Button]] | None,
@@ -352,8 +379,9 @@ class DiscordChannel:
                     raise
                 self._interaction = None
         content, mentions = self._public(content)
-        await self._link.messageable(ref.chat).get_partial_message(message_id).edit(
-            content=content, view=view, allowed_mentions=mentions)
+        with _refusals():
+            await self._link.messageable(ref.chat).get_partial_message(message_id).edit(
+                content=content, view=view, allowed_mentions=mentions)
 
     async def delete_message(self, ref: MessageRef) -> None:
         try:

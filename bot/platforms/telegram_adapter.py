@@ -37,7 +37,7 @@ from telegram import (
 )
 from telegram import Chat as TgChat
 from telegram import User as TgUser
-from telegram.error import BadRequest, Forbidden, TelegramError
+from telegram.error import BadRequest, ChatMigrated, Forbidden, TelegramError
 from telegram.ext import AIORateLimiter, Application, ApplicationBuilder, ContextTypes, TypeHandler
 
 from bot.config import Settings
@@ -51,6 +51,7 @@ from handlers.protocols import (
     Attachment,
     Button,
     Chat,
+    ChatUnreachable,
     Event,
     Media,
     MessageRef,
@@ -76,6 +77,8 @@ BOT_API_DOWNLOAD_MAX = 20_000_000
 MENU_LANGUAGES = ("zh",)  # besides the default (English) menu
 ALLOWED_UPDATES = ("message", "callback_query", "inline_query")
 ADMIN_STATUSES = frozenset({"creator", "administrator"})
+# Bad Request answers meaning the chat is gone for good (a 403 Forbidden always means so).
+GONE_CHAT = ("chat not found", "user not found", "not enough rights", "have no rights to send")
 
 Dispatch = Callable[[Event, ReplyChannel], Awaitable[None]]
 
@@ -228,6 +231,9 @@ class TelegramChannel:
         except Forbidden as exc:
             if target is not self.chat:
                 raise NotSupported("the user has not started a private chat with the bot") from exc
+            raise ChatUnreachable(str(exc)) from exc
+        except (BadRequest, ChatMigrated) as exc:
+            _raise_if_gone(exc)
             raise
 
     async def send_text(self, text: str, buttons: list[list[Button]] | None = None,
@@ -248,7 +254,10 @@ class TelegramChannel:
                 await self._bot.edit_message_text(text=content[0][:TEXT_MAX], chat_id=int(ref.chat.id),
                                                   message_id=int(ref.message_id),
                                                   reply_markup=self._keyboard(content[1]))
-            except BadRequest as exc:
+            except Forbidden as exc:
+                raise ChatUnreachable(str(exc)) from exc
+            except (BadRequest, ChatMigrated) as exc:
+                _raise_if_gone(exc)
                 if "not modified" not in str(exc).lower():
                     raise
 
@@ -351,6 +360,12 @@ class TelegramChannel:
             log.info("could not answer a button press: %s", exc)
 
 
+def _raise_if_gone(exc: TelegramError) -> None:
+    """Raises ChatUnreachable when Telegram says the chat is gone for good (not found, or upgraded)."""
+    if isinstance(exc, ChatMigrated) or any(words in str(exc).lower() for words in GONE_CHAT):
+        raise ChatUnreachable(str(exc)) from exc
+
+
 async def _source(media: Media) -> tuple[str | bytes, str | None]:
     """A file id to re-send, or the file's bytes read off the event loop."""
     if media.file_id:
@@ -396,7 +411,7 @@ class TelegramAdapter(StartStop):
 
     def _build(self) -> Application:
         s = self.settings
-        application = (
+        builder = (
             ApplicationBuilder()
             .token(s.token.get_secret_value())
             .base_url(s.base_url)
@@ -405,8 +420,12 @@ class TelegramAdapter(StartStop):
                                          max_retries=s.max_retries))
             .concurrent_updates(True)
             .job_queue(None)
-            .build()
         )
+        if s.request_timeout_s is not None:
+            timeout = s.request_timeout_s
+            builder = builder.connect_timeout(timeout).read_timeout(timeout).write_timeout(timeout)
+            builder = builder.media_write_timeout(timeout)
+        application = builder.build()
         application.add_handler(TypeHandler(Update, self._on_update))
         application.add_error_handler(self._on_error)
         return application
@@ -508,7 +527,7 @@ class TelegramAdapter(StartStop):
         event = Event(user=user, chat=chat, text=text, command=command, args=args,
                       attachments=self._attachments(message), message_id=str(message.message_id),
                       language=self._language(message.from_user), reply_to=self._replied(message),
-                      chat_admin=self._admin_check(chat, user))
+                      chat_admin=self._admin_check(chat, user), update_key=f"{chat.key}:{message.message_id}")
         return event, None
 
     def _replied(self, message: Message) -> RepliedMessage | None:
@@ -549,7 +568,8 @@ class TelegramAdapter(StartStop):
                          language=self._language(query.from_user)), query
         chat = to_chat(message.chat)
         event = Event(user=user, chat=chat, button_payload=query.data or "", message_id=str(message.message_id),
-                      language=self._language(query.from_user), chat_admin=self._admin_check(chat, user))
+                      language=self._language(query.from_user), chat_admin=self._admin_check(chat, user),
+                      update_key=f"{PLATFORM}:q{query.id}")
         return event, query
 
     def _inline_event(self, query: InlineQuery) -> tuple[Event, InlineQuery]:
