@@ -211,8 +211,8 @@ async def open_for_result(services: Services, event: Event, channel: ReplyChanne
 
 def options_keyboard(services: Services, job: Any, keyboard: list[list[Button]] | None, artifacts: list[Any],
                      lang: str) -> list[list[Button]] | None:
-    """Adds "⚙ Options" (one per job) under portrait results."""
-    if job.kind != "portrait" or not artifacts:
+    """Adds "⚙ Options" (one per job) under portrait results on Telegram (Discord has /style's options)."""
+    if job.kind != "portrait" or not artifacts or job.chat.get("platform") != "telegram":
         return keyboard
     return (keyboard or []) + [[Button(t("panel.button", lang), buttons.payload(RESULT_ACTION, artifacts[0].id))]]
 

@@ -270,7 +270,7 @@ async def test_a_round_video_falls_back_to_a_plain_video_where_there_is_none(tmp
     (folder / "input.jpg").write_bytes(b"x")
     services = SimpleNamespace(storage=SimpleNamespace(mark_delivered=mark_delivered),
                                settings=SimpleNamespace(pipeline={}))
-    job = SimpleNamespace(id=1, params={"round": True, "out_dir": str(folder)},
+    job = SimpleNamespace(id=1, kind="talk", chat={"platform": "discord"}, params={"round": True, "out_dir": str(folder)},
                           result={"meta": {"animator": "landmarks"}})
     artifact = SimpleNamespace(id="a1", kind="talk", path=str(folder / "talk.mp4"), media_type="video/mp4",
                                file_ids={}, delivered_at=None, owner_key="discord:1")
