@@ -155,6 +155,28 @@ class LoraRequest:
         return f"{self.path.resolve()}:{stat.st_mtime_ns}:{stat.st_size}"
 
 
+@dataclass
+class PreparedPortrait:
+    """One job resolved up to its denoising: what ``PortraitPipeline.finish`` and a batched pass need."""
+
+    pipeline: PortraitPipeline
+    params: dict[str, Any]
+    style: dict[str, Any]  # with the operator's sampler override applied
+    count: int
+    seeds: list[int]  # one candidate per seed
+    base: ResidentBase
+    plan: StudioPlan
+    identity: Identity
+    loras: list[LoraRequest]
+    prompt: str
+
+    def set_up(self) -> None:
+        """Put the resident base in this job's state: its LoRAs, identity scale and scheduler."""
+        self.pipeline.activate_loras(self.base, self.loras)
+        self.base.pipe.set_ip_adapter_scale(self.plan.identity_weight)
+        self.base.use_scheduler(self.style["sampler"].get("scheduler"))
+
+
 class PortraitPipeline:
     """Job "portrait": identity + style -> ranked portraits (see the module docstring)."""
 
@@ -206,6 +228,18 @@ class PortraitPipeline:
 
     def run(self, params: dict[str, Any], progress: Progress) -> JobResult:
         """Generate, filter and rank portraits of the identity in the style; write PNGs."""
+        job = self.prepare(params)
+        job.set_up()
+        # 4. Generate the candidates; progress raising JobCancelled stops between steps.
+        batch = max(1, int(self._settings["batch_size"]))
+        chunks = [job.seeds[i:i + batch] for i in range(0, len(job.seeds), batch)]
+        total = int(job.style["sampler"]["steps"]) * len(chunks) + 1
+        candidates = self._generate(job.base, job.style, job.prompt, job.identity, chunks, progress, total,
+                                    job.set_up, job.plan)
+        return self.finish(job, candidates, progress, total)
+
+    def prepare(self, params: dict[str, Any]) -> PreparedPortrait:
+        """Steps 1-3 of a job: its style, numbers, controls, identity and LoRAs (nothing generated yet)."""
         if self._arcface is None:
             raise RuntimeError("PortraitPipeline.run called before load")
         # 1. Resolve the style, the job's numbers and the user's controls (aspect, likeness, pose, vary).
@@ -215,7 +249,6 @@ class PortraitPipeline:
         count = int(params.get("count", 1))
         if not 1 <= count <= MAX_COUNT:
             raise ValueError(f"count must be in 1..{MAX_COUNT}, got {count}")
-        out_dir = Path(params["out_dir"])
         first_seed = params.get("seed")
         first_seed = secrets.randbelow(2**31) if first_seed is None else int(first_seed)
         seeds = [first_seed + i for i in range(count * max(1, int(self._settings["oversample"])))]
@@ -223,45 +256,45 @@ class PortraitPipeline:
         plan = self.studio_plan(base, style, params.get("controls") or {})
         # 2. Load the identity.
         identity = self._load_identity(params["identity"], params.get("selfies"))
-        # 3. Set up the resident base: user and style LoRAs, identity scale, scheduler.
+        # 3. The user and style LoRAs to activate on the resident base.
         loras = self._lora_requests(style, params)
-
-        def set_up() -> None:
-            self.activate_loras(base, loras)
-            base.pipe.set_ip_adapter_scale(plan.identity_weight)
-            base.use_scheduler(sampler.get("scheduler"))
-
-        set_up()
-        # 4. Generate the candidates; progress raising JobCancelled stops between steps.
-        batch = max(1, int(self._settings["batch_size"]))
-        chunks = [seeds[i:i + batch] for i in range(0, len(seeds), batch)]
-        total = int(sampler["steps"]) * len(chunks) + 1
         prompt = style["prompt"].replace("{subject}", str(params.get("subject") or self._settings["subject"]))
-        candidates = self._generate(base, style, prompt, identity, chunks, progress, total, set_up, plan)
+        return PreparedPortrait(self, params, style, count, seeds, base, plan, identity, loras, prompt)
+
+    def finish(self, job: PreparedPortrait, candidates: list[np.ndarray], progress: Progress,
+               total: int) -> JobResult:
+        """Steps 5-7 of a job: rank its candidates, screen them, write the kept portraits."""
         # 5. Keep one-face candidates, best identity match first.
-        ranked = self._rank(candidates, identity, len(candidates))
+        ranked = self._rank(candidates, job.identity, len(candidates))
         progress(total, total)
         if not ranked:
             raise UserFacingError("portrait.no_good_candidates", candidates=len(candidates))
         # 6. Safe mode: the best `count` that the safety checker lets out.
-        screened = safety.screen(self._context, params, [candidates[r.index] for r in ranked], count)
+        screened = safety.screen(self._context, job.params, [candidates[r.index] for r in ranked], job.count)
         ranked = [ranked[i] for i in screened.kept]
         # 7. Write the kept portraits, labelled as AI-generated.
-        files = _write_pngs(out_dir, [candidates[r.index] for r in ranked], [seeds[r.index] for r in ranked],
-                            safety.service_name(self._context))
-        user_lora = any(r.slot == "user" for r in loras)
+        seeds = job.seeds
+        files = _write_pngs(Path(job.params["out_dir"]), [candidates[r.index] for r in ranked],
+                            [seeds[r.index] for r in ranked], safety.service_name(self._context))
+        user_lora = any(r.slot == "user" for r in job.loras)
         meta = {
             "seeds": [seeds[r.index] for r in ranked],
             "similarity": [round(r.similarity, 4) for r in ranked],
-            "style": style.get("id"),
+            "style": job.style.get("id"),
             "lora_used": user_lora,
             "safety": safety.safety_meta(screened),
             "file_meta": [{"seed": seeds[r.index]} for r in ranked],
-            **plan.meta(base),
+            **job.plan.meta(job.base),
         }
-        log.info("portrait style=%s kept %d of %d candidates, user lora=%s", style.get("id"), len(files),
+        log.info("portrait style=%s kept %d of %d candidates, user lora=%s", job.style.get("id"), len(files),
                  len(candidates), user_lora)
         return JobResult(files=files, meta=meta)
+
+    def run_batch(self, jobs: list[tuple[dict[str, Any], Progress]]) -> list[JobResult | BaseException]:
+        """Several jobs' candidates in one denoising pass (``facechain_core.portrait_batch``); one outcome per job."""
+        from facechain_core.portrait_batch import run_portrait_batch
+
+        return run_portrait_batch(self, jobs)
 
     def studio_plan(self, base: ResidentBase, style: dict[str, Any], controls: dict[str, Any]) -> StudioPlan:
         """The picture size, identity weight, pose map and starting noise the user's controls ask for."""
