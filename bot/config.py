@@ -80,6 +80,8 @@ class SchedulerSettings(_Section):
     # up to delivery_max_backoff_s. Tries go on across restarts for as long as retention keeps the result.
     delivery_retry_s: float = Field(default=30.0, gt=0)
     delivery_max_backoff_s: float = Field(default=600.0, gt=0)
+    # Most samples (candidate pictures) of several users' jobs in one denoising pass; 1: batching off.
+    batch_max: int = Field(default=8, ge=1)
     # Per job kind: timeout and tries, overriding the built-in table.
     kinds: dict[str, KindOverride] = {}
 

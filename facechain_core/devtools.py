@@ -17,6 +17,10 @@
 - ``bug``: raise ``RuntimeError`` at the start.
 - ``chatter``: print to stdout (Python and fd 1) at each step, as noisy libraries do.
 
+``run_batch`` runs several jobs' steps side by side (one sleep per step for the batch, as one denoising pass
+would); a job joins a batch when it has ``batch_key`` (``sleep_batch_plan``; ``samples``, default 1). Each job
+keeps its own failures, cancel and files; the meta's ``batch`` lists the tags that shared its pass.
+
 The result's meta holds ``pid``, ``device``, ``dtype``, ``cuda_visible_devices``, ``loads`` (times
 ``load`` ran in this process), ``run_s`` (seconds inside ``run``) and ``steps_done``.
 """
@@ -125,5 +129,54 @@ class SleepPipeline:
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "dtype": self.context.dtype,
         })
 
+    def run_batch(self, jobs: list[tuple[dict[str, Any], Progress]]) -> list[JobResult | BaseException]:
+        """Runs the jobs' steps together (one sleep per step); one outcome per job."""
+        started = time.perf_counter()
+        outcomes: list[JobResult | BaseException | None] = [None] * len(jobs)
+        tags = [str(p.get("tag", p.get("job_id", "job"))) for p, _ in jobs]
+        for index, (params, _) in enumerate(jobs):
+            if params.get("fail_code"):
+                outcomes[index] = UserFacingError(params["fail_code"], **params.get("fail_details", {}))
+            elif params.get("bug"):
+                outcomes[index] = RuntimeError("devtools: a requested bug")
+        steps = [int(p.get("steps", 3)) for p, _ in jobs]
+        delay = max(float(p.get("delay_s", 0)) for p, _ in jobs)
+        for step in range(1, max(steps) + 1):
+            live = [i for i in range(len(jobs)) if outcomes[i] is None and step <= steps[i]]
+            if not live:
+                break
+            for i in live:
+                params = jobs[i][0]
+                if params.get("pause_at") == step and params.get("pause_dir"):
+                    _pause(Path(params["pause_dir"]), tags[i])
+                if params.get("crash_at") == step and _should_crash(params):
+                    os._exit(CRASH_EXIT_CODE)
+            if delay:
+                time.sleep(delay)
+            for i in live:
+                try:
+                    jobs[i][1](step, steps[i], f"step {step}/{steps[i]}")
+                except Exception as exc:  # cancelled: only this job stops
+                    outcomes[i] = exc
+        batch = [tags[i] for i in range(len(jobs)) if outcomes[i] is None]
+        for i, (params, _) in enumerate(jobs):
+            if outcomes[i] is not None:
+                continue
+            out = Path(params["out_dir"]) / f"{tags[i]}{params.get('suffix', '.txt')}"
+            out.write_text(f"{tags[i]}\n")
+            if params.get("ledger"):
+                append_ledger(params["ledger"], tags[i])
+            outcomes[i] = JobResult(files=[out], meta={
+                "pid": os.getpid(), "device": self.context.device, "loads": type(self).loads, "batch": batch,
+                "run_s": time.perf_counter() - started, "steps_done": steps[i],
+            })
+        return [o if o is not None else RuntimeError("not run") for o in outcomes]
+
     def close(self) -> None:
         """Nothing to free."""
+
+
+def sleep_batch_plan(params: dict[str, Any], settings: dict[str, Any]) -> tuple[str, int] | None:
+    """A SleepPipeline job's batch plan: its ``batch_key`` and ``samples`` (1); None without a key."""
+    key = params.get("batch_key")
+    return None if key is None else (str(key), int(params.get("samples", 1)))

@@ -23,6 +23,8 @@ class JobKind:
     timeout_s: float
     # A long job yields at checkpoints: the worker may run short jobs inside it.
     preemptible: bool = False
+    # Jobs of this kind may share a pass: the plan function's "module:function" (bot.engine.batching).
+    batch: str | None = None
 
 
 BUILTIN_KINDS: tuple[JobKind, ...] = (
@@ -30,7 +32,8 @@ BUILTIN_KINDS: tuple[JobKind, ...] = (
     JobKind("cartoon", "facechain_core.cartoon:CartoonPipeline", INTERACTIVE, 2, 300),
     # /voice's ▶: a few seconds of speech, through the talk pipeline (its voices stay loaded once).
     JobKind("voice_sample", "facechain_core.talk:TalkPipeline", INTERACTIVE, 2, 120),
-    JobKind("portrait", "facechain_core.portrait:PortraitPipeline", GENERATE, 2, 900),
+    JobKind("portrait", "facechain_core.portrait:PortraitPipeline", GENERATE, 2, 900,
+            batch="facechain_core.portrait_batch:batch_plan"),
     JobKind("talk", "facechain_core.talk:TalkPipeline", GENERATE, 2, 600),
     JobKind("tryon", "facechain_core.tryon:TryOnPipeline", GENERATE, 2, 900),
     JobKind("template", "facechain_core.template:TemplatePipeline", GENERATE, 2, 900),

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from bot.engine import worker_protocol as wp
+from bot.engine.batching import Plan, batch_group, plan_function, safe_plan
 from bot.config import SchedulerSettings
 from bot.engine.jobkinds import JobKinds
 from bot.engine.worker_env import worker_environment
@@ -620,6 +621,25 @@ class Scheduler(StartStop):
         )
         return min(candidates, key=lambda j: pick_key(j, self._last_served), default=None)
 
+    def _group(self, head: Job) -> list[Job]:
+        """The head and the queued jobs right behind it in the fair order that share its pass (batching)."""
+        kind = self._kinds[head.kind]
+        if kind.batch is None or kind.preemptible or self._settings.batch_max <= 1:
+            return [head]
+        order = pick_order(self._queued.values(), self._last_served)
+        if not order or order[0].id != head.id:
+            return [head]
+        settings = self._context.get("settings") or {}
+
+        def plan_of(job: Job) -> Plan:
+            spec = self._kinds[job.kind]
+            if spec.batch is None or spec.preemptible:
+                return None
+            plan = safe_plan(plan_function(spec.batch), job.params, settings, job.id)
+            return None if plan is None else ((job.kind, plan[0]), plan[1])
+
+        return batch_group(order, plan_of, self._settings.batch_max)
+
     # -- internals: dispatch -------------------------------------------------------------------
     async def _pump(self) -> None:
         """Hands queued jobs to idle workers whenever something changes; a failed round is logged and
@@ -633,7 +653,11 @@ class Scheduler(StartStop):
                 if worker is None or job is None:
                     break
                 try:
-                    await self._dispatch(worker, job, nested=False)
+                    group = self._group(job)
+                    if len(group) > 1:
+                        await self._dispatch_batch(worker, group)
+                    else:
+                        await self._dispatch(worker, job, nested=False)
                 except Exception:
                     log.exception("dispatching job %d failed; it stays queued", job.id)
                     await self._pause(PUMP_ERROR_PAUSE_S)
@@ -647,13 +671,56 @@ class Scheduler(StartStop):
 
     async def _dispatch(self, worker: _Worker, job: Job, nested: bool) -> bool:
         """Marks the job running (the attempt counts now) and sends it; False if it did not go."""
+        run = await self._reserve(worker, job, nested)
+        if run is None:
+            return False
+        kind = self._kinds[job.kind]
+        self._start_run(run)
+        worker.send({
+            "op": wp.RUN, "job": job.id, "kind": job.kind, "pipeline": kind.pipeline,
+            "params": self._job_params(job), "preemptible": kind.preemptible,
+        })
+        self._event("started", job, worker=worker.index, nested=nested, attempt=job.attempts,
+                    wait_s=job.started_at - job.created_at)
+        return True
+
+    async def _dispatch_batch(self, worker: _Worker, jobs: list[Job]) -> bool:
+        """Marks each job running and sends them as one batch (one pass); False if none went."""
+        gen = worker.gen
+        runs = []
+        for job in jobs:
+            run = await self._reserve(worker, job, nested=False)
+            if run is not None:
+                runs.append(run)
+            if worker.gen != gen:
+                break  # the worker died: its exit handler put the reserved jobs back
+        runs = [r for r in runs if self._running.get(r.job.id) is r and worker.gen == r.gen]
+        if not runs:
+            return False
+        kind = self._kinds[runs[0].job.kind]
+        for run in runs:
+            self._start_run(run)
+        worker.send({"op": wp.BATCH, "kind": kind.name, "pipeline": kind.pipeline,
+                     "jobs": [{"job": r.job.id, "params": self._job_params(r.job)} for r in runs]})
+        for run in runs:
+            self._event("started", run.job, worker=worker.index, nested=False, attempt=run.job.attempts,
+                        wait_s=(run.job.started_at or 0.0) - run.job.created_at, batch=len(runs))
+        return True
+
+    def _start_run(self, run: _Run) -> None:
+        """A reserved run goes to its worker now: its timeout starts."""
+        run.started = time.monotonic()
+        run.timer = asyncio.get_running_loop().call_later(self._kinds[run.job.kind].timeout_s, self._on_timeout, run)
+        run.sent = True
+
+    async def _reserve(self, worker: _Worker, job: Job, nested: bool) -> _Run | None:
+        """Takes the job off the queue and writes it running (the attempt counts now); None if it cannot go."""
         del self._queued[job.id]
         if job.attempts >= job.max_tries:
             # It was running when the service itself died, as many times as it may run.
             log.error("job %d: %d of %d tries used, giving up", job.id, job.attempts, job.max_tries)
             await self._fail(job, _error(JOB_CRASHED, tries=job.attempts))
-            return False
-        kind = self._kinds[job.kind]
+            return None
         run = _Run(job, worker, worker.gen, nested, time.monotonic())
         self._running[job.id] = run
         worker.jobs.append(job.id)
@@ -670,19 +737,10 @@ class Scheduler(StartStop):
             raise
         if not written:  # the row is gone (its user deleted everything)
             self._end_run(run)
-            return False
+            return None
         if self._running.get(job.id) is not run or worker.gen != run.gen:
-            return False  # the worker died meanwhile; its exit handler put the job back
-        run.started = time.monotonic()
-        run.timer = asyncio.get_running_loop().call_later(kind.timeout_s, self._on_timeout, run)
-        run.sent = True
-        worker.send({
-            "op": wp.RUN, "job": job.id, "kind": job.kind, "pipeline": kind.pipeline,
-            "params": self._job_params(job), "preemptible": kind.preemptible,
-        })
-        self._event("started", job, worker=worker.index, nested=nested, attempt=job.attempts,
-                    wait_s=job.started_at - job.created_at)
-        return True
+            return None  # the worker died meanwhile; its exit handler put the job back
+        return run
 
     def _unreserve(self, run: _Run) -> None:
         """Undoes a dispatch whose row was not written: the job waits in the queue again."""
@@ -789,9 +847,13 @@ class Scheduler(StartStop):
                         worker.index, proc.pid, code, worker.jobs or "nothing")
         elif worker.jobs:
             log.info("worker %d (pid %d) stopped while running %s", worker.index, proc.pid, worker.jobs)
-        for depth, job_id in enumerate(reversed(list(worker.jobs))):
-            run = self._running.get(job_id)
-            if run is None:
+        # A host is not at fault for the nested job it ran (depth > 0); jobs of one batch each are (depth 0).
+        job_ids = list(worker.jobs)
+        runs = [self._running.get(job_id) for job_id in job_ids]
+        nested = [run is not None and run.nested for run in runs]
+        for index in reversed(range(len(runs))):
+            run, job_id, depth = runs[index], job_ids[index], sum(nested[index + 1:])
+            if run is None or self._running.get(job_id) is not run:
                 continue
             try:
                 await self._settle_exit(run, doom.get(job_id), killed_by_us, depth)

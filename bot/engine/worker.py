@@ -131,6 +131,22 @@ class JobProgress:
             self._check()
 
 
+class BatchJobProgress(JobProgress):
+    """Progress of one job of a batch: a cancel is reported at once (the others go on); no yield points."""
+
+    def __init__(self, worker: Worker, job_id: int) -> None:
+        super().__init__(worker, job_id, preemptible=False)
+        self.reported = False
+
+    def _check(self) -> None:
+        if self._worker.inbox.is_cancelled(self.job_id):
+            if not self.reported:
+                self.reported = True
+                log.info("job %d of a batch cancelled: its samples are dropped", self.job_id)
+                self._worker.channel.send({"op": wp.CANCELLED, "job": self.job_id})
+            raise JobCancelled(self.job_id)
+
+
 class Worker:
     """Runs jobs one at a time (short jobs nested inside a preemptible one), pipelines resident."""
 
@@ -161,6 +177,12 @@ class Worker:
                     self.run_job(message, nested=False)
                 finally:
                     self.inbox.busy = False
+            elif message["op"] == wp.BATCH:
+                self.inbox.busy = True
+                try:
+                    self.run_batch(message)
+                finally:
+                    self.inbox.busy = False
             elif message["op"] != wp.RESUME:
                 log.warning("unexpected message %r", message["op"])
 
@@ -181,7 +203,6 @@ class Worker:
     def run_job(self, message: dict[str, Any], nested: bool) -> None:
         """Runs one job and reports how it ended; never raises."""
         job_id = int(message["job"])
-        send = self.channel.send
         try:
             if self.inbox.is_cancelled(job_id):
                 raise JobCancelled(job_id)
@@ -190,20 +211,54 @@ class Worker:
                 Path(params["out_dir"]).mkdir(parents=True, exist_ok=True)
             pipeline = self.pipeline(message["pipeline"])
             progress = JobProgress(self, job_id, preemptible=bool(message.get("preemptible")) and not nested)
-            result = pipeline.run(params, progress)
-            payload = result.to_dict() if isinstance(result, JobResult) else dict(result or {})
-            send({"op": wp.DONE, "job": job_id, "result": payload})
-        except JobCancelled:
-            log.info("job %d cancelled", job_id)
-            send({"op": wp.CANCELLED, "job": job_id})
-        except UserFacingError as exc:
-            log.info("job %d failed: %s", job_id, exc.code)
-            send({"op": wp.ERROR, "job": job_id, "code": exc.code, "details": exc.details})
+            outcome: Any = pipeline.run(params, progress)
         except Exception as exc:
-            log.exception("job %d (%s) crashed", job_id, message.get("kind"))
-            send({"op": wp.CRASH, "job": job_id, "error": f"{type(exc).__name__}: {exc}"})
+            outcome = exc
+        try:
+            self._report(job_id, message.get("kind"), outcome)
         finally:
             self.inbox.forget(job_id)
+
+    def run_batch(self, message: dict[str, Any]) -> None:
+        """Runs several jobs in one pass (the pipeline's ``run_batch``) and reports how each ended; never raises."""
+        entries = [(int(entry["job"]), entry["params"]) for entry in message["jobs"]]
+        progresses = {job_id: BatchJobProgress(self, job_id) for job_id, _ in entries}
+        try:
+            for _, params in entries:
+                if params.get("out_dir"):
+                    Path(params["out_dir"]).mkdir(parents=True, exist_ok=True)
+            pipeline = self.pipeline(message["pipeline"])
+            run_batch = getattr(pipeline, "run_batch", None)
+            if run_batch is None:
+                raise TypeError(f"pipeline {message['pipeline']} cannot run batches")
+            live = [(job_id, params) for job_id, params in entries if not self.inbox.is_cancelled(job_id)]
+            outcomes: dict[int, Any] = {job_id: JobCancelled(job_id) for job_id, _ in entries}
+            results = run_batch([(params, progresses[job_id]) for job_id, params in live]) if live else []
+            outcomes.update(zip([job_id for job_id, _ in live], results, strict=True))
+        except Exception as exc:  # the pass itself broke: every job of it crashed
+            outcomes = {job_id: exc for job_id, _ in entries}
+        for job_id, _ in entries:
+            try:
+                if not progresses[job_id].reported:
+                    self._report(job_id, message.get("kind"), outcomes[job_id])
+            finally:
+                self.inbox.forget(job_id)
+
+    def _report(self, job_id: int, kind: str | None, outcome: Any) -> None:
+        """Tells the lead how a job ended: its result, cancelled, a user-facing error or a crash (a bug)."""
+        send = self.channel.send
+        if isinstance(outcome, JobCancelled):
+            log.info("job %d cancelled", job_id)
+            send({"op": wp.CANCELLED, "job": job_id})
+        elif isinstance(outcome, UserFacingError):
+            log.info("job %d failed: %s", job_id, outcome.code)
+            send({"op": wp.ERROR, "job": job_id, "code": outcome.code, "details": outcome.details})
+        elif isinstance(outcome, BaseException):
+            log.error("job %d (%s) crashed", job_id, kind, exc_info=outcome)
+            send({"op": wp.CRASH, "job": job_id, "error": f"{type(outcome).__name__}: {outcome}"})
+        else:
+            payload = outcome.to_dict() if isinstance(outcome, JobResult) else dict(outcome or {})
+            send({"op": wp.DONE, "job": job_id, "result": payload})
 
     def close(self) -> None:
         for path, pipeline in self._pipelines.items():

@@ -4,6 +4,8 @@ Lead -> worker::
 
     {"op": "init", "models_dir", "device", "dtype", "memory_budget_mb", "settings", "log_level"}
     {"op": "run", "job", "kind", "pipeline", "params", "preemptible"}
+    {"op": "batch", "kind", "pipeline", "jobs": [{"job", "params"}, ...]}   # one pass for several jobs;
+                                          # each job then reports progress/done/error/... as if alone
     {"op": "cancel", "job"}
     {"op": "resume"}                      # answer to "yield": go on with the long job
     {"op": "ping"}                        # answered at once, also while a job runs
@@ -29,6 +31,7 @@ from typing import Any
 # Lead -> worker.
 INIT = "init"
 RUN = "run"
+BATCH = "batch"
 CANCEL = "cancel"
 RESUME = "resume"
 PING = "ping"
