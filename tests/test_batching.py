@@ -8,10 +8,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from bot.config import SchedulerSettings
 from bot.engine.batching import batch_group
 from bot.engine.jobkinds import GENERATE, JobKind, JobKinds
 from bot.engine.scheduler import Scheduler
+from bot.ops.metrics import RATE_WINDOW_S, JobMetrics, PictureRate
 from bot.storage import JobState, Storage
 from facechain_core.devtools import read_ledger
 from tests.test_scheduler import CHAT, PIPELINE, RecordingSink, in_state, params, storage, until  # noqa: F401
@@ -140,3 +143,38 @@ async def test_sigkill_during_a_batch_retries_each_job_once(storage: Storage, tm
         assert sink.deliver_calls[job_id] == 1
     assert sorted(read_ledger(tmp_path / "ledger")) == ["a", "b", "blocker", "c"]  # nothing generated twice
     assert await batches(storage, ids) == [["a", "b", "c"]] * 3  # the retry batched them again
+
+
+async def test_metrics_count_batch_sizes_and_pictures_per_second(storage: Storage, tmp_path: Path) -> None:
+    metrics = JobMetrics()
+    sink = RecordingSink()
+    scheduler = Scheduler(storage, make_kinds(), SchedulerSettings(), data_dir=tmp_path / "data",
+                          context={"models_dir": str(tmp_path)}, sink=sink, on_event=metrics.observe)
+    await scheduler.start()
+    try:
+        await blocked(scheduler, sink, tmp_path)
+        ids = [(await scheduler.submit(f"u:{tag}", BATCHED, job(tmp_path, tag), CHAT)).job_id for tag in "abc"]
+        await until(in_state(storage, ids, JobState.DELIVERED))
+    finally:
+        await scheduler.stop(grace_s=0)
+    sample = metrics.registry.get_sample_value
+    assert sample("facechain_batch_size_count", {"kind": BATCHED}) == 1  # one pass of three jobs
+    assert sample("facechain_batch_size_sum", {"kind": BATCHED}) == 3
+    assert sample("facechain_batch_size_bucket", {"kind": BATCHED, "le": "2.0"}) == 0
+    assert sample("facechain_batch_size_count", {"kind": "quick"}) == 1
+    assert sample("facechain_pictures_total", {"kind": BATCHED}) == 3
+    assert sample("facechain_pictures_per_second", {"kind": BATCHED}) == pytest.approx(3 / RATE_WINDOW_S)
+
+
+def test_picture_rate_forgets_what_left_its_window() -> None:
+    now = [1000.0]
+    rate = PictureRate(clock=lambda: now[0])
+    rate.add("portrait", 4)
+    now[0] += RATE_WINDOW_S / 2
+    rate.add("portrait", 2)
+    rate.add("tryon", 1)
+    assert {s.labels["kind"]: s.value for m in rate.collect() for s in m.samples} == {
+        "portrait": pytest.approx(6 / RATE_WINDOW_S), "tryon": pytest.approx(1 / RATE_WINDOW_S)}
+    now[0] += RATE_WINDOW_S * 0.75
+    assert {s.labels["kind"]: s.value for m in rate.collect() for s in m.samples} == {
+        "portrait": pytest.approx(2 / RATE_WINDOW_S), "tryon": pytest.approx(1 / RATE_WINDOW_S)}

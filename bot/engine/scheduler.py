@@ -702,9 +702,9 @@ class Scheduler(StartStop):
             self._start_run(run)
         worker.send({"op": wp.BATCH, "kind": kind.name, "pipeline": kind.pipeline,
                      "jobs": [{"job": r.job.id, "params": self._job_params(r.job)} for r in runs]})
-        for run in runs:
+        for index, run in enumerate(runs):
             self._event("started", run.job, worker=worker.index, nested=False, attempt=run.job.attempts,
-                        wait_s=(run.job.started_at or 0.0) - run.job.created_at, batch=len(runs))
+                        wait_s=(run.job.started_at or 0.0) - run.job.created_at, batch=len(runs), batch_index=index)
         return True
 
     def _start_run(self, run: _Run) -> None:

@@ -2,7 +2,8 @@
 
 ``JobMetrics.observe`` is the scheduler's job event hook: it counts submissions, retries,
 failures (by code), cancellations and deliveries, and observes run times, queue waits and
-end-to-end latency per kind. Gauges (queue length and running jobs by kind, worker liveness and
+end-to-end latency per kind, the jobs per pass (cross-user batching) and the pictures (result
+files) made per second by kind over the last ``RATE_WINDOW_S``. Gauges (queue length and running jobs by kind, worker liveness and
 memory) are read from ``Scheduler.health()`` at each scrape. ``serve_metrics`` serves the registry
 on the service's own event loop (aiohttp), so a scrape never races the scheduler from a thread.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -42,6 +44,9 @@ log = logging.getLogger(__name__)
 PREFIX = "facechain"
 # Seconds: from a one-second cartoon to an hour of LoRA training.
 DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
+# Jobs sharing one pass of a worker (scheduler.batch_max caps their samples).
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16)
+RATE_WINDOW_S = 300.0  # pictures per second are averaged over this window
 HealthSource = Callable[[], dict[str, Any]]
 
 
@@ -87,6 +92,28 @@ class _SchedulerCollector(Collector):
         yield from (up, busy, silent, memory)
 
 
+class PictureRate(Collector):
+    """Pictures (result files) per second by kind over the last RATE_WINDOW_S, from done events."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._done: dict[str, deque[tuple[float, int]]] = {}
+
+    def add(self, kind: str, files: int) -> None:
+        self._done.setdefault(kind, deque()).append((self._clock(), files))
+
+    def collect(self) -> Iterator[Metric]:
+        rate = GaugeMetricFamily(f"{PREFIX}_pictures_per_second",
+                                 f"Result files (pictures) made per second over the last {RATE_WINDOW_S:.0f} s, by kind.",
+                                 labels=["kind"])
+        since = self._clock() - RATE_WINDOW_S
+        for kind, done in sorted(self._done.items()):
+            while done and done[0][0] < since:
+                done.popleft()
+            rate.add_metric([kind], sum(files for _, files in done) / RATE_WINDOW_S)
+        yield rate
+
+
 class JobMetrics:
     """The service's metrics in their own registry; ``observe`` is the scheduler's event hook."""
 
@@ -106,6 +133,11 @@ class JobMetrics:
                                       ["kind"], buckets=DURATION_BUCKETS, registry=r)
         self.latency_seconds = Histogram(f"{PREFIX}_job_latency_seconds", "Time from submission to delivery.",
                                          ["kind"], buckets=DURATION_BUCKETS, registry=r)
+        self.batch_size = Histogram(f"{PREFIX}_batch_size", "Jobs sharing one pass of a worker (1: alone).", ["kind"],
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.pictures = Counter(f"{PREFIX}_pictures", "Result files (pictures) of finished jobs.", ["kind"], registry=r)
+        self.picture_rate = PictureRate()
+        r.register(self.picture_rate)
         ProcessCollector(namespace=PREFIX, registry=r)
         self._watching = False
 
@@ -124,8 +156,13 @@ class JobMetrics:
         elif event == "started":
             if "wait_s" in fields:
                 self.wait_seconds.labels(kind).observe(max(float(fields["wait_s"]), 0.0))
+            if not fields.get("batch_index"):  # once per pass
+                self.batch_size.labels(kind).observe(int(fields.get("batch", 1)))
         elif event == "done":
             self.run_seconds.labels(kind).observe(float(fields["run_s"]))
+            files = int(fields.get("files", 0))
+            self.pictures.labels(kind).inc(files)
+            self.picture_rate.add(kind, files)
         elif event == "retried":
             self.retried.labels(kind).inc()
         elif event == "failed":
