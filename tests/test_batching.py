@@ -4,6 +4,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,15 @@ def test_batch_group_takes_the_heads_and_never_skips() -> None:
     assert batch_group(["big", "a1"], plans.get, 8) == ["big"]  # too big to share: it runs alone
     assert batch_group(["a1", "b1"], plans.get, 1) == ["a1"]  # batching off
     assert batch_group([], plans.get, 8) == []
+
+
+def test_planning_a_batch_keeps_torch_out_of_the_service() -> None:
+    code = ("import sys; from bot.engine.batching import plan_function; "
+            "plan = plan_function('facechain_core.portrait_batch:batch_plan'); "
+            "print(plan({'style': {'family': 'sd15', 'sampler': {'steps': 4}}, 'count': 1}, {})[1], "
+            "'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.split() == ["2", "False"]
 
 
 async def test_lone_job_starts_at_once_without_waiting_for_partners(storage: Storage, tmp_path: Path) -> None:

@@ -130,6 +130,24 @@ def test_every_job_cancelled_stops_the_pass(pipeline, identities, tmp_path):
     assert len(calls.batches) == 1
 
 
+def test_faceid_plus_batch_gives_each_job_its_own_face_crop(tiny_models, identities, tmp_path):
+    settings = {"sd15_path": str(tiny_models["sd15"]), "arcface_path": str(tiny_models["arcface"]),
+                "ip_adapter_path": str(tiny_models["ip_adapter_faceid_plus_sd15"]),
+                "image_encoder_path": str(tiny_models["image_encoder"]), "face_filter": False, "oversample": 1}
+    plus = PortraitPipeline()
+    plus.load(PipelineContext(models_dir=tmp_path / "m", settings=settings))
+    assert plus.base("sd15").plus
+    try:
+        jobs = [_job(tmp_path / "a", identities[0], seed=3), _job(tmp_path / "b", identities[1], seed=4)]
+        alone = [plus.run({**job, "out_dir": f"{job['out_dir']}-alone"}, StepRecorder()) for job in jobs]
+        batched = plus.run_batch([(job, StepRecorder()) for job in jobs])
+    finally:
+        plus.close()
+    for solo, together in zip(alone, batched, strict=True):
+        assert isinstance(together, JobResult)
+        assert np.abs(_pixels(solo)[0] - _pixels(together)[0]).max() <= 2
+
+
 def test_batch_plan_groups_what_a_pass_shares() -> None:
     settings = {"oversample": 2}
     base = _job(Path("/x"), Path("/a"))

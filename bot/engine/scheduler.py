@@ -331,6 +331,7 @@ class Scheduler(StartStop):
             env = {**worker_environment(os.environ, secrets), **extra, "PYTHONUNBUFFERED": "1"}
             env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
             self._workers.append(_Worker(index, device, env))
+        self.batch_max = settings.batch_max  # samples per shared pass (1: off); may change while running
         self._queued: dict[int, Job] = {}
         self._running: dict[int, _Run] = {}
         self._delivering: dict[int, tuple[Job, asyncio.Task[None]]] = {}
@@ -624,7 +625,7 @@ class Scheduler(StartStop):
     def _group(self, head: Job) -> list[Job]:
         """The head and the queued jobs right behind it in the fair order that share its pass (batching)."""
         kind = self._kinds[head.kind]
-        if kind.batch is None or kind.preemptible or self._settings.batch_max <= 1:
+        if kind.batch is None or kind.preemptible or self.batch_max <= 1:
             return [head]
         order = pick_order(self._queued.values(), self._last_served)
         if not order or order[0].id != head.id:
@@ -638,7 +639,7 @@ class Scheduler(StartStop):
             plan = safe_plan(plan_function(spec.batch), job.params, settings, job.id)
             return None if plan is None else ((job.kind, plan[0]), plan[1])
 
-        return batch_group(order, plan_of, self._settings.batch_max)
+        return batch_group(order, plan_of, self.batch_max)
 
     # -- internals: dispatch -------------------------------------------------------------------
     async def _pump(self) -> None:
@@ -687,13 +688,18 @@ class Scheduler(StartStop):
     async def _dispatch_batch(self, worker: _Worker, jobs: list[Job]) -> bool:
         """Marks each job running and sends them as one batch (one pass); False if none went."""
         gen = worker.gen
-        runs = []
-        for job in jobs:
-            run = await self._reserve(worker, job, nested=False)
-            if run is not None:
-                runs.append(run)
-            if worker.gen != gen:
-                break  # the worker died: its exit handler put the reserved jobs back
+        runs: list[_Run] = []
+        try:
+            for job in jobs:
+                run = await self._reserve(worker, job, nested=False)
+                if run is not None:
+                    runs.append(run)
+                if worker.gen != gen:
+                    break  # the worker died: its exit handler put the reserved jobs back
+        except BaseException:
+            for run in runs:  # not sent: they wait in the queue again
+                self._unreserve(run)
+            raise
         runs = [r for r in runs if self._running.get(r.job.id) is r and worker.gen == r.gen]
         if not runs:
             return False

@@ -1,0 +1,155 @@
+"""Cross-user batching: pictures per second with 1, 2, 4 and 8 users each asking one portrait at once.
+
+Every job goes through the service path (scheduler, one worker process, storage, delivery) on the tiny
+SD1.5 models built by ``facechain_core.tiny`` (as bench_portrait_overhead does). For each number of
+users: pictures per second with batching off (``batch_max = 1``) and on, the first user's time to result
+against one user alone, and a single job asking as many pictures as the users together (the same batch
+in one job).
+Figures are medians over ``--runs``; on a loaded CPU they are ratios to compare, not speeds to quote.
+
+Run: ``.venv/bin/python bench/bench_batching.py [--runs 3] [--size 64] [--steps 4] [--batch-max 16]``.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from bot.config import SchedulerSettings  # noqa: E402
+from bot.engine.jobkinds import BUILTIN_KINDS, JobKinds  # noqa: E402
+from bot.engine.scheduler import Scheduler  # noqa: E402
+from bot.storage import Artifact, Job, Storage  # noqa: E402
+from facechain_core.identity import ArcFace, Identity, save_identity  # noqa: E402
+from facechain_core.manifest import load_manifest  # noqa: E402
+from facechain_core.styles import load_styles  # noqa: E402
+from facechain_core.tiny import build_all  # noqa: E402
+from handlers.protocols import Chat  # noqa: E402
+
+USERS = (1, 2, 4, 8)
+
+
+class _Sink:
+    """Resolves a future per job when its result is delivered."""
+
+    def __init__(self) -> None:
+        self.done: dict[int, asyncio.Future[float]] = {}
+
+    def waiter(self, job_id: int) -> asyncio.Future[float]:
+        return self.done.setdefault(job_id, asyncio.get_running_loop().create_future())
+
+    async def on_progress(self, job: Job, step: int, total: int, text: str | None) -> None:
+        pass
+
+    async def deliver(self, job: Job, artifacts: list[Artifact]) -> None:
+        self.waiter(job.id).set_result(time.perf_counter())
+
+    async def on_late(self, job: Job) -> None:
+        pass
+
+    async def on_failed(self, job: Job, error: dict[str, Any]) -> None:
+        self.waiter(job.id).set_exception(RuntimeError(f"job {job.id} failed: {error}"))
+
+    async def on_cancelled(self, job: Job) -> None:
+        pass
+
+
+def _identity(path: Path, models: Path, shade: int) -> Path:
+    arcface = ArcFace(models / "insightface/w600k_r50.onnx")
+    crop = np.asarray(Image.new("RGB", (112, 112), (150, 120, shade)))
+    embedding = arcface.embed([crop])[0]
+    return save_identity(Identity(embedding, embedding[None], crop), path)
+
+
+async def _round(scheduler: Scheduler, sink: _Sink, jobs: list[dict[str, Any]]) -> tuple[float, float]:
+    """Submits the jobs at once (one user each); returns (seconds until all delivered, the first user's)."""
+    started = time.perf_counter()
+    submitted = await asyncio.gather(*(scheduler.submit(f"bench:{i}", "portrait", params, Chat("bench", str(i), True))
+                                       for i, params in enumerate(jobs)))
+    finished = [await sink.waiter(s.job_id) for s in submitted]
+    return max(finished) - started, finished[0] - started
+
+
+async def _measure(root: Path, models: Path, settings: dict[str, Any], batch_max: int, jobs_for: Any,
+                   runs: int) -> dict[str, list[tuple[float, float]]]:
+    """Rows keyed "off users=N", "on users=N" and "one job=N" -> [(all delivered s, first user's s)] per run.
+
+    One scheduler and one warm worker for all rounds, batching switched off and on between them, so a change
+    in the machine's load hits both alike."""
+    sink = _Sink()
+    context = {"models_dir": str(models), "settings": settings, "log_level": "ERROR"}
+    rows: dict[str, list[tuple[float, float]]] = {}
+    async with Storage(root / "bench.sqlite3") as storage, Scheduler(
+            storage, JobKinds(BUILTIN_KINDS), SchedulerSettings(batch_max=1, user_max_queued=50),
+            data_dir=root / "data", context=context, sink=sink, devices=["cpu"]) as scheduler:
+        await _round(scheduler, sink, jobs_for(1, 1))  # the worker loads its pipeline
+        for run in range(runs + 1):  # run 0 warms every shape up
+            for users in USERS:
+                for key, limit, jobs in ((f"off users={users}", 1, jobs_for(users, 1)),
+                                         (f"on users={users}", batch_max, jobs_for(users, 1)),
+                                         (f"one job={users}", batch_max, jobs_for(1, users))):
+                    scheduler.batch_max = limit
+                    measured = await _round(scheduler, sink, jobs)
+                    if run:
+                        rows.setdefault(key, []).append(measured)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--size", type=int, default=64, help="picture side in pixels")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--batch-max", type=int, default=16, help="samples per pass with batching on")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    os.environ.update(TRANSFORMERS_VERBOSITY="error", DIFFUSERS_VERBOSITY="error")  # workers inherit it: quiet
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import disable_progress_bars
+
+    diffusers_logging.disable_progress_bar()
+    disable_progress_bars()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        models = root / "models"
+        build_all(models)
+        paths = {e.name: str(models / e.path) for e in load_manifest().entries if (models / e.path).exists()}
+        settings = {"face_filter": False, "batch_size": 64, "model_paths": paths,
+                    "sampler_override": {"steps": args.steps, "width": args.size, "height": args.size}}
+        style = load_styles().get("hanfu").model_dump(mode="json")
+        identities = [str(_identity(root / f"user{i}" / "identity.npz", models, 60 + 20 * i)) for i in range(8)]
+
+        def jobs_for(users: int, count: int) -> list[dict[str, Any]]:
+            return [{"style": style, "identity": identities[i], "count": count, "seed": 100 + i} for i in range(users)]
+
+        rows = asyncio.run(_measure(root, models, settings, args.batch_max, jobs_for, args.runs))
+
+    def median(key: str, part: int) -> float:
+        return statistics.median(r[part] for r in rows[key])
+
+    alone = median("off users=1", 1)
+    print(f"cross-user batching, tiny SD1.5 at {args.size}x{args.size}, {args.steps} steps, 2 candidates a portrait, "
+          f"{args.runs} runs, CPU ({torch.get_num_threads()} torch threads), batch_max {args.batch_max} when on:")
+    print("  users  pictures/s off  on     ratio  first user's time on / alone  on / one job of as many pictures")
+    for users in USERS:
+        rate_off, rate_on = users / median(f"off users={users}", 0), users / median(f"on users={users}", 0)
+        rate_one = users / median(f"one job={users}", 0)
+        print(f"  {users:>5}  {rate_off:>14.2f}  {rate_on:<6.2f} {rate_on / rate_off:>5.2f}x  "
+              f"{median(f'on users={users}', 1) / alone:>27.2f}x  {rate_on / rate_one:>31.2f}")
+
+
+if __name__ == "__main__":
+    main()
