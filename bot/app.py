@@ -23,6 +23,7 @@ from bot.storage import Artifact, Job, Storage
 from facechain_core.manifest import installed_features
 from facechain_core.styles import load_styles
 from handlers import features as _features  # noqa: F401  (registers every command)
+from handlers import duo
 from handlers import progress as job_views
 from handlers.protocols import Chat, ReplyChannel
 from handlers.services import Services
@@ -115,6 +116,11 @@ async def _stop_task(task: asyncio.Task[Any]) -> None:
     await asyncio.gather(task, return_exceptions=True)
 
 
+async def _stop_tasks(tasks: set[asyncio.Task[Any]]) -> None:
+    for task in list(tasks):
+        await _stop_task(task)
+
+
 def _build_adapters(settings: Settings, services: Services) -> dict[str, Any]:
     adapters: dict[str, Any] = {}
     if settings.telegram.enabled:
@@ -177,6 +183,8 @@ async def open_service(settings: Settings, extra_kinds: Iterable[JobKind] = ()) 
         stack.callback(heartbeat.cancel)
         retention = asyncio.create_task(run_retention(services, settings.retention), name="retention")
         stack.push_async_callback(_stop_task, retention)  # before storage closes: a sweep writes rows
+        await duo.resume_timers(services)  # duo requests waiting for consent when the service last stopped
+        stack.push_async_callback(_stop_tasks, services.runtime.tasks)
         try:
             yield Service(settings, storage, scheduler, services, adapters, metrics_url)
         finally:

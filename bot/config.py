@@ -142,6 +142,11 @@ class ImagineSettings(_Section):
     classifier_threshold: float = Field(default=0.6, gt=0, le=1)
 
 
+class DuoSettings(_Section):
+    # How long each partner has to answer a /duo or /group request; no answer in time means nothing is made.
+    consent_timeout_s: float = Field(default=600.0, gt=0)
+
+
 class RetentionSettings(_Section):
     # Days each kind of user data is kept (0: until the user deletes it), counted from when it was made.
     results_days: float = Field(default=30, ge=0)
@@ -161,7 +166,7 @@ class RetentionSettings(_Section):
 
 
 # Jobs one user may start per UTC day, by job kind (admins are exempt); 0: no limit.
-DEFAULT_QUOTAS: dict[str, int] = {"portrait": 20, "cartoon": 40, "train": 2}
+DEFAULT_QUOTAS: dict[str, int] = {"portrait": 20, "cartoon": 40, "train": 2, "duo": 10}
 
 
 class Settings(_Section):
@@ -182,6 +187,7 @@ class Settings(_Section):
     metrics: MetricsSettings = MetricsSettings()
     retention: RetentionSettings = RetentionSettings()
     imagine: ImagineSettings = ImagineSettings()
+    duo: DuoSettings = DuoSettings()
     # Jobs per user per UTC day by job kind; kinds not named keep DEFAULT_QUOTAS, 0: no limit.
     quotas: dict[str, int] = dict(DEFAULT_QUOTAS)
     # Model name (as in facechain_core/models.toml) -> your own local copy, used instead of

@@ -107,6 +107,8 @@ class RepliedMessage:
     sender: str  # the sender's user key, or "bot" for this bot's own messages ("" when unknown)
     image: Attachment | None = None
     file_id: str | None = None  # the platform's id of that picture, to find the bot's own result by
+    sender_user: User | None = None  # the sender as a user (a person, not a bot), where the platform says
+
 
     @property
     def from_bot(self) -> bool:
@@ -134,6 +136,9 @@ class Event:
     # The platform's identity of this update (chat and message id, or a button press's query id): the
     # same when the platform sends the update again. Jobs it creates carry it (see submission_key).
     update_key: str | None = None
+    # People the message names so that the platform says who they are (Telegram's text_mention, a
+    # Discord user option): the partners of /duo and /group.
+    mentions: list[User] = field(default_factory=list)
     _submissions: int = field(default=0, repr=False, compare=False)
 
     def submission_key(self) -> str | None:

@@ -361,6 +361,15 @@ async def test_delete_confirms_then_leaves_nothing(world: World) -> None:
         artifact = Artifact(new_artifact_id(), None, user, "demo", str(folder / "s.png"), "image/png")
         await world.storage.add_artifact(artifact)
         await world.storage.add_report(artifact.id, user, user, "telegram:-1")
+        # Duo: a request the user made and one they were asked in, a block, a group portrait they are in.
+        third, group = "telegram:3", {"platform": "telegram", "id": "-1", "is_private": False}
+        await world.storage.open_duo_request(f"r{user[-1]}", user, group, {}, [third], 60)
+        await world.storage.open_duo_request(f"q{user[-1]}", third, group, {}, [user], 60)
+        await world.storage.block_duo(user, third)
+        job = await world.storage.insert_job(third, "duo", 0, {"owners": [third, user]}, group, 1)
+        await world.storage.finish_job(job.id, {}, [Artifact(new_artifact_id(), job.id, third, "duo",
+                                                             str(world.services.user_dir(third) / f"{user}.png"),
+                                                             "image/png")])
     assert all((await _user_rows(world.storage.path, key)).values())
 
     channel = await world.send(make_event(text="/delete"))

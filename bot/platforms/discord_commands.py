@@ -96,6 +96,21 @@ async def run_style(interaction: discord.Interaction, style: str,
     await _adapter(interaction).run_command(interaction, "style", args, [pose_photo] if pose_photo else [])
 
 
+@app_commands.describe(style=described("discord.option_duo_style"), partner=described("discord.option_partner"))
+async def run_duo(interaction: discord.Interaction, style: str, partner: discord.User) -> None:
+    """Runs /duo: asks the partner's consent to a portrait of the two in the style ("block": block them)."""
+    await _adapter(interaction).run_command(interaction, "duo", style.split(), [], mentions=[partner])
+
+
+@app_commands.describe(style=described("discord.option_style"), partner1=described("discord.option_partner"),
+                       partner2=described("discord.option_partner"), partner3=described("discord.option_partner"))
+async def run_group(interaction: discord.Interaction, style: str, partner1: discord.User,
+                    partner2: discord.User | None = None, partner3: discord.User | None = None) -> None:
+    """Runs /group: asks up to three partners' consent to a portrait of everyone in the style."""
+    partners = [p for p in (partner1, partner2, partner3) if p is not None]
+    await _adapter(interaction).run_command(interaction, "group", style.split(), [], mentions=partners)
+
+
 @app_commands.describe(template=described("discord.option_template"),
                        photo=described("discord.option_template_photo"), likeness=described("discord.option_likeness"))
 async def run_template(interaction: discord.Interaction, template: str | None = None,
@@ -242,6 +257,14 @@ def _style_command(command: router.Command) -> app_commands.Command:
     return slash
 
 
+def _styled(callback: Callable[..., Any]) -> Callable[[router.Command], app_commands.Command]:
+    def build(command: router.Command) -> app_commands.Command:
+        slash = app_commands.Command(name=command.name, description=described(command.help_code), callback=callback)
+        slash.autocomplete("style")(complete_style)
+        return slash
+    return build
+
+
 def _template_command(command: router.Command) -> app_commands.Command:
     slash = app_commands.Command(name=command.name, description=described(command.help_code), callback=run_template)
     slash.autocomplete("template")(complete_template)
@@ -281,6 +304,8 @@ TYPED_COMMANDS: dict[str, Callable[[router.Command], app_commands.Command]] = {
     "template": _template_command,
     "imagine": _imagine_command,
     "admin": _admin_command,
+    "duo": _styled(run_duo),
+    "group": _styled(run_group),
 }
 
 

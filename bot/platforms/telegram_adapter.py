@@ -32,6 +32,7 @@ from telegram import (
     InlineQueryResultsButton,
     InputMediaPhoto,
     Message,
+    MessageEntity,
     ReplyParameters,
     Update,
 )
@@ -104,6 +105,17 @@ def to_chat(chat: TgChat) -> Chat:
 def to_user(user: TgUser) -> User:
     return User(platform=PLATFORM, id=str(user.id), name=user.first_name or user.username or "",
                 language=user.language_code)
+
+
+def _mentioned(message: Message) -> list[User]:
+    """The people a message names by a tap on their name (text_mention entities carry the user; an
+    @username does not), bots left out, each once."""
+    found: dict[str, User] = {}
+    for entity in (message.entities or ()) + (message.caption_entities or ()):
+        if entity.type == MessageEntity.TEXT_MENTION and entity.user is not None and not entity.user.is_bot:
+            person = to_user(entity.user)
+            found.setdefault(person.key, person)
+    return list(found.values())
 
 
 def _keyboard(buttons: list[list[Button]] | None, share_inline: bool = False) -> InlineKeyboardMarkup | None:
@@ -527,7 +539,8 @@ class TelegramAdapter(StartStop):
         event = Event(user=user, chat=chat, text=text, command=command, args=args,
                       attachments=self._attachments(message), message_id=str(message.message_id),
                       language=self._language(message.from_user), reply_to=self._replied(message),
-                      chat_admin=self._admin_check(chat, user), update_key=f"{chat.key}:{message.message_id}")
+                      chat_admin=self._admin_check(chat, user), update_key=f"{chat.key}:{message.message_id}",
+                      mentions=_mentioned(message))
         return event, None
 
     def _replied(self, message: Message) -> RepliedMessage | None:
@@ -551,7 +564,9 @@ class TelegramAdapter(StartStop):
         elif document is not None and (document.mime_type or "").startswith("image/"):
             file_id = document.file_id
             image = self._attachment("document", file_id, document.file_size, document.mime_type, document.file_name)
-        return RepliedMessage(message_id=str(replied.message_id), sender=key, image=image, file_id=file_id)
+        person = to_user(sender) if sender is not None and not sender.is_bot else None
+        return RepliedMessage(message_id=str(replied.message_id), sender=key, image=image, file_id=file_id,
+                              sender_user=person)
 
     def _button_event(self, query: CallbackQuery) -> tuple[Event, CallbackQuery] | None:
         message = query.message
