@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 KIND = "duo"
 FEATURE = "portrait"
-POSE_FEATURE = "pose"  # the openpose ControlNet holds the layout
+DUO_FEATURE = "duo"  # the openpose ControlNet that holds the layout (manifest feature)
 YES, NO = "duoyes", "duono"
 MAX_PARTNERS = {"duo": 1, "group": 3}
 BLOCK_WORDS = {"block": True, "unblock": False, "屏蔽": True, "取消屏蔽": False}
@@ -58,7 +58,7 @@ async def ask_partners(services: Services, event: Event, channel: ReplyChannel, 
         raise UserFacingError("duo.group_only", command=command)
     if not (await chat_settings.load_settings(services, event.chat)).allows("duo"):
         raise UserFacingError("groups.command_off", command="duo")
-    if FEATURE not in services.features_installed or POSE_FEATURE not in services.features_installed:
+    if FEATURE not in services.features_installed or DUO_FEATURE not in services.features_installed:
         raise UserFacingError("feature.not_installed", feature=KIND)
     if not event.args:
         raise UserFacingError("duo.usage", command=command)

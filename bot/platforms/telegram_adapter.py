@@ -533,6 +533,12 @@ class TelegramAdapter(StartStop):
         command, args, for_us = parse_command(text, self.bot.username if self._started else None)
         if not for_us:
             return None
+        mentions = _mentioned(message)
+        if mentions:  # the tapped names are people, not arguments: /duo hanfu Bob -> ["hanfu"]
+            named = text
+            for entity, words in message.parse_entities([MessageEntity.TEXT_MENTION]).items():
+                named = named.replace(words, " ", 1)
+            command, args, _ = parse_command(named, self.bot.username if self._started else None)
         chat = to_chat(message.chat)
         if not chat.is_private:
             chat = dataclasses.replace(chat, reply_to=str(message.message_id))
@@ -540,7 +546,7 @@ class TelegramAdapter(StartStop):
                       attachments=self._attachments(message), message_id=str(message.message_id),
                       language=self._language(message.from_user), reply_to=self._replied(message),
                       chat_admin=self._admin_check(chat, user), update_key=f"{chat.key}:{message.message_id}",
-                      mentions=_mentioned(message))
+                      mentions=mentions)
         return event, None
 
     def _replied(self, message: Message) -> RepliedMessage | None:
