@@ -166,7 +166,7 @@ class RetentionSettings(_Section):
 
 
 # Jobs one user may start per UTC day, by job kind (admins are exempt); 0: no limit.
-DEFAULT_QUOTAS: dict[str, int] = {"portrait": 20, "cartoon": 40, "train": 2, "duo": 10}
+DEFAULT_QUOTAS: dict[str, int] = {"portrait": 20, "cartoon": 40, "train": 2, "duo": 10, "duo_template": 10}
 
 
 class Settings(_Section):

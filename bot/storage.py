@@ -248,7 +248,7 @@ JSON_PATH_COLUMNS: dict[str, tuple[str, ...]] = {
 # What a user's /delete removes besides their own rows, in this order: duo results they are in (reports of
 # those too), every duo job naming them, requests they were asked in, blocks naming them.
 _CO_OWNED = "SELECT artifact_id FROM artifact_owners WHERE owner_key = ?"
-_DUO_JOBS_NAMING = "SELECT j.id FROM jobs j, json_each(j.params, '$.owners') o WHERE j.kind = 'duo' AND o.value = ?"
+_DUO_JOBS_NAMING = "SELECT j.id FROM jobs j, json_each(j.params, '$.owners') o WHERE o.value = ?"
 _DUO_DELETIONS: tuple[tuple[str, str], ...] = (
     ("reports", f"DELETE FROM reports WHERE artifact_id IN ({_CO_OWNED}) "
                 f"OR artifact_id IN (SELECT id FROM artifacts WHERE job_id IN ({_DUO_JOBS_NAMING}))"),
@@ -814,7 +814,7 @@ class Storage:
                 # A duo result belongs to everyone in it: the job's owners besides its requester.
                 await self.db.execute(
                     "INSERT OR IGNORE INTO artifact_owners (artifact_id, owner_key) SELECT ?, o.value FROM jobs j, "
-                    "json_each(j.params, '$.owners') o WHERE j.id = ? AND j.kind = 'duo' AND o.value != j.user_key",
+                    "json_each(j.params, '$.owners') o WHERE j.id = ? AND o.value != j.user_key",
                     (a.id, job_id))
             await self.db.commit()
         except BaseException:

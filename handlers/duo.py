@@ -17,10 +17,12 @@ import asyncio
 import logging
 import secrets
 import time
+from pathlib import Path
 from typing import Any
 
 from facechain_core.errors import UserFacingError
-from handlers import buttons, chat_settings, portrait, registry
+from facechain_core.templates import TemplateEntry, TemplateLibrary
+from handlers import buttons, chat_settings, portrait, registry, template
 from handlers.messages import t
 from handlers.progress import present_default, register_presenter, submit_with_progress
 from handlers.protocols import Button, Chat, Event, ReplyChannel, User
@@ -29,6 +31,7 @@ from handlers.services import Services
 log = logging.getLogger(__name__)
 
 KIND = "duo"
+TEMPLATE_KIND = "duo_template"  # a multi-face template of the library, filled face by face
 FEATURE = "portrait"
 DUO_FEATURE = "duo"  # the openpose ControlNet that holds the layout (manifest feature)
 YES, NO = "duoyes", "duono"
@@ -58,14 +61,12 @@ async def ask_partners(services: Services, event: Event, channel: ReplyChannel, 
         raise UserFacingError("duo.group_only", command=command)
     if not (await chat_settings.load_settings(services, event.chat)).allows("duo"):
         raise UserFacingError("groups.command_off", command="duo")
-    if FEATURE not in services.features_installed or DUO_FEATURE not in services.features_installed:
-        raise UserFacingError("feature.not_installed", feature=KIND)
     if not event.args:
         raise UserFacingError("duo.usage", command=command)
-    style = portrait._catalogue(services).only(["sd15"]).find(" ".join(event.args), lang)
     partners = partners_of(event)
     if not partners or len(partners) > MAX_PARTNERS[command]:
         raise UserFacingError("duo.who", command=command, most=MAX_PARTNERS[command])
+    look = group_look(services, " ".join(event.args), len(partners) + 1, lang)
     storage: Any = services.storage
     requester = event.user
     if await storage.identity(requester.key) is None:
@@ -79,7 +80,22 @@ async def ask_partners(services: Services, event: Event, channel: ReplyChannel, 
         for partner in missing:
             await _invite(services, partner, requester)
         raise UserFacingError("duo.partner_no_identity", names=", ".join(p.name or "?" for p in missing))
-    await open_request(services, event, channel, style, partners)
+    await open_request(services, event, channel, look, partners)
+
+
+def group_look(services: Services, name: str, people: int, lang: str) -> Any:
+    """A library template showing exactly `people` faces named `name`, else an SD1.5 style (or a refusal)."""
+    entry = template.library().with_faces(people).find(name)
+    if entry is not None:
+        if template.FEATURE not in services.features_installed:
+            raise UserFacingError("feature.not_installed", feature=template.FEATURE)
+        overrides = {k: str(v) for k, v in (getattr(services.settings, "model_paths", {}) or {}).items()}
+        if TemplateLibrary.picture(entry, Path(services.settings.models_dir), overrides) is None:
+            raise UserFacingError("template.not_installed", name=entry.display_name(lang))
+        return entry
+    if FEATURE not in services.features_installed or DUO_FEATURE not in services.features_installed:
+        raise UserFacingError("feature.not_installed", feature=KIND)
+    return portrait._catalogue(services).only(["sd15"]).find(name, lang)
 
 
 def partners_of(event: Event) -> list[User]:
@@ -101,7 +117,9 @@ async def open_request(services: Services, event: Event, channel: ReplyChannel, 
     storage: Any = services.storage
     request_id = secrets.token_urlsafe(9)
     ttl = float(services.settings.duo.consent_timeout_s)
-    params = {"style_id": style.id, "requester_name": event.user.name, "language": event.language,
+    is_template = isinstance(style, TemplateEntry)
+    params = {"style_id": None if is_template else style.id, "template_id": style.id if is_template else None,
+              "requester_name": event.user.name, "language": event.language,
               "partners": [{"key": p.key, "name": p.name, "language": p.language} for p in partners]}
     await storage.open_duo_request(request_id, event.user.key, event.chat.to_dict(), params,
                                    [p.key for p in partners], ttl)
@@ -185,20 +203,31 @@ async def start_job(services: Services, request: Any) -> None:
             await _tell_requester(services, request, "duo.no_identity")
             return
         identities.append(identity.path)
-    style = services.styles.get(params["style_id"]) if services.styles else None
-    if style is None:
-        await _tell_requester(services, request, "duo.unknown_style", name=params["style_id"])
-        return
+    job = {"count": COUNT, "identities": identities, "owners": owners,
+           "names": [params.get("requester_name", "")] + [p.get("name", "") for p in params.get("partners", [])]}
+    kind = KIND
+    if params.get("template_id"):
+        entry = template.library().get(params["template_id"])
+        overrides = {k: str(v) for k, v in (getattr(services.settings, "model_paths", {}) or {}).items()}
+        picture = TemplateLibrary.picture(entry, Path(services.settings.models_dir), overrides) if entry else None
+        if entry is None or picture is None:
+            await _tell_requester(services, request, "duo.over")
+            return
+        kind = TEMPLATE_KIND
+        job.update({"template": str(picture.resolve()), "template_id": entry.id})
+    else:
+        style = services.styles.get(params["style_id"]) if services.styles else None
+        if style is None:
+            await _tell_requester(services, request, "duo.over")
+            return
+        job.update({"style": style.model_dump(mode="json"), "style_id": style.id})
     platform, _, user_id = request.requester_key.partition(":")
     chat = Chat.from_dict(request.chat)
     requester = User(platform=platform, id=user_id, name=params.get("requester_name", ""), language=lang)
     event = Event(user=requester, chat=chat, language=lang, update_key=f"duo:{request.id}")
-    job = {"style": style.model_dump(mode="json"), "style_id": style.id, "count": COUNT,
-           "identities": identities, "owners": owners,
-           "names": [params.get("requester_name", "")] + [p.get("name", "") for p in params.get("partners", [])]}
     channel = services.channel_for(chat)
     try:
-        await submit_with_progress(services, event, channel, KIND, job)
+        await submit_with_progress(services, event, channel, kind, job)
     except UserFacingError as exc:  # the requester's quota, the group's rules
         await channel.send_text(t(exc.code, lang, **exc.details))
 
@@ -276,8 +305,12 @@ async def _invite(services: Services, partner: User, requester: User) -> None:
 async def present_duo(services: Services, job: Any, artifacts: list[Any], channel: ReplyChannel, lang: str) -> None:
     """Sends the group portraits to the chat they were asked in, naming everyone in them."""
     names = ", ".join(n for n in job.params.get("names", []) if n) or "?"
-    style = services.styles.get(job.params.get("style_id", "")) if services.styles else None
-    caption = t("duo.caption", lang, style=style.display_name(lang) if style else "", names=names)
+    look: Any = None
+    if job.params.get("template_id"):
+        look = template.library().get(job.params["template_id"])
+    elif services.styles:
+        look = services.styles.get(job.params.get("style_id", ""))
+    caption = t("duo.caption", lang, style=look.display_name(lang) if look else "", names=names)
     await present_default(services, job, artifacts, channel, lang, caption=caption)
 
 
@@ -286,3 +319,4 @@ registry.register_command("group", ask_group, "help.group")
 buttons.register_core_button(YES, press_yes)
 buttons.register_core_button(NO, press_no)
 register_presenter(KIND, present_duo)
+register_presenter(TEMPLATE_KIND, present_duo)

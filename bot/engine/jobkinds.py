@@ -35,6 +35,7 @@ BUILTIN_KINDS: tuple[JobKind, ...] = (
     JobKind("tryon", "facechain_core.tryon:TryOnPipeline", GENERATE, 2, 900),
     JobKind("template", "facechain_core.template:TemplatePipeline", GENERATE, 2, 900),
     JobKind("duo", "facechain_core.duo:DuoPipeline", GENERATE, 2, 900),
+    JobKind("duo_template", "facechain_core.duo_template:DuoTemplatePipeline", GENERATE, 2, 900),
     JobKind("train", "facechain_core.train_lora:TrainLoraPipeline", LONG, 3, 4 * 3600, preemptible=True),
 )
 
