@@ -31,7 +31,7 @@ INLINE_RESULTS = 30  # newest results offered in inline mode (Telegram shows up 
 POST_TARGETS_MAX = 20  # channels offered as buttons (Discord shows 25 under a message)
 START_PARAMETER = "share"  # the deep link of the "make your first portrait" inline button
 # Kinds of picture results that get a Share button (a new picture feature adds its kind here).
-SHARED_KINDS = frozenset({"portrait", "cartoon"})
+SHARED_KINDS = frozenset({"portrait", "cartoon", "duo", "duo_template"})
 
 
 @dataclass(frozen=True)

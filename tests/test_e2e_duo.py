@@ -154,6 +154,19 @@ async def test_yes_makes_the_picture_for_both_and_a_third_member_cannot_answer(w
     artifacts = await world.service.storage.job_artifacts(jobs[0]["id"])
     assert artifacts and all(a.owned_by(f"telegram:{bob.id}") and a.owned_by(f"telegram:{ann.id}")
                              and not a.owned_by(f"telegram:{cat.id}") for a in artifacts)
+    # Each person in it finds it among their own results to share (inline mode); nobody else does.
+    await fake.wait_idle()
+    fake.enable_inline_mode()
+    try:
+        for user, sees in ((bob, True), (ann, True), (cat, False)):
+            mark = fake.mark()
+            sent = fake.inline_query(user, "")
+            answer = await fake.wait_for("answerInlineQuery", lambda c: c.params["inline_query_id"] == sent["id"],
+                                         since=mark, timeout=10)
+            shown = {r["id"] for r in answer.params["results"]}
+            assert ({a.id for a in artifacts} <= shown) is sees and (not shown & {a.id for a in artifacts}) is not sees
+    finally:
+        fake.enable_inline_mode(False)
     # The request is over: a late press is refused.
     late = await _press(world, request, f"duono:{request_id}", bob)
     assert late.params["text"] == t("duo.over", "en")
