@@ -67,9 +67,35 @@ class KindOverride(_Section):
     max_tries: int | None = Field(default=None, ge=1)
 
 
+class PlacementRule(_Section):
+    """Pins job kinds to some GPUs: a kind named by any rule runs only on a slot matching one of its rules."""
+
+    kinds: list[str] = Field(min_length=1)
+    # GPU indexes on their machine (empty: any); a CPU worker matches no rule that names GPUs.
+    gpus: list[int] = []
+    # Least GPU memory in MB (0: any); a GPU whose memory is unknown does not match a rule that asks.
+    min_memory_mb: int = Field(default=0, ge=0)
+    # Labels the slot must carry (Ray: its node's labels, e.g. `ray start --labels tier=big`).
+    labels: dict[str, str] = {}
+
+
 class SchedulerSettings(_Section):
     # CUDA device indexes, one worker process each; empty: one CPU worker.
     gpus: list[int] = []
+    # Where worker processes run: "local" (children of the bot, one per GPU above) or "ray"
+    # (one actor per GPU of a Ray cluster; `pip install '.[ray]'`).
+    backend: Literal["local", "ray"] = "local"
+    # Ray: "auto" (the cluster this machine joined), "ray://head:10001", or empty for a local instance.
+    ray_address: str = ""
+    # Ray: the resource each worker actor takes one unit of ("GPU" on a real cluster).
+    ray_gpu_resource: str = "GPU"
+    ray_namespace: str = "facechain"
+    # Ray: MB of job inputs (selfies, identities, user LoRAs) each worker keeps on its node (LRU).
+    ray_cache_mb: int = Field(default=2048, ge=0)
+    # MB the resident-pipeline LRU of each worker may hold (0: no limit); the GPU's own memory bounds it too.
+    memory_budget_mb: int = Field(default=0, ge=0)
+    # Which GPUs each kind may use (both backends); see PlacementRule.
+    placement: list[PlacementRule] = []
     queue_max: int = Field(default=200, ge=1)
     user_max_queued: int = Field(default=3, ge=1)
     # Seconds a running job gets after SIGTERM before it is put back in the queue.

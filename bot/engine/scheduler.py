@@ -40,8 +40,9 @@ from typing import Any, Protocol, TypeVar
 from bot.engine import worker_protocol as wp
 from bot.config import SchedulerSettings
 from bot.engine.backends.base import Backend, JobOrder, Slot
-from bot.engine.backends.local import LocalBackend
+from bot.engine.backends import local_backend
 from bot.engine.jobkinds import JobKinds
+from bot.engine.placement import allowed
 from bot.lifecycle import StartStop
 from bot.storage import Artifact, DuplicateKey, Job, JobState, Storage, new_artifact_id, retry_transient
 from facechain_core.errors import UserFacingError
@@ -127,6 +128,13 @@ def _describe(exc: BaseException) -> str:
 
 def _error(code: str, **details: Any) -> dict[str, Any]:
     return {"code": code, "details": details}
+
+
+def _base_of(job: Job) -> str:
+    """What a job keeps resident in its worker: its style's model family, else its kind."""
+    style = job.params.get("style")
+    family = style.get("family") if isinstance(style, dict) else None
+    return str(family or job.kind)
 
 
 # -- ordering and estimates (pure) -------------------------------------------------------------
@@ -264,7 +272,7 @@ class Scheduler(StartStop):
         if backend is None:
             if devices is None:
                 devices = [f"cuda:{i}" for i in settings.gpus] or ["cpu"]
-            backend = LocalBackend(devices, context, secrets=secrets)
+            backend = local_backend(devices, context, secrets=secrets, memory_budget_mb=settings.memory_budget_mb)
         self._backend = backend
         self._queued: dict[int, Job] = {}
         self._running: dict[int, _Run] = {}
@@ -534,11 +542,23 @@ class Scheduler(StartStop):
         order = pick_order(self._queued.values(), self._last_served)
         return plan_queue(order, busy, self._averages, preemptible_kinds)
 
-    def _pick(self, short_only: bool = False) -> Job | None:
+    def _pick(self, short_only: bool = False, slots: list[Slot] | None = None) -> Job | None:
+        """The next job in pick order (that one of `slots` may run, when given)."""
         candidates = (
             j for j in self._queued.values() if not (short_only and self._kinds[j.kind].preemptible)
+            and (slots is None or any(self._fits(j, w) for w in slots))
         )
         return min(candidates, key=lambda j: pick_key(j, self._last_served), default=None)
+
+    def _fits(self, job: Job, worker: Slot) -> bool:
+        """Whether the slot may run the job: the placement rules, and the models its node has."""
+        return allowed(job.kind, worker.info, self._settings.placement)
+
+    def _choose_slot(self, job: Job, idle: list[Slot]) -> Slot:
+        """Among idle slots that may run the job, one whose last job used the same base (still resident)."""
+        fitting = [w for w in idle if self._fits(job, w)]
+        base = _base_of(job)
+        return next((w for w in fitting if w.last_base == base), fitting[0])
 
     # -- internals: dispatch -------------------------------------------------------------------
     async def _pump(self) -> None:
@@ -548,10 +568,11 @@ class Scheduler(StartStop):
             await self._wake.wait()
             self._wake.clear()
             while not self._stopping:
-                worker = next((w for w in self._slots if w.idle), None)
-                job = self._pick() if worker is not None else None
-                if worker is None or job is None:
+                idle = [w for w in self._slots if w.idle]
+                job = self._pick(slots=idle) if idle else None
+                if job is None:
                     break
+                worker = self._choose_slot(job, idle)
                 try:
                     await self._dispatch(worker, job, nested=False)
                 except Exception:
@@ -596,6 +617,7 @@ class Scheduler(StartStop):
         run.started = time.monotonic()
         run.timer = asyncio.get_running_loop().call_later(kind.timeout_s, self._on_timeout, run)
         run.sent = True
+        worker.last_base = _base_of(job)
         await self._backend.dispatch(worker, [JobOrder(job.id, job.kind, kind.pipeline, self._job_params(job),
                                                        kind.preemptible)])
         self._event("started", job, worker=worker.index, nested=nested, attempt=job.attempts,
@@ -720,7 +742,7 @@ class Scheduler(StartStop):
     async def _on_yield(self, worker: Slot, host: _Run) -> None:
         """A preemptible job is at a checkpoint: give its worker a waiting short job, or let it resume."""
         while not self._stopping and not host.cancel:
-            job = self._pick(short_only=True)
+            job = self._pick(short_only=True, slots=[worker])
             if job is None:
                 break
             try:

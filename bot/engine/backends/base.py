@@ -48,6 +48,7 @@ class Slot:
     memory: dict[str, int] = field(default_factory=dict)  # from its last pong, bytes
     pid: int | None = None  # of the live worker process (on its own machine)
     start_failures: int = 0  # deaths in a row before "ready"
+    last_base: str = ""  # the scheduler's: what its last job kept resident (see Scheduler._choose_slot)
 
     @property
     def idle(self) -> bool:
@@ -129,3 +130,19 @@ def init_message(context: Mapping[str, Any], device: str, memory_budget_mb: int 
         "log_level": context.get("log_level", logging.getLevelName(logging.getLogger().getEffectiveLevel())),
         "log_format": context.get("log_format", "text"),
     }
+
+
+def query_gpu_memory_mb(index: str) -> int | None:
+    """The memory of GPU `index` (as nvidia-smi numbers it) in MB; None without nvidia-smi or a GPU."""
+    import shutil
+    import subprocess
+
+    index = index.split(",")[0].strip()
+    if not index or not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i", index],
+                             capture_output=True, text=True, timeout=10, check=True)
+        return int(out.stdout.strip().splitlines()[0])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
