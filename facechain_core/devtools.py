@@ -16,6 +16,10 @@
 - ``fail_code`` (+ ``fail_details``): raise ``UserFacingError`` at the start.
 - ``bug``: raise ``RuntimeError`` at the start.
 - ``chatter``: print to stdout (Python and fd 1) at each step, as noisy libraries do.
+- ``copy_from``: a file whose content is appended to the output file (an input that must reach the worker).
+- ``echo_params``: the result's meta holds the params the pipeline saw.
+- ``checkpoint``: at each yield point write ``out_dir/checkpoint/step.txt``; a run that finds one starts
+  after that step (meta ``resumed_from``), as training does.
 
 The result's meta holds ``pid``, ``device``, ``dtype``, ``cuda_visible_devices``, ``loads`` (times
 ``load`` ran in this process), ``run_s`` (seconds inside ``run``) and ``steps_done``.
@@ -99,7 +103,9 @@ class SleepPipeline:
         delay = float(params.get("delay_s", 0))
         yield_every = int(params.get("yield_every", 0))
         tag = str(params.get("tag", params.get("job_id", "job")))
-        for step in range(1, steps + 1):
+        checkpoint = Path(params["out_dir"]) / "checkpoint" / "step.txt"
+        resumed_from = int(checkpoint.read_text()) if params.get("checkpoint") and checkpoint.exists() else 0
+        for step in range(resumed_from + 1, steps + 1):
             if params.get("hang_at") == step:
                 _hang()
             if params.get("pause_at") == step and params.get("pause_dir"):
@@ -113,16 +119,21 @@ class SleepPipeline:
                 os.write(1, b"devtools raw chatter\n")
             progress(step, steps, f"step {step}/{steps}")
             if yield_every and step % yield_every == 0 and step < steps:
+                if params.get("checkpoint"):
+                    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+                    checkpoint.write_text(str(step))
                 progress.yield_point()
         # 3. Output and ledger.
         out = Path(params["out_dir"]) / f"{tag}{params.get('suffix', '.txt')}"
-        out.write_text(f"{tag}\n")
+        out.write_text(f"{tag}\n" + (Path(params["copy_from"]).read_text() if params.get("copy_from") else ""))
         if params.get("ledger"):
             append_ledger(params["ledger"], tag)
         return JobResult(files=[out], meta={
             "pid": os.getpid(), "device": self.context.device, "loads": type(self).loads,
             "run_s": time.perf_counter() - started, "steps_done": steps,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "dtype": self.context.dtype,
+            "resumed_from": resumed_from, "memory_budget_mb": self.context.memory_budget_mb,
+            **({"params": params} if params.get("echo_params") else {}),
         })
 
     def close(self) -> None:

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,7 @@ class RayBackend:
         self._discoverer: asyncio.Task[None] | None = None
         self._out_dirs: dict[int, Path] = {}  # job id -> where the service wants its files
         self.slots: list[Slot] = []
+        self.counters: Counter[str] = Counter()  # inputs_sent, inputs_cached (already on the node)
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self, events: BackendEvents) -> None:
@@ -137,6 +139,8 @@ class RayBackend:
         for order in orders:
             params, found = await asyncio.to_thread(self._packer.pack_params, order.params)
             missing = await actor.handle.missing.remote(list(found))
+            self.counters["inputs_sent"] += len(missing)
+            self.counters["inputs_cached"] += len(found) - len(missing)
             inputs = {d: await asyncio.to_thread(read_blob, found[d]) for d in missing}
             out_dir = Path(order.params["out_dir"])
             self._out_dirs[order.job_id] = out_dir
