@@ -90,6 +90,8 @@ class SchedulerSettings(_Section):
     # Ray: the resource each worker actor takes one unit of ("GPU" on a real cluster).
     ray_gpu_resource: str = "GPU"
     ray_namespace: str = "facechain"
+    # Ray: only nodes carrying all these labels host workers (empty: every node with the resource).
+    ray_node_labels: dict[str, str] = {}
     # Ray: MB of job inputs (selfies, identities, user LoRAs) each worker keeps on its node (LRU).
     ray_cache_mb: int = Field(default=2048, ge=0)
     # MB the resident-pipeline LRU of each worker may hold (0: no limit); the GPU's own memory bounds it too.

@@ -29,6 +29,6 @@ def create_backend(settings: SchedulerSettings, context: Mapping[str, Any], *, d
         from bot.engine.backends.ray_backend import RayBackend
 
         return RayBackend(context, data_dir=data_dir, address=settings.ray_address, namespace=settings.ray_namespace,
-                          gpu_resource=settings.ray_gpu_resource, cache_mb=settings.ray_cache_mb, secrets=secrets,
+                          gpu_resource=settings.ray_gpu_resource, node_labels=settings.ray_node_labels, cache_mb=settings.ray_cache_mb, secrets=secrets,
                           kind_needs=kind_needs, memory_budget_mb=settings.memory_budget_mb)
     return local_backend(devices, context, secrets=secrets, memory_budget_mb=settings.memory_budget_mb)

@@ -60,13 +60,14 @@ class RayBackend:
     """Worker processes in Ray actors, one per GPU resource unit of each alive node."""
 
     def __init__(self, context: Mapping[str, Any], *, data_dir: Path, address: str = "", namespace: str = "facechain",
-                 gpu_resource: str = "GPU", cache_mb: int = 2048, secrets: Iterable[str] = (),
+                 gpu_resource: str = "GPU", node_labels: Mapping[str, str] | None = None, cache_mb: int = 2048, secrets: Iterable[str] = (),
                  kind_needs: Mapping[str, list[list[str]]] | None = None, memory_budget_mb: int = 0) -> None:
         self._ray = require_ray()
         self._context = dict(context)
         self._address = address
         self._namespace = namespace
         self._resource = gpu_resource
+        self._node_labels = dict(node_labels or {})
         self._cache_bytes = cache_mb * 2**20
         self._budget = memory_budget_mb
         self._kind_needs = {k: [list(p) for p in v] for k, v in (kind_needs or {}).items()}
@@ -172,7 +173,8 @@ class RayBackend:
 
     # -- actors ------------------------------------------------------------------------------
     def _nodes(self) -> list[dict[str, Any]]:
-        return [n for n in self._ray.nodes() if n.get("Alive") and n.get("Resources", {}).get(self._resource, 0) >= 1]
+        return [n for n in self._ray.nodes() if n.get("Alive") and n.get("Resources", {}).get(self._resource, 0) >= 1
+                and all((n.get("Labels") or {}).get(k) == v for k, v in self._node_labels.items())]
 
     async def _discover(self) -> None:
         """Adds a slot for each GPU resource unit of every alive node not seen yet, and starts it."""
