@@ -18,6 +18,9 @@
 - ``chatter``: print to stdout (Python and fd 1) at each step, as noisy libraries do.
 - ``copy_from``: a file whose content is appended to the output file (an input that must reach the worker).
 - ``echo_params``: the result's meta holds the params the pipeline saw.
+- ``oom_times``: raise ``torch.cuda.OutOfMemoryError`` on the first k runs without ``low_memory`` in this
+  process (after loading a resident entry, so the worker's eviction shows); ``low_memory`` runs pass unless
+  ``oom_always``.
 - ``checkpoint``: at each yield point write ``out_dir/checkpoint/step.txt``; a run that finds one starts
   after that step (meta ``resumed_from``), as training does.
 
@@ -83,6 +86,7 @@ class SleepPipeline:
     """Sleeps through progress steps and writes a small file; can crash, hang or fail on demand."""
 
     loads = 0  # per process: proves the pipeline stays resident between jobs
+    ooms = 0  # out-of-memory errors raised in this process
 
     def load(self, context: PipelineContext) -> None:
         """Records the context; takes no time unless ``settings["devtools"]["load_delay_s"]`` says so."""
@@ -98,6 +102,7 @@ class SleepPipeline:
             raise UserFacingError(params["fail_code"], **params.get("fail_details", {}))
         if params.get("bug"):
             raise RuntimeError("devtools: a requested bug")
+        self._maybe_run_out_of_memory(params)
         # 2. Steps.
         steps = int(params.get("steps", 3))
         delay = float(params.get("delay_s", 0))
@@ -133,8 +138,23 @@ class SleepPipeline:
             "run_s": time.perf_counter() - started, "steps_done": steps,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "dtype": self.context.dtype,
             "resumed_from": resumed_from, "memory_budget_mb": self.context.memory_budget_mb,
+            "ooms": type(self).ooms, "low_memory": bool(params.get("low_memory")),
+            "resident_builds": self.context.shared["resident"].loads["devtools-base"] if "resident" in self.context.shared else 0,
             **({"params": params} if params.get("echo_params") else {}),
         })
+
+    def _maybe_run_out_of_memory(self, params: dict[str, Any]) -> None:
+        if not params.get("oom_times") and not params.get("oom_always"):
+            return
+        import torch
+
+        from facechain_core.resident import SHARED_KEY, ResidentPipelines
+
+        resident = self.context.shared.setdefault(SHARED_KEY, ResidentPipelines(self.context.memory_budget_mb * 2**20))
+        resident.get("devtools-base", lambda: torch.nn.Linear(4, 4))
+        if params.get("oom_always") or (not params.get("low_memory") and type(self).ooms < int(params["oom_times"])):
+            type(self).ooms += 1
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (devtools)")
 
     def close(self) -> None:
         """Nothing to free."""
