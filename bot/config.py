@@ -6,15 +6,17 @@ Tokens are ``SecretStr``: they never show in a repr, a log line or an error.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from facechain_core.numbers import ascii_int
 
 TELEGRAM_TOKEN_ENV = "FACECHAIN_TELEGRAM_TOKEN"
+TELEGRAM_WEBHOOK_SECRET_ENV = "FACECHAIN_TELEGRAM_WEBHOOK_SECRET"
 DISCORD_TOKEN_ENV = "FACECHAIN_DISCORD_TOKEN"
 
 
@@ -42,10 +44,33 @@ class TelegramSettings(_Section):
     # Seconds to wait for the Bot API to connect, take an upload or answer (a send past it is tried again
     # later); unset: python-telegram-bot's own (5 s, 20 s for uploads).
     request_timeout_s: float | None = Field(default=None, gt=0)
+    # Webhooks instead of polling (behind a reverse proxy): the public HTTPS URL Telegram posts updates to;
+    # empty: long polling. The listener serves the URL's path on webhook_listen:webhook_port.
+    webhook_url: str = ""
+    webhook_listen: str = "127.0.0.1"
+    webhook_port: int = Field(default=8443, ge=1, le=65535)
+    # Sent by Telegram in every webhook request and checked (1-256 of A-Z a-z 0-9 _ -); required with webhooks.
+    webhook_secret_token: SecretStr = SecretStr("")
 
     @property
     def enabled(self) -> bool:
         return bool(self.token.get_secret_value())
+
+    @field_validator("webhook_secret_token")
+    @classmethod
+    def _secret_token_shape(cls, value: SecretStr) -> SecretStr:
+        text = value.get_secret_value()
+        if text and not re.fullmatch(r"[A-Za-z0-9_-]{1,256}", text):
+            raise ValueError("must be 1-256 characters of A-Z, a-z, 0-9, _ and -")
+        return value
+
+    @model_validator(mode="after")
+    def _webhook_needs_a_secret(self) -> TelegramSettings:
+        if self.webhook_url and not self.webhook_secret_token.get_secret_value():
+            raise ValueError(f"webhook_url needs webhook_secret_token (or {TELEGRAM_WEBHOOK_SECRET_ENV})")
+        if self.webhook_url and not self.webhook_url.startswith(("https://", "http://")):
+            raise ValueError("webhook_url must be an https:// URL")
+        return self
 
 
 class DiscordSettings(_Section):
@@ -244,7 +269,8 @@ class Settings(_Section):
 
     def secrets(self) -> list[str]:
         """Every secret value, for the log redaction filter."""
-        return [s for s in (self.telegram.token.get_secret_value(), self.discord.token.get_secret_value()) if s]
+        return [s for s in (self.telegram.token.get_secret_value(), self.discord.token.get_secret_value(),
+                            self.telegram.webhook_secret_token.get_secret_value()) if s]
 
 
 def _format_errors(error: ValidationError, source: str) -> str:
@@ -271,6 +297,8 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
     for section, var in (("telegram", TELEGRAM_TOKEN_ENV), ("discord", DISCORD_TOKEN_ENV)):
         if env.get(var):
             raw.setdefault(section, {})["token"] = env[var]
+    if env.get(TELEGRAM_WEBHOOK_SECRET_ENV):
+        raw.setdefault("telegram", {})["webhook_secret_token"] = env[TELEGRAM_WEBHOOK_SECRET_ENV]
     try:
         return Settings.model_validate(raw)
     except ValidationError as exc:
