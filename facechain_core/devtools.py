@@ -17,6 +17,7 @@
 - ``bug``: raise ``RuntimeError`` at the start.
 - ``chatter``: print to stdout (Python and fd 1) at each step, as noisy libraries do.
 - ``copy_from``: a file whose content is appended to the output file (an input that must reach the worker).
+- ``out``: a second output file (outside ``out_dir``, as identity's) holding the tag.
 - ``echo_params``: the result's meta holds the params the pipeline saw.
 - ``oom_times``: raise ``torch.cuda.OutOfMemoryError`` on the first k runs without ``low_memory`` in this
   process (after loading a resident entry, so the worker's eviction shows); ``low_memory`` runs pass unless
@@ -131,9 +132,13 @@ class SleepPipeline:
         # 3. Output and ledger.
         out = Path(params["out_dir"]) / f"{tag}{params.get('suffix', '.txt')}"
         out.write_text(f"{tag}\n" + (Path(params["copy_from"]).read_text() if params.get("copy_from") else ""))
+        files = [out]
+        if params.get("out"):
+            Path(params["out"]).write_text(tag)
+            files.append(Path(params["out"]))
         if params.get("ledger"):
             append_ledger(params["ledger"], tag)
-        return JobResult(files=[out], meta={
+        return JobResult(files=files, meta={
             "pid": os.getpid(), "device": self.context.device, "loads": type(self).loads,
             "run_s": time.perf_counter() - started, "steps_done": steps,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "dtype": self.context.dtype,

@@ -10,7 +10,7 @@ from bot.engine.placement import allowed
 from bot.storage import JobState, Storage
 from facechain_core.devtools import read_ledger
 from handlers.messages import catalogue
-from tests.test_scheduler import CHAT, RecordingSink, in_state, params, running, storage, until  # noqa: F401
+from tests.test_scheduler import CHAT, RecordingSink, in_state, params, running, storage, until  # noqa: F401, F811
 
 
 def test_rules_match_gpu_index_memory_and_labels() -> None:

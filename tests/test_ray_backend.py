@@ -19,7 +19,7 @@ from bot.engine.scheduler import Scheduler
 from bot.storage import JobState, Storage
 from facechain_core.devtools import read_ledger
 from tests.fixtures.ray_cluster import GPU, MODEL_FILE, NAMESPACE, RayWorld
-from tests.test_scheduler import CHAT, PIPELINE, RecordingSink, in_state, make_kinds, params, storage, until  # noqa: F401
+from tests.test_scheduler import CHAT, PIPELINE, RecordingSink, in_state, make_kinds, params, storage, until  # noqa: F401, F811
 
 TIMEOUT_S = 90.0
 
@@ -74,8 +74,10 @@ async def test_jobs_run_in_actors_on_both_nodes_with_inputs_as_bytes(
     sink = RecordingSink()
     async with ray_running(storage, tmp_path, sink) as (sched, backend):
         assert {s.info.node for s in backend.slots} == {ray_world.head_id, ray_world.big_id}
+        identity = data / "users" / "u:1" / "identity.npz"  # an output outside out_dir, not there yet
         subs = [await sched.submit(f"u:{i}", "quick", params(tmp_path, f"p{i}", steps=4, delay_s=0.3,
-                                                             copy_from=str(selfie), echo_params=True), CHAT)
+                                                             copy_from=str(selfie), echo_params=True,
+                                                             **({"out": str(identity)} if i else {})), CHAT)
                 for i in range(2)]
         await until(in_state(storage, [s.job_id for s in subs], JobState.DELIVERED), TIMEOUT_S)
         again = await sched.submit("u:0", "quick", params(tmp_path, "again", copy_from=str(selfie)), CHAT)
@@ -84,8 +86,9 @@ async def test_jobs_run_in_actors_on_both_nodes_with_inputs_as_bytes(
     assert {one.result["meta"]["node"], two.result["meta"]["node"]} == {ray_world.head_id, ray_world.big_id}
     assert all(j.result["meta"]["actor"].startswith("facechain-worker-") for j in (one, two))
     assert two.started_at < one.finished_at and one.started_at < two.finished_at  # in parallel
+    assert identity.read_text() == "p1" and sink.delivered[two.id][1].path == str(identity)
     for job in (one, two):
-        (artifact,) = sink.delivered[job.id]
+        artifact = sink.delivered[job.id][0]
         expected = data / "users" / job.user_key / "jobs" / str(job.id) / f"{job.params['tag']}.txt"
         assert Path(artifact.path) == expected and expected.read_text() == f"{job.params['tag']}\nface bytes"
         seen = _strings(job.result["meta"]["params"])

@@ -81,6 +81,7 @@ class RayBackend:
         self._stop_event = asyncio.Event()
         self._discoverer: asyncio.Task[None] | None = None
         self._out_dirs: dict[int, Path] = {}  # job id -> where the service wants its files
+        self._outputs: dict[int, dict[str, Path]] = {}  # job id -> output files named outside out_dir
         self.slots: list[Slot] = []
         self.counters: Counter[str] = Counter()  # inputs_sent, inputs_cached (already on the node)
 
@@ -138,13 +139,14 @@ class RayBackend:
     async def dispatch(self, slot: Slot, orders: list[JobOrder]) -> None:
         actor = self._actors[slot.index]
         for order in orders:
-            params, found = await asyncio.to_thread(self._packer.pack_params, order.params)
+            params, found, outputs = await asyncio.to_thread(self._packer.pack_params, order.params)
             missing = await actor.handle.missing.remote(list(found))
             self.counters["inputs_sent"] += len(missing)
             self.counters["inputs_cached"] += len(found) - len(missing)
             inputs = {d: await asyncio.to_thread(read_blob, found[d]) for d in missing}
             out_dir = Path(order.params["out_dir"])
             self._out_dirs[order.job_id] = out_dir
+            self._outputs[order.job_id] = outputs
             seed = await asyncio.to_thread(read_tree, out_dir)  # an earlier try's checkpoint
             message = {**order.message(), "params": params}
             await actor.handle.run.remote(message, inputs, seed)
@@ -319,10 +321,14 @@ class RayBackend:
         out_dir = self._out_dir(slot, int(message["job"]))
         if out_dir is None:
             return
+        outputs = self._outputs.get(int(message["job"]), {})
+        elsewhere = {rel: back.pop(rel) for rel in list(back) if rel in outputs}
         await asyncio.to_thread(write_tree, out_dir, back)
+        for rel, data in elsewhere.items():
+            await asyncio.to_thread(write_tree, outputs[rel].parent, {outputs[rel].name: data})
         if message["op"] == wp.DONE:
             result = message.get("result") or {}
-            result["files"] = [str(out_dir / rel) for rel in result.get("files") or []]
+            result["files"] = [str(outputs.get(rel) or out_dir / rel) for rel in result.get("files") or []]
 
     def _out_dir(self, slot: Slot, job_id: int) -> Path | None:
         return self._out_dirs.get(job_id)
@@ -330,3 +336,4 @@ class RayBackend:
     def _forget(self, job_ids: Iterable[int]) -> None:
         for job_id in job_ids:
             self._out_dirs.pop(job_id, None)
+            self._outputs.pop(job_id, None)

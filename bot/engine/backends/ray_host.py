@@ -94,7 +94,7 @@ class WorkerHost:
         seen: dict[str, tuple[int, int]] = {}
         await asyncio.to_thread(write_tree, folder, seed)
         read_tree(folder, seen)  # the seed need not come back
-        params, used = unpack_params(message["params"], self._cache)
+        params, used = unpack_params(message["params"], self._cache, folder)
         params["out_dir"] = str(folder)
         self._jobs[job_id] = (folder, seen, used)
         self._cache.evict(keep=set().union(*(u for _, _, u in self._jobs.values())))

@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 INPUT_KEY = "$input"
+OUTPUT_KEY = "$output"  # a file the job writes outside its out_dir (e.g. identity's "out"): made on the node,
+OUTPUTS_DIR = ".outputs"  # under this folder of the job's folder, and written back where the service wants it
+OUTPUT_PARAMS = ("out",)  # parameters that name an output file even when it exists already
 Blob = dict[str, bytes]  # relative path -> content
 
 
@@ -26,7 +29,7 @@ def _walk(value: Any, visit: Callable[[str], Any]) -> Any:
     if isinstance(value, str):
         return visit(value)
     if isinstance(value, dict):
-        if INPUT_KEY in value:
+        if INPUT_KEY in value or OUTPUT_KEY in value:
             return visit(value)  # type: ignore[arg-type]
         return {k: _walk(v, visit) for k, v in value.items()}
     if isinstance(value, list):
@@ -62,10 +65,10 @@ class Packer:
         return known
 
     def digest(self, path: Path) -> str:
-        """The content address of a file or a folder."""
+        """The content address of a file or a folder, with its name (a node keeps it under that name)."""
         if path.is_file():
-            return self._file_digest(path)
-        folder = hashlib.sha256()
+            return hashlib.sha256(f"{path.name}\0{self._file_digest(path)}".encode()).hexdigest()
+        folder = hashlib.sha256(f"{path.name}/\0".encode())
         for file in _files_of(path):
             folder.update(f"{file.relative_to(path).as_posix()}\0{self._file_digest(file)}\n".encode())
         return folder.hexdigest()
@@ -74,24 +77,35 @@ class Packer:
         if not text.startswith("/") or len(text) > 4096:
             return None
         path = Path(text).resolve()
-        if not path.is_relative_to(self._root) or not path.exists():
-            return None
-        return path
+        return path if path.is_relative_to(self._root) else None
 
-    def pack_params(self, params: dict[str, Any], skip: tuple[str, ...] = ("out_dir",)) -> tuple[dict[str, Any], dict[str, Path]]:
-        """Params with references instead of data_dir paths, and each reference's digest -> local path."""
+    def pack_params(self, params: dict[str, Any], skip: tuple[str, ...] = ("out_dir",)
+                    ) -> tuple[dict[str, Any], dict[str, Path], dict[str, Path]]:
+        """Params with references instead of data_dir paths: each input's digest -> local path, and each
+        output's name on the node -> where the service wants it (a path not there yet is an output)."""
         found: dict[str, Path] = {}
+        outputs: dict[str, Path] = {}
+
+        def output(path: Path) -> dict[str, str]:
+            name = f"{len(outputs)}-{path.name}"
+            outputs[f"{OUTPUTS_DIR}/{name}"] = path
+            return {OUTPUT_KEY: name}
 
         def visit(text: Any) -> Any:
             path = self.under_data_dir(text) if isinstance(text, str) else None
             if path is None:
                 return text
+            if not path.exists():
+                return output(path)
             digest = self.digest(path)
             found[digest] = path
             return {INPUT_KEY: digest, "name": path.name}
 
-        packed = {k: (v if k in skip else _walk(v, visit)) for k, v in params.items()}
-        return packed, found
+        packed: dict[str, Any] = {}
+        for key, value in params.items():
+            path = self.under_data_dir(value) if key in OUTPUT_PARAMS and isinstance(value, str) else None
+            packed[key] = value if key in skip else output(path) if path is not None else _walk(value, visit)
+        return packed, found, outputs
 
 
 def read_blob(path: Path) -> Blob:
@@ -184,14 +198,18 @@ class InputCache:
         return sorted(self._used, key=self._used.__getitem__)
 
 
-def unpack_params(params: dict[str, Any], cache: InputCache) -> tuple[dict[str, Any], set[str]]:
-    """Params with the node's paths for references, and the digests they use."""
+def unpack_params(params: dict[str, Any], cache: InputCache, job_dir: Path) -> tuple[dict[str, Any], set[str]]:
+    """Params with the node's paths for references (outputs inside `job_dir`), and the digests they use."""
     used: set[str] = set()
 
     def visit(value: Any) -> Any:
         if isinstance(value, dict) and INPUT_KEY in value:
             used.add(str(value[INPUT_KEY]))
             return str(cache.path(str(value[INPUT_KEY]), str(value["name"])))
+        if isinstance(value, dict) and OUTPUT_KEY in value:
+            target = job_dir / OUTPUTS_DIR / Path(str(value[OUTPUT_KEY])).name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            return str(target)
         return value
 
     return _walk(params, visit), used
