@@ -128,6 +128,31 @@ async def test_cancel_reaches_a_remote_job(storage: Storage, tmp_path: Path, ray
     assert read_ledger(tmp_path / "ledger") == ["after"]
 
 
+async def test_a_killed_actor_is_recreated_and_a_restarted_bot_reattaches(
+        storage: Storage, tmp_path: Path, ray_world: RayWorld) -> None:
+    import ray
+
+    sink = RecordingSink()
+    async with ray_running(storage, tmp_path, sink) as (sched, backend):
+        (big,) = [s for s in backend.slots if s.info.node == ray_world.big_id]
+        name = backend.actor_name(big)
+        victim = await sched.submit("u:a", "big_only", params(tmp_path, "victim", steps=40, delay_s=0.05), CHAT)
+        await until(lambda: len(sink.progress[victim.job_id]) >= 2, TIMEOUT_S)
+        ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+        await until(in_state(storage, [victim.job_id], JobState.DELIVERED), TIMEOUT_S)
+        assert sched.health()["worker_deaths"] == 1 and not big.gone
+        recreated = ray.get_actor(name, namespace=NAMESPACE)._actor_id.hex()
+    job = await storage.job(victim.job_id)
+    assert job.attempts == 2 and job.result["meta"]["actor"] == name and job.result["meta"]["node"] == ray_world.big_id
+    sink = RecordingSink()
+    async with ray_running(storage, tmp_path, sink) as (sched, backend):  # the bot restarted
+        after = await sched.submit("u:a", "big_only", params(tmp_path, "after"), CHAT)
+        await until(in_state(storage, [after.job_id], JobState.DELIVERED), TIMEOUT_S)
+        assert ray.get_actor(name, namespace=NAMESPACE)._actor_id.hex() == recreated  # the same actor, found again
+    assert (await storage.job(after.job_id)).result["meta"]["actor"] == name
+    assert read_ledger(tmp_path / "ledger") == ["victim", "after"]
+
+
 async def test_a_removed_node_s_job_resumes_from_its_checkpoint_on_the_other_node_once(
         storage: Storage, tmp_path: Path, ray_world: RayWorld) -> None:
     sink = RecordingSink()

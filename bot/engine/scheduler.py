@@ -382,10 +382,10 @@ class Scheduler(StartStop):
             "worker_states": [
                 {"index": w.index, "pid": w.pid, "alive": w.ready, "busy": bool(w.jobs), "heard": w.heard,
                  "memory": w.memory, "device": w.info.name, "node": w.info.node}
-                for w in self._slots
+                for w in self._slots if not w.gone  # a Ray node that left the cluster is no worker of ours
             ],
             "accepting": self._started and not self._stopping,
-            "workers": len(self._slots),
+            "workers": sum(1 for w in self._slots if not w.gone),
             "workers_alive": sum(1 for w in self._slots if w.ready),
             "queued": len(self._queued),
             "running": len(self._running),

@@ -135,6 +135,10 @@ class RayBackend:
                 with contextlib.suppress(Exception):
                     self._ray.kill(actor.handle, no_restart=True)
 
+    def actor_name(self, slot: Slot) -> str:
+        """The named actor that hosts the slot's worker (``ray.get_actor(name, namespace=...)``)."""
+        return self._actors[slot.index].name
+
     # -- the scheduler's calls ---------------------------------------------------------------
     async def dispatch(self, slot: Slot, orders: list[JobOrder]) -> None:
         actor = self._actors[slot.index]
