@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from bot.config import PlacementRule, SchedulerSettings
 from bot.engine.backends import create_backend
 from bot.engine.backends.ray_backend import RayBackend
@@ -18,7 +20,7 @@ from bot.engine.jobkinds import GENERATE, JobKind, JobKinds
 from bot.engine.scheduler import Scheduler
 from bot.storage import JobState, Storage
 from facechain_core.devtools import read_ledger
-from tests.fixtures.ray_cluster import GPU, MODEL_FILE, NAMESPACE, RayWorld
+from tests.fixtures.ray_cluster import GPU, MODEL_FILE, NAMESPACE, NODE_SECRET, RayWorld
 from tests.test_scheduler import CHAT, PIPELINE, RecordingSink, in_state, make_kinds, params, storage, until  # noqa: F401, F811
 
 TIMEOUT_S = 90.0
@@ -37,14 +39,15 @@ RULES = [PlacementRule(kinds=["big_only"], labels={"tier": "big"}),
 
 
 @contextlib.asynccontextmanager
-async def ray_running(storage: Storage, tmp_path: Path, sink: RecordingSink, **settings: Any
-                      ) -> AsyncIterator[tuple[Scheduler, RayBackend]]:
+async def ray_running(storage: Storage, tmp_path: Path, sink: RecordingSink, secrets: tuple[str, ...] = (),
+                      **settings: Any) -> AsyncIterator[tuple[Scheduler, RayBackend]]:
     """A scheduler on the Ray backend; jobs' files live under tmp_path/data, which no node is told of."""
     config = SchedulerSettings(backend="ray", ray_gpu_resource=GPU, ray_namespace=NAMESPACE,
                                placement=settings.pop("placement", RULES), **settings)
     kinds = ray_kinds()
     context = {"models_dir": str(tmp_path / "no-models"), "settings": {"model_paths": {"yunet": MODEL_FILE}}}
-    backend = create_backend(config, context, data_dir=tmp_path / "data", devices=["cpu"], kind_needs=kinds.needs())
+    backend = create_backend(config, context, data_dir=tmp_path / "data", devices=["cpu"], kind_needs=kinds.needs(),
+                             secrets=secrets)
     assert isinstance(backend, RayBackend)
     scheduler = Scheduler(storage, kinds, config, data_dir=tmp_path / "data", context=context, sink=sink,
                           backend=backend)
@@ -112,6 +115,18 @@ async def test_placement_rules_and_missing_models_keep_kinds_off_a_node(
     assert {j.kind: set() for j in jobs}.keys() == {"big_only", "needs_model"}
     for job in jobs:
         assert job.result["meta"]["node"] == (ray_world.big_id if job.kind == "big_only" else ray_world.head_id)
+
+
+async def test_a_remote_worker_has_no_secret_of_its_node_s_environment(
+        storage: Storage, tmp_path: Path, ray_world: RayWorld, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BOT_TOKEN_COPY", NODE_SECRET)  # a configured secret under a name no rule guesses
+    sink = RecordingSink()
+    async with ray_running(storage, tmp_path, sink, secrets=(NODE_SECRET,)) as (sched, backend):
+        (head,) = [s for s in backend.slots if s.info.node == ray_world.head_id]
+        environ = Path(f"/proc/{head.pid}/environ").read_bytes()  # the nodes run on this machine
+    assert b"PYTHONUNBUFFERED=1" in environ and b"FACECHAIN_MODELS_DIR=" in environ  # the worker's own
+    for leaked in (NODE_SECRET, "FACECHAIN_TELEGRAM_TOKEN", "BOT_TOKEN_COPY"):
+        assert leaked.encode() not in environ
 
 
 async def test_cancel_reaches_a_remote_job(storage: Storage, tmp_path: Path, ray_world: RayWorld) -> None:

@@ -230,7 +230,7 @@ class RayBackend:
         if self._resource == "GPU":
             options["num_gpus"] = 1
         cls = self._actor_class().options(**options)
-        actor.handle = cls.remote(actor.name, self._cache_bytes, self._drop_env, self._root)
+        actor.handle = cls.remote(actor.name, self._cache_bytes, self._root)
         settings = self._context.get("settings") or {}
         described = await actor.handle.describe.remote(
             self._kind_needs, str(self._context.get("models_dir", "models")), settings.get("model_paths"))
@@ -258,7 +258,8 @@ class RayBackend:
                 slot.ready = slot.was_ready = False
                 slot.ready_event.clear()
                 slot.doom = {}
-                await actor.handle.spawn.remote(init_message(self._context, slot.device, self._budget))
+                await actor.handle.spawn.remote(init_message(self._context, slot.device, self._budget), self._drop_env,
+                                                self._cache_bytes)
                 code = await self._relay(slot, actor)
                 lost = False
             except asyncio.CancelledError:

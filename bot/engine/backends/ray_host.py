@@ -34,9 +34,8 @@ NODE_MODELS_ENV = "FACECHAIN_MODELS_DIR"  # a node's own models_dir, when it has
 class WorkerHost:
     """Hosts one worker process; every method is called by the service through Ray."""
 
-    def __init__(self, name: str, cache_bytes: int, drop_env: list[str], root: str) -> None:
+    def __init__(self, name: str, cache_bytes: int, root: str) -> None:
         self.name = name
-        self._drop_env = set(drop_env)
         self._root = root  # the project folder on this node (the same image everywhere)
         base = Path(tempfile.gettempdir()) / "facechain-ray" / name
         self._cache = InputCache(base / "inputs", cache_bytes)
@@ -57,15 +56,18 @@ class WorkerHost:
                 "kinds": kinds_with_models(Path(local_models), kind_needs, model_paths),
                 "gpu_memory_mb": query_gpu_memory_mb(os.environ.get("CUDA_VISIBLE_DEVICES", ""))}
 
-    async def spawn(self, init: dict[str, Any]) -> None:
-        """Starts a fresh worker process (any earlier one is killed first)."""
+    async def spawn(self, init: dict[str, Any], drop_env: list[str], cache_bytes: int) -> None:
+        """Starts a fresh worker process (any earlier one is killed first) without this node's secrets:
+        secret-named variables and `drop_env` (the names that hold secrets where the bot runs). Both come
+        with each start, so a bot that reattaches to this actor brings its own."""
+        self._cache.budget_bytes = cache_bytes
         await self.kill()
         if self._reader is not None:
             await asyncio.wait({self._reader}, timeout=5)
         self._outbox = asyncio.Queue()
         shutil.rmtree(self._jobs_dir, ignore_errors=True)
         self._jobs.clear()
-        env = {k: v for k, v in worker_environment(os.environ).items() if k not in self._drop_env}
+        env = {k: v for k, v in worker_environment(os.environ).items() if k not in set(drop_env)}
         env["PYTHONUNBUFFERED"] = "1"
         env["PYTHONPATH"] = os.pathsep.join(p for p in (self._root, os.environ.get("PYTHONPATH")) if p)
         if init["device"] == "cpu":
