@@ -237,9 +237,9 @@ async def test_cancel_queued_and_running(storage: Storage, tmp_path: Path, backe
     assert not sink.delivered.keys() & {long.job_id, queued.job_id}
 
 
-async def test_killed_worker_is_respawned_and_job_retried(storage: Storage, tmp_path: Path) -> None:
+async def test_killed_worker_is_respawned_and_job_retried(storage: Storage, tmp_path: Path, backend: str) -> None:
     sink = RecordingSink()
-    async with running(storage, tmp_path, sink) as sched:
+    async with running(storage, tmp_path, sink, backend=backend) as sched:
         pid = sched.worker_pids()[0]
         sub = await sched.submit("u:a", "quick", params(tmp_path, "victim", steps=20, delay_s=0.03), CHAT)
         await until(lambda: len(sink.progress[sub.job_id]) >= 2)
@@ -348,9 +348,9 @@ async def test_sink_errors_do_not_stop_jobs_and_out_dir_may_be_chosen(storage: S
     assert [a.path for a in sink.delivered[sub.job_id]] == [str(chosen / "x.txt")]
 
 
-async def test_short_job_runs_inside_a_preemptible_one(storage: Storage, tmp_path: Path) -> None:
+async def test_short_job_runs_inside_a_preemptible_one(storage: Storage, tmp_path: Path, backend: str) -> None:
     sink = RecordingSink()
-    async with running(storage, tmp_path, sink) as sched:
+    async with running(storage, tmp_path, sink, backend=backend) as sched:
         long = await sched.submit("u:a", "train", params(tmp_path, "long", steps=12, delay_s=0.05, yield_every=2), CHAT)
         await until(lambda: sink.progress[long.job_id])
         short = await sched.submit("u:b", "quick", params(tmp_path, "short"), CHAT)
