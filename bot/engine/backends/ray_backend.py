@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from bot.config import ConfigError
 from bot.engine import worker_protocol as wp
 from bot.engine.backends.base import BackendEvents, JobOrder, Slot, SlotInfo, init_message
 from bot.engine.backends.ray_host import EXITED, WorkerHost
@@ -42,7 +43,7 @@ def require_ray() -> Any:
     try:
         import ray
     except ImportError as exc:
-        raise RuntimeError("scheduler.backend = \"ray\" needs Ray: pip install '.[ray]'") from exc
+        raise ConfigError("scheduler.backend = \"ray\" needs Ray: pip install '.[ray]'") from exc
     return ray
 
 
