@@ -2,14 +2,9 @@
 worker, and CUDA out-of-memory handling (injected by the devtools pipeline), on the local backend."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-import pytest
-
-from bot.config import ConfigError, PlacementRule, SchedulerSettings
-from bot.engine.backends import create_backend
-from bot.engine.backends.local import LocalBackend
+from bot.config import PlacementRule
 from bot.engine.backends.base import SlotInfo
 from bot.engine.placement import allowed
 from bot.storage import JobState, Storage
@@ -83,13 +78,3 @@ async def test_memory_budget_reaches_the_worker_and_oom_retries_smaller_then_fai
     assert set(catalogue()["job.out_of_memory"]) >= {"en", "zh"}
     assert read_ledger(tmp_path / "ledger") == ["once", "after"]
 
-
-def test_the_backend_is_chosen_by_the_config_and_ray_missing_is_a_config_error(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    local = create_backend(SchedulerSettings(memory_budget_mb=512), {}, data_dir=tmp_path, devices=["cpu", "cuda:3"])
-    assert isinstance(local, LocalBackend)
-    assert [(s.info.name, s.info.device, s.info.gpu_index) for s in local.slots] == [("cpu", "cpu", None),
-                                                                                    ("cuda:3", "cuda:0", 3)]
-    monkeypatch.setitem(sys.modules, "ray", None)  # as where the extra is not installed
-    with pytest.raises(ConfigError, match=r"pip install '\.\[ray\]'"):
-        create_backend(SchedulerSettings(backend="ray"), {}, data_dir=tmp_path, devices=["cpu"])

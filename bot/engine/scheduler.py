@@ -618,8 +618,18 @@ class Scheduler(StartStop):
         run.timer = asyncio.get_running_loop().call_later(kind.timeout_s, self._on_timeout, run)
         run.sent = True
         worker.last_base = _base_of(job)
-        await self._backend.dispatch(worker, [JobOrder(job.id, job.kind, kind.pipeline, self._job_params(job),
-                                                       kind.preemptible)])
+        try:
+            await self._backend.dispatch(worker, [JobOrder(job.id, job.kind, kind.pipeline, self._job_params(job),
+                                                           kind.preemptible)])
+        except Exception as exc:
+            # Its inputs could not be read or sent (a remote worker lost meanwhile): a try used, as a crash.
+            log.warning("job %d could not be handed to worker %d (%s)", job.id, worker.index, _describe(exc))
+            if self._running.get(job.id) is run:
+                if job.attempts < job.max_tries:
+                    await self._requeue(job, run)
+                else:
+                    await self._fail(job, _error(JOB_CRASHED, tries=job.attempts), run)
+            return False
         self._event("started", job, worker=worker.index, nested=nested, attempt=job.attempts,
                     wait_s=job.started_at - job.created_at)
         return True
