@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from bot.config import PlacementRule
 from bot.engine.backends.base import SlotInfo
 from bot.engine.placement import allowed
@@ -78,3 +80,14 @@ async def test_memory_budget_reaches_the_worker_and_oom_retries_smaller_then_fai
     assert set(catalogue()["job.out_of_memory"]) >= {"en", "zh"}
     assert read_ledger(tmp_path / "ledger") == ["once", "after"]
 
+
+
+async def test_a_kind_no_worker_may_run_is_named_at_start(storage: Storage, tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    rules = [PlacementRule(kinds=["train"], gpus=[7]), PlacementRule(kinds=["nope"])]
+    async with running(storage, tmp_path, RecordingSink(), placement=rules):
+        pass
+    messages = [r.getMessage() for r in caplog.records]
+    assert "scheduler.placement names 'nope', which is no job kind" in messages
+    assert any(m.startswith("no worker may run 'train' jobs") for m in messages)
+    assert not any("'quick'" in m for m in messages)

@@ -327,6 +327,7 @@ class Scheduler(StartStop):
             self._stopping = True
             self._backend.abort()
             raise
+        self._check_placement()
         for job in await self._db(self._storage.unsent_outcomes):
             self._start_delivery(job)
         self._pump_task = asyncio.create_task(self._pump(), name="scheduler-pump")
@@ -549,6 +550,17 @@ class Scheduler(StartStop):
             and (slots is None or any(self._fits(j, w) for w in slots))
         )
         return min(candidates, key=lambda j: pick_key(j, self._last_served), default=None)
+
+    def _check_placement(self) -> None:
+        """Logs placement rules naming unknown kinds, and kinds no worker may run (their jobs wait)."""
+        for rule in self._settings.placement:
+            for name in set(rule.kinds) - set(self._kinds.names()):
+                log.warning("scheduler.placement names %r, which is no job kind", name)
+        live = [w for w in self._slots if not w.gone]
+        for name in self._kinds.names():
+            if not any(allowed(name, w.info, self._settings.placement) for w in live):
+                log.error("no worker may run %r jobs (placement rules, or models missing on every node): "
+                          "they wait until one can", name)
 
     def _fits(self, job: Job, worker: Slot) -> bool:
         """Whether the slot may run the job: the placement rules, and the models its node has."""

@@ -281,12 +281,18 @@ class RayBackend:
                 return
             if lost:
                 actor.handle = None
-                if not await asyncio.to_thread(self._node_alive, actor.node):
+                try:
+                    alive = await asyncio.to_thread(self._node_alive, actor.node)
+                except Exception:  # the head itself is unreachable: try again after the backoff
+                    log.warning("Ray head unreachable while recreating %s", actor.name, exc_info=True)
+                    alive = True
+                if not alive:
                     log.warning("Ray node %s left: its worker %s is gone", actor.node[:8], actor.name)
                     slot.gone = True
                     slot.ready_event.set()  # nobody waits for it any more
                     self._events.wake()
                     return
+            if lost or not (slot.was_ready or killed_by_us):  # lost, or died before ready: back off
                 failures += 1
                 delay = RECREATE_DELAYS_S[min(failures - 1, len(RECREATE_DELAYS_S) - 1)]
                 with contextlib.suppress(TimeoutError):
