@@ -1,11 +1,14 @@
 """The GPU scheduler: admission, fair ordering, worker processes, retries, delivery, shutdown.
 
-One worker process per device (``bot.engine.worker``), spawned fresh and kept for many jobs. Jobs are
+One worker process per device (``bot.engine.worker``), kept for many jobs, in a slot of a backend
+(``bot.engine.backends``: local child processes or Ray actors; the scheduler does not know which). Jobs are
 picked by priority class, then round-robin over users (the user served least recently first), FIFO
 within a user. The job row is written before ``submit`` returns; a job in DONE is never run again
 (its artifacts are stored in the same transaction), and delivery is at-least-once: a DONE job is
 re-delivered after a restart. A preemptible job (training) yields at checkpoints: the worker then
 runs waiting short jobs in place. A job past its kind's timeout has its worker killed and respawned.
+A job goes only to a slot that may run its kind (``bot.engine.placement``), preferring an idle slot
+whose last job used the same base.
 
 The lifecycle is written before it is acted on: each state change goes to the job's row first
 (retrying a locked database or a full disk until it lands), and only then do the in-memory maps
