@@ -10,6 +10,8 @@ Adding a style is adding a file ``styles/<id>.toml``::
     prompt = "{subject} wearing ..."  # `{subject}` is replaced by e.g. "a woman"
     negative_prompt = "..."
     preview = "previews/hanfu.jpg"  # optional, relative to styles/, must exist
+    base = "majicmix-realistic-v7"  # optional: a photo-real base of the family, by manifest name
+                                    # (the family's default base when absent or not installed)
 
     [name]
     en = "Hanfu"
@@ -31,12 +33,15 @@ Adding a style is adding a file ``styles/<id>.toml``::
     file = "style.safetensors"
     weight = 0.8                    # 0..2
     license = "apache-2.0"          # optional
+    model = "style-lora-papercut"   # optional: its manifest entry (default "style-lora-<id>")
 
 `load_styles` validates every file and raises one `StyleError` naming each bad file and key.
 """
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import logging
 import math
 import re
@@ -81,6 +86,8 @@ SchedulerName = Literal["ddim", "dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_a
 
 _HF_SOURCE = re.compile(r"^hf:[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 _HTTPS_SOURCE = re.compile(r"^https://[^\s/]+\.[^\s/]+/\S+$")
+MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"  # a manifest entry's name (facechain_core.manifest)
+LORA_MODEL_PREFIX = "style-lora-"
 
 
 class _Strict(BaseModel):
@@ -106,6 +113,7 @@ class StyleLora(_Strict):
     file: str
     weight: float = Field(ge=0.0, le=2.0)
     license: str | None = None
+    model: str | None = Field(default=None, pattern=MODEL_NAME_PATTERN)
 
     @field_validator("source")
     @classmethod
@@ -155,6 +163,7 @@ class Style(_Strict):
     preview: Path | None = None
     tags: tuple[str, ...] = Field(default=(), strict=False)  # TOML arrays arrive as lists
     sort: int = DEFAULT_SORT
+    base: str | None = Field(default=None, pattern=MODEL_NAME_PATTERN)
 
     @field_validator("id")
     @classmethod
@@ -217,6 +226,19 @@ class Style(_Strict):
     def display_name(self, lang: str | None = None) -> str:
         """Returns the style's name in `lang` (English fallback)."""
         return self.name.get(lang)
+
+    @property
+    def lora_model(self) -> str | None:
+        """The manifest name of the style's LoRA (None without one)."""
+        if self.lora is None:
+            return None
+        return self.lora.model or f"{LORA_MODEL_PREFIX}{self.id}"
+
+    def content_hash(self) -> str:
+        """A short hash of everything that shapes the style's pictures (not its names or menu place)."""
+        keep = self.model_dump(mode="json", include={"family", "prompt", "negative_prompt", "lora",
+                                                     "identity_weight", "sampler", "base"})
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -355,6 +377,11 @@ class StyleCatalog:
         """Returns the sub-catalogue whose base family is installed."""
         wanted = set(families)
         return StyleCatalog(s for s in self._styles if s.family in wanted)
+
+
+def lora_feature(style_id: str) -> str:
+    """The manifest feature of one style's LoRA, so a running bot knows which style LoRAs are installed."""
+    return "style-" + style_id.replace("_", "-")
 
 
 def render_prompt(style: Style, subject: str) -> str:

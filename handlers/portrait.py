@@ -14,7 +14,7 @@ from typing import Any
 
 from facechain_core.errors import UserFacingError
 from facechain_core.numbers import ascii_int
-from facechain_core.styles import StyleCatalog
+from facechain_core.styles import StyleCatalog, lora_feature
 from handlers import buttons, cartoon, registry, studio
 from handlers.cartoon import Source
 from handlers.messages import t
@@ -158,11 +158,12 @@ def _require(services: Services, feature: str) -> None:
 
 def _catalogue(services: Services) -> Any:
     """The styles this server can run: their base family installed, and their style LoRA (if any)
-    configured as ``[model_paths] style-lora-<id>``."""
+    pulled (``models pull styles``) or configured as ``[model_paths] style-lora-<id>``."""
     families = ["sd15"] + (["sdxl"] if SDXL_FEATURE in services.features_installed else [])
     model_paths = getattr(services.settings, "model_paths", {}) or {}
     return StyleCatalog(s for s in services.styles.only(families)
-                        if s.lora is None or f"style-lora-{s.id}" in model_paths)
+                        if s.lora is None or s.lora_model in model_paths
+                        or lora_feature(s.id) in services.features_installed)
 
 
 # -- the catalogue as buttons ---------------------------------------------------------------------
