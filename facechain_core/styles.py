@@ -66,6 +66,7 @@ SUBJECT_FIELD = "subject"
 ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,47}$"
 TAG_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,31}$"
 PREVIEW_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+PREVIEWS_DIR = "previews"  # under data_dir: rendered previews (`facechain-bot styles previews`)
 
 Family = Literal["sd15", "sdxl"]
 # Pixel limits per family: outside them the base model produces tiled or mushy images.
@@ -377,6 +378,20 @@ class StyleCatalog:
         """Returns the sub-catalogue whose base family is installed."""
         wanted = set(families)
         return StyleCatalog(s for s in self._styles if s.family in wanted)
+
+
+def preview_path(data_dir: Path, style: Style) -> Path:
+    """Where `styles previews` caches the style's rendered preview: named by the style's content hash, so an
+    edited style is rendered again and a stale picture is never shown for it."""
+    return Path(data_dir) / PREVIEWS_DIR / f"{style.id}-{style.content_hash()}.jpg"
+
+
+def find_preview(data_dir: Path, style: Style) -> Path | None:
+    """The style's rendered preview if cached, else the picture its file names (``preview``), else None."""
+    rendered = preview_path(data_dir, style)
+    if rendered.is_file():
+        return rendered
+    return style.preview if style.preview is not None and style.preview.is_file() else None
 
 
 def lora_feature(style_id: str) -> str:
