@@ -85,3 +85,20 @@ def test_an_invalid_file_fails_the_command(tmp_path: Path) -> None:
                             capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 1
     assert "broken.toml" in result.stdout and "invalid TOML" in result.stdout
+
+
+def test_lora_styles_are_offered_once_their_lora_is_pulled_or_configured() -> None:
+    from types import SimpleNamespace
+
+    from handlers.portrait import _catalogue
+
+    def offered(features: set[str], model_paths: dict[str, str]) -> set[str]:
+        services = SimpleNamespace(styles=load_styles(), features_installed={"portrait", "portrait-sdxl", *features},
+                                   settings=SimpleNamespace(model_paths=model_paths))
+        return set(_catalogue(services).ids())
+
+    lora_styles = {"papercut", "pixel_art", "watercolor_sketch"}
+    assert not offered(set(), {}) & lora_styles
+    assert offered({lora_feature("papercut")}, {}) & lora_styles == {"papercut"}
+    assert offered(set(), {"style-lora-pixel_art": "/x.safetensors"}) & lora_styles == {"pixel_art"}
+    assert "hanfu" in offered(set(), {})  # a style on a base not pulled still runs (on the default base)
