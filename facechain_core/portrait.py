@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,7 @@ POSE_CONTROLNETS = {"sd15": ("controlnet-openpose-sd15", "pose"), "sdxl": ("cont
 POSE_MODEL, POSE_FEATURE = "dwpose-wholebody", "pose"
 RESIDENT_PREFIX = "portrait"
 STYLE_BASE_FEATURE = "styles"  # the manifest feature of the community bases a style may name
+MISSING_BASE_RECHECK_S = 60.0  # a style base found missing is looked for again after this (a pull needs no restart)
 DEFAULT_POSES_DIR = Path(__file__).resolve().parent.parent / "poses"
 
 
@@ -172,7 +174,7 @@ class PortraitPipeline:
         self._arcface: ArcFace | None = None
         self._detector: Any | None = None
         self._pose_model: Any | None = None
-        self._missing_bases: set[str] = set()
+        self._missing_bases: dict[str, float] = {}  # style base -> when it was last found missing
         self._style_bases: set[str] = set()  # resident keys of the style bases this pipeline loaded
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -217,14 +219,20 @@ class PortraitPipeline:
         if not name:
             return None
         assert self._context is not None
+        missing_since = self._missing_bases.get(name)
+        if missing_since is not None and time.monotonic() - missing_since < MISSING_BASE_RECHECK_S:
+            return None  # asked recently: the manifest is not read again for every job
+        if self.resident_key(style["family"], name) in self._style_bases:
+            return str(name)
         try:
             self._context.model_path(name, STYLE_BASE_FEATURE)
         except (ModelNotInstalled, KeyError, ValueError):
-            if name not in self._missing_bases:
-                self._missing_bases.add(name)
+            if missing_since is None:
                 log.warning("style base %s is not installed; its styles run on the default %s base until "
                             "`facechain-bot models pull %s`", name, style.get("family"), name)
+            self._missing_bases[name] = time.monotonic()
             return None
+        self._missing_bases.pop(name, None)
         return str(name)
 
     # -- one job ---------------------------------------------------------------------------------
