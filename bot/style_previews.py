@@ -70,7 +70,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 target = preview_path(settings.data_dir, style)
                 try:
                     result = pipeline.run({"style": style.model_dump(mode="json"), "identity": str(identity),
-                                           "count": 1, "seed": args.seed, "out_dir": str(work / style.id)},
+                                           "count": 1, "seed": args.seed, "out_dir": str(work / style.id),
+                                           "safe_mode": True},  # every user sees a preview
                                           PrintProgress())
                 except ModelNotInstalled as exc:
                     skipped += 1
