@@ -564,8 +564,8 @@ class PortraitPipeline:
         return create_detector(self._settings["detector_kind"], path)
 
     def _load_base(self, family: str, name: str | None = None) -> ResidentBase:
-        """Load the family's base pipeline (or the style base `name`: a diffusers folder, or a single-file
-        checkpoint read with the default base's configs) and its IP-Adapter FaceID (and image encoder for Plus)."""
+        """Load the family's base pipeline (or the style base `name`, a diffusers folder of that family) and its
+        IP-Adapter FaceID (and image encoder for Plus)."""
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         from diffusers.models.embeddings import IPAdapterFaceIDPlusImageProjection
 
@@ -577,16 +577,9 @@ class PortraitPipeline:
         dtype = DTYPES.get(self._context.dtype, torch.float32)
         cls = StableDiffusionPipeline if family == "sd15" else StableDiffusionXLPipeline
         extra = {"safety_checker": None, "requires_safety_checker": False} if family == "sd15" else {}
-        if name is None:
-            pipe = cls.from_pretrained(folder, dtype=dtype, local_files_only=True, **extra)
-        else:
-            path = self._context.model_path(name, STYLE_BASE_FEATURE)
-            if path.is_dir():
-                pipe = cls.from_pretrained(path, dtype=dtype, local_files_only=True, **extra)
-            else:
-                pipe = cls.from_single_file(path, config=str(folder), torch_dtype=dtype, local_files_only=True,
-                                            **extra)
-            folder = path
+        if name is not None:
+            folder = self._context.model_path(name, STYLE_BASE_FEATURE)
+        pipe = cls.from_pretrained(folder, dtype=dtype, local_files_only=True, **extra)
         pipe.to(self._context.device)
         pipe.set_progress_bar_config(disable=True)
         pipe.load_ip_adapter(str(adapter.parent), subfolder=None, weight_name=adapter.name,
