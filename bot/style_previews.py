@@ -3,7 +3,8 @@
 The identity is the operator's --face photos, or the public-domain photo shipped with the bot
 (``facechain_core/data/reference_face.jpg``, see its .txt). Each preview lands in
 ``data_dir/previews/<id>-<content hash>.jpg``; a cached one is kept until the style changes (or --force),
-and older previews of the same style are removed. `/styles` shows them (handlers/portrait.py).
+and older previews of the same style are removed. Previews pass safe mode as the operator set it for
+portraits ([pipeline] safe_mode), as every user may see them. `/styles` shows them (handlers/portrait.py).
 """
 from __future__ import annotations
 
@@ -70,8 +71,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 target = preview_path(settings.data_dir, style)
                 try:
                     result = pipeline.run({"style": style.model_dump(mode="json"), "identity": str(identity),
-                                           "count": 1, "seed": args.seed, "out_dir": str(work / style.id),
-                                           "safe_mode": True},  # every user sees a preview
+                                           "count": 1, "seed": args.seed, "out_dir": str(work / style.id)},
                                           PrintProgress())
                 except ModelNotInstalled as exc:
                     skipped += 1

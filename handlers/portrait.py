@@ -19,7 +19,7 @@ from handlers import buttons, cartoon, registry, studio
 from handlers.cartoon import Source
 from handlers.messages import t
 from handlers.progress import present_default, register_presenter, submit_with_progress
-from handlers.protocols import Button, Event, Media, MessageRef, ReplyChannel
+from handlers.protocols import Button, Event, Gallery, Media, MessageRef, ReplyChannel
 from handlers.services import Services
 
 log = logging.getLogger(__name__)
@@ -71,22 +71,18 @@ async def show_styles(services: Services, event: Event, channel: ReplyChannel) -
     await _send_page(services, channel, 0, event.language)
 
 
-async def _send_page(services: Services, channel: ReplyChannel, number: int, lang: str) -> bool:
+async def _send_page(services: Services, channel: ReplyChannel, number: int, lang: str) -> None:
     """Sends page `number` as a new message: its previews first when some are rendered (an album cannot carry
-    buttons, so the page's buttons follow in a message; Discord shows one message with an embed gallery).
-    Returns whether previews were shown."""
+    buttons, so the page's buttons follow in a message; Discord shows one message with an embed gallery)."""
     text, keyboard = _styles_page(services, number, lang)
     previews = await asyncio.to_thread(_page_previews, services, number, lang)
     if not previews:
         await channel.send_text(text, keyboard)
-        return False
-    gallery = getattr(channel, "send_gallery", None)
-    if gallery is not None:
-        await gallery(previews, text, keyboard)
+    elif isinstance(channel, Gallery):
+        await channel.send_gallery(previews, text, keyboard)
     else:
         await channel.send_images(previews)
         await channel.send_text(text, keyboard)
-    return True
 
 
 def _page_previews(services: Services, number: int, lang: str) -> list[Media]:
