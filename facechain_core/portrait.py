@@ -586,7 +586,13 @@ class PortraitPipeline:
                              image_encoder_folder=None, local_files_only=True)
         plus = isinstance(pipe.unet.encoder_hid_proj.image_projection_layers[0], IPAdapterFaceIDPlusImageProjection)
         if plus:
-            attach_image_encoder(pipe, self._path("image_encoder_path"), dtype)
+            default_key = self.resident_key(family)
+            plain = self._resident.get(default_key, lambda: None) if name and default_key in self._resident else None
+            encoder = getattr(getattr(plain, "pipe", None), "image_encoder", None)
+            if encoder is not None:  # a style base shares the plain base's image encoder (1.3 GB in fp16)
+                pipe.register_modules(image_encoder=encoder, feature_extractor=plain.pipe.feature_extractor)
+            else:
+                attach_image_encoder(pipe, self._path("image_encoder_path"), dtype)
         log.info("loaded %s base from %s with IP-Adapter FaceID%s", family, folder, " Plus" if plus else "")
         return ResidentBase(pipe=pipe, family=family, plus=plus, name=name, schedulers={"": pipe.scheduler})
 

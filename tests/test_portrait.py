@@ -308,3 +308,15 @@ def test_a_style_runs_on_its_named_base_and_on_the_default_one_while_that_is_mis
     assert pipeline.base("sd15", "photo-base").name == "photo-base"
     pipeline.close()
     assert not {"portrait:sd15", "portrait:sd15:photo-base"} & set(resident.keys())
+
+
+def test_a_style_base_shares_the_plain_bases_faceid_plus_image_encoder(identities, tiny_models, tmp_path):
+    from facechain_core.tiny import build_sd15
+
+    other_base = build_sd15(tmp_path / "photo-base", seed=6)
+    pipeline = _load(tiny_models, tmp_path / "m", ip_adapter_path=str(tiny_models["ip_adapter_faceid_plus_sd15"]),
+                     model_paths={"photo-base": str(other_base)})
+    result = _run(pipeline, tmp_path / "on", identities[0], style=_style(base="photo-base"))
+    plain, styled = pipeline.base("sd15"), pipeline.base("sd15", "photo-base")
+    assert result.meta["base"] == "photo-base" and styled.plus
+    assert styled.pipe.image_encoder is plain.pipe.image_encoder and styled.pipe.unet is not plain.pipe.unet
