@@ -72,7 +72,7 @@ class DuoPipeline(PortraitPipeline):
         first_seed = secrets.randbelow(2**31) if first_seed is None else int(first_seed)
         seeds = [first_seed + i for i in range(count * max(1, int(settings["oversample"])))]
         # 2. The layout: a skeleton per person for the ControlNet, a region per person for their identity.
-        base = self.base(style["family"])
+        base = self.base(style["family"], self.style_base(style))
         layout = self.layout(len(paths), params.get("layout"))
         width, height = self.group_size(base, layout, int(sampler["width"]) * int(sampler["height"]))
         pose = Image.fromarray(layout.pose_map((width, height)))
