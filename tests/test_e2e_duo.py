@@ -22,8 +22,10 @@ import pytest_asyncio
 from bot.app import open_service
 from facechain_core.identity import Identity, normalise, save_identity
 from facechain_core.tiny.duo import build_duo_models
+from facechain_core.tiny.pose import build_pose
+from facechain_core.tiny.tryon import build_controlnet, build_sd15_inpaint
 from handlers.messages import t
-from tests.conftest import find_asset
+from tests.conftest import SHARED, find_asset
 from tests.fixtures.fake_discord import FakeDiscord
 from tests.fixtures.fake_discord import FakeUser as DiscordUser
 from tests.fixtures.fake_telegram import FakeTelegram, FakeUser
@@ -34,7 +36,7 @@ from tests.fixtures.tiny_models import one_torch_thread, tiny_models_dir  # noqa
 pytestmark = [pytest.mark.timeout(300), pytest.mark.asyncio(loop_scope="module")]
 
 GROUP = -100777
-TIMEOUT_S = 4.0  # [duo] consent_timeout_s here
+TIMEOUT_S = 12.0  # [duo] consent_timeout_s here: long enough for a press on a loaded 2-core machine
 
 
 @dataclass
@@ -53,9 +55,16 @@ async def world(tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path,
                 one_torch_thread: None) -> AsyncIterator[World]:  # noqa: F811
     yunet = find_asset("models/yunet_s_640_640.onnx")
     duo = build_duo_models(tmp_path_factory.mktemp("duo_models"))
+    # The template models (/duo with a two-face library template): inpainting, depth ControlNet, DWPose.
+    inpaint = tmp_path_factory.mktemp("duo_template_models")
+    build_sd15_inpaint(inpaint / "sd15-inpainting")
+    build_controlnet(inpaint / "depth", inpaint / "sd15-inpainting")
+    build_pose(inpaint / "dwpose.onnx")
     paths = {**tiny_model_paths(tiny_models_dir, yunet), "sd15": duo["sd15"],
              "ip-adapter-faceid-sd15": duo["ip-adapter-faceid-sd15"],
-             "controlnet-openpose-sd15": duo["controlnet-openpose-sd15"]}
+             "controlnet-openpose-sd15": duo["controlnet-openpose-sd15"],
+             "sd15-inpainting": inpaint / "sd15-inpainting", "controlnet-depth-sd15": inpaint / "depth",
+             "dwpose-wholebody": inpaint / "dwpose.onnx", "template-two_sisters": SHARED / "faces" / "two_people.jpg"}
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("OMP_NUM_THREADS", "1")
         telegram = await FakeTelegram().start()
@@ -66,8 +75,11 @@ async def world(tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path,
             discord=discord.discord_settings(), data_dir=tmp_path_factory.mktemp("duo_data"),
             models_dir=tiny_models_dir, model_paths=paths, selfie={"detector_model": str(yunet)},
             scheduler={"progress_interval_s": 0}, limits={"commands_per_minute": 0},
-            pipeline={**TINY_PIPELINE, "oversample": 1, "duo_min_similarity": -1.0}, portrait_seed=1234,
-            duo={"consent_timeout_s": TIMEOUT_S})
+            pipeline={**TINY_PIPELINE, "oversample": 1, "duo_min_similarity": -1.0,
+                      "template": {"side": 64, "steps": 2}}, portrait_seed=1234,
+            duo={"consent_timeout_s": TIMEOUT_S},
+            # Every test talks in one group: Telegram's 20 messages a minute per group would hold sends back.
+            telegram={"group_max_rate": 1000})
         try:
             async with open_service(settings) as service:
                 yield World(service, telegram, discord)
@@ -188,6 +200,26 @@ async def test_yes_makes_the_picture_for_both_and_a_third_member_cannot_answer(w
     fake.press_button(confirm.result, _buttons(confirm)[0], ann)
     await fake.wait_for("editMessageText", _in_chat(ann.id, t("delete.done", "en")), since=mark, timeout=15)
     assert user_traces(data_dir, world.db, [f"telegram:{ann.id}", f"telegram:{bob.id}"]) == []
+
+
+async def test_a_two_face_template_is_filled_with_both(world: World) -> None:
+    if not (SHARED / "faces" / "two_people.jpg").is_file():
+        pytest.skip("../shared/faces/two_people.jpg not present")
+    ann, bob = FakeUser(871, "Ann"), FakeUser(872, "Bob")
+    await _with_identity(world, f"telegram:{ann.id}", 14)
+    await _with_identity(world, f"telegram:{bob.id}", 15)
+    request_id, request = await _ask(world, ann, bob, "/duo two_sisters")
+    assert "Two Sisters" in request.params["text"]
+    mark = world.telegram.mark()
+    await _press(world, request, f"duoyes:{request_id}", bob)
+    photo = await world.telegram.wait_for("sendMediaGroup", _in_chat(GROUP), since=mark, timeout=120)
+    assert "AI" in json.dumps(photo.params["media"])
+    with sqlite3.connect(world.db) as db:
+        (job_id, params) = db.execute("SELECT id, params FROM jobs WHERE kind = 'duo_template' AND user_key = ?",
+                                      (f"telegram:{ann.id}",)).fetchone()
+    assert json.loads(params)["template_id"] == "two_sisters"
+    artifacts = await world.service.storage.job_artifacts(job_id)
+    assert artifacts and all(a.owned_by(f"telegram:{bob.id}") for a in artifacts)
 
 
 async def test_no_makes_nothing_and_the_requester_is_told(world: World) -> None:
