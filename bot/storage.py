@@ -1087,6 +1087,14 @@ class Storage:
         async with self.db.execute("SELECT id FROM duo_requests WHERE state = 'waiting' ORDER BY expires_at") as cur:
             return [r[0] for r in await cur.fetchall()]
 
+    async def duo_waiting_between(self, requester_key: str, partner_key: str) -> bool:
+        """Whether the requester already has a request waiting for this partner's answer."""
+        async with self.db.execute(
+            "SELECT 1 FROM duo_requests r JOIN duo_consents c ON c.request_id = r.id WHERE r.requester_key = ? "
+            "AND c.partner_key = ? AND r.state = 'waiting' AND r.expires_at > ?",
+            (requester_key, partner_key, time.time())) as cur:
+            return await cur.fetchone() is not None
+
     @_serialised
     async def block_duo(self, blocker_key: str, blocked_key: str, blocked: bool = True) -> bool:
         """Blocks (or unblocks) duo requests from `blocked_key` to `blocker_key`; False when nothing changed."""

@@ -75,6 +75,8 @@ async def ask_partners(services: Services, event: Event, channel: ReplyChannel, 
         if await storage.duo_blocked(partner.key, requester.key):
             log.info("duo request of %s to %s refused: blocked", requester.key, partner.key)
             raise UserFacingError("duo.blocked", name=partner.name or "?")
+        if await storage.duo_waiting_between(requester.key, partner.key):  # one open question per person
+            raise UserFacingError("duo.already_asked", name=partner.name or "?")
     missing = [p for p in partners if await storage.identity(p.key) is None]
     if missing:
         for partner in missing:

@@ -241,6 +241,11 @@ async def test_no_answer_in_time_makes_nothing(world: World) -> None:
     await _with_identity(world, f"telegram:{bob.id}", 7)
     mark = world.telegram.mark()
     request_id, request = await _ask(world, ann, bob)
+    # One open question per person: asking again meanwhile is refused.
+    bob_said = world.telegram.send_message(bob, GROUP, "again")
+    world.telegram.send_message(ann, GROUP, "/duo hanfu", reply_to_message=bob_said)
+    await world.telegram.wait_for("sendMessage", _in_chat(GROUP, t("duo.already_asked", "en", name="Bob")),
+                                  since=mark)
     await world.telegram.wait_for("sendMessage", _in_chat(GROUP, t("duo.expired", "en")), since=mark,
                                   timeout=TIMEOUT_S + 10)
     assert [j for j in _duo_jobs(world) if j["user_key"] == f"telegram:{ann.id}"] == []
@@ -279,6 +284,26 @@ async def test_a_partner_without_a_face_profile_is_invited_privately(world: Worl
     await fake.wait_for("sendMessage", _in_chat(GROUP, t("duo.partner_no_identity", "en", names="Dan")), since=mark)
     await fake.wait_for("sendMessage", _in_chat(dan.id, t("duo.invite", "en", requester="Ann")), since=mark)
     assert (await world.service.storage.identity(f"telegram:{dan.id}")) is None
+
+
+async def test_a_group_can_switch_duo_off(world: World) -> None:
+    ann, bob = FakeUser(881, "Ann"), FakeUser(882, "Bob")
+    await _with_identity(world, f"telegram:{ann.id}", 16)
+    await _with_identity(world, f"telegram:{bob.id}", 17)
+    fake, group = world.telegram, GROUP - 1
+    fake.set_admins(group, [ann])
+    mark = fake.mark()
+    fake.send_message(ann, group, "/settings")
+    panel = await fake.wait_for("sendMessage", lambda c: _in_chat(group)(c) and _buttons(c), since=mark)
+    mark = fake.mark()
+    fake.press_button(panel.result, "cset:cmd.duo", ann)
+    await fake.wait_for("answerCallbackQuery", since=mark)
+    ann_said = fake.send_message(ann, group, "hi")
+    mark = fake.mark()
+    fake.send_message(bob, group, "/duo hanfu", reply_to_message=ann_said)
+    await fake.wait_for("sendMessage", _in_chat(group, t("groups.command_off", "en", command="duo")), since=mark)
+    await fake.wait_idle()
+    assert not any(b.startswith("duoyes:") for c in fake.calls[mark:] for b in _buttons(c))
 
 
 async def test_duo_asked_in_a_private_chat_is_refused(world: World) -> None:
