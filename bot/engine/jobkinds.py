@@ -35,6 +35,8 @@ BUILTIN_KINDS: tuple[JobKind, ...] = (
     JobKind("tryon", "facechain_core.tryon:TryOnPipeline", GENERATE, 2, 900),
     JobKind("template", "facechain_core.template:TemplatePipeline", GENERATE, 2, 900),
     JobKind("train", "facechain_core.train_lora:TrainLoraPipeline", LONG, 3, 4 * 3600, preemptible=True),
+    # /makestyle: checks the example set, trains a style LoRA (yields at checkpoints), renders previews.
+    JobKind("style_train", "facechain_core.style_maker:StyleLoraPipeline", LONG, 3, 6 * 3600, preemptible=True),
 )
 
 
