@@ -147,14 +147,14 @@ async def press_train(services: Services, event: Event, channel: ReplyChannel, n
 async def train_style(services: Services, event: Event, channel: ReplyChannel) -> None:
     """Queues the "style_train" job on the open set: captions, the style for previews, the identities."""
     key = event.user.key
-    if FEATURE not in services.features_installed:
-        raise UserFacingError("feature.not_installed", feature=FEATURE)
     await _refuse_while_training(services, key)
     folder, meta = await _open_set(services, key)
     settings = _settings(services)
     examples = sorted((folder / EXAMPLES).glob("*.jpg"))
     if len(examples) < settings.min_examples:
         raise UserFacingError("makestyle.too_few", count=len(examples), low=settings.min_examples)
+    if FEATURE not in services.features_installed:
+        raise UserFacingError("feature.not_installed", feature=FEATURE)
     style = build_style(meta["name"], meta["description"], meta["trigger"])
     caption = f"{meta['trigger']}, {meta['description']}"
     params: dict[str, Any] = {
