@@ -72,6 +72,11 @@ def write_pictures(folder: Path, count: int) -> list[dict[str, str]]:
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.WARNING)
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     if args.threads:
         torch.set_num_threads(args.threads)
     resolution = args.resolution or (512 if args.full else 64)
