@@ -225,7 +225,6 @@ async def restore(archive: Path, data_dir: Path, db_path: Path) -> BackupSummary
     archive, data_dir, db_path = Path(archive), Path(data_dir), Path(db_path)
     if not archive.is_file():
         raise BackupError(f"{archive} is not a file")
-    users = data_dir / USERS
     if db_path.exists() or any((data_dir / name).exists() and any((data_dir / name).iterdir()) for name in FOLDERS):
         raise BackupError(f"{data_dir} already holds data: restore into an empty data dir "
                           "(stop the service and move the old one away first)")
