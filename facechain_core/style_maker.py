@@ -141,7 +141,11 @@ class StyleLoraPipeline(TrainLoraPipeline):
         wanted = [p for p in params.get("previews") or [] if p.get("identity") or p.get("photo")]
         if not wanted or not params.get("style"):
             return []
-        portrait = self._portrait_pipeline()
+        try:
+            portrait = self._portrait_pipeline()
+        except ModelNotInstalled as missing:  # the style is made all the same; its previews wait for the models
+            log.warning("style previews skipped: %s is not installed", missing.details.get("model"))
+            return []
         out_dir = Path(params["out_dir"]) / PREVIEW_FOLDER
         made = []
         for number, preview in enumerate(wanted):
