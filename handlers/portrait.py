@@ -218,7 +218,7 @@ async def press_page(services: Services, event: Event, channel: ReplyChannel, ar
 async def more_like_this(services: Services, event: Event, channel: ReplyChannel, artifact: Any) -> None:
     """Queues new portraits in the style of the pressed result."""
     job = await services.storage.job(artifact.job_id) if artifact.job_id is not None else None
-    style = services.styles.get(job.params.get("style_id", "")) if job else None
+    style = await style_sources.find_style(services, event.user.key, job.params.get("style_id", "")) if job else None
     if style is None:
         await channel.answer_button(t("button.stale", event.language))
         return

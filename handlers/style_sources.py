@@ -56,6 +56,14 @@ async def user_catalogue(services: Services, user_key: str, base: StyleCatalog) 
     return StyleCatalog([*base, *mine]) if mine else base
 
 
+async def find_style(services: Services, user_key: str, style_id: str) -> Style | None:
+    """The style with this id the user may run: the server's, else one of their private styles."""
+    style = services.styles.get(style_id) if services.styles is not None else None
+    if style is None:
+        style = next((s for s in await private_styles(services, user_key) if s.id == style_id), None)
+    return style
+
+
 def local_lora(services: Services, style: Any, user_key: str) -> str | None:
     """The LoRA file of a style made in chat: published (data_dir/styles) or the user's private one."""
     lora = getattr(style, "lora", None)

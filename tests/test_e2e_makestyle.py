@@ -135,9 +135,13 @@ async def test_make_train_preview_publish_use_delete(fake_telegram, settings, fa
         # Private: the maker runs it with its LoRA; another user does not even see it.
         mark = fake.mark()
         fake.send_message(MAKER, None, "/style stripes 1")
-        await fake.wait_for("sendPhoto", since=mark, timeout=120)
+        result = await fake.wait_for("sendPhoto", since=mark, timeout=120)
         mine = await _job(service, MAKER_KEY, "portrait", ["delivered"])
         assert mine.params["style_id"] == "stripes" and Path(mine.params["style_lora"]).is_file()
+        # "More like this" under it runs the private style again.
+        mark = fake.mark()
+        fake.press_button(result.result, next(b for b in _buttons(result) if b.startswith("more:")), user=MAKER)
+        await fake.wait_for("sendPhoto", since=mark, timeout=120)
         await _selfie(fake, OTHER, faces_dir / "obama2.jpg")
         assert "stripes" in await _say(fake, OTHER, "/style stripes 1")
         assert [j for j in await service.storage.user_jobs(OTHER_KEY, ["queued", "running", "delivered", "done"])
