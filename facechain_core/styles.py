@@ -10,6 +10,8 @@ Adding a style is adding a file ``styles/<id>.toml``::
     prompt = "{subject} wearing ..."  # `{subject}` is replaced by e.g. "a woman"
     negative_prompt = "..."
     preview = "previews/hanfu.jpg"  # optional, relative to styles/, must exist
+    base = "majicmix-realistic-v7"  # optional: a photo-real base of the family, by manifest name
+                                    # (the family's default base when absent or not installed)
 
     [name]
     en = "Hanfu"
@@ -31,6 +33,7 @@ Adding a style is adding a file ``styles/<id>.toml``::
     file = "style.safetensors"
     weight = 0.8                    # 0..2
     license = "apache-2.0"          # optional
+    model = "style-lora-papercut"   # optional: its manifest entry (default "style-lora-<id>")
 
 A style made in chat (/makestyle) names ``source = "local"``: its LoRA file lies beside its TOML
 (published ones under ``data_dir/styles/``, the second folder `load_styles` reads).
@@ -40,6 +43,8 @@ A style made in chat (/makestyle) names ``source = "local"``: its LoRA file lies
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import logging
 import math
 import re
@@ -64,6 +69,7 @@ SUBJECT_FIELD = "subject"
 ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,47}$"
 TAG_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,31}$"
 PREVIEW_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+PREVIEWS_DIR = "previews"  # under data_dir: rendered previews (`facechain-bot styles previews`)
 
 Family = Literal["sd15", "sdxl"]
 # Pixel limits per family: outside them the base model produces tiled or mushy images.
@@ -85,6 +91,8 @@ SchedulerName = Literal["ddim", "dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_a
 _HF_SOURCE = re.compile(r"^hf:[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 _HTTPS_SOURCE = re.compile(r"^https://[^\s/]+\.[^\s/]+/\S+$")
 LOCAL_SOURCE = "local"  # the LoRA file lies beside the style's TOML (styles made with /makestyle)
+MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"  # a manifest entry's name (facechain_core.manifest)
+LORA_MODEL_PREFIX = "style-lora-"
 
 
 class _Strict(BaseModel):
@@ -110,6 +118,7 @@ class StyleLora(_Strict):
     file: str
     weight: float = Field(ge=0.0, le=2.0)
     license: str | None = None
+    model: str | None = Field(default=None, pattern=MODEL_NAME_PATTERN)
 
     @field_validator("source")
     @classmethod
@@ -159,6 +168,7 @@ class Style(_Strict):
     preview: Path | None = None
     tags: tuple[str, ...] = Field(default=(), strict=False)  # TOML arrays arrive as lists
     sort: int = DEFAULT_SORT
+    base: str | None = Field(default=None, pattern=MODEL_NAME_PATTERN)
 
     @field_validator("id")
     @classmethod
@@ -221,6 +231,19 @@ class Style(_Strict):
     def display_name(self, lang: str | None = None) -> str:
         """Returns the style's name in `lang` (English fallback)."""
         return self.name.get(lang)
+
+    @property
+    def lora_model(self) -> str | None:
+        """The manifest name of the style's LoRA (None without one)."""
+        if self.lora is None:
+            return None
+        return self.lora.model or f"{LORA_MODEL_PREFIX}{self.id}"
+
+    def content_hash(self) -> str:
+        """A short hash of everything that shapes the style's pictures (not its names or menu place)."""
+        keep = self.model_dump(mode="json", include={"family", "prompt", "negative_prompt", "lora",
+                                                     "identity_weight", "sampler", "base"})
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -359,6 +382,25 @@ class StyleCatalog:
         """Returns the sub-catalogue whose base family is installed."""
         wanted = set(families)
         return StyleCatalog(s for s in self._styles if s.family in wanted)
+
+
+def preview_path(data_dir: Path, style: Style) -> Path:
+    """Where `styles previews` caches the style's rendered preview: named by the style's content hash, so an
+    edited style is rendered again and a stale picture is never shown for it."""
+    return Path(data_dir) / PREVIEWS_DIR / f"{style.id}-{style.content_hash()}.jpg"
+
+
+def find_preview(data_dir: Path, style: Style) -> Path | None:
+    """The style's rendered preview if cached, else the picture its file names (``preview``), else None."""
+    rendered = preview_path(data_dir, style)
+    if rendered.is_file():
+        return rendered
+    return style.preview if style.preview is not None and style.preview.is_file() else None
+
+
+def lora_feature(style_id: str) -> str:
+    """The manifest feature of one style's LoRA, so a running bot knows which style LoRAs are installed."""
+    return "style-" + style_id.replace("_", "-")
 
 
 def render_prompt(style: Style, subject: str) -> str:
