@@ -35,6 +35,9 @@ Adding a style is adding a file ``styles/<id>.toml``::
     license = "apache-2.0"          # optional
     model = "style-lora-papercut"   # optional: its manifest entry (default "style-lora-<id>")
 
+A style made in chat (/makestyle) names ``source = "local"``: its LoRA file lies beside its TOML
+(published ones under ``data_dir/styles/``, the second folder `load_styles` reads).
+
 `load_styles` validates every file and raises one `StyleError` naming each bad file and key.
 """
 from __future__ import annotations
@@ -87,6 +90,7 @@ SchedulerName = Literal["ddim", "dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_a
 
 _HF_SOURCE = re.compile(r"^hf:[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 _HTTPS_SOURCE = re.compile(r"^https://[^\s/]+\.[^\s/]+/\S+$")
+LOCAL_SOURCE = "local"  # the LoRA file lies beside the style's TOML (styles made with /makestyle)
 MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"  # a manifest entry's name (facechain_core.manifest)
 LORA_MODEL_PREFIX = "style-lora-"
 
@@ -119,8 +123,8 @@ class StyleLora(_Strict):
     @field_validator("source")
     @classmethod
     def _check_source(cls, value: str) -> str:
-        if not (_HF_SOURCE.match(value) or _HTTPS_SOURCE.match(value)):
-            raise ValueError(f"must be 'hf:owner/repo[@revision]' or an https:// URL, got {value!r}")
+        if not (_HF_SOURCE.match(value) or _HTTPS_SOURCE.match(value) or value == LOCAL_SOURCE):
+            raise ValueError(f"must be 'hf:owner/repo[@revision]', an https:// URL or 'local', got {value!r}")
         return value
 
     @field_validator("file")
@@ -438,24 +442,27 @@ def load_style(path: Path, styles_dir: Path | None = None) -> Style:
     return style
 
 
-def load_styles(styles_dir: Path = DEFAULT_STYLES_DIR) -> StyleCatalog:
-    """Loads every ``*.toml`` in `styles_dir`; raises one `StyleError` listing every bad file."""
+def load_styles(styles_dir: Path = DEFAULT_STYLES_DIR, published_dir: Path | None = None) -> StyleCatalog:
+    """Loads every ``*.toml`` in `styles_dir`, then in `published_dir` (styles published from chat, when
+    the folder exists); raises one `StyleError` listing every bad file."""
     styles_dir = Path(styles_dir)
     if not styles_dir.is_dir():
         raise StyleError([StyleProblem(styles_dir, "", "styles folder not found")])
     styles: list[tuple[Path, Style]] = []
     problems: list[StyleProblem] = []
-    for path in sorted(styles_dir.glob("*.toml")):
-        try:
-            styles.append((path, load_style(path, styles_dir)))
-        except StyleError as exc:
-            problems.extend(exc.problems)
+    folders = [styles_dir] + ([Path(published_dir)] if published_dir is not None and Path(published_dir).is_dir() else [])
+    for folder in folders:
+        for path in sorted(folder.glob("*.toml")):
+            try:
+                styles.append((path, load_style(path, folder)))
+            except StyleError as exc:
+                problems.extend(exc.problems)
     problems.extend(_name_clashes(styles))
     if not styles and not problems:
         problems.append(StyleProblem(styles_dir, "", "no style files (*.toml) found"))
     if problems:
         raise StyleError(problems)
-    logger.info("loaded %d styles from %s", len(styles), styles_dir)
+    logger.info("loaded %d styles from %s", len(styles), ", ".join(str(f) for f in folders))
     return StyleCatalog(style for _, style in styles)
 
 

@@ -14,8 +14,8 @@ from typing import Any
 
 from facechain_core.errors import UserFacingError
 from facechain_core.numbers import ascii_int
-from facechain_core.styles import StyleCatalog, find_preview, lora_feature
-from handlers import buttons, cartoon, registry, studio
+from facechain_core.styles import LOCAL_SOURCE, StyleCatalog, find_preview, lora_feature
+from handlers import buttons, cartoon, registry, studio, style_sources
 from handlers.cartoon import Source
 from handlers.messages import t
 from handlers.progress import present_default, register_presenter, submit_with_progress
@@ -45,7 +45,8 @@ async def make_portrait(services: Services, event: Event, channel: ReplyChannel)
         await show_styles(services, event, channel)
         return
     words, count = _split_count(controls.words)
-    style = _catalogue(services).find(" ".join(words), event.language)
+    catalogue = await style_sources.user_catalogue(services, event.user.key, _catalogue(services))
+    style = catalogue.find(" ".join(words), event.language)
     if controls.panel and await studio.open_options(services, event, channel, style):
         return
     pose_photo = None
@@ -151,6 +152,9 @@ async def submit_portrait(services: Services, event: Event, channel: ReplyChanne
         "user_lora": identity.lora_path if identity and identity.lora_path else None,
         **(extra or {}),
     }
+    made_lora = style_sources.local_lora(services, style, key)  # a style made with /makestyle
+    if made_lora is not None:
+        params["style_lora"] = made_lora
     try:
         await submit_with_progress(services, event, channel, "portrait", params)
     except BaseException:
@@ -178,11 +182,12 @@ def _require(services: Services, feature: str) -> None:
 
 def _catalogue(services: Services) -> Any:
     """The styles this server can run: their base family installed, and their style LoRA (if any)
-    pulled (``models pull styles``) or configured as ``[model_paths] style-lora-<id>``."""
+    pulled (``models pull styles``), configured as ``[model_paths] style-lora-<id>`` or published from chat
+    (/makestyle)."""
     families = ["sd15"] + (["sdxl"] if SDXL_FEATURE in services.features_installed else [])
     model_paths = getattr(services.settings, "model_paths", {}) or {}
     return StyleCatalog(s for s in services.styles.only(families)
-                        if s.lora is None or s.lora_model in model_paths
+                        if s.lora is None or s.lora.source == LOCAL_SOURCE or s.lora_model in model_paths
                         or lora_feature(s.id) in services.features_installed)
 
 
@@ -236,7 +241,7 @@ async def press_page(services: Services, event: Event, channel: ReplyChannel, ar
 async def more_like_this(services: Services, event: Event, channel: ReplyChannel, artifact: Any) -> None:
     """Queues new portraits in the style of the pressed result."""
     job = await services.storage.job(artifact.job_id) if artifact.job_id is not None else None
-    style = services.styles.get(job.params.get("style_id", "")) if job else None
+    style = await style_sources.find_style(services, event.user.key, job.params.get("style_id", "")) if job else None
     if style is None:
         await channel.answer_button(t("button.stale", event.language))
         return
