@@ -335,6 +335,15 @@ async def test_discord_duo_with_a_partner_option(world: World) -> None:
     mark = fake.mark()
     fake.press(bob, asked.response, custom_yes)
     result = await fake.wait_for_files(r".*", since=mark, timeout=120)
+    # Someone who is not a member of this server cannot be picked: nobody is asked.
+    await fake.wait_idle()
+    stranger = DiscordUser(411000000000000009, "eve")
+    await _with_identity(world, f"discord:{stranger.id}", 19)
+    mark_stranger = fake.mark()
+    fake.slash(ann, "duo", channel=room, style="hanfu", partner=stranger)
+    await fake.wait_for("*", r".*", lambda r: (r.content or "").startswith(t("duo.who", "en", command="duo", most=1)[:20]),
+                        20, since=mark_stranger)
+    assert not any(":duoyes:" in c for r in fake.requests[mark_stranger:] for c in r.custom_ids())
     assert "AI" in (result.content or "") or "AI" in json.dumps(result.json)
     (job,) = [j for j in _duo_jobs(world) if j["user_key"] == f"discord:{ann.id}"]
     artifacts = await world.service.storage.job_artifacts(job["id"])

@@ -250,7 +250,8 @@ class DiscordAdapter(StartStop):
             event = Event(user=user, chat=chat, text=text, command=name, args=args,
                           attachments=[self._attachment(a) for a in attachments], language=lang,
                           chat_admin=_admin_check(interaction), update_key=f"{PLATFORM}:i{interaction.id}",
-                          mentions=[to_user(m) for m in mentions if not m.bot])
+                          mentions=[to_user(m) for m in mentions if not m.bot and (
+                              interaction.guild is None or isinstance(m, discord.Member))])  # a member here only
             channel = DiscordChannel(self.link, chat, requester=user, language=lang, interaction=interaction,
                                      private=name in PRIVATE_COMMANDS, usable=usable)
             try:
