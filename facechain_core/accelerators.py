@@ -57,15 +57,12 @@ class Accelerator(BaseModel):
 
     def sampler(self, sampler: dict[str, Any]) -> dict[str, Any]:
         """A style's (or a pipeline's) sampler settings with this accelerator's steps and guidance."""
-        return {**sampler, "steps": self.steps, "guidance_scale": self.guidance_scale}
+        eta = {} if self.eta is None else {"eta": self.eta}
+        return {**sampler, "steps": self.steps, "guidance_scale": self.guidance_scale, **eta}
 
     def scheduler_spec(self) -> tuple[str, tuple[str, dict[str, Any]]]:
         """The key and (class name, overrides) of its scheduler, as ``ResidentBase.use_scheduler`` takes them."""
         return f"{FAST_SLOT}:{self.id}", (self.scheduler, dict(self.scheduler_config))
-
-    def call_kwargs(self) -> dict[str, Any]:
-        """Extra keyword arguments of the pipeline call (TCD's eta)."""
-        return {} if self.eta is None else {"eta": self.eta}
 
 
 @dataclass(frozen=True)
