@@ -8,7 +8,7 @@ import pytest
 
 from bot import cli
 from facechain_core import pull as pull_module
-from facechain_core.accelerators import load_accelerators
+from facechain_core.accelerators import decide_fast, load_accelerators
 from facechain_core.manifest import installed_features, load_manifest, read_lock
 from facechain_core.tiny import build_lora
 from tests.fixtures.fake_hub import FakeHub, FileServer
@@ -81,3 +81,51 @@ def test_models_pull_fast_installs_the_feature(hub: FakeHub, tmp_path: Path,
     assert (models / entry.path).is_file()
     assert read_lock(models)["lcm-lora-sd15"]["hash_from"] == "hub"
     assert "fast" in installed_features(models) and "fast-sdxl" not in installed_features(models)
+
+
+@pytest.mark.parametrize(("settings", "choice", "queued", "fast"), [
+    ({}, None, 100, False),  # off by default
+    ({"fast_mode": "on"}, None, 0, True),
+    ({"fast_mode": "on"}, "off", 0, False),  # the user's choice wins
+    ({"fast_mode": "off"}, "on", 0, True),
+    ({"fast_mode": "auto"}, None, 4, False),  # auto: only while more than fast_auto_queue (4) jobs wait
+    ({"fast_mode": "auto"}, None, 5, True),
+    ({"fast_mode": "auto", "fast_auto_queue": 0}, None, 1, True),
+    ({"fast_mode": "auto"}, "off", 50, False),
+])
+def test_decide_fast(settings: dict, choice: str | None, queued: int, fast: bool) -> None:
+    assert decide_fast(settings, choice, queued) is fast
+
+
+def test_fast_settings_are_checked_when_the_config_loads(tmp_path: Path) -> None:
+    from bot.config import ConfigError, load_config
+
+    for bad, word in (('fast_mode = "sometimes"', "fast_mode"), ("fast_auto_queue = -1", "fast_auto_queue"),
+                      ('fast_accelerator = "turbo"', "turbo")):
+        config = tmp_path / "bad.toml"
+        config.write_text(f"[pipeline]\n{bad}\n", encoding="utf-8")
+        with pytest.raises(ConfigError, match=word):
+            load_config(config)
+    config = tmp_path / "good.toml"
+    config.write_text('[pipeline]\nfast_mode = "auto"\nfast_auto_queue = 2\nfast_accelerator = "tcd"\n', encoding="utf-8")
+    assert load_config(config).pipeline["fast_mode"] == "auto"
+
+
+@pytest.mark.parametrize(("accelerator", "kind", "reason"), [
+    ("lcm", "template", None), ("lcm", "tryon", None), ("tcd", "tryon", None),
+    ("hyper", "template", "fast.skipped_unsupported"), ("hyper", "tryon", "fast.skipped_unsupported"),
+    ("hyper", "portrait", None),
+])
+def test_try_on_and_templates_run_fast_only_where_the_accelerator_inpaints(accelerator: str, kind: str,
+                                                                         reason: str | None) -> None:
+    from types import SimpleNamespace
+
+    from handlers.fast import skip_reason
+
+    features = {accelerators_feature for a in load_accelerators().by_id.values()
+                for accelerators_feature in a.features.values()}
+    services = SimpleNamespace(settings=SimpleNamespace(pipeline={"fast_accelerator": accelerator}),
+                               features_installed=features)
+    assert skip_reason(services, kind, {"style": {"family": "sd15"}}) == reason
+    services.features_installed = set()
+    assert skip_reason(services, kind, {}) == (reason or "fast.skipped_not_installed")

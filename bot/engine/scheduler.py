@@ -446,6 +446,10 @@ class Scheduler(StartStop):
         for worker in self._workers:
             worker.send({"op": wp.PING})
 
+    def queue_length(self) -> int:
+        """Jobs waiting for a worker now (fast mode's "auto" reads it when a job is queued)."""
+        return len(self._queued)
+
     def health(self) -> dict[str, Any]:
         """Counters for the heartbeat file: workers alive, queue sizes, outcomes since start."""
         return {
