@@ -218,7 +218,8 @@ class PortraitPipeline:
         # The operator may cap every style's sampler (fewer steps or smaller images on a small GPU).
         sampler = style["sampler"] = {**style["sampler"], **self._settings.get("sampler_override", {})}
         # Fast mode: the accelerator's steps and guidance (and its LoRA and scheduler below) over the style's.
-        fast = self.accelerator_for(style["family"], params, opted_out=style.get("fast") is False)
+        posed = bool((params.get("controls") or {}).get("pose"))
+        fast = self.accelerator_for(style["family"], params, controlnet=posed, opted_out=style.get("fast") is False)
         if fast is not None:
             sampler = style["sampler"] = fast.sampler(sampler)
         count = int(params.get("count", 1))

@@ -134,7 +134,8 @@ class TemplatePipeline(TryOnPipeline):
         meta = {"seeds": [seeds[r.index] for r in ranked], "similarity": [round(r.similarity, 4) for r in ranked],
                 "template": params.get("template_id") or "photo", "size": [width, height],
                 "mask_box": [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1],
-                "identity_weight": weight, "pose_found": pose_weight > 0, "lora_used": bool(user_loras), "vary_of": vary_seed,
+                "identity_weight": weight, "pose_found": pose_weight > 0, "lora_used": bool(user_loras),
+                "vary_of": vary_seed,
                 "fast": fast.id if fast is not None else None, "steps": int(cfg["steps"]),
                 "safety": safety.safety_meta(screened), "file_meta": [{"seed": seeds[r.index]} for r in ranked]}
         log.info("template %s kept %d of %d candidates", meta["template"], len(files), len(candidates))

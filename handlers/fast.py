@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 # Job kind -> (needs an inpainting base, needs ControlNets); a portrait needs ControlNets only with a pose.
 FAST_KINDS: dict[str, tuple[bool, bool]] = {"portrait": (False, False), "template": (True, True),
                                            "tryon": (True, True)}
-FAST_WORDS = {"on": "on", "off": "off", "yes": "on", "no": "off", "开": "on", "關": "off", "关": "off", "开启": "on",
-              "关闭": "off", "是": "on", "否": "off"}
+FAST_WORDS = {"on": "on", "off": "off", "yes": "on", "no": "off", "开": "on", "开启": "on", "是": "on",
+              "关": "off", "關": "off", "关闭": "off", "否": "off"}
 BARE_WORDS = ("fast", "快速")
 NOTE_KEY = "fast_note"  # params: the message code saying why a wanted fast mode did not run
 

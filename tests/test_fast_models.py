@@ -107,7 +107,8 @@ def test_fast_settings_are_checked_when_the_config_loads(tmp_path: Path) -> None
         with pytest.raises(ConfigError, match=word):
             load_config(config)
     config = tmp_path / "good.toml"
-    config.write_text('[pipeline]\nfast_mode = "auto"\nfast_auto_queue = 2\nfast_accelerator = "tcd"\n', encoding="utf-8")
+    config.write_text('[pipeline]\nfast_mode = "auto"\nfast_auto_queue = 2\nfast_accelerator = "tcd"\n',
+                      encoding="utf-8")
     assert load_config(config).pipeline["fast_mode"] == "auto"
 
 
