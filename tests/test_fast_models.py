@@ -130,3 +130,19 @@ def test_try_on_and_templates_run_fast_only_where_the_accelerator_inpaints(accel
     assert skip_reason(services, kind, {"style": {"family": "sd15"}}) == reason
     services.features_installed = set()
     assert skip_reason(services, kind, {}) == (reason or "fast.skipped_not_installed")
+
+
+@pytest.mark.parametrize(("waiting", "fast"), [(4, False), (5, True)])
+async def test_auto_mode_reads_the_queue_length_when_a_job_is_queued(waiting: int, fast: bool) -> None:
+    from types import SimpleNamespace
+
+    from handlers.fast import settle_fast
+
+    services = SimpleNamespace(settings=SimpleNamespace(pipeline={"fast_mode": "auto", "fast_auto_queue": 4}),
+                               features_installed={"fast"}, jobs=SimpleNamespace(queue_length=lambda: waiting))
+    event = SimpleNamespace(user=SimpleNamespace(key="telegram:1"))
+    params = {"style": {"family": "sd15"}, "controls": {}, "fast": True, "fast_note": "fast.skipped_style"}
+    admitted = await settle_fast(services, event, "portrait", params)
+    # An earlier decision (Again re-queues a job's params) is decided anew, its note dropped.
+    assert admitted.params["fast"] is fast and "fast_note" not in admitted.params
+    assert await settle_fast(services, event, "cartoon", {}) is None  # kinds fast mode does not serve
