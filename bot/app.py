@@ -18,6 +18,7 @@ from bot.config import Settings
 from bot.engine.jobkinds import JobKind, JobKinds
 from bot.ops.metrics import JobMetrics, serve_metrics
 from bot.ops.retention import DAY_S, run_retention
+from bot.engine.backends import create_backend
 from bot.engine.scheduler import Scheduler
 from bot.storage import Artifact, Job, Storage
 from facechain_core.manifest import installed_features
@@ -156,9 +157,12 @@ async def open_service(settings: Settings, extra_kinds: Iterable[JobKind] = ()) 
                                   styles=load_styles(settings.styles_dir))
         metrics = JobMetrics() if settings.metrics.enabled else None
         sink = HandlerSink(services)
+        context = pipeline_context(settings)
+        backend = create_backend(settings.scheduler, context, data_dir=settings.data_dir, devices=_devices(settings),
+                                 secrets=settings.secrets(), kind_needs=kinds.needs())
         scheduler = Scheduler(
             storage, kinds, settings.scheduler, data_dir=settings.data_dir,
-            context=pipeline_context(settings), sink=sink, devices=_devices(settings),
+            context=context, sink=sink, backend=backend,
             on_event=metrics.observe if metrics is not None else None, secrets=settings.secrets(),
             results_ttl_s=settings.retention.results_days * DAY_S or None,
         )

@@ -243,7 +243,7 @@ class PortraitPipeline:
 
         set_up()
         # 4. Generate the candidates; progress raising JobCancelled stops between steps.
-        batch = max(1, int(self._settings["batch_size"]))
+        batch = 1 if params.get("low_memory") else max(1, int(self._settings["batch_size"]))  # the worker's OOM retry
         chunks = [seeds[i:i + batch] for i in range(0, len(seeds), batch)]
         total = int(sampler["steps"]) * len(chunks) + 1
         prompt = style["prompt"].replace("{subject}", str(params.get("subject") or self._settings["subject"]))

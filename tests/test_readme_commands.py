@@ -299,6 +299,8 @@ def _ids(commands: list[ReadmeCommand]) -> list[str]:
 MAKE_COMMANDS = [c for c in COMMANDS if re.search(MAKE_RULE, c.line)]
 RUN_COMMANDS = [c for c in COMMANDS if re.search(RUN_RULE, c.line)]
 BATCH_COMMANDS = [c for c in COMMANDS if _planner(c) is not None]
+# `ray ...` (the Ray cluster recipe): parsed by Ray's own CLI, options and their values checked, not run.
+RAY_COMMANDS = [c for c in COMMANDS if c.words[0] == "ray"]
 
 
 @pytest.fixture(scope="module")
@@ -343,8 +345,26 @@ async def test_readme_run_command(command: ReadmeCommand, tmp_path: Path, fake_t
     await check_run(command, tmp_path, fake_telegram)
 
 
+@pytest.mark.parametrize("command", RAY_COMMANDS, ids=_ids(RAY_COMMANDS))
+def test_readme_ray_command_parses(command: ReadmeCommand) -> None:
+    import click
+
+    from tests.fixtures.ray_cluster import ray_or_skip
+
+    ray_or_skip()
+    from ray.scripts.scripts import cli
+
+    assert set(command.env) <= {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} and command.env.get("RAY_AUTH_MODE", "token") == "token"
+    subcommand = cli.commands.get(command.words[1])
+    assert subcommand is not None, f"ray has no subcommand {command.words[1]!r}"
+    try:
+        subcommand.make_context(command.words[1], command.words[2:])
+    except click.ClickException as exc:
+        pytest.fail(f"{command.text}: {exc.format_message()}")
+
+
 def test_every_readme_command_is_checked_or_skipped() -> None:
-    checked = {c.text for c in MAKE_COMMANDS + RUN_COMMANDS + BATCH_COMMANDS}
+    checked = {c.text for c in MAKE_COMMANDS + RUN_COMMANDS + BATCH_COMMANDS + RAY_COMMANDS}
     unchecked = [c.text for c in COMMANDS if c.text not in checked]
     assert not unchecked, f"README commands that no rule of {__name__} runs and SKIP does not list: {unchecked}"
 

@@ -19,6 +19,7 @@ import dataclasses
 import datetime as dtm
 import functools
 import logging
+from urllib.parse import urlsplit
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -443,19 +444,32 @@ class TelegramAdapter(StartStop):
         try:
             await self.publish_commands()
             await self.application.start()
-            assert self.application.updater is not None
-            await self.application.updater.start_polling(
-                timeout=dtm.timedelta(seconds=self.settings.poll_timeout),
-                allowed_updates=list(ALLOWED_UPDATES),
-                drop_pending_updates=False,
-            )
+            await self._start_updates()
         except BaseException:
             await self.stop()
             raise
-        log.info("telegram: polling as @%s", self.bot.username)
+        log.info("telegram: %s as @%s", "webhook" if self.settings.webhook_url else "polling", self.bot.username)
         if not self.bot.supports_inline_queries:
             log.warning("telegram: inline mode is off for @%s, so Share buttons explain forwarding instead; "
                         "switch it on with @BotFather /setinline", self.bot.username)
+
+    async def _start_updates(self) -> None:
+        """Long polling by default; with ``webhook_url``, PTB's webhook server (setWebhook with the secret
+        token; a request without it is refused with 403). Either way an update is confirmed to Telegram
+        before it is handled: one in flight when the process dies is not sent again by Telegram, and one
+        it does send again (a retried webhook, an unconfirmed poll) is dropped by the update-key check."""
+        updater = self.application.updater
+        assert updater is not None
+        s = self.settings
+        if not s.webhook_url:
+            await updater.start_polling(timeout=dtm.timedelta(seconds=s.poll_timeout),
+                                        allowed_updates=list(ALLOWED_UPDATES), drop_pending_updates=False)
+            return
+        await updater.start_webhook(
+            listen=s.webhook_listen, port=s.webhook_port, url_path=urlsplit(s.webhook_url).path.lstrip("/"),
+            webhook_url=s.webhook_url, secret_token=s.webhook_secret_token.get_secret_value(),
+            allowed_updates=list(ALLOWED_UPDATES), drop_pending_updates=False,
+        )
 
     async def stop(self) -> None:
         """Stops polling, lets running handlers finish, and closes the connections. Idempotent."""
