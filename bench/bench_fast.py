@@ -9,7 +9,7 @@ once to warm up, then ``--runs`` times; the medians and their ratio are printed.
 smaller (``--size``, default 128) so it finishes in minutes; on cuda it is 512 px. ``--tiny``: tiny models
 at 64 px, a quick check of this script.
 
-    python bench/bench_fast.py [--device cuda] [--accelerator lcm|tcd|hyper] [--runs 2] [--models DIR]
+    python bench/bench_fast.py [--device cuda] [--accelerator lcm|tcd|hyper] [--runs 3] [--models DIR]
     python bench/bench_fast.py --tiny
 """
 from __future__ import annotations
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accelerator", default=None, help="an accelerators.toml id (default: its default)")
     parser.add_argument("--steps", type=int, default=25, help="the style's denoising steps (default 25)")
     parser.add_argument("--size", type=int, help="picture side (default: 512 on cuda, 128 on cpu, 64 tiny)")
-    parser.add_argument("--runs", type=int, default=2, help="timed jobs per mode after one warm-up")
+    parser.add_argument("--runs", type=int, default=1, help="timed jobs per mode after one warm-up (default 1)")
     args = parser.parse_args(argv)
     _quiet()
     cuda = args.device.startswith("cuda")
