@@ -187,3 +187,18 @@ def test_tryon_runs_fast_only_where_the_accelerator_supports_inpainting(
     else:
         assert result.meta["fast"] is None and result.meta["steps"] == STYLE_STEPS
     assert progress.steps[-1][0] == progress.steps[-1][1] == result.meta["steps"] + 1
+
+
+def test_sdxl_styles_run_fast_with_the_sdxl_accelerator(tiny_models, identity, tmp_path):
+    accelerator = accelerators().get(None)
+    pipeline = PortraitPipeline()
+    pipeline.load(PipelineContext(models_dir=tmp_path, settings=_settings(
+        tiny_models, model_paths={accelerator.models["sdxl"]: str(tiny_models["lora_sdxl"])})))
+    style = _style(family="sdxl", sampler={"scheduler": "euler", "steps": STYLE_STEPS, "guidance_scale": 5.0,
+                                           "width": 64, "height": 64})
+    progress = StepRecorder()
+    result = _run(pipeline, tmp_path / "out", identity, progress, style=style, fast=True)
+    assert result.meta["fast"] == accelerator.id and result.meta["steps"] == accelerator.steps
+    assert type(pipeline.base("sdxl").pipe.scheduler).__name__ == accelerator.scheduler
+    assert "fast" in pipeline.base("sdxl").pipe.get_list_adapters()["unet"]
+    assert progress.steps[-1] == (accelerator.steps + 1, accelerator.steps + 1)
