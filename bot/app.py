@@ -26,6 +26,7 @@ from facechain_core.styles import load_styles
 from handlers import features as _features  # noqa: F401  (registers every command)
 from handlers import progress as job_views
 from handlers.protocols import Chat, ReplyChannel
+from handlers.style_sources import published_dir
 from handlers.services import Services
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,7 @@ async def open_service(settings: Settings, extra_kinds: Iterable[JobKind] = ()) 
                         "unchecked until `facechain-bot models pull safety` (or [pipeline] safety_required = true)")
         services = Services.build(settings, storage, channel_for=channel_for, private_chat=private_chat,
                                   features_installed=features,
-                                  styles=load_styles(settings.styles_dir))
+                                  styles=load_styles(settings.styles_dir, published_dir(settings.data_dir)))
         metrics = JobMetrics() if settings.metrics.enabled else None
         sink = HandlerSink(services)
         context = pipeline_context(settings)

@@ -196,6 +196,31 @@ class ImagineSettings(_Section):
     classifier_threshold: float = Field(default=0.6, gt=0, le=1)
 
 
+class StylesSettings(_Section):
+    # Who may make a style from example pictures with /makestyle (in a private chat): "admins" (the
+    # [access] admins), "everyone" (a user's style stays private to them until an admin publishes it) or "off".
+    makestyle: Literal["admins", "everyone", "off"] = "admins"
+    # Example pictures a style is trained on.
+    min_examples: int = Field(default=5, ge=1)
+    max_examples: int = Field(default=30, ge=1)
+    # Pixels the shorter side of an example needs at least.
+    min_side: int = Field(default=384, ge=8)
+    # Perceptual-hash distance (of 64 bits) at or below which two examples count as the same picture.
+    duplicate_distance: int = Field(default=6, ge=0, le=64)
+    # A face other than the maker's in more examples than this refuses the set (a style is not a likeness).
+    max_same_face: int = Field(default=3, ge=1)
+    # A photo of a person whose portrait previews every new style (beside the maker's own); unset: the maker's only.
+    reference_photo: Path | None = None
+
+    @field_validator("max_examples")
+    @classmethod
+    def _check_range(cls, value: int, info: Any) -> int:
+        low = info.data.get("min_examples", 1)
+        if value < low:
+            raise ValueError(f"must be at least min_examples ({low}), got {value}")
+        return value
+
+
 class RetentionSettings(_Section):
     # Days each kind of user data is kept (0: until the user deletes it), counted from when it was made.
     results_days: float = Field(default=30, ge=0)
@@ -215,7 +240,7 @@ class RetentionSettings(_Section):
 
 
 # Jobs one user may start per UTC day, by job kind (admins are exempt); 0: no limit.
-DEFAULT_QUOTAS: dict[str, int] = {"portrait": 20, "cartoon": 40, "train": 2}
+DEFAULT_QUOTAS: dict[str, int] = {"portrait": 20, "cartoon": 40, "train": 2, "style_train": 2}
 
 
 class Settings(_Section):
@@ -236,6 +261,7 @@ class Settings(_Section):
     metrics: MetricsSettings = MetricsSettings()
     retention: RetentionSettings = RetentionSettings()
     imagine: ImagineSettings = ImagineSettings()
+    styles: StylesSettings = StylesSettings()
     # Jobs per user per UTC day by job kind; kinds not named keep DEFAULT_QUOTAS, 0: no limit.
     quotas: dict[str, int] = dict(DEFAULT_QUOTAS)
     # Model name (as in facechain_core/models.toml) -> your own local copy, used instead of

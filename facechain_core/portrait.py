@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ from facechain_core.lora_fuse import fused_loras, wants_fusing
 from facechain_core.pipeline import JobResult, PipelineContext, Progress
 from facechain_core.ranking import Ranked, filter_and_rank
 from facechain_core.resident import SHARED_KEY, ResidentPipelines, modules_of
+from facechain_core.styles import LORA_MODEL_PREFIX
 from facechain_core.studio import aspect_size, identity_weight, size_multiple, variation_noise
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,9 @@ DEFAULTS: dict[str, Any] = {
 # Pose for /style: the family's openpose ControlNet (manifest name, feature); DWPose reads a photo's pose.
 POSE_CONTROLNETS = {"sd15": ("controlnet-openpose-sd15", "pose"), "sdxl": ("controlnet-openpose-sdxl", "pose-sdxl")}
 POSE_MODEL, POSE_FEATURE = "dwpose-wholebody", "pose"
+RESIDENT_PREFIX = "portrait"
+STYLE_BASE_FEATURE = "styles"  # the manifest feature of the community bases a style may name
+MISSING_BASE_RECHECK_S = 60.0  # a style base found missing is looked for again after this (a pull needs no restart)
 DEFAULT_POSES_DIR = Path(__file__).resolve().parent.parent / "poses"
 
 
@@ -75,6 +80,7 @@ class ResidentBase:
     pipe: Any  # StableDiffusionPipeline | StableDiffusionXLPipeline
     family: str
     plus: bool
+    name: str | None = None  # the style base's manifest name; None: the family's default base
     slots: dict[str, str] = field(default_factory=dict)  # adapter slot ("user", "style", "fast") -> LoRA key
     slot_params: dict[str, dict[str, torch.nn.Parameter]] = field(default_factory=dict)  # per slot, peft key -> tensor
     # Adapters and weights last activated: () when LoRA is off, None when unknown.
@@ -173,6 +179,8 @@ class PortraitPipeline:
         self._arcface: ArcFace | None = None
         self._detector: Any | None = None
         self._pose_model: Any | None = None
+        self._missing_bases: dict[str, float] = {}  # style base -> when it was last found missing
+        self._style_bases: set[str] = set()  # resident keys of the style bases this pipeline loaded
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -190,22 +198,47 @@ class PortraitPipeline:
     def close(self) -> None:
         """Evict this pipeline's base models from the resident cache."""
         if self._resident is not None:
-            for family in FAMILIES:
-                self._resident.evict(self.resident_key(family))
+            for key in [self.resident_key(family) for family in FAMILIES] + sorted(self._style_bases):
+                self._resident.evict(key)
         self._arcface = self._detector = self._pose_model = None
 
     @staticmethod
-    def resident_key(family: str) -> str:
-        """Return the key of the family's base in the worker's ResidentPipelines."""
-        return f"portrait:{family}"
+    def resident_key(family: str, name: str | None = None) -> str:
+        """Return the key of the family's base (or of the style base `name`) in the worker's ResidentPipelines."""
+        return f"{RESIDENT_PREFIX}:{family}" + (f":{name}" if name else "")
 
-    def base(self, family: str) -> ResidentBase:
-        """Return the resident base of `family`, loading it on first use."""
+    def base(self, family: str, name: str | None = None) -> ResidentBase:
+        """Return the resident base of `family` (the style base `name` of it, if given), loading it on first use."""
         if family not in FAMILIES:
             raise ValueError(f"unknown family {family!r}, expected one of {sorted(FAMILIES)}")
         if self._resident is None:
             raise RuntimeError("PortraitPipeline used before load")
-        return self._resident.get(self.resident_key(family), lambda: self._load_base(family))
+        key = self.resident_key(family, name)
+        if name is not None:
+            self._style_bases.add(key)
+        return self._resident.get(key, lambda: self._load_base(family, name))
+
+    def style_base(self, style: dict[str, Any]) -> str | None:
+        """The style's own base when it names one and it is installed; None (the family's default) otherwise."""
+        name = style.get("base")
+        if not name:
+            return None
+        assert self._context is not None
+        missing_since = self._missing_bases.get(name)
+        if missing_since is not None and time.monotonic() - missing_since < MISSING_BASE_RECHECK_S:
+            return None  # asked recently: the manifest is not read again for every job
+        if self.resident_key(style["family"], name) in self._style_bases:
+            return str(name)
+        try:
+            self._context.model_path(name, STYLE_BASE_FEATURE)
+        except (ModelNotInstalled, KeyError, ValueError):
+            if missing_since is None:
+                log.warning("style base %s is not installed; its styles run on the default %s base until "
+                            "`facechain-bot models pull %s`", name, style.get("family"), name)
+            self._missing_bases[name] = time.monotonic()
+            return None
+        self._missing_bases.pop(name, None)
+        return str(name)
 
     # -- one job ---------------------------------------------------------------------------------
 
@@ -229,7 +262,7 @@ class PortraitPipeline:
         first_seed = params.get("seed")
         first_seed = secrets.randbelow(2**31) if first_seed is None else int(first_seed)
         seeds = [first_seed + i for i in range(count * max(1, int(self._settings["oversample"])))]
-        base = self.base(style["family"])
+        base = self.base(style["family"], self.style_base(style))
         plan = self.studio_plan(base, style, params.get("controls") or {})
         # 2. Load the identity.
         identity = self._load_identity(params["identity"], params.get("selfies"))
@@ -264,6 +297,7 @@ class PortraitPipeline:
             "seeds": [seeds[r.index] for r in ranked],
             "similarity": [round(r.similarity, 4) for r in ranked],
             "style": style.get("id"),
+            "base": base.name or base.family,
             "lora_used": user_lora,
             "safety": safety.safety_meta(screened),
             "file_meta": [{"seed": seeds[r.index]} for r in ranked],
@@ -319,8 +353,8 @@ class PortraitPipeline:
     def pose_pipeline(self, base: ResidentBase) -> Any:
         """The base's pipeline with the family's openpose ControlNet, sharing every module of the base."""
         assert self._resident is not None
-        key = f"{self.resident_key(base.family)}:openpose"
-        return self._resident.derive(key, self.resident_key(base.family), lambda _: self._load_pose_pipe(base))
+        own = self.resident_key(base.family, base.name)
+        return self._resident.derive(f"{own}:openpose", own, lambda _: self._load_pose_pipe(base))
 
     def _load_pose_pipe(self, base: ResidentBase) -> Any:
         from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
@@ -356,7 +390,7 @@ class PortraitPipeline:
             requests.append(LoraRequest("user", path, float(params.get("user_lora_scale", 1.0))))
         spec = style.get("lora")
         if spec:
-            name = f"style-lora-{style.get('id')}"
+            name = spec.get("model") or f"{LORA_MODEL_PREFIX}{style.get('id')}"
             if params.get("style_lora"):
                 path = Path(params["style_lora"])
                 if not path.is_file():
@@ -563,8 +597,9 @@ class PortraitPipeline:
 
         return create_detector(self._settings["detector_kind"], path)
 
-    def _load_base(self, family: str) -> ResidentBase:
-        """Load the family's base pipeline and its IP-Adapter FaceID (and image encoder for Plus)."""
+    def _load_base(self, family: str, name: str | None = None) -> ResidentBase:
+        """Load the family's base pipeline (or the style base `name`, a diffusers folder of that family) and its
+        IP-Adapter FaceID (and image encoder for Plus)."""
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         from diffusers.models.embeddings import IPAdapterFaceIDPlusImageProjection
 
@@ -574,21 +609,26 @@ class PortraitPipeline:
         adapter = self._path(adapter_setting)
         assert folder is not None and adapter is not None
         dtype = DTYPES.get(self._context.dtype, torch.float32)
-        if family == "sd15":
-            pipe = StableDiffusionPipeline.from_pretrained(
-                folder, dtype=dtype, local_files_only=True, safety_checker=None,
-                requires_safety_checker=False)
-        else:
-            pipe = StableDiffusionXLPipeline.from_pretrained(folder, dtype=dtype, local_files_only=True)
+        cls = StableDiffusionPipeline if family == "sd15" else StableDiffusionXLPipeline
+        extra = {"safety_checker": None, "requires_safety_checker": False} if family == "sd15" else {}
+        if name is not None:
+            folder = self._context.model_path(name, STYLE_BASE_FEATURE)
+        pipe = cls.from_pretrained(folder, dtype=dtype, local_files_only=True, **extra)
         pipe.to(self._context.device)
         pipe.set_progress_bar_config(disable=True)
         pipe.load_ip_adapter(str(adapter.parent), subfolder=None, weight_name=adapter.name,
                              image_encoder_folder=None, local_files_only=True)
         plus = isinstance(pipe.unet.encoder_hid_proj.image_projection_layers[0], IPAdapterFaceIDPlusImageProjection)
         if plus:
-            attach_image_encoder(pipe, self._path("image_encoder_path"), dtype)
+            default_key = self.resident_key(family)
+            plain = self._resident.get(default_key, lambda: None) if name and default_key in self._resident else None
+            encoder = getattr(getattr(plain, "pipe", None), "image_encoder", None)
+            if encoder is not None:  # a style base shares the plain base's image encoder (1.3 GB in fp16)
+                pipe.register_modules(image_encoder=encoder, feature_extractor=plain.pipe.feature_extractor)
+            else:
+                attach_image_encoder(pipe, self._path("image_encoder_path"), dtype)
         log.info("loaded %s base from %s with IP-Adapter FaceID%s", family, folder, " Plus" if plus else "")
-        return ResidentBase(pipe=pipe, family=family, plus=plus, schedulers={"": pipe.scheduler})
+        return ResidentBase(pipe=pipe, family=family, plus=plus, name=name, schedulers={"": pipe.scheduler})
 
 
 def attach_image_encoder(pipe: Any, folder: Path | None, dtype: torch.dtype) -> None:

@@ -229,6 +229,7 @@ def _other_files(root: Path, data: list[str], needed: list[str]) -> list[OtherFi
     root = root.resolve()
     data_files, data_folders = _under(root, data)
     data_folders |= {p.parent for p in data_files if p.parent.name == LORA_FOLDER}  # a LoRA keeps its checkpoints
+    data_folders |= {root / name for name in registry.user_data_folders()}
     needed_files, needed_folders = _under(root, needed)
     found = []
     for path in root.rglob("*"):

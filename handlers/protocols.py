@@ -228,6 +228,15 @@ class ResultInPlace(Protocol):
         """The next public message this channel sends replaces `ref` instead of following it."""
 
 
+@runtime_checkable
+class Gallery(Protocol):
+    """A channel that can show pictures and a text with buttons as one message (Discord: embeds)."""
+
+    async def send_gallery(self, images: list[Media], text: str, buttons: list[list[Button]] | None = None,
+                           visibility: Visibility = Visibility.CHAT) -> MessageRef:
+        """Sends `text`, a titled picture per image (its caption) and the buttons together."""
+
+
 @dataclass
 class Submitted:
     """A job the queue accepted."""

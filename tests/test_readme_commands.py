@@ -215,11 +215,19 @@ def plan_check_selfie(world: World, command: ReadmeCommand) -> None:
     _queue(world, command, argv, check)
 
 
+def plan_styles_check(world: World, command: ReadmeCommand) -> None:
+    """`styles check` runs for real over the shipped catalogue and passes."""
+    def check(result: dict[str, Any]) -> None:
+        assert result["rc"] == 0 and result["out"].startswith("ok: "), result["out"] + result["err"]
+
+    _queue(world, command, _cli_words(command.words), check)
+
+
 def plan_help(world: World, command: ReadmeCommand) -> None:
     """The line parses as written, and its subcommand's --help lists each option the line uses."""
     argv = _cli_words(command.words)
     _parses(argv)
-    subcommand = [w for w in argv if not w.startswith("-")][:2 if argv[0] == "models" else 1]
+    subcommand = [w for w in argv if not w.startswith("-")][:2 if argv[0] in ("models", "styles") else 1]
     options = sorted({w.split("=")[0] for w in argv if w.startswith("--")})
 
     def check(result: dict[str, Any]) -> None:
@@ -281,6 +289,7 @@ BATCH_RULES: list[tuple[str, Planner]] = [
     (r"^facechain-bot health\b", plan_health),
     (r"^facechain-bot (backup|restore)\b", plan_backup_or_restore),
     (r"^facechain-bot check-selfie\b", plan_check_selfie),
+    (r"^facechain-bot styles check\b", plan_styles_check),
     (r"^facechain-bot (?!run\b)", plan_help),
 ]
 RUN_RULE = r"^facechain-bot run\b"

@@ -42,6 +42,9 @@ BUILTIN_KINDS: tuple[JobKind, ...] = (
             needs=(("sd15-inpainting", "template"),)),
     JobKind("train", "facechain_core.train_lora:TrainLoraPipeline", LONG, 3, 4 * 3600, preemptible=True,
             needs=(("sd15", "train"),)),
+    # /makestyle: checks the example set, trains a style LoRA (yields at checkpoints), renders previews.
+    JobKind("style_train", "facechain_core.style_maker:StyleLoraPipeline", LONG, 3, 6 * 3600, preemptible=True,
+            needs=(("sd15", "train"), ("arcface", "portrait"), ("yunet", "portrait"))),
 )
 
 

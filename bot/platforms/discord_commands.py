@@ -5,7 +5,7 @@ Chinese clients, through ``CatalogueTranslator``). Commands with input get typed
 /style (a style with autocomplete from the catalogue, a count of 1 to 8) and /selfie (up to five
 photo attachments; it is no router command: its photos go where any photo goes), /cartoon (an
 installed cartoon style with autocomplete, a photo), /talk (text, a round-video switch, a photo),
-/tryon (an outfit photo) and /admin (an action, a user, a reason; shown to administrators only).
+/tryon (an outfit photo), /makestyle (words and up to five example pictures) and /admin (an action, a user, a reason; shown to administrators only).
 A later feature with input adds its typed builder to ``TYPED_COMMANDS``. Every callback only turns the options into
 arguments for ``DiscordAdapter.run_command``.
 """
@@ -156,6 +156,19 @@ async def run_tryon(interaction: discord.Interaction, outfit: discord.Attachment
     await _adapter(interaction).run_command(interaction, "tryon", [], [outfit] if outfit else [])
 
 
+@app_commands.describe(text=described("discord.option_makestyle_text"),
+                       photo1=described("discord.option_makestyle_photo"), photo2=described("discord.option_makestyle_photo"),
+                       photo3=described("discord.option_makestyle_photo"), photo4=described("discord.option_makestyle_photo"),
+                       photo5=described("discord.option_makestyle_photo"))
+async def run_makestyle(interaction: discord.Interaction, text: str | None = None,
+                        photo1: discord.Attachment | None = None, photo2: discord.Attachment | None = None,
+                        photo3: discord.Attachment | None = None, photo4: discord.Attachment | None = None,
+                        photo5: discord.Attachment | None = None) -> None:
+    """Runs /makestyle with its words (a name and description, done, publish ...) and example pictures."""
+    photos = [p for p in (photo1, photo2, photo3, photo4, photo5) if p is not None]
+    await _adapter(interaction).run_command(interaction, "makestyle", text.split() if text else [], photos)
+
+
 @app_commands.describe(action=described("discord.option_admin_action"), user=described("discord.option_admin_user"),
                        reason=described("discord.option_admin_reason"))
 async def run_admin(interaction: discord.Interaction, action: Literal["stats", "ban", "unban", "bans"],
@@ -283,6 +296,7 @@ TYPED_COMMANDS: dict[str, Callable[[router.Command], app_commands.Command]] = {
     "template": _template_command,
     "imagine": _imagine_command,
     "admin": _admin_command,
+    "makestyle": _typed(run_makestyle),
 }
 
 
