@@ -6,7 +6,7 @@ SD1.5's rank; random weights: this measures time, not looks), then runs ``Portra
 picture with a user LoRA: once at the style's sampler (``--steps``, DPM-Solver++ 2M, guidance 5) and once in
 fast mode, whose scheduler, steps and guidance come from ``facechain_core/accelerators.toml``. Each is run
 once to warm up, then ``--runs`` times; the medians and their ratio are printed. On a CPU the picture is
-smaller (``--size``, default 128) so it finishes in minutes; on cuda it is 512 px. ``--tiny``: tiny models
+smaller (``--size``, default 64) so `make bench` finishes in minutes; on cuda it is 512 px. ``--tiny``: tiny models
 at 64 px, a quick check of this script.
 
     python bench/bench_fast.py [--device cuda] [--accelerator lcm|tcd|hyper] [--runs 3] [--models DIR]
@@ -83,12 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--accelerator", default=None, help="an accelerators.toml id (default: its default)")
     parser.add_argument("--steps", type=int, default=25, help="the style's denoising steps (default 25)")
-    parser.add_argument("--size", type=int, help="picture side (default: 512 on cuda, 128 on cpu, 64 tiny)")
+    parser.add_argument("--size", type=int, help="picture side (default: 512 on cuda, 64 on cpu and tiny)")
     parser.add_argument("--runs", type=int, default=1, help="timed jobs per mode after one warm-up (default 1)")
     args = parser.parse_args(argv)
     _quiet()
     cuda = args.device.startswith("cuda")
-    size = args.size or (64 if args.tiny else 512 if cuda else 128)
+    size = args.size or (512 if cuda else 64)
     accelerator = accelerators().get(args.accelerator)
     with tempfile.TemporaryDirectory(prefix="bench_fast_") as tmp:
         root = args.models or Path(tmp)
