@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from facechain_core.accelerators import check_fast_settings
 from facechain_core.numbers import ascii_int
 
 TELEGRAM_TOKEN_ENV = "FACECHAIN_TELEGRAM_TOKEN"
@@ -286,6 +287,12 @@ class Settings(_Section):
         if negative:
             raise ValueError(f"a quota is a number of jobs (0: no limit), got a negative one for {negative}")
         return {**DEFAULT_QUOTAS, **value}
+
+    @field_validator("pipeline")
+    @classmethod
+    def _check_fast_mode(cls, value: dict[str, Any]) -> dict[str, Any]:
+        check_fast_settings(value)  # fast_mode, fast_auto_queue, fast_accelerator
+        return value
 
     @field_validator("data_dir", "models_dir", "styles_dir")
     @classmethod

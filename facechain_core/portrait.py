@@ -16,7 +16,10 @@ folder, FaceID Plus only), ``arcface_path``, ``detector_path``, ``detector_kind`
 ``face_filter`` (True), ``oversample`` (2), ``batch_size`` (4), ``subject`` ("a person"; a job's
 ``params["subject"]`` wins), ``default_family`` ("sd15"), ``plus_shortcut`` (True: Plus v2), ``sampler_override`` (a dict over
 every style's sampler: steps, width, height, guidance_scale, scheduler), ``fuse_loras`` ("auto": merge the
-active LoRAs into the UNet for each batch on CUDA, see ``facechain_core.lora_fuse``).
+active LoRAs into the UNet for each batch on CUDA, see ``facechain_core.lora_fuse``), ``fast_accelerator``
+(an ``accelerators.toml`` id; default its ``default``). A job with ``params["fast"]`` true runs the accelerator's
+LoRA in a third slot ("fast") with its scheduler, steps and guidance, unless the style says ``fast = false``
+(``facechain_core.accelerators``).
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ import torch
 from PIL import Image
 
 from facechain_core import safety
+from facechain_core.accelerators import FAST_SLOT, Accelerator, accelerators
 from facechain_core.errors import ModelNotInstalled, UserFacingError
 from facechain_core.identity import ARCFACE_SIZE, ArcFace, Identity, align_face, build_identity, landmarks_of, \
     load_identity, open_arcface, pull_command, save_identity
@@ -77,7 +81,7 @@ class ResidentBase:
     family: str
     plus: bool
     name: str | None = None  # the style base's manifest name; None: the family's default base
-    slots: dict[str, str] = field(default_factory=dict)  # adapter slot ("user", "style") -> LoRA key
+    slots: dict[str, str] = field(default_factory=dict)  # adapter slot ("user", "style", "fast") -> LoRA key
     slot_params: dict[str, dict[str, torch.nn.Parameter]] = field(default_factory=dict)  # per slot, peft key -> tensor
     # Adapters and weights last activated: () when LoRA is off, None when unknown.
     active: tuple[tuple[str, float], ...] | None = None
@@ -86,17 +90,18 @@ class ResidentBase:
     def resident_modules(self) -> list[torch.nn.Module]:
         return modules_of(self.pipe)
 
-    def use_scheduler(self, name: str | None) -> None:
-        """Switch to scheduler `name` (a styles.SCHEDULERS key; None: the base's own) on the base's schedule."""
+    def use_scheduler(self, name: str | None, spec: tuple[str, dict[str, Any]] | None = None) -> None:
+        """Switch to scheduler `name` (a styles.SCHEDULERS key, or any key with its `spec`: class name and
+        overrides, as an accelerator's; None: the base's own) on the base's schedule."""
         key = name or ""
         if key not in self.schedulers:
             import diffusers
 
             from facechain_core.styles import SCHEDULERS
 
-            if key not in SCHEDULERS:
+            if spec is None and key not in SCHEDULERS:
                 raise ValueError(f"unknown scheduler {name!r}, expected one of {sorted(SCHEDULERS)}")
-            class_name, extra = SCHEDULERS[key]
+            class_name, extra = spec or SCHEDULERS[key]
             config = self.schedulers[""].config
             self.schedulers[key] = getattr(diffusers, class_name).from_config(config, **extra)
         self.pipe.scheduler = self.schedulers[key]
@@ -245,6 +250,11 @@ class PortraitPipeline:
         style = _style_dict(params["style"])
         # The operator may cap every style's sampler (fewer steps or smaller images on a small GPU).
         sampler = style["sampler"] = {**style["sampler"], **self._settings.get("sampler_override", {})}
+        # Fast mode: the accelerator's steps and guidance (and its LoRA and scheduler below) over the style's.
+        posed = bool((params.get("controls") or {}).get("pose"))
+        fast = self.accelerator_for(style["family"], params, controlnet=posed, opted_out=style.get("fast") is False)
+        if fast is not None:
+            sampler = style["sampler"] = fast.sampler(sampler)
         count = int(params.get("count", 1))
         if not 1 <= count <= MAX_COUNT:
             raise ValueError(f"count must be in 1..{MAX_COUNT}, got {count}")
@@ -257,12 +267,12 @@ class PortraitPipeline:
         # 2. Load the identity.
         identity = self._load_identity(params["identity"], params.get("selfies"))
         # 3. Set up the resident base: user and style LoRAs, identity scale, scheduler.
-        loras = self._lora_requests(style, params)
+        loras = self._lora_requests(style, params) + self.fast_loras(style["family"], fast)
 
         def set_up() -> None:
             self.activate_loras(base, loras)
             base.pipe.set_ip_adapter_scale(plan.identity_weight)
-            base.use_scheduler(sampler.get("scheduler"))
+            use_sampler(base, fast, sampler.get("scheduler"))
 
         set_up()
         # 4. Generate the candidates; progress raising JobCancelled stops between steps.
@@ -291,6 +301,8 @@ class PortraitPipeline:
             "lora_used": user_lora,
             "safety": safety.safety_meta(screened),
             "file_meta": [{"seed": seeds[r.index]} for r in ranked],
+            "fast": fast.id if fast is not None else None,
+            "steps": int(sampler["steps"]),
             **plan.meta(base),
         }
         log.info("portrait style=%s kept %d of %d candidates, user lora=%s", style.get("id"), len(files),
@@ -392,6 +404,28 @@ class PortraitPipeline:
             requests.append(LoraRequest("style", path, float(spec.get("weight", 1.0))))
         return requests
 
+    def accelerator_for(self, family: str, params: dict[str, Any], *, inpainting: bool = False,
+                        controlnet: bool = False, opted_out: bool = False) -> Accelerator | None:
+        """The accelerator a job runs with: None unless ``params["fast"]`` asks for it, the style does not opt out,
+        and the operator's accelerator supports the family and what the job needs (inpainting, ControlNets)."""
+        if not params.get("fast"):
+            return None
+        accelerator = accelerators().get(self._settings.get("fast_accelerator"))
+        if opted_out or not accelerator.supports(family, inpainting=inpainting, controlnet=controlnet):
+            log.info("fast mode asked for but not used: %s", "the style opts out" if opted_out else
+                     f"{accelerator.id} does not support this job on {family}")
+            return None
+        return accelerator
+
+    def fast_loras(self, family: str, accelerator: Accelerator | None) -> list[LoraRequest]:
+        """The accelerator's LoRA for the "fast" slot (none without an accelerator)."""
+        if accelerator is None:
+            return []
+        assert self._context is not None
+        name, feature = accelerator.models[family], accelerator.features[family]
+        path = self._context.model_path(name, feature)  # [model_paths] <name> overrides the manifest's place
+        return [LoraRequest(FAST_SLOT, path, accelerator.weight)]
+
     def activate_loras(self, base: ResidentBase, requests: list[LoraRequest]) -> None:
         """Put each requested LoRA in its slot (weights copied in place when they fit), activate them."""
         pipe = base.pipe
@@ -456,7 +490,7 @@ class PortraitPipeline:
             call = {"image": plan.pose_image, "controlnet_conditioning_scale": float(self._settings["pose_scale"])}
         return self.denoise_chunks(
             base, identity, chunks, progress, total, set_up, float(sampler.get("guidance_scale", 7.0)),
-            runner=runner, latents_for=plan.latents_for(base), prompt=prompt,
+            runner=runner, latents_for=plan.latents_for(base), prompt=prompt, **eta_of(sampler),
             negative_prompt=style.get("negative_prompt") or None, num_inference_steps=int(sampler["steps"]),
             width=plan.width, height=plan.height, **call)
 
@@ -606,6 +640,19 @@ def attach_image_encoder(pipe: Any, folder: Path | None, dtype: torch.dtype) -> 
     size = encoder.config.image_size
     pipe.register_modules(image_encoder=encoder.to(pipe.device),
                           feature_extractor=CLIPImageProcessor(size=size, crop_size=size))
+
+
+def use_sampler(base: ResidentBase, fast: Accelerator | None, scheduler: str | None = None) -> None:
+    """Switch the base to the accelerator's scheduler, or (no accelerator) to `scheduler` (None: the base's own)."""
+    if fast is not None:
+        base.use_scheduler(*fast.scheduler_spec())
+    else:
+        base.use_scheduler(scheduler)
+
+
+def eta_of(sampler: dict[str, Any]) -> dict[str, Any]:
+    """The sampler's eta as a pipeline keyword (an accelerator's, TCD's gamma), or nothing."""
+    return {"eta": float(sampler["eta"])} if sampler.get("eta") is not None else {}
 
 
 def _style_dict(style: Any) -> dict[str, Any]:

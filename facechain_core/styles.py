@@ -165,6 +165,7 @@ class Style(_Strict):
     lora: StyleLora | None = None
     identity_weight: float = Field(ge=0.0, le=1.5)
     sampler: Sampler
+    fast: bool = True  # false: fast mode (facechain_core.accelerators) leaves this style at its own sampler
     preview: Path | None = None
     tags: tuple[str, ...] = Field(default=(), strict=False)  # TOML arrays arrive as lists
     sort: int = DEFAULT_SORT

@@ -14,6 +14,7 @@ from handlers import studio_panel  # noqa: F401  the options panel: aspect, like
 from handlers import template  # noqa: F401  /template
 from handlers import imagine  # noqa: F401  /imagine
 from handlers import duo  # noqa: F401  /duo /group: portraits of consenting members together
+from handlers import fast  # noqa: F401  fast mode: /style NAME fast, the panel's Speed row, the operator's default
 from handlers import makestyle  # noqa: F401  /makestyle: new styles from example pictures
 from handlers import language  # noqa: F401  /language
 from handlers import sharing  # noqa: F401  Share button, inline results, Discord "post to channel"

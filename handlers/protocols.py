@@ -279,5 +279,8 @@ class JobQueue(Protocol):
 
     async def user_jobs(self, user_key: str) -> list[JobView]: ...
 
+    def queue_length(self) -> int:
+        """Jobs waiting for a worker now."""
+
     async def forget_user(self, user_key: str) -> None:
         """Cancels and drops every job of the user (before /delete removes their files)."""

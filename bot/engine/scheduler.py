@@ -378,6 +378,10 @@ class Scheduler(StartStop):
         """Asks every worker process for a pong (liveness and memory; see ``health``)."""
         self._backend.ping()
 
+    def queue_length(self) -> int:
+        """Jobs waiting for a worker now (fast mode's "auto" reads it when a job is queued)."""
+        return len(self._queued)
+
     def health(self) -> dict[str, Any]:
         """Counters for the heartbeat file: workers alive, queue sizes, outcomes since start."""
         return {

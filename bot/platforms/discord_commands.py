@@ -73,26 +73,28 @@ async def run_plain(interaction: discord.Interaction) -> None:
 
 Aspect = Literal["square", "2:3", "9:16", "3:2"]
 Likeness = Literal["low", "normal", "high"]
+Fast = Literal["on", "off"]
 
 
 def studio_words(aspect: str | None = None, likeness: str | None = None, pose: str | None = None,
-                 seed: int | None = None) -> list[str]:
-    """The studio's ``key:value`` words (handlers.studio) for the options given."""
+                 seed: int | None = None, fast: str | None = None) -> list[str]:
+    """The studio's ``key:value`` words (handlers.studio, handlers.fast) for the options given."""
     return [f"{key}:{value}" for key, value in (("aspect", aspect), ("likeness", likeness), ("pose", pose),
-                                                ("seed", seed)) if value is not None and value != ""]
+                                                ("seed", seed), ("fast", fast)) if value is not None and value != ""]
 
 
 @app_commands.describe(style=described("discord.option_style"), count=described("discord.option_count"),
                        aspect=described("discord.option_aspect"), likeness=described("discord.option_likeness"),
                        pose=described("discord.option_pose"), pose_photo=described("discord.option_pose_photo"),
-                       seed=described("discord.option_seed"))
+                       seed=described("discord.option_seed"), fast=described("discord.option_fast"))
 async def run_style(interaction: discord.Interaction, style: str,
                     count: app_commands.Range[int, 1, MAX_PORTRAITS] | None = None, aspect: Aspect | None = None,
                     likeness: Likeness | None = None, pose: str | None = None,
                     pose_photo: discord.Attachment | None = None,
-                    seed: app_commands.Range[int, 0, SEED_MAX] | None = None) -> None:
+                    seed: app_commands.Range[int, 0, SEED_MAX] | None = None, fast: Fast | None = None) -> None:
     """Runs /style with the chosen style, count and studio controls (a photo lends its pose)."""
-    args = style.split() + ([str(count)] if count is not None else []) + studio_words(aspect, likeness, pose, seed)
+    args = (style.split() + ([str(count)] if count is not None else [])
+            + studio_words(aspect, likeness, pose, seed, fast))
     await _adapter(interaction).run_command(interaction, "style", args, [pose_photo] if pose_photo else [])
 
 
