@@ -14,7 +14,7 @@ from facechain_core.duo import DuoPipeline
 from facechain_core.errors import UserFacingError
 from facechain_core.group_poses import column_bounds, load_groups, region_masks
 from facechain_core.group_ranking import best_assignment, rank_group
-from facechain_core.identity import Identity, normalise, save_identity
+from facechain_core.identity import Identity, load_identity, normalise, save_identity
 from facechain_core.pipeline import PipelineContext
 from facechain_core.safety import read_label
 from facechain_core.tiny import build_arcface, build_lora
@@ -250,3 +250,36 @@ def test_bad_requests_are_refused(duo: tuple[DuoPipeline, Path], people: list[Pa
     assert layout.value.code == "duo.unknown_layout"
     with pytest.raises(ValueError, match="2..4 identities"):
         _run(pipeline, tmp_path / "z", people[:1])
+
+
+@pytest.mark.slow
+def test_faceid_plus_gives_each_person_their_own_face_crop(tmp_path: Path, people: list[Path],
+                                                           duo: tuple[DuoPipeline, Path]) -> None:
+    from facechain_core.tiny import CLIP_VISION_HIDDEN, build_clip_vision, build_ip_adapter_faceid
+
+    _, sd15 = duo
+    plus = build_ip_adapter_faceid(tmp_path / "plus.bin", sd15, plus=True, clip_dim=CLIP_VISION_HIDDEN, seed=7,
+                                   lora_rank=0, ip_std=0.6)
+    encoder = build_clip_vision(tmp_path / "clip", hidden_size=CLIP_VISION_HIDDEN)
+    pipeline = DuoPipeline()
+    pipeline.load(PipelineContext(models_dir=tmp_path, settings={
+        "sd15_path": str(sd15), "ip_adapter_path": str(plus), "image_encoder_path": str(encoder),
+        "arcface_path": str(duo[0]._settings["arcface_path"]), "face_filter": False, "oversample": 1,
+        "duo_min_similarity": -1.0, "model_paths": duo[0]._settings["model_paths"]}))
+    try:
+        assert pipeline.base("sd15").plus
+        # B keeps the embedding but gets another face crop: only the crop differs between the two runs.
+        a, b = people[:2]
+        kept = load_identity(b)
+        other_crop = save_identity(Identity(kept.embedding, kept.photo_embeddings, 255 - kept.crop),
+                                   tmp_path / "b_crop.npz")
+        first = _pixels(_run(pipeline, tmp_path / "1", [a, b]).files[0])
+        second = _pixels(_run(pipeline, tmp_path / "2", [a, other_crop]).files[0])
+        height, width = first.shape[:2]
+        masks = pipeline.masks(pipeline.base("sd15"), pipeline.layout(2, None), (width, height))
+        region_a, region_b = (cv2.resize(m.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
+                              for m in masks)
+        change = np.abs(first - second).mean(axis=2)
+        assert change[region_b].mean() > 2 * change[region_a].mean()
+    finally:
+        pipeline.close()
