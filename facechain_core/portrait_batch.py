@@ -42,8 +42,8 @@ def batch_plan(params: dict[str, Any], settings: dict[str, Any]) -> tuple[str, i
     if not isinstance(style, dict) or "sampler" not in style:
         return None
     controls = params.get("controls") or {}
-    if controls.get("pose") or controls.get("vary") is not None:
-        return None  # a ControlNet image or Vary's own starting noise: not shared
+    if controls.get("pose") or controls.get("vary") is not None or params.get("low_memory"):
+        return None  # a ControlNet image, Vary's own starting noise, the worker's low-memory retry: alone
     sampler = {**style["sampler"], **(settings.get("sampler_override") or {})}
     try:
         weight = identity_weight(float(style.get("identity_weight", 1.0)), controls.get("likeness"))
@@ -52,7 +52,8 @@ def batch_plan(params: dict[str, Any], settings: dict[str, Any]) -> tuple[str, i
         return None  # the pipeline will tell the user; nothing to share
     lora = style.get("lora") or None
     key = repr((
-        style.get("family") or settings.get("default_family", "sd15"),
+        style.get("family") or settings.get("default_family", "sd15"), style.get("base"),
+        bool(params.get("fast")) and style.get("fast") is not False,
         sampler.get("scheduler"), sampler.get("steps"), sampler.get("guidance_scale", 7.0),
         sampler.get("width"), sampler.get("height"), controls.get("aspect"), weight,
         (style.get("id"), params.get("style_lora"), lora and lora.get("weight", 1.0)) if lora else None,
@@ -66,7 +67,8 @@ def pass_key(job: PreparedPortrait) -> tuple[Any, ...] | None:
     if job.plan.pose_image is not None or job.plan.vary_seed is not None:
         return None
     sampler = job.style["sampler"]
-    return (job.base.family, sampler.get("scheduler"), int(sampler["steps"]), float(sampler.get("guidance_scale", 7.0)),
+    return (job.base.family, job.base.name, job.fast.id if job.fast is not None else None, sampler.get("scheduler"),
+            int(sampler["steps"]), float(sampler.get("guidance_scale", 7.0)), sampler.get("eta"),
             job.plan.width, job.plan.height, job.plan.identity_weight,
             tuple((r.slot, r.key, r.weight) for r in job.loras))
 
@@ -128,7 +130,7 @@ def _denoise_together(pipeline: PortraitPipeline, members: list[_Member]) -> Non
     import torch
 
     from facechain_core.lora_fuse import fused_loras
-    from facechain_core.portrait import _to_uint8
+    from facechain_core.portrait import _to_uint8, eta_of
 
     first = members[0].job
     base, pipe = first.base, first.base.pipe
@@ -177,7 +179,7 @@ def _denoise_together(pipeline: PortraitPipeline, members: list[_Member]) -> Non
                 width=first.plan.width, height=first.plan.height, guidance_scale=guidance, num_images_per_prompt=1,
                 generator=generators, ip_adapter_image_embeds=[torch.cat([placeholder, placeholder]) if cfg
                                                                else placeholder],
-                callback_on_step_end=on_step_end, output_type="np",
+                callback_on_step_end=on_step_end, output_type="np", **eta_of(sampler),
             )
     except _AllDropped:
         return

@@ -25,19 +25,34 @@ class JobKind:
     preemptible: bool = False
     # Jobs of this kind may share a pass: the plan function's "module:function" (bot.engine.batching).
     batch: str | None = None
+    # (manifest model, feature) pairs a worker must have for this kind; a Ray node without them never gets it.
+    needs: tuple[tuple[str, str], ...] = ()
 
 
 BUILTIN_KINDS: tuple[JobKind, ...] = (
-    JobKind("identity", "facechain_core.identity:IdentityPipeline", INTERACTIVE, 3, 300),
+    JobKind("identity", "facechain_core.identity:IdentityPipeline", INTERACTIVE, 3, 300,
+            needs=(("arcface", "portrait"),)),
     JobKind("cartoon", "facechain_core.cartoon:CartoonPipeline", INTERACTIVE, 2, 300),
     # /voice's ▶: a few seconds of speech, through the talk pipeline (its voices stay loaded once).
     JobKind("voice_sample", "facechain_core.talk:TalkPipeline", INTERACTIVE, 2, 120),
     JobKind("portrait", "facechain_core.portrait:PortraitPipeline", GENERATE, 2, 900,
-            batch="facechain_core.portrait_batch:batch_plan"),
-    JobKind("talk", "facechain_core.talk:TalkPipeline", GENERATE, 2, 600),
-    JobKind("tryon", "facechain_core.tryon:TryOnPipeline", GENERATE, 2, 900),
-    JobKind("template", "facechain_core.template:TemplatePipeline", GENERATE, 2, 900),
-    JobKind("train", "facechain_core.train_lora:TrainLoraPipeline", LONG, 3, 4 * 3600, preemptible=True),
+            batch="facechain_core.portrait_batch:batch_plan",
+            needs=(("sd15", "portrait"), ("ip-adapter-faceid-sd15", "portrait"), ("arcface", "portrait"))),
+    JobKind("talk", "facechain_core.talk:TalkPipeline", GENERATE, 2, 600, needs=(("wav2lip-gan-onnx", "talk"),)),
+    JobKind("tryon", "facechain_core.tryon:TryOnPipeline", GENERATE, 2, 900,
+            needs=(("sd15-inpainting", "tryon"), ("segformer-clothes", "tryon"))),
+    JobKind("template", "facechain_core.template:TemplatePipeline", GENERATE, 2, 900,
+            needs=(("sd15-inpainting", "template"),)),
+    JobKind("duo", "facechain_core.duo:DuoPipeline", GENERATE, 2, 900,
+            needs=(("sd15", "portrait"), ("ip-adapter-faceid-sd15", "portrait"), ("arcface", "portrait"),
+                   ("controlnet-openpose-sd15", "duo"))),
+    JobKind("duo_template", "facechain_core.duo_template:DuoTemplatePipeline", GENERATE, 2, 900,
+            needs=(("sd15-inpainting", "template"),)),
+    JobKind("train", "facechain_core.train_lora:TrainLoraPipeline", LONG, 3, 4 * 3600, preemptible=True,
+            needs=(("sd15", "train"),)),
+    # /makestyle: checks the example set, trains a style LoRA (yields at checkpoints), renders previews.
+    JobKind("style_train", "facechain_core.style_maker:StyleLoraPipeline", LONG, 3, 6 * 3600, preemptible=True,
+            needs=(("sd15", "train"), ("arcface", "portrait"), ("yunet", "portrait"))),
 )
 
 
@@ -65,3 +80,7 @@ class JobKinds:
 
     def names(self) -> list[str]:
         return sorted(self._kinds)
+
+    def needs(self) -> dict[str, list[list[str]]]:
+        """Each kind's required (model, feature) pairs, as a worker host checks them."""
+        return {name: [list(pair) for pair in kind.needs] for name, kind in self._kinds.items()}

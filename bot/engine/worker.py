@@ -8,6 +8,7 @@ in place before going on.
 """
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import os
@@ -22,6 +23,16 @@ from facechain_core.errors import JobCancelled, UserFacingError
 from facechain_core.pipeline import JobResult, Pipeline, PipelineContext
 
 log = logging.getLogger("bot.engine.worker")
+
+
+OUT_OF_MEMORY = "job.out_of_memory"  # the GPU ran out of memory even with smaller batches
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is torch's CUDA out-of-memory error (torch is only consulted when a pipeline loaded it)."""
+    torch = sys.modules.get("torch")
+    oom = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
+    return oom is not None and isinstance(exc, oom)
 
 
 class Channel:
@@ -211,7 +222,7 @@ class Worker:
                 Path(params["out_dir"]).mkdir(parents=True, exist_ok=True)
             pipeline = self.pipeline(message["pipeline"])
             progress = JobProgress(self, job_id, preemptible=bool(message.get("preemptible")) and not nested)
-            outcome: Any = pipeline.run(params, progress)
+            outcome: Any = self.run_within_memory(pipeline, params, progress)
         except Exception as exc:
             outcome = exc
         try:
@@ -233,7 +244,14 @@ class Worker:
                 raise TypeError(f"pipeline {message['pipeline']} cannot run batches")
             live = [(job_id, params) for job_id, params in entries if not self.inbox.is_cancelled(job_id)]
             outcomes: dict[int, Any] = {job_id: JobCancelled(job_id) for job_id, _ in entries}
-            results = run_batch([(params, progresses[job_id]) for job_id, params in live]) if live else []
+            try:
+                results = run_batch([(params, progresses[job_id]) for job_id, params in live]) if live else []
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                log.warning("a batch of %d jobs ran out of GPU memory: running them one by one", len(live))
+                self.free_memory()
+                results = [self._run_alone(pipeline, params, progresses[job_id]) for job_id, params in live]
             outcomes.update(zip([job_id for job_id, _ in live], results, strict=True))
         except Exception as exc:  # the pass itself broke: every job of it crashed
             outcomes = {job_id: exc for job_id, _ in entries}
@@ -243,6 +261,13 @@ class Worker:
                     self._report(job_id, message.get("kind"), outcomes[job_id])
             finally:
                 self.inbox.forget(job_id)
+
+    def _run_alone(self, pipeline: Pipeline, params: dict[str, Any], progress: JobProgress) -> Any:
+        """One job of a batch on its own (after the batch ran out of memory): its result or its exception."""
+        try:
+            return self.run_within_memory(pipeline, params, progress)
+        except Exception as exc:
+            return exc
 
     def _report(self, job_id: int, kind: str | None, outcome: Any) -> None:
         """Tells the lead how a job ended: its result, cancelled, a user-facing error or a crash (a bug)."""
@@ -259,6 +284,36 @@ class Worker:
         else:
             payload = outcome.to_dict() if isinstance(outcome, JobResult) else dict(outcome or {})
             send({"op": wp.DONE, "job": job_id, "result": payload})
+
+    def run_within_memory(self, pipeline: Pipeline, params: dict[str, Any], progress: JobProgress) -> Any:
+        """Runs the job; when the GPU runs out of memory, frees the resident pipelines and tries once more
+        with ``params["low_memory"]`` (a pipeline then uses smaller batches), then fails with a clear code."""
+        try:
+            return pipeline.run(params, progress)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            log.warning("job %d: the GPU ran out of memory; freeing resident pipelines and trying with smaller batches",
+                        progress.job_id)
+        self.free_memory()
+        try:
+            return pipeline.run({**params, "low_memory": True}, progress)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            self.free_memory()
+            raise UserFacingError(OUT_OF_MEMORY) from exc
+
+    def free_memory(self) -> None:
+        """Evicts every resident pipeline base and returns the freed memory to the device."""
+        resident = self.context.shared.get("resident")
+        if resident is not None:
+            for key in list(resident.keys()):
+                resident.evict(key)
+        gc.collect()
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def close(self) -> None:
         for path, pipeline in self._pipelines.items():
