@@ -584,8 +584,9 @@ class Scheduler(StartStop):
     def _group(self, head: Job, worker: Slot) -> list[Job]:
         """The head and the queued jobs right behind it in the fair order that share its pass on `worker`."""
         kind = self._kinds[head.kind]
-        if kind.batch is None or kind.preemptible or self.batch_max <= 1:
-            return [head]
+        batches = getattr(self._backend, "batches", False)
+        if kind.batch is None or kind.preemptible or self.batch_max <= 1 or not batches:
+            return [head]  # the Ray backend runs jobs one by one: no batches for it yet
         order = pick_order(self._queued.values(), self._last_served)
         if not order or order[0].id != head.id:
             return [head]
@@ -657,7 +658,8 @@ class Scheduler(StartStop):
         """Hands reserved runs to the worker (several: one batch, one pass); False if they did not go."""
         for run in runs:
             run.started = time.monotonic()
-            run.timer = asyncio.get_running_loop().call_later(self._kinds[run.job.kind].timeout_s, self._on_timeout, run)
+            timeout = self._kinds[run.job.kind].timeout_s
+            run.timer = asyncio.get_running_loop().call_later(timeout, self._on_timeout, run)
             run.sent = True
         worker.last_base = _base_of(runs[0].job)
         orders = [JobOrder(r.job.id, r.job.kind, self._kinds[r.job.kind].pipeline, self._job_params(r.job),

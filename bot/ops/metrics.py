@@ -3,7 +3,8 @@
 ``JobMetrics.observe`` is the scheduler's job event hook: it counts submissions, retries,
 failures (by code), cancellations and deliveries, and observes run times, queue waits and
 end-to-end latency per kind, the jobs per pass (cross-user batching) and the pictures (result
-files) made per second by kind over the last ``RATE_WINDOW_S``. Gauges (queue length and running jobs by kind, worker liveness and
+files) made per second by kind over the last ``RATE_WINDOW_S``. Gauges (queue length and running
+jobs by kind, worker liveness and
 memory) are read from ``Scheduler.health()`` at each scrape. ``serve_metrics`` serves the registry
 on the service's own event loop (aiohttp), so a scrape never races the scheduler from a thread.
 
@@ -104,7 +105,7 @@ class PictureRate(Collector):
 
     def collect(self) -> Iterator[Metric]:
         rate = GaugeMetricFamily(f"{PREFIX}_pictures_per_second",
-                                 f"Result files (pictures) made per second over the last {RATE_WINDOW_S:.0f} s, by kind.",
+                                 f"Result files (pictures) per second over the last {RATE_WINDOW_S:.0f} s, by kind.",
                                  labels=["kind"])
         since = self._clock() - RATE_WINDOW_S
         for kind, done in sorted(self._done.items()):

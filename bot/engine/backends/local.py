@@ -72,6 +72,8 @@ class _Process:
 class LocalBackend:
     """Worker processes on this machine, one per device (``"cuda:N"`` or ``"cpu"``)."""
 
+    batches = True  # dispatch sends several orders as one batch message (one pass)
+
     def __init__(self, devices: list[str], context: Mapping[str, Any], *, secrets: Iterable[str] = (),
                  infos: list[SlotInfo] | None = None, memory_budgets_mb: list[int] | None = None) -> None:
         """`infos`: each device's capabilities (GPU memory, labels) when known; `memory_budgets_mb`: per device."""
