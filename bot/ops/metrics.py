@@ -5,7 +5,8 @@ failures (by code), cancellations and deliveries, and observes run times, queue 
 end-to-end latency per kind, the jobs per pass (cross-user batching) and the pictures (result
 files) made per second by kind over the last ``RATE_WINDOW_S``. Gauges (queue length and running
 jobs by kind, worker liveness and memory) are read from ``Scheduler.health()`` at each scrape.
-``serve_metrics`` serves the registry on the service's own event loop (aiohttp), so a scrape never races the scheduler from a thread.
+``serve_metrics`` serves the registry on the service's own event loop (aiohttp), so a scrape never
+races the scheduler from a thread.
 
 Usage::
 
