@@ -34,6 +34,8 @@ BUILTIN_KINDS: tuple[JobKind, ...] = (
     JobKind("talk", "facechain_core.talk:TalkPipeline", GENERATE, 2, 600),
     JobKind("tryon", "facechain_core.tryon:TryOnPipeline", GENERATE, 2, 900),
     JobKind("template", "facechain_core.template:TemplatePipeline", GENERATE, 2, 900),
+    # Enhance / Upscale under a result: face restoration, then x2 or x4 super-resolution.
+    JobKind("enhance", "facechain_core.enhance:EnhancePipeline", GENERATE, 2, 600),
     JobKind("train", "facechain_core.train_lora:TrainLoraPipeline", LONG, 3, 4 * 3600, preemptible=True),
 )
 
