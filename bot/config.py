@@ -160,8 +160,21 @@ class RetentionSettings(_Section):
                 "identities": self.identities_days, "loras": self.loras_days}
 
 
+class TrainingSettings(_Section):
+    # The base families /train trains a personal LoRA for ("sd15", "sdxl"), one job each; a style of a
+    # family without the user's LoRA runs train-free and says so.
+    train_families: list[Literal["sd15", "sdxl"]] = Field(default=["sd15"], min_length=1)
+
+    @field_validator("train_families")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"each family once, got {value}")
+        return value
+
+
 # Jobs one user may start per UTC day, by job kind (admins are exempt); 0: no limit.
-DEFAULT_QUOTAS: dict[str, int] = {"portrait": 20, "cartoon": 40, "train": 2}
+DEFAULT_QUOTAS: dict[str, int] = {"portrait": 20, "cartoon": 40, "train": 2, "train_sdxl": 2}
 
 
 class Settings(_Section):
@@ -182,6 +195,7 @@ class Settings(_Section):
     metrics: MetricsSettings = MetricsSettings()
     retention: RetentionSettings = RetentionSettings()
     imagine: ImagineSettings = ImagineSettings()
+    training: TrainingSettings = TrainingSettings()
     # Jobs per user per UTC day by job kind; kinds not named keep DEFAULT_QUOTAS, 0: no limit.
     quotas: dict[str, int] = dict(DEFAULT_QUOTAS)
     # Model name (as in facechain_core/models.toml) -> your own local copy, used instead of

@@ -37,6 +37,7 @@ BUILTIN_KINDS: tuple[JobKind, ...] = (
     # Enhance / Upscale under a result: face restoration, then x2 or x4 super-resolution.
     JobKind("enhance", "facechain_core.enhance:EnhancePipeline", GENERATE, 2, 600),
     JobKind("train", "facechain_core.train_lora:TrainLoraPipeline", LONG, 3, 4 * 3600, preemptible=True),
+    JobKind("train_sdxl", "facechain_core.train_lora_sdxl:SdxlTrainLoraPipeline", LONG, 3, 6 * 3600, preemptible=True),
 )
 
 
