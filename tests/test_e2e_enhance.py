@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -89,4 +90,43 @@ async def test_enhance_under_a_group_portrait(fake_telegram: FakeTelegram, tmp_p
         caption = sent.params["caption"]
         assert t("enhance.caption", "en", scale=2, width=2 * width, height=2 * height, format="PNG") in caption
         assert "AI-generated" in caption
+        await fake.wait_idle()
+
+
+async def test_enhance_on_discord(fake_discord: Any, tmp_path: Path, yunet_path: Path, faces_dir: Path,  # noqa: F811
+                                  enhance_models: dict[str, str]) -> None:
+    from tests.test_e2e_discord import FAKE_IDENTITY, FAKE_PORTRAIT, OTHER, USER, send_selfie
+
+    fake = fake_discord
+    settings = fake.bot_settings(data_dir=tmp_path / "data", models_dir=yunet_path.parent,
+                                 selfie={"detector_model": yunet_path.name}, scheduler={"progress_interval_s": 0},
+                                 model_paths=enhance_models, pipeline={"enhance_tile": 32, "enhance_tile_pad": 4})
+    async with open_service(settings, extra_kinds=[FAKE_PORTRAIT, FAKE_IDENTITY]) as service:
+        assert (await send_selfie(fake, (faces_dir / "obama.jpg").read_bytes())).startswith("Got it")
+        room = fake.guild_channel()
+        mark = fake.mark()
+        fake.slash(USER, "style", channel=room, style="hanfu", count=1)
+        result = await fake.wait_for_files(rf"/channels/{room['id']}/messages", since=mark)
+        await fake.wait_idle()
+        enhance = next(c for c in result.custom_ids() if c.startswith("fc:enhance:"))
+        artifact_id = enhance.rpartition(":")[2]
+        with Image.open((await service.storage.artifact(artifact_id)).path) as image:
+            width, height = image.size
+
+        # Someone else's press is refused privately; the owner's asks for the scale.
+        mark = fake.mark()
+        fake.press(OTHER, result.response, enhance)
+        note = await fake.wait_for("POST", r".*", lambda r: r.content == t("button.not_yours", "en"), since=mark)
+        assert note.flags & 64  # ephemeral
+        mark = fake.mark()
+        fake.press(USER, result.response, enhance)
+        pick = await fake.wait_for("*", r".*", lambda r: f"fc:enhx:{artifact_id}.2" in r.custom_ids(), since=mark)
+        mark = fake.mark()
+        fake.press(USER, pick.response, f"fc:enhx:{artifact_id}.2")
+        sent = await fake.wait_for_files(r"/.*", lambda r: any(n.endswith(".png") and "enhanced" in n
+                                                                for n, _ in r.files), since=mark, timeout=60)
+        ((_, data),) = [(n, d) for n, d in sent.files if "enhanced" in n]
+        with Image.open(io.BytesIO(data)) as enhanced:
+            assert enhanced.size == (2 * width, 2 * height) and enhanced.format == "PNG"
+        assert "AI-generated" in (sent.content or "")
         await fake.wait_idle()
