@@ -174,7 +174,7 @@ class TrainingSettings(_Section):
 
 
 # Jobs one user may start per UTC day, by job kind (admins are exempt); 0: no limit.
-DEFAULT_QUOTAS: dict[str, int] = {"portrait": 20, "cartoon": 40, "train": 2, "train_sdxl": 2}
+DEFAULT_QUOTAS: dict[str, int] = {"portrait": 20, "cartoon": 40, "train": 2, "train_sdxl": 2, "enhance": 40}
 
 
 class Settings(_Section):
