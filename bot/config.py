@@ -42,6 +42,8 @@ class TelegramSettings(_Section):
     # Seconds to wait for the Bot API to connect, take an upload or answer (a send past it is tried again
     # later); unset: python-telegram-bot's own (5 s, 20 s for uploads).
     request_timeout_s: float | None = Field(default=None, gt=0)
+    # The largest file the bot may upload, in MB (Telegram's Bot API: 50; a local Bot API server: 2000).
+    upload_limit_mb: float = Field(default=50.0, gt=0)
 
     @property
     def enabled(self) -> bool:
@@ -56,6 +58,8 @@ class DiscordSettings(_Section):
     allowed_guilds: list[int] = []
     # Empty: every channel. Otherwise only these channel ids in servers (DMs are always allowed).
     allowed_channels: list[int] = []
+    # The largest file the bot may attach, in MiB (10 by default; more in boosted servers).
+    upload_limit_mib: float = Field(default=10.0, gt=0)
 
     @property
     def enabled(self) -> bool:

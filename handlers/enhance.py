@@ -26,9 +26,7 @@ ENHANCE_ACTION = "enhance"  # enhance:<artifact id>, under each picture result: 
 SCALE_ACTION = "enhx"  # enhx:<artifact id>.<scale>, the scale picked
 ENHANCED_KINDS = frozenset({"portrait", "template", "tryon"})
 SCALES = (2, 4)
-# What a bot may upload per file (bytes): Telegram's Bot API 50 MB, Discord 10 MiB for a bot by default.
-UPLOAD_LIMITS = {"telegram": 50_000_000, "discord": 10 * 2**20}
-DEFAULT_UPLOAD_LIMIT = 10 * 2**20
+DEFAULT_UPLOAD_LIMIT = 10 * 2**20  # bytes, for a platform without its own setting
 
 
 async def press_enhance(services: Services, event: Event, channel: ReplyChannel, artifact: Any) -> None:
@@ -56,7 +54,7 @@ async def press_scale(services: Services, event: Event, channel: ReplyChannel, a
     scale = int(scale_text)
     await channel.answer_button(t("enhance.queued", event.language, scale=scale))
     params = {"image": artifact.path, "scale": scale, "source_artifact": artifact.id,
-              "max_bytes": UPLOAD_LIMITS.get(event.chat.platform, DEFAULT_UPLOAD_LIMIT)}
+              "max_bytes": upload_limit(services, event.chat.platform)}
     await submit_with_progress(services, event, channel, "enhance", params)
 
 
@@ -76,6 +74,17 @@ async def present_enhanced(services: Services, job: Any, artifacts: list[Any], c
         if keyboard:  # a document carries no buttons here: they follow it
             await channel.send_text(t("core.more_actions", lang), keyboard)
         await services.storage.mark_delivered(artifact.id, platform, sent.file_id)
+
+
+def upload_limit(services: Services, platform: str) -> int:
+    """The largest file the bot may send on `platform`, in bytes (``[telegram] upload_limit_mb``,
+    ``[discord] upload_limit_mib``)."""
+    settings = services.settings
+    if platform == "telegram":
+        return int(settings.telegram.upload_limit_mb * 1_000_000)
+    if platform == "discord":
+        return int(settings.discord.upload_limit_mib * 2**20)
+    return DEFAULT_UPLOAD_LIMIT
 
 
 def _require(services: Services) -> None:

@@ -87,6 +87,9 @@ async def test_enhance_under_a_group_portrait(fake_telegram: FakeTelegram, tmp_p
         path = tmp_path / "enhanced.png"
         path.write_bytes(data)
         assert "AI-generated" in safety.read_label(path)["description"]
+        (job,) = [j for j in await service.storage.user_jobs(f"telegram:{ANN.id}", ["done", "delivered"])
+                  if j.kind == "enhance"]
+        assert job.params["max_bytes"] == 50_000_000  # Telegram's Bot API upload limit ([telegram] upload_limit_mb)
         caption = sent.params["caption"]
         assert t("enhance.caption", "en", scale=2, width=2 * width, height=2 * height, format="PNG") in caption
         assert "AI-generated" in caption
