@@ -1,8 +1,9 @@
 """Enhance / Upscale: a button under every portrait, template and try-on result.
 
-"✨ Enhance" asks how much larger (×2 or ×4); the choice queues an "enhance" job (``facechain_core.enhance``:
-faces restored, then Real-ESRGAN) on the pressed picture. Both presses are checked against the picture's
-owner. The result goes out as a file, since chats recompress photos and drop their metadata: a PNG when it
+"✨ Enhance" (one per result message, in its last row when there is room: Discord allows five rows under a
+message) asks which picture and how much larger (×2 or ×4); the choice queues an "enhance" job
+(``facechain_core.enhance``: faces restored, then Real-ESRGAN) on that picture. Both presses are checked
+against the pictures' owner. The result goes out as a file, since chats recompress photos and drop their metadata: a PNG when it
 fits the platform's upload limit, else a JPEG at quality 95, else the job says why it was refused.
 """
 from __future__ import annotations
@@ -29,13 +30,41 @@ SCALES = (2, 4)
 DEFAULT_UPLOAD_LIMIT = 10 * 2**20  # bytes, for a platform without its own setting
 
 
-async def press_enhance(services: Services, event: Event, channel: ReplyChannel, artifact: Any) -> None:
-    """Asks the picture's owner how much to enlarge it."""
+PICTURES_PER_ROW = 2  # in the picker: ×2 and ×4 of two pictures per row
+
+
+def enhance_keyboard(services: Services, job: Any, keyboard: list[list[Button]] | None, artifacts: list[Any],
+                     lang: str) -> list[list[Button]] | None:
+    """Adds "✨ Enhance" (one per result message) under pictures of ENHANCED_KINDS, in the last row if it has room."""
+    pictures = [a for a in artifacts if a.kind in ENHANCED_KINDS and a.media_type.startswith("image/")]
+    if not pictures:
+        return keyboard
+    button = Button(t("enhance.button", lang), buttons.payload(ENHANCE_ACTION, pictures[0].id))
+    rows = list(keyboard or [])
+    if rows and len(rows[-1]) < buttons.BUTTONS_PER_ROW:
+        rows[-1] = [*rows[-1], button]
+    else:
+        rows.append([button])
+    return rows
+
+
+async def press_enhance(services: Services, event: Event, channel: ReplyChannel, argument: str) -> None:
+    """Asks the owner which picture of the result to enlarge, and how much."""
+    artifact = await buttons.owned_artifact(services, event, channel, argument, ENHANCED_KINDS)
+    if artifact is None:
+        return
     lang = event.language
     _require(services)
+    siblings = await services.storage.job_artifacts(artifact.job_id) if artifact.job_id is not None else []
+    pictures = [a for a in siblings if a.kind in ENHANCED_KINDS and a.media_type.startswith("image/")
+                and a.owner_key == artifact.owner_key] or [artifact]
     await channel.answer_button()
-    keyboard = [[Button(t("enhance.scale_button", lang, scale=scale),
-                        buttons.payload(SCALE_ACTION, f"{artifact.id}.{scale}")) for scale in SCALES]]
+    numbered = len(pictures) > 1
+    choices = [Button((f"{n} " if numbered else "") + t("enhance.scale_button", lang, scale=scale),
+                      buttons.payload(SCALE_ACTION, f"{picture.id}.{scale}"))
+               for n, picture in enumerate(pictures, start=1) for scale in SCALES]
+    step = PICTURES_PER_ROW * len(SCALES)
+    keyboard = [choices[i:i + step] for i in range(0, len(choices), step)]
     await channel.send_text(t("enhance.pick", lang), keyboard)
 
 
@@ -93,6 +122,8 @@ def _require(services: Services) -> None:
         raise UserFacingError("feature.not_installed", feature=FEATURE)
 
 
-buttons.register_result_button(ENHANCE_ACTION, "enhance.button", press_enhance, applies_to=ENHANCED_KINDS)
+buttons.register_core_button(ENHANCE_ACTION, press_enhance)
 buttons.register_core_button(SCALE_ACTION, press_scale)
+# After the Report buttons (handlers.safety, imported before this module): the button joins their row.
+hooks.register_keyboard_decorator(enhance_keyboard, owner_only=True)
 register_presenter("enhance", present_enhanced)

@@ -134,3 +134,28 @@ def test_auto_restore_runs_on_a_gpu_or_when_on(mode: str, device: str, expected:
 def test_an_unknown_auto_restore_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="auto_restore"):
         wants_auto_restore("always", "cpu")
+
+
+def test_the_enhance_button_joins_the_last_row_once_per_result() -> None:
+    from types import SimpleNamespace
+
+    from handlers import enhance
+    from handlers.protocols import Button
+
+    def art(kind: str, number: int, media: str = "image/png") -> SimpleNamespace:
+        return SimpleNamespace(id=f"a{number}", kind=kind, media_type=media)
+
+    report = [Button("Report 1", "report:a1"), Button("Report 2", "report:a2")]
+    full = [Button(str(i), f"x:{i}") for i in range(3)]
+    pictures = [art("portrait", 1), art("portrait", 2)]
+    rows = enhance.enhance_keyboard(None, None, [full, report], pictures, "en")
+    assert rows[:-1] == [full] and [b.payload for b in rows[-1]] == ["report:a1", "report:a2", "enhance:a1"]
+    rows = enhance.enhance_keyboard(None, None, [full], [art("tryon", 7)], "en")
+    assert rows == [full, [Button(t_enhance(), "enhance:a7")]]
+    assert enhance.enhance_keyboard(None, None, [full], [art("cartoon", 1), art("talk", 2, "video/mp4")], "en") == [full]
+
+
+def t_enhance() -> str:
+    from handlers.messages import t
+
+    return t("enhance.button", "en")
