@@ -8,7 +8,7 @@ ranks the portraits, so the figure is not the one they were optimised for. It pr
 and mode; the published figures of other methods (ArcFace, other protocols) follow as context only.
 
     python bench/bench_likeness.py --faces selfies/ --models models/ --styles hanfu,business_headshot
-    python bench/bench_likeness.py --faces selfies/ --tiny     # tiny random models: runs end to end, numbers meaningless
+    python bench/bench_likeness.py --faces selfies/ --tiny   # tiny random models: end to end, numbers meaningless
 
 With real weights a person needs at least 2 photos (4 or more give steadier figures).
 """

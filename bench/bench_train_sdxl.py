@@ -75,7 +75,8 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
-        for family, build, cls in (("sd15", build_sd15, TrainLoraPipeline), ("sdxl", build_sdxl, SdxlTrainLoraPipeline)):
+        trainers = (("sd15", build_sd15, TrainLoraPipeline), ("sdxl", build_sdxl, SdxlTrainLoraPipeline))
+        for family, build, cls in trainers:
             folder = build(scratch / family, full_size=args.full)
             pipe = cls()
             pipe.load(PipelineContext(models_dir=scratch, device=args.device, dtype=args.dtype,

@@ -199,7 +199,7 @@ class EnhancePipeline:
             model = Upscaler.open(path, loaded.context.device, int(settings["enhance_threads"]),
                                   int(settings["enhance_tile"]), int(settings["enhance_tile_pad"]))
             if model.scale != scale:
-                raise ValueError(f"{path} enlarges x{model.scale}, the manifest's {UPSCALERS[scale]} should be x{scale}")
+                raise ValueError(f"{path} enlarges x{model.scale}; {UPSCALERS[scale]} must enlarge x{scale}")
             self._upscalers[scale] = model
         return self._upscalers[scale]
 

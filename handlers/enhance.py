@@ -3,8 +3,8 @@
 "✨ Enhance" (one per result message, in its last row when there is room: Discord allows five rows under a
 message) asks which picture and how much larger (×2 or ×4); the choice queues an "enhance" job
 (``facechain_core.enhance``: faces restored, then Real-ESRGAN) on that picture. Both presses are checked
-against the pictures' owner. The result goes out as a file, since chats recompress photos and drop their metadata: a PNG when it
-fits the platform's upload limit, else a JPEG at quality 95, else the job says why it was refused.
+against the pictures' owner. The result goes out as a file, since chats recompress photos and drop their
+metadata: a PNG when it fits the platform's upload limit, else a JPEG at quality 95, else the job says why it was refused.
 """
 from __future__ import annotations
 

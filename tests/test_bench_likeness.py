@@ -25,7 +25,8 @@ def _bench():
 
 
 def test_the_likeness_bench_runs_on_tiny_models(tmp_path: Path, faces_dir: Path, yunet_path: Path,
-                                               tiny_models_dir: Path, capsys: pytest.CaptureFixture) -> None:  # noqa: F811
+                                               tiny_models_dir: Path,  # noqa: F811
+                                               capsys: pytest.CaptureFixture) -> None:
     selfies = tmp_path / "selfies"
     for person, photos in (("obama", ["obama.jpg", "obama2.jpg", "obama3.jpg"]), ("biden", ["biden.jpg"]),
                            ("nobody", [])):

@@ -152,7 +152,8 @@ def test_the_enhance_button_joins_the_last_row_once_per_result() -> None:
     assert rows[:-1] == [full] and [b.payload for b in rows[-1]] == ["report:a1", "report:a2", "enhance:a1"]
     rows = enhance.enhance_keyboard(None, None, [full], [art("tryon", 7)], "en")
     assert rows == [full, [Button(t_enhance(), "enhance:a7")]]
-    assert enhance.enhance_keyboard(None, None, [full], [art("cartoon", 1), art("talk", 2, "video/mp4")], "en") == [full]
+    others = [art("cartoon", 1), art("talk", 2, "video/mp4")]
+    assert enhance.enhance_keyboard(None, None, [full], others, "en") == [full]
 
 
 def t_enhance() -> str:

@@ -89,7 +89,8 @@ async def test_an_sd15_lora_leaves_sdxl_styles_train_free_and_says_so(
         assert note in sent.params["caption"]
 
         sent, job = await _portrait(fake, service, ANN, "hanfu")
-        assert job.params["user_lora"].endswith(f"/lora/{LORA_WEIGHTS['sd15']}") and "train_free_family" not in job.params
+        assert job.params["user_lora"].endswith(f"/lora/{LORA_WEIGHTS['sd15']}")
+        assert "train_free_family" not in job.params
         assert "train-free" not in sent.params["caption"]
 
         # Someone who never trained gets no note: every style is train-free for them.

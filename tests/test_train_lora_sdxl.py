@@ -81,7 +81,8 @@ def test_sdxl_conditioning_carries_both_encoders_and_the_time_ids(pipeline: Sdxl
     assert adapter_names(sd.unet) == []  # training left the resident base clean
 
 
-def test_sdxl_lora_changes_sdxl_portraits_at_the_same_seed(trained: dict[str, Any], tiny_models: dict[str, Path],  # noqa: F811
+def test_sdxl_lora_changes_sdxl_portraits_at_the_same_seed(trained: dict[str, Any],
+                                                           tiny_models: dict[str, Path],  # noqa: F811
                                                            tmp_path: Path) -> None:
     portraits = PortraitPipeline()
     portraits.load(PipelineContext(models_dir=tmp_path, settings=_settings(tiny_models)))
