@@ -19,7 +19,8 @@ COPY bot bot
 COPY handlers handlers
 COPY facechain_core facechain_core
 COPY styles styles
-RUN pip install .
+# The ray extra: the same image serves a Ray head and its GPU nodes (README: Ray cluster).
+RUN pip install '.[ray]'
 
 COPY config.example.toml /app/config.toml
 RUN sed -i 's#^data_dir = .*#data_dir = "/data"#; s#^models_dir = .*#models_dir = "/models"#; s#^gpus = .*#gpus = [0]#; s|^# styles_dir = .*|styles_dir = "/app/styles"|' /app/config.toml \

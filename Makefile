@@ -9,7 +9,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	# torch first, pinned: pip takes the CPU build from the machine's disk instead of a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,ray]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -22,7 +22,7 @@ test: setup
 
 # The benches that finish on a CPU; bench_generate and bench_tryon time full-size jobs on a GPU
 # (bench/gpu_check.sh runs them there, with tests/test_gpu.py).
-CPU_BENCHES := scheduler portrait_overhead lora_switch train_step train_sdxl enhance talk studio faults
+CPU_BENCHES := scheduler portrait_overhead lora_switch train_step train_sdxl enhance talk studio faults ray fast duo
 
 bench: setup
 	for b in $(CPU_BENCHES); do $(PY) bench/bench_$$b.py || exit 1; done

@@ -9,6 +9,7 @@
 #   a. tests/test_gpu.py: the engine's CUDA paths in float16 on tiny models (pytest)
 #   b. bench/bench_generate.py: portrait seconds per image, it/s, peak memory (full-size SD1.5, 512 px, 25 steps)
 #   c. bench/bench_lora_switch.py: user LoRA switch vs full reload, with a 25-step 512 px check image
+#   g. bench/bench_fast.py: a portrait at 25 steps vs fast mode (LCM, 6 steps), full-size SD1.5 at 512 px
 #   d. bench/bench_train_step.py: one LoRA training step, float16 + autocast + gradient checkpointing
 #   f. bench/bench_talk.py: a 10-second talking head, fast mode on the CPU and the animated mode
 #      (full-size audio-to-pose network) on CUDA; target under 30 s
@@ -123,6 +124,8 @@ build_models(Path('$MODELS/tryon'), tiny=bool(${#TINY[@]}))
         "${TINY[@]}"
     run_step "c bench_lora_switch" 120 python3 bench/bench_lora_switch.py --device "$DEVICE" --models "$MODELS" \
         "${GEN[@]}" "${TINY[@]}"
+    run_step "g bench_fast" 90 python3 bench/bench_fast.py --device "$DEVICE" --models "$MODELS" --runs 3 \
+        "${TINY[@]}"
     run_step "d bench_train_step" 100 python3 bench/bench_train_step.py --device "$DEVICE" --dtype float16 \
         --model-dir "$MODELS/sd15" --steps 5 "${TINY[@]}"
     wait "$tryon_pid"

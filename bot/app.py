@@ -18,13 +18,16 @@ from bot.config import Settings
 from bot.engine.jobkinds import JobKind, JobKinds
 from bot.ops.metrics import JobMetrics, serve_metrics
 from bot.ops.retention import DAY_S, run_retention
+from bot.engine.backends import create_backend
 from bot.engine.scheduler import Scheduler
 from bot.storage import Artifact, Job, Storage
 from facechain_core.manifest import installed_features
 from facechain_core.styles import load_styles
 from handlers import features as _features  # noqa: F401  (registers every command)
+from handlers import duo
 from handlers import progress as job_views
 from handlers.protocols import Chat, ReplyChannel
+from handlers.style_sources import published_dir
 from handlers.services import Services
 
 log = logging.getLogger(__name__)
@@ -115,6 +118,11 @@ async def _stop_task(task: asyncio.Task[Any]) -> None:
     await asyncio.gather(task, return_exceptions=True)
 
 
+async def _stop_tasks(tasks: set[asyncio.Task[Any]]) -> None:
+    for task in list(tasks):
+        await _stop_task(task)
+
+
 def _build_adapters(settings: Settings, services: Services) -> dict[str, Any]:
     adapters: dict[str, Any] = {}
     if settings.telegram.enabled:
@@ -153,12 +161,15 @@ async def open_service(settings: Settings, extra_kinds: Iterable[JobKind] = ()) 
                         "unchecked until `facechain-bot models pull safety` (or [pipeline] safety_required = true)")
         services = Services.build(settings, storage, channel_for=channel_for, private_chat=private_chat,
                                   features_installed=features,
-                                  styles=load_styles(settings.styles_dir))
+                                  styles=load_styles(settings.styles_dir, published_dir(settings.data_dir)))
         metrics = JobMetrics() if settings.metrics.enabled else None
         sink = HandlerSink(services)
+        context = pipeline_context(settings)
+        backend = create_backend(settings.scheduler, context, data_dir=settings.data_dir, devices=_devices(settings),
+                                 secrets=settings.secrets(), kind_needs=kinds.needs())
         scheduler = Scheduler(
             storage, kinds, settings.scheduler, data_dir=settings.data_dir,
-            context=pipeline_context(settings), sink=sink, devices=_devices(settings),
+            context=context, sink=sink, backend=backend,
             on_event=metrics.observe if metrics is not None else None, secrets=settings.secrets(),
             results_ttl_s=settings.retention.results_days * DAY_S or None,
         )
@@ -177,6 +188,8 @@ async def open_service(settings: Settings, extra_kinds: Iterable[JobKind] = ()) 
         stack.callback(heartbeat.cancel)
         retention = asyncio.create_task(run_retention(services, settings.retention), name="retention")
         stack.push_async_callback(_stop_task, retention)  # before storage closes: a sweep writes rows
+        await duo.resume_timers(services)  # duo requests waiting for consent when the service last stopped
+        stack.push_async_callback(_stop_tasks, services.runtime.tasks)
         try:
             yield Service(settings, storage, scheduler, services, adapters, metrics_url)
         finally:

@@ -149,6 +149,12 @@ def cmd_models(args: argparse.Namespace) -> int:
     return models_cli.run(args, settings)
 
 
+def cmd_styles(args: argparse.Namespace) -> int:
+    from bot import styles_cli
+
+    return styles_cli.run(args, _settings(args))
+
+
 def cmd_portrait(args: argparse.Namespace) -> int:
     from bot import offline
 
@@ -225,6 +231,18 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("out", type=Path)
     tiny.add_argument("--full-size", action="store_true", help="real SD1.5 dimensions, random weights (timing)")
     models.set_defaults(func=cmd_models)
+
+    styles = command(sub, "styles", "check the styles catalogue, render its previews")
+    ssub = styles.add_subparsers(dest="styles_command", required=True)
+    p = command(ssub, "check", "check every style: file, prompt length in CLIP tokens, base and LoRA entries")
+    p.add_argument("--styles-dir", type=Path, default=None, help="the folder to check (default: styles_dir)")
+    p = command(ssub, "previews", "render one preview per style with a reference face, cached by style hash")
+    p.add_argument("--face", type=Path, action="append", default=None,
+                   help="the reference identity's photo (repeatable; default: the public-domain face shipped)")
+    p.add_argument("--style", action="append", default=None, help="only these style ids (repeatable)")
+    p.add_argument("--force", action="store_true", help="render again even when a preview is cached")
+    p.add_argument("--seed", type=int, default=1234)
+    styles.set_defaults(func=cmd_styles)
 
     p = command(sub, "portrait", "generate portraits from photos without a chat")
     p.add_argument("--photo", action="append", required=True, type=Path)

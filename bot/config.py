@@ -6,15 +6,18 @@ Tokens are ``SecretStr``: they never show in a repr, a log line or an error.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from facechain_core.accelerators import check_fast_settings
 from facechain_core.numbers import ascii_int
 
 TELEGRAM_TOKEN_ENV = "FACECHAIN_TELEGRAM_TOKEN"
+TELEGRAM_WEBHOOK_SECRET_ENV = "FACECHAIN_TELEGRAM_WEBHOOK_SECRET"
 DISCORD_TOKEN_ENV = "FACECHAIN_DISCORD_TOKEN"
 
 
@@ -42,12 +45,35 @@ class TelegramSettings(_Section):
     # Seconds to wait for the Bot API to connect, take an upload or answer (a send past it is tried again
     # later); unset: python-telegram-bot's own (5 s, 20 s for uploads).
     request_timeout_s: float | None = Field(default=None, gt=0)
+    # Webhooks instead of polling (behind a reverse proxy): the public HTTPS URL Telegram posts updates to;
+    # empty: long polling. The listener serves the URL's path on webhook_listen:webhook_port.
+    webhook_url: str = ""
+    webhook_listen: str = "127.0.0.1"
+    webhook_port: int = Field(default=8443, ge=1, le=65535)
+    # Sent by Telegram in every webhook request and checked (1-256 of A-Z a-z 0-9 _ -); required with webhooks.
+    webhook_secret_token: SecretStr = SecretStr("")
     # The largest file the bot may upload, in MB (Telegram's Bot API: 50; a local Bot API server: 2000).
     upload_limit_mb: float = Field(default=50.0, gt=0)
 
     @property
     def enabled(self) -> bool:
         return bool(self.token.get_secret_value())
+
+    @field_validator("webhook_secret_token")
+    @classmethod
+    def _secret_token_shape(cls, value: SecretStr) -> SecretStr:
+        text = value.get_secret_value()
+        if text and not re.fullmatch(r"[A-Za-z0-9_-]{1,256}", text):
+            raise ValueError("must be 1-256 characters of A-Z, a-z, 0-9, _ and -")
+        return value
+
+    @model_validator(mode="after")
+    def _webhook_needs_a_secret(self) -> TelegramSettings:
+        if self.webhook_url and not self.webhook_secret_token.get_secret_value():
+            raise ValueError(f"webhook_url needs webhook_secret_token (or {TELEGRAM_WEBHOOK_SECRET_ENV})")
+        if self.webhook_url and not self.webhook_url.startswith(("https://", "http://")):
+            raise ValueError("webhook_url must be an https:// URL")
+        return self
 
 
 class DiscordSettings(_Section):
@@ -71,9 +97,37 @@ class KindOverride(_Section):
     max_tries: int | None = Field(default=None, ge=1)
 
 
+class PlacementRule(_Section):
+    """Pins job kinds to some GPUs: a kind named by any rule runs only on a slot matching one of its rules."""
+
+    kinds: list[str] = Field(min_length=1)
+    # GPU indexes on their machine (empty: any); a CPU worker matches no rule that names GPUs.
+    gpus: list[int] = []
+    # Least GPU memory in MB (0: any); a GPU whose memory is unknown does not match a rule that asks.
+    min_memory_mb: int = Field(default=0, ge=0)
+    # Labels the slot must carry (Ray: its node's labels, e.g. `ray start --labels tier=big`).
+    labels: dict[str, str] = {}
+
+
 class SchedulerSettings(_Section):
     # CUDA device indexes, one worker process each; empty: one CPU worker.
     gpus: list[int] = []
+    # Where worker processes run: "local" (children of the bot, one per GPU above) or "ray"
+    # (one actor per GPU of a Ray cluster; `pip install '.[ray]'`).
+    backend: Literal["local", "ray"] = "local"
+    # Ray: "auto" (the cluster this machine joined), "ray://head:10001", or empty for a local instance.
+    ray_address: str = ""
+    # Ray: the resource each worker actor takes one unit of ("GPU" on a real cluster).
+    ray_gpu_resource: str = "GPU"
+    ray_namespace: str = "facechain"
+    # Ray: only nodes carrying all these labels host workers (empty: every node with the resource).
+    ray_node_labels: dict[str, str] = {}
+    # Ray: MB of job inputs (selfies, identities, user LoRAs) each worker keeps on its node (LRU).
+    ray_cache_mb: int = Field(default=2048, ge=0)
+    # MB the resident-pipeline LRU of each worker may hold (0: no limit); the GPU's own memory bounds it too.
+    memory_budget_mb: int = Field(default=0, ge=0)
+    # Which GPUs each kind may use (both backends); see PlacementRule.
+    placement: list[PlacementRule] = []
     queue_max: int = Field(default=200, ge=1)
     user_max_queued: int = Field(default=3, ge=1)
     # Seconds a running job gets after SIGTERM before it is put back in the queue.
@@ -146,6 +200,36 @@ class ImagineSettings(_Section):
     classifier_threshold: float = Field(default=0.6, gt=0, le=1)
 
 
+class DuoSettings(_Section):
+    # How long each partner has to answer a /duo or /group request; no answer in time means nothing is made.
+    consent_timeout_s: float = Field(default=600.0, gt=0)
+
+
+class StylesSettings(_Section):
+    # Who may make a style from example pictures with /makestyle (in a private chat): "admins" (the
+    # [access] admins), "everyone" (a user's style stays private to them until an admin publishes it) or "off".
+    makestyle: Literal["admins", "everyone", "off"] = "admins"
+    # Example pictures a style is trained on.
+    min_examples: int = Field(default=5, ge=1)
+    max_examples: int = Field(default=30, ge=1)
+    # Pixels the shorter side of an example needs at least.
+    min_side: int = Field(default=384, ge=8)
+    # Perceptual-hash distance (of 64 bits) at or below which two examples count as the same picture.
+    duplicate_distance: int = Field(default=6, ge=0, le=64)
+    # A face other than the maker's in more examples than this refuses the set (a style is not a likeness).
+    max_same_face: int = Field(default=3, ge=1)
+    # A photo of a person whose portrait previews every new style (beside the maker's own); unset: the maker's only.
+    reference_photo: Path | None = None
+
+    @field_validator("max_examples")
+    @classmethod
+    def _check_range(cls, value: int, info: Any) -> int:
+        low = info.data.get("min_examples", 1)
+        if value < low:
+            raise ValueError(f"must be at least min_examples ({low}), got {value}")
+        return value
+
+
 class RetentionSettings(_Section):
     # Days each kind of user data is kept (0: until the user deletes it), counted from when it was made.
     results_days: float = Field(default=30, ge=0)
@@ -178,7 +262,8 @@ class TrainingSettings(_Section):
 
 
 # Jobs one user may start per UTC day, by job kind (admins are exempt); 0: no limit.
-DEFAULT_QUOTAS: dict[str, int] = {"portrait": 20, "cartoon": 40, "train": 2, "train_sdxl": 2, "enhance": 40}
+DEFAULT_QUOTAS: dict[str, int] = {"portrait": 20, "cartoon": 40, "train": 2, "train_sdxl": 2, "style_train": 2,
+                                 "duo": 10, "duo_template": 10, "enhance": 40}
 
 
 class Settings(_Section):
@@ -199,6 +284,8 @@ class Settings(_Section):
     metrics: MetricsSettings = MetricsSettings()
     retention: RetentionSettings = RetentionSettings()
     imagine: ImagineSettings = ImagineSettings()
+    duo: DuoSettings = DuoSettings()
+    styles: StylesSettings = StylesSettings()
     training: TrainingSettings = TrainingSettings()
     # Jobs per user per UTC day by job kind; kinds not named keep DEFAULT_QUOTAS, 0: no limit.
     quotas: dict[str, int] = dict(DEFAULT_QUOTAS)
@@ -219,6 +306,12 @@ class Settings(_Section):
             raise ValueError(f"a quota is a number of jobs (0: no limit), got a negative one for {negative}")
         return {**DEFAULT_QUOTAS, **value}
 
+    @field_validator("pipeline")
+    @classmethod
+    def _check_fast_mode(cls, value: dict[str, Any]) -> dict[str, Any]:
+        check_fast_settings(value)  # fast_mode, fast_auto_queue, fast_accelerator
+        return value
+
     @field_validator("data_dir", "models_dir", "styles_dir")
     @classmethod
     def _expand(cls, value: Path) -> Path:
@@ -234,7 +327,8 @@ class Settings(_Section):
 
     def secrets(self) -> list[str]:
         """Every secret value, for the log redaction filter."""
-        return [s for s in (self.telegram.token.get_secret_value(), self.discord.token.get_secret_value()) if s]
+        return [s for s in (self.telegram.token.get_secret_value(), self.discord.token.get_secret_value(),
+                            self.telegram.webhook_secret_token.get_secret_value()) if s]
 
 
 def _format_errors(error: ValidationError, source: str) -> str:
@@ -261,6 +355,8 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
     for section, var in (("telegram", TELEGRAM_TOKEN_ENV), ("discord", DISCORD_TOKEN_ENV)):
         if env.get(var):
             raw.setdefault(section, {})["token"] = env[var]
+    if env.get(TELEGRAM_WEBHOOK_SECRET_ENV):
+        raw.setdefault("telegram", {})["webhook_secret_token"] = env[TELEGRAM_WEBHOOK_SECRET_ENV]
     try:
         return Settings.model_validate(raw)
     except ValidationError as exc:

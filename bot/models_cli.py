@@ -10,6 +10,10 @@ from facechain_core.manifest import ManifestError, UnknownFeature, load_manifest
 from facechain_core.pull import PullError, PullProgress, pull
 
 
+# Open RAIL licences: free use, but with use restrictions that bind whoever serves the model's output.
+USE_RESTRICTED = {"creativeml-openrail-m", "openrail", "openrail++", "openrail-m"}
+
+
 def _mb(size: int | None) -> str:
     return "?" if size is None else f"{size / 1e6:,.1f} MB"
 
@@ -48,9 +52,16 @@ def cmd_pull(args: argparse.Namespace, settings: Settings) -> int:
                   progress=None if args.dry_run else _ProgressPrinter())
     print(file=sys.stderr)
     for model in report.models:
-        print(f"{model.action.value:<18} {model.name:<28} {_mb(model.size):>12}  {model.source or ''}")
+        nc = ", non-commercial" if model.non_commercial else ""
+        print(f"{model.action.value:<18} {model.name:<28} {_mb(model.size):>12}  [{model.licence}{nc}]  "
+              f"{model.source or ''}")
         for warning in model.warnings:
             print(f"  warning: {warning}")
+    restricted = sorted({m.licence for m in report.models if m.licence in USE_RESTRICTED})
+    if restricted:
+        print(f"use restrictions: {', '.join(restricted)} forbid, among others, unlawful use, harming "
+              "minors, defaming or harassing others and harmful false information; pass them on to your users (the licence texts are at "
+              "each model's licence_url in facechain_core/models.toml)")
     if report.dry_run:
         print(f"total to fetch: {_mb(report.bytes_to_fetch)}")
         if report.licences_to_accept:

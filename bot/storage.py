@@ -180,11 +180,50 @@ MIGRATIONS: list[str] = [
     ALTER TABLE jobs ADD COLUMN notified_at REAL;
     UPDATE jobs SET notified_at = COALESCE(finished_at, created_at) WHERE state = 'failed';
     """,
+    # 8: duo and group portraits: a request waits for every partner's consent (one row each); a partner
+    # may block a requester; a result belongs to everyone in it (artifact_owners: owners beside the
+    # requester, who stays artifacts.owner_key).
+    """
+    CREATE TABLE duo_requests (
+        id TEXT PRIMARY KEY,
+        requester_key TEXT NOT NULL,
+        chat TEXT NOT NULL,
+        params TEXT NOT NULL DEFAULT '{}',
+        state TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    CREATE INDEX duo_requests_requester ON duo_requests(requester_key);
+    CREATE TABLE duo_consents (
+        request_id TEXT NOT NULL REFERENCES duo_requests(id) ON DELETE CASCADE,
+        partner_key TEXT NOT NULL,
+        answer TEXT,
+        PRIMARY KEY (request_id, partner_key)
+    );
+    CREATE INDEX duo_consents_partner ON duo_consents(partner_key);
+    CREATE TABLE duo_blocks (
+        blocker_key TEXT NOT NULL,
+        blocked_key TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (blocker_key, blocked_key)
+    );
+    CREATE INDEX duo_blocks_blocked ON duo_blocks(blocked_key);
+    CREATE TABLE artifact_owners (
+        artifact_id TEXT NOT NULL,
+        owner_key TEXT NOT NULL,
+        PRIMARY KEY (artifact_id, owner_key)
+    );
+    CREATE INDEX artifact_owners_owner ON artifact_owners(owner_key);
+    """,
 ]
 
 # Tables holding a user's rows, and the column naming the user: /delete empties all of them.
 # (``bans`` is left out on purpose: a ban outlives the banned user's /delete.)
 USER_TABLES: dict[str, str] = {
+    "artifact_owners": "owner_key",
+    "duo_consents": "partner_key",
+    "duo_requests": "requester_key",
+    "duo_blocks": "blocker_key",
     "report_reporters": "reporter_key",
     "reports": "owner_key",
     "chat_usage": "user_key",
@@ -203,7 +242,22 @@ PATH_COLUMNS: dict[str, tuple[str, ...]] = {
 }
 JSON_PATH_COLUMNS: dict[str, tuple[str, ...]] = {
     "jobs": ("params", "result"), "artifacts": ("meta",), "pending_inputs": ("payload",), "panels": ("state",),
+    "duo_requests": ("params",),
 }
+
+# What a user's /delete removes besides their own rows, in this order: duo results they are in (reports of
+# those too), every duo job naming them, requests they were asked in, blocks naming them.
+_CO_OWNED = "SELECT artifact_id FROM artifact_owners WHERE owner_key = ?"
+_DUO_JOBS_NAMING = "SELECT j.id FROM jobs j, json_each(j.params, '$.owners') o WHERE o.value = ?"
+_DUO_DELETIONS: tuple[tuple[str, str], ...] = (
+    ("reports", f"DELETE FROM reports WHERE artifact_id IN ({_CO_OWNED}) "
+                f"OR artifact_id IN (SELECT id FROM artifacts WHERE job_id IN ({_DUO_JOBS_NAMING}))"),
+    ("artifacts", f"DELETE FROM artifacts WHERE id IN ({_CO_OWNED}) OR job_id IN ({_DUO_JOBS_NAMING})"),
+    ("jobs", f"DELETE FROM jobs WHERE id IN ({_DUO_JOBS_NAMING})"),
+    ("duo_requests", "DELETE FROM duo_requests WHERE id IN (SELECT request_id FROM duo_consents WHERE partner_key = ?)"),
+    ("duo_blocks", "DELETE FROM duo_blocks WHERE blocked_key = ?"),
+)
+_ORPHAN_OWNERS = "DELETE FROM artifact_owners WHERE artifact_id NOT IN (SELECT id FROM artifacts)"
 
 
 def _moved(value: Any, old_roots: tuple[str, ...], new_root: str) -> Any:
@@ -270,6 +324,25 @@ class Artifact:
     file_ids: dict[str, str] = field(default_factory=dict)
     created_at: float = 0.0
     delivered_at: float | None = None
+    co_owners: tuple[str, ...] = ()  # a duo result's other people (artifact_owners)
+
+    def owned_by(self, user_key: str) -> bool:
+        """Whether `user_key` owns this result (its requester, or anyone else in a duo picture)."""
+        return user_key == self.owner_key or user_key in self.co_owners
+
+
+@dataclass
+class DuoRequest:
+    """A duo or group portrait waiting for consent: its partners' answers (None: not yet)."""
+
+    id: str
+    requester_key: str
+    chat: dict[str, Any]
+    params: dict[str, Any]
+    state: str  # "waiting", "accepted", "declined", "expired"
+    created_at: float
+    expires_at: float
+    answers: dict[str, str | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -377,11 +450,17 @@ def _job(row: aiosqlite.Row) -> Job:
     )
 
 
+# A column of the other owners of an artifact row (artifacts a), as a JSON array.
+_CO_OWNERS = ("(SELECT json_group_array(o.owner_key) FROM artifact_owners o WHERE o.artifact_id = artifacts.id) "
+              "AS co_owners")
+
+
 def _artifact(row: aiosqlite.Row) -> Artifact:
+    co_owners = tuple(json.loads(row["co_owners"])) if "co_owners" in row.keys() and row["co_owners"] else ()
     return Artifact(
         id=row["id"], job_id=row["job_id"], owner_key=row["owner_key"], kind=row["kind"], path=row["path"],
         media_type=row["media_type"], meta=json.loads(row["meta"]), file_ids=json.loads(row["file_ids"]),
-        created_at=row["created_at"], delivered_at=row["delivered_at"],
+        created_at=row["created_at"], delivered_at=row["delivered_at"], co_owners=co_owners,
     )
 
 
@@ -564,13 +643,20 @@ class Storage:
 
     @_serialised
     async def delete_user(self, key: str) -> dict[str, int]:
-        """Deletes every row of the user in one transaction; returns counts per table."""
+        """Deletes every row of the user in one transaction; returns counts per table.
+
+        A duo result goes for everyone in it, with the duo jobs naming the user, the requests they were
+        asked in and the blocks naming them (``shared_results`` lists those results' files first)."""
         counts: dict[str, int] = {}
         await self.db.execute("BEGIN")
         try:
+            for table, sql in _DUO_DELETIONS:
+                cur = await self.db.execute(sql, (key,) * sql.count("?"))
+                counts[table] = counts.get(table, 0) + max(cur.rowcount, 0)
             for table, column in USER_TABLES.items():
                 cur = await self.db.execute(f"DELETE FROM {table} WHERE {column} = ?", (key,))
-                counts[table] = cur.rowcount
+                counts[table] = counts.get(table, 0) + cur.rowcount
+            await self.db.execute(_ORPHAN_OWNERS)
             await self.db.commit()
         except BaseException:
             await self.db.rollback()
@@ -725,6 +811,11 @@ class Storage:
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (a.id, job_id, a.owner_key, a.kind, a.path, a.media_type, json.dumps(a.meta), a.created_at or time.time()),
                 )
+                # A duo result belongs to everyone in it: the job's owners besides its requester.
+                await self.db.execute(
+                    "INSERT OR IGNORE INTO artifact_owners (artifact_id, owner_key) SELECT ?, o.value FROM jobs j, "
+                    "json_each(j.params, '$.owners') o WHERE j.id = ? AND o.value != j.user_key",
+                    (a.id, job_id))
             await self.db.commit()
         except BaseException:
             await self.db.rollback()
@@ -797,12 +888,22 @@ class Storage:
         await self.db.commit()
 
     async def artifact(self, artifact_id: str) -> Artifact | None:
-        async with self.db.execute("SELECT * FROM artifacts WHERE id = ?", (artifact_id,)) as cur:
+        async with self.db.execute(f"SELECT *, {_CO_OWNERS} FROM artifacts WHERE id = ?", (artifact_id,)) as cur:
             row = await cur.fetchone()
         return _artifact(row) if row else None
 
     async def job_artifacts(self, job_id: int) -> list[Artifact]:
-        async with self.db.execute("SELECT * FROM artifacts WHERE job_id = ? ORDER BY rowid", (job_id,)) as cur:
+        async with self.db.execute(f"SELECT *, {_CO_OWNERS} FROM artifacts WHERE job_id = ? ORDER BY rowid",
+                                   (job_id,)) as cur:
+            return [_artifact(r) for r in await cur.fetchall()]
+
+    async def shared_results(self, user_key: str) -> list[Artifact]:
+        """The duo results the user is in (as requester or partner) that name anyone else: /delete removes
+        them for everyone, so their files (in the requester's folder) go first and the others are told."""
+        async with self.db.execute(
+            f"SELECT *, {_CO_OWNERS} FROM artifacts WHERE id IN ({_CO_OWNED}) OR (owner_key = ? AND id IN "
+            "(SELECT artifact_id FROM artifact_owners)) ORDER BY rowid", (user_key, user_key),
+        ) as cur:
             return [_artifact(r) for r in await cur.fetchall()]
 
     @_serialised
@@ -925,11 +1026,92 @@ class Storage:
     async def recent_results(self, owner_key: str, platform: str, limit: int) -> list[Artifact]:
         """The owner's newest delivered pictures that `platform` holds a file id of (to re-send without upload)."""
         async with self.db.execute(
-            "SELECT * FROM artifacts WHERE owner_key = ? AND media_type LIKE 'image/%' AND delivered_at IS NOT NULL "
+            f"SELECT *, {_CO_OWNERS} FROM artifacts WHERE (owner_key = ? OR id IN ({_CO_OWNED})) "
+            "AND media_type LIKE 'image/%' AND delivered_at IS NOT NULL "
             "AND json_extract(file_ids, ?) IS NOT NULL ORDER BY created_at DESC, rowid DESC LIMIT ?",
-            (owner_key, f'$."{platform}"', limit),
+            (owner_key, owner_key, f'$."{platform}"', limit),
         ) as cur:
             return [_artifact(r) for r in await cur.fetchall()]
+
+    # -- duo and group portraits ---------------------------------------------------------
+    @_serialised
+    async def open_duo_request(self, request_id: str, requester_key: str, chat: dict[str, Any],
+                               params: dict[str, Any], partners: list[str], ttl_s: float) -> None:
+        """A request waiting for each partner's answer until ``ttl_s`` from now."""
+        now = time.time()
+        await self.db.execute("BEGIN")
+        try:
+            await self.db.execute(
+                "INSERT INTO duo_requests (id, requester_key, chat, params, state, created_at, expires_at) "
+                "VALUES (?, ?, ?, ?, 'waiting', ?, ?)",
+                (request_id, requester_key, json.dumps(chat), json.dumps(params), now, now + ttl_s))
+            await self.db.executemany("INSERT INTO duo_consents (request_id, partner_key) VALUES (?, ?)",
+                                      [(request_id, p) for p in partners])
+            await self.db.commit()
+        except BaseException:
+            await self.db.rollback()
+            raise
+
+    async def duo_request(self, request_id: str) -> DuoRequest | None:
+        async with self.db.execute("SELECT * FROM duo_requests WHERE id = ?", (request_id,)) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        async with self.db.execute("SELECT partner_key, answer FROM duo_consents WHERE request_id = ? ORDER BY rowid",
+                                   (request_id,)) as cur:
+            answers = {r["partner_key"]: r["answer"] for r in await cur.fetchall()}
+        return DuoRequest(id=row["id"], requester_key=row["requester_key"], chat=json.loads(row["chat"]),
+                          params=json.loads(row["params"]), state=row["state"], created_at=row["created_at"],
+                          expires_at=row["expires_at"], answers=answers)
+
+    @_serialised
+    async def answer_duo(self, request_id: str, partner_key: str, answer: str) -> bool:
+        """Records a partner's yes or no on a waiting, unexpired request; False when it is not theirs or over."""
+        cur = await self.db.execute(
+            "UPDATE duo_consents SET answer = ? WHERE request_id = ? AND partner_key = ? AND answer IS NULL "
+            "AND EXISTS (SELECT 1 FROM duo_requests r WHERE r.id = ? AND r.state = 'waiting' AND r.expires_at > ?)",
+            (answer, request_id, partner_key, request_id, time.time()))
+        await self.db.commit()
+        return cur.rowcount == 1
+
+    @_serialised
+    async def close_duo_request(self, request_id: str, state: str) -> bool:
+        """Moves a waiting request to `state` (accepted, declined, expired); False when it was not waiting."""
+        cur = await self.db.execute("UPDATE duo_requests SET state = ? WHERE id = ? AND state = 'waiting'",
+                                    (state, request_id))
+        await self.db.commit()
+        return cur.rowcount == 1
+
+    async def waiting_duo_requests(self) -> list[str]:
+        """Ids of requests still waiting (the expiry timers to set again after a restart)."""
+        async with self.db.execute("SELECT id FROM duo_requests WHERE state = 'waiting' ORDER BY expires_at") as cur:
+            return [r[0] for r in await cur.fetchall()]
+
+    async def duo_waiting_between(self, requester_key: str, partner_key: str) -> bool:
+        """Whether the requester already has a request waiting for this partner's answer."""
+        async with self.db.execute(
+            "SELECT 1 FROM duo_requests r JOIN duo_consents c ON c.request_id = r.id WHERE r.requester_key = ? "
+            "AND c.partner_key = ? AND r.state = 'waiting' AND r.expires_at > ?",
+            (requester_key, partner_key, time.time())) as cur:
+            return await cur.fetchone() is not None
+
+    @_serialised
+    async def block_duo(self, blocker_key: str, blocked_key: str, blocked: bool = True) -> bool:
+        """Blocks (or unblocks) duo requests from `blocked_key` to `blocker_key`; False when nothing changed."""
+        if blocked:
+            cur = await self.db.execute(
+                "INSERT OR IGNORE INTO duo_blocks (blocker_key, blocked_key, created_at) VALUES (?, ?, ?)",
+                (blocker_key, blocked_key, time.time()))
+        else:
+            cur = await self.db.execute("DELETE FROM duo_blocks WHERE blocker_key = ? AND blocked_key = ?",
+                                        (blocker_key, blocked_key))
+        await self.db.commit()
+        return cur.rowcount == 1
+
+    async def duo_blocked(self, blocker_key: str, blocked_key: str) -> bool:
+        async with self.db.execute("SELECT 1 FROM duo_blocks WHERE blocker_key = ? AND blocked_key = ?",
+                                   (blocker_key, blocked_key)) as cur:
+            return await cur.fetchone() is not None
 
     # -- safety: bans, reports, quotas, retention ------------------------------------------
     @_serialised
@@ -1024,6 +1206,10 @@ class Storage:
                             f"WHERE owner_key = ? AND {_RESULT_MEDIA}")
         jobs = await one("SELECT COUNT(*) AS n FROM jobs WHERE user_key = ?")
         reported = await one("SELECT COUNT(*) AS n FROM report_reporters WHERE reporter_key = ?")
+        async with self.db.execute(
+            "SELECT COUNT(DISTINCT artifact_id) AS n FROM artifact_owners WHERE owner_key = ? OR artifact_id IN "
+            "(SELECT id FROM artifacts WHERE owner_key = ?)", (user_key, user_key)) as cur:
+            duo = await cur.fetchone()
         identity = await self.identity(user_key)
         lora_at = None
         if identity is not None and identity.lora_path:
@@ -1035,6 +1221,7 @@ class Storage:
             "results": {"count": results["n"], "oldest": results["oldest"]},
             "jobs": jobs["n"],
             "reports_made": reported["n"],
+            "duo_results": duo["n"],
         }
 
     async def named_paths(self, user_key: str, now: float) -> tuple[list[str], list[str]]:
@@ -1114,6 +1301,7 @@ class Storage:
                           f"AND {_RESULT_MEDIA}", (user_key, cutoff))
                 await run("reports", "DELETE FROM reports WHERE owner_key = ? "
                           "AND NOT EXISTS (SELECT 1 FROM artifacts a WHERE a.id = reports.artifact_id)", (user_key,))
+                await run("artifact_owners", _ORPHAN_OWNERS, ())
             await run("jobs", f"DELETE FROM jobs WHERE user_key = ? AND state IN {_FINAL_STATES} AND created_at < ? "
                       "AND NOT EXISTS (SELECT 1 FROM artifacts a WHERE a.job_id = jobs.id)", (user_key, cutoff))
             await self.db.commit()

@@ -16,6 +16,14 @@
 - ``fail_code`` (+ ``fail_details``): raise ``UserFacingError`` at the start.
 - ``bug``: raise ``RuntimeError`` at the start.
 - ``chatter``: print to stdout (Python and fd 1) at each step, as noisy libraries do.
+- ``copy_from``: a file whose content is appended to the output file (an input that must reach the worker).
+- ``out``: a second output file (outside ``out_dir``, as identity's) holding the tag.
+- ``echo_params``: the result's meta holds the params the pipeline saw.
+- ``oom_times``: raise ``torch.cuda.OutOfMemoryError`` on the first k runs without ``low_memory`` in this
+  process (after loading a resident entry, so the worker's eviction shows); ``low_memory`` runs pass unless
+  ``oom_always``.
+- ``checkpoint``: at each yield point write ``out_dir/checkpoint/step.txt``; a run that finds one starts
+  after that step (meta ``resumed_from``), as training does.
 
 The result's meta holds ``pid``, ``device``, ``dtype``, ``cuda_visible_devices``, ``loads`` (times
 ``load`` ran in this process), ``run_s`` (seconds inside ``run``) and ``steps_done``.
@@ -79,6 +87,7 @@ class SleepPipeline:
     """Sleeps through progress steps and writes a small file; can crash, hang or fail on demand."""
 
     loads = 0  # per process: proves the pipeline stays resident between jobs
+    ooms = 0  # out-of-memory errors raised in this process
 
     def load(self, context: PipelineContext) -> None:
         """Records the context; takes no time unless ``settings["devtools"]["load_delay_s"]`` says so."""
@@ -94,12 +103,15 @@ class SleepPipeline:
             raise UserFacingError(params["fail_code"], **params.get("fail_details", {}))
         if params.get("bug"):
             raise RuntimeError("devtools: a requested bug")
+        self._maybe_run_out_of_memory(params)
         # 2. Steps.
         steps = int(params.get("steps", 3))
         delay = float(params.get("delay_s", 0))
         yield_every = int(params.get("yield_every", 0))
         tag = str(params.get("tag", params.get("job_id", "job")))
-        for step in range(1, steps + 1):
+        checkpoint = Path(params["out_dir"]) / "checkpoint" / "step.txt"
+        resumed_from = int(checkpoint.read_text()) if params.get("checkpoint") and checkpoint.exists() else 0
+        for step in range(resumed_from + 1, steps + 1):
             if params.get("hang_at") == step:
                 _hang()
             if params.get("pause_at") == step and params.get("pause_dir"):
@@ -113,17 +125,41 @@ class SleepPipeline:
                 os.write(1, b"devtools raw chatter\n")
             progress(step, steps, f"step {step}/{steps}")
             if yield_every and step % yield_every == 0 and step < steps:
+                if params.get("checkpoint"):
+                    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+                    checkpoint.write_text(str(step))
                 progress.yield_point()
         # 3. Output and ledger.
         out = Path(params["out_dir"]) / f"{tag}{params.get('suffix', '.txt')}"
-        out.write_text(f"{tag}\n")
+        out.write_text(f"{tag}\n" + (Path(params["copy_from"]).read_text() if params.get("copy_from") else ""))
+        files = [out]
+        if params.get("out"):
+            Path(params["out"]).write_text(tag)
+            files.append(Path(params["out"]))
         if params.get("ledger"):
             append_ledger(params["ledger"], tag)
-        return JobResult(files=[out], meta={
+        return JobResult(files=files, meta={
             "pid": os.getpid(), "device": self.context.device, "loads": type(self).loads,
             "run_s": time.perf_counter() - started, "steps_done": steps,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "dtype": self.context.dtype,
+            "resumed_from": resumed_from, "memory_budget_mb": self.context.memory_budget_mb,
+            "ooms": type(self).ooms, "low_memory": bool(params.get("low_memory")),
+            "resident_builds": self.context.shared["resident"].loads["devtools-base"] if "resident" in self.context.shared else 0,
+            **({"params": params} if params.get("echo_params") else {}),
         })
+
+    def _maybe_run_out_of_memory(self, params: dict[str, Any]) -> None:
+        if not params.get("oom_times") and not params.get("oom_always"):
+            return
+        import torch
+
+        from facechain_core.resident import SHARED_KEY, ResidentPipelines
+
+        resident = self.context.shared.setdefault(SHARED_KEY, ResidentPipelines(self.context.memory_budget_mb * 2**20))
+        resident.get("devtools-base", lambda: torch.nn.Linear(4, 4))
+        if params.get("oom_always") or (not params.get("low_memory") and type(self).ooms < int(params["oom_times"])):
+            type(self).ooms += 1
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (devtools)")
 
     def close(self) -> None:
         """Nothing to free."""

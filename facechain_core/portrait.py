@@ -16,13 +16,17 @@ folder, FaceID Plus only), ``arcface_path``, ``detector_path``, ``detector_kind`
 ``face_filter`` (True), ``oversample`` (2), ``batch_size`` (4), ``subject`` ("a person"; a job's
 ``params["subject"]`` wins), ``default_family`` ("sd15"), ``plus_shortcut`` (True: Plus v2), ``sampler_override`` (a dict over
 every style's sampler: steps, width, height, guidance_scale, scheduler), ``fuse_loras`` ("auto": merge the
-active LoRAs into the UNet for each batch on CUDA, see ``facechain_core.lora_fuse``), ``auto_restore`` ("off"; "on";
-"auto": on a GPU) restores the faces of every kept portrait (``facechain_core.enhance``).
+active LoRAs into the UNet for each batch on CUDA, see ``facechain_core.lora_fuse``), ``fast_accelerator``
+(an ``accelerators.toml`` id; default its ``default``). A job with ``params["fast"]`` true runs the accelerator's
+LoRA in a third slot ("fast") with its scheduler, steps and guidance, unless the style says ``fast = false``
+(``facechain_core.accelerators``). ``auto_restore`` ("off"; "on"; "auto": on a GPU) restores the faces of every
+kept portrait (``facechain_core.enhance``); ``identity_adapter`` ("auto": FaceID Plus v2 when installed).
 """
 from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +37,7 @@ import torch
 from PIL import Image
 
 from facechain_core import safety
+from facechain_core.accelerators import FAST_SLOT, Accelerator, accelerators
 from facechain_core.enhance import open_restorer, restore_faces, wants_auto_restore
 from facechain_core.errors import ModelNotInstalled, UserFacingError
 from facechain_core.identity import ARCFACE_SIZE, ArcFace, Identity, align_face, build_identity, landmarks_of, \
@@ -41,6 +46,7 @@ from facechain_core.lora_fuse import fused_loras, wants_fusing
 from facechain_core.pipeline import JobResult, PipelineContext, Progress
 from facechain_core.ranking import Ranked, filter_and_rank
 from facechain_core.resident import SHARED_KEY, ResidentPipelines, modules_of
+from facechain_core.styles import LORA_MODEL_PREFIX
 from facechain_core.studio import aspect_size, identity_weight, size_multiple, variation_noise
 
 log = logging.getLogger(__name__)
@@ -66,6 +72,9 @@ DEFAULTS: dict[str, Any] = {
 # Pose for /style: the family's openpose ControlNet (manifest name, feature); DWPose reads a photo's pose.
 POSE_CONTROLNETS = {"sd15": ("controlnet-openpose-sd15", "pose"), "sdxl": ("controlnet-openpose-sdxl", "pose-sdxl")}
 POSE_MODEL, POSE_FEATURE = "dwpose-wholebody", "pose"
+RESIDENT_PREFIX = "portrait"
+STYLE_BASE_FEATURE = "styles"  # the manifest feature of the community bases a style may name
+MISSING_BASE_RECHECK_S = 60.0  # a style base found missing is looked for again after this (a pull needs no restart)
 DEFAULT_POSES_DIR = Path(__file__).resolve().parent.parent / "poses"
 
 
@@ -76,7 +85,8 @@ class ResidentBase:
     pipe: Any  # StableDiffusionPipeline | StableDiffusionXLPipeline
     family: str
     plus: bool
-    slots: dict[str, str] = field(default_factory=dict)  # adapter slot ("user", "style") -> LoRA key
+    name: str | None = None  # the style base's manifest name; None: the family's default base
+    slots: dict[str, str] = field(default_factory=dict)  # adapter slot ("user", "style", "fast") -> LoRA key
     slot_params: dict[str, dict[str, torch.nn.Parameter]] = field(default_factory=dict)  # per slot, peft key -> tensor
     # Adapters and weights last activated: () when LoRA is off, None when unknown.
     active: tuple[tuple[str, float], ...] | None = None
@@ -85,17 +95,18 @@ class ResidentBase:
     def resident_modules(self) -> list[torch.nn.Module]:
         return modules_of(self.pipe)
 
-    def use_scheduler(self, name: str | None) -> None:
-        """Switch to scheduler `name` (a styles.SCHEDULERS key; None: the base's own) on the base's schedule."""
+    def use_scheduler(self, name: str | None, spec: tuple[str, dict[str, Any]] | None = None) -> None:
+        """Switch to scheduler `name` (a styles.SCHEDULERS key, or any key with its `spec`: class name and
+        overrides, as an accelerator's; None: the base's own) on the base's schedule."""
         key = name or ""
         if key not in self.schedulers:
             import diffusers
 
             from facechain_core.styles import SCHEDULERS
 
-            if key not in SCHEDULERS:
+            if spec is None and key not in SCHEDULERS:
                 raise ValueError(f"unknown scheduler {name!r}, expected one of {sorted(SCHEDULERS)}")
-            class_name, extra = SCHEDULERS[key]
+            class_name, extra = spec or SCHEDULERS[key]
             config = self.schedulers[""].config
             self.schedulers[key] = getattr(diffusers, class_name).from_config(config, **extra)
         self.pipe.scheduler = self.schedulers[key]
@@ -174,6 +185,8 @@ class PortraitPipeline:
         self._detector: Any | None = None
         self._pose_model: Any | None = None
         self._restorer: Any | None = None
+        self._missing_bases: dict[str, float] = {}  # style base -> when it was last found missing
+        self._style_bases: set[str] = set()  # resident keys of the style bases this pipeline loaded
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -198,22 +211,47 @@ class PortraitPipeline:
     def close(self) -> None:
         """Evict this pipeline's base models from the resident cache."""
         if self._resident is not None:
-            for family in FAMILIES:
-                self._resident.evict(self.resident_key(family))
+            for key in [self.resident_key(family) for family in FAMILIES] + sorted(self._style_bases):
+                self._resident.evict(key)
         self._arcface = self._detector = self._pose_model = self._restorer = None
 
     @staticmethod
-    def resident_key(family: str) -> str:
-        """Return the key of the family's base in the worker's ResidentPipelines."""
-        return f"portrait:{family}"
+    def resident_key(family: str, name: str | None = None) -> str:
+        """Return the key of the family's base (or of the style base `name`) in the worker's ResidentPipelines."""
+        return f"{RESIDENT_PREFIX}:{family}" + (f":{name}" if name else "")
 
-    def base(self, family: str) -> ResidentBase:
-        """Return the resident base of `family`, loading it on first use."""
+    def base(self, family: str, name: str | None = None) -> ResidentBase:
+        """Return the resident base of `family` (the style base `name` of it, if given), loading it on first use."""
         if family not in FAMILIES:
             raise ValueError(f"unknown family {family!r}, expected one of {sorted(FAMILIES)}")
         if self._resident is None:
             raise RuntimeError("PortraitPipeline used before load")
-        return self._resident.get(self.resident_key(family), lambda: self._load_base(family))
+        key = self.resident_key(family, name)
+        if name is not None:
+            self._style_bases.add(key)
+        return self._resident.get(key, lambda: self._load_base(family, name))
+
+    def style_base(self, style: dict[str, Any]) -> str | None:
+        """The style's own base when it names one and it is installed; None (the family's default) otherwise."""
+        name = style.get("base")
+        if not name:
+            return None
+        assert self._context is not None
+        missing_since = self._missing_bases.get(name)
+        if missing_since is not None and time.monotonic() - missing_since < MISSING_BASE_RECHECK_S:
+            return None  # asked recently: the manifest is not read again for every job
+        if self.resident_key(style["family"], name) in self._style_bases:
+            return str(name)
+        try:
+            self._context.model_path(name, STYLE_BASE_FEATURE)
+        except (ModelNotInstalled, KeyError, ValueError):
+            if missing_since is None:
+                log.warning("style base %s is not installed; its styles run on the default %s base until "
+                            "`facechain-bot models pull %s`", name, style.get("family"), name)
+            self._missing_bases[name] = time.monotonic()
+            return None
+        self._missing_bases.pop(name, None)
+        return str(name)
 
     # -- one job ---------------------------------------------------------------------------------
 
@@ -225,6 +263,11 @@ class PortraitPipeline:
         style = _style_dict(params["style"])
         # The operator may cap every style's sampler (fewer steps or smaller images on a small GPU).
         sampler = style["sampler"] = {**style["sampler"], **self._settings.get("sampler_override", {})}
+        # Fast mode: the accelerator's steps and guidance (and its LoRA and scheduler below) over the style's.
+        posed = bool((params.get("controls") or {}).get("pose"))
+        fast = self.accelerator_for(style["family"], params, controlnet=posed, opted_out=style.get("fast") is False)
+        if fast is not None:
+            sampler = style["sampler"] = fast.sampler(sampler)
         count = int(params.get("count", 1))
         if not 1 <= count <= MAX_COUNT:
             raise ValueError(f"count must be in 1..{MAX_COUNT}, got {count}")
@@ -232,21 +275,21 @@ class PortraitPipeline:
         first_seed = params.get("seed")
         first_seed = secrets.randbelow(2**31) if first_seed is None else int(first_seed)
         seeds = [first_seed + i for i in range(count * max(1, int(self._settings["oversample"])))]
-        base = self.base(style["family"])
+        base = self.base(style["family"], self.style_base(style))
         plan = self.studio_plan(base, style, params.get("controls") or {})
         # 2. Load the identity.
         identity = self._load_identity(params["identity"], params.get("selfies"))
         # 3. Set up the resident base: user and style LoRAs, identity scale, scheduler.
-        loras = self._lora_requests(style, params)
+        loras = self._lora_requests(style, params) + self.fast_loras(style["family"], fast)
 
         def set_up() -> None:
             self.activate_loras(base, loras)
             base.pipe.set_ip_adapter_scale(plan.identity_weight)
-            base.use_scheduler(sampler.get("scheduler"))
+            use_sampler(base, fast, sampler.get("scheduler"))
 
         set_up()
         # 4. Generate the candidates; progress raising JobCancelled stops between steps.
-        batch = max(1, int(self._settings["batch_size"]))
+        batch = 1 if params.get("low_memory") else max(1, int(self._settings["batch_size"]))  # the worker's OOM retry
         chunks = [seeds[i:i + batch] for i in range(0, len(seeds), batch)]
         total = int(sampler["steps"]) * len(chunks) + 1
         prompt = style["prompt"].replace("{subject}", str(params.get("subject") or self._settings["subject"]))
@@ -267,10 +310,13 @@ class PortraitPipeline:
             "seeds": [seeds[r.index] for r in ranked],
             "similarity": [round(r.similarity, 4) for r in ranked],
             "style": style.get("id"),
+            "base": base.name or base.family,
             "lora_used": user_lora,
             "restored": self._restorer is not None,
             "safety": safety.safety_meta(screened),
             "file_meta": [{"seed": seeds[r.index]} for r in ranked],
+            "fast": fast.id if fast is not None else None,
+            "steps": int(sampler["steps"]),
             **plan.meta(base),
         }
         log.info("portrait style=%s kept %d of %d candidates, user lora=%s", style.get("id"), len(files),
@@ -327,8 +373,8 @@ class PortraitPipeline:
     def pose_pipeline(self, base: ResidentBase) -> Any:
         """The base's pipeline with the family's openpose ControlNet, sharing every module of the base."""
         assert self._resident is not None
-        key = f"{self.resident_key(base.family)}:openpose"
-        return self._resident.derive(key, self.resident_key(base.family), lambda _: self._load_pose_pipe(base))
+        own = self.resident_key(base.family, base.name)
+        return self._resident.derive(f"{own}:openpose", own, lambda _: self._load_pose_pipe(base))
 
     def _load_pose_pipe(self, base: ResidentBase) -> Any:
         from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
@@ -364,7 +410,7 @@ class PortraitPipeline:
             requests.append(LoraRequest("user", path, float(params.get("user_lora_scale", 1.0))))
         spec = style.get("lora")
         if spec:
-            name = f"style-lora-{style.get('id')}"
+            name = spec.get("model") or f"{LORA_MODEL_PREFIX}{style.get('id')}"
             if params.get("style_lora"):
                 path = Path(params["style_lora"])
                 if not path.is_file():
@@ -377,6 +423,28 @@ class PortraitPipeline:
                     raise ModelNotInstalled(name, "styles", pull_command(name)) from None
             requests.append(LoraRequest("style", path, float(spec.get("weight", 1.0))))
         return requests
+
+    def accelerator_for(self, family: str, params: dict[str, Any], *, inpainting: bool = False,
+                        controlnet: bool = False, opted_out: bool = False) -> Accelerator | None:
+        """The accelerator a job runs with: None unless ``params["fast"]`` asks for it, the style does not opt out,
+        and the operator's accelerator supports the family and what the job needs (inpainting, ControlNets)."""
+        if not params.get("fast"):
+            return None
+        accelerator = accelerators().get(self._settings.get("fast_accelerator"))
+        if opted_out or not accelerator.supports(family, inpainting=inpainting, controlnet=controlnet):
+            log.info("fast mode asked for but not used: %s", "the style opts out" if opted_out else
+                     f"{accelerator.id} does not support this job on {family}")
+            return None
+        return accelerator
+
+    def fast_loras(self, family: str, accelerator: Accelerator | None) -> list[LoraRequest]:
+        """The accelerator's LoRA for the "fast" slot (none without an accelerator)."""
+        if accelerator is None:
+            return []
+        assert self._context is not None
+        name, feature = accelerator.models[family], accelerator.features[family]
+        path = self._context.model_path(name, feature)  # [model_paths] <name> overrides the manifest's place
+        return [LoraRequest(FAST_SLOT, path, accelerator.weight)]
 
     def activate_loras(self, base: ResidentBase, requests: list[LoraRequest]) -> None:
         """Put each requested LoRA in its slot (weights copied in place when they fit), activate them."""
@@ -442,7 +510,7 @@ class PortraitPipeline:
             call = {"image": plan.pose_image, "controlnet_conditioning_scale": float(self._settings["pose_scale"])}
         return self.denoise_chunks(
             base, identity, chunks, progress, total, set_up, float(sampler.get("guidance_scale", 7.0)),
-            runner=runner, latents_for=plan.latents_for(base), prompt=prompt,
+            runner=runner, latents_for=plan.latents_for(base), prompt=prompt, **eta_of(sampler),
             negative_prompt=style.get("negative_prompt") or None, num_inference_steps=int(sampler["steps"]),
             width=plan.width, height=plan.height, **call)
 
@@ -569,8 +637,9 @@ class PortraitPipeline:
 
         return create_detector(self._settings["detector_kind"], path)
 
-    def _load_base(self, family: str) -> ResidentBase:
-        """Load the family's base pipeline and its IP-Adapter FaceID (and image encoder for Plus)."""
+    def _load_base(self, family: str, name: str | None = None) -> ResidentBase:
+        """Load the family's base pipeline (or the style base `name`, a diffusers folder of that family) and its
+        IP-Adapter FaceID (and image encoder for Plus)."""
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         from diffusers.models.embeddings import IPAdapterFaceIDPlusImageProjection
 
@@ -580,21 +649,26 @@ class PortraitPipeline:
         adapter = self._path(adapter_setting)
         assert folder is not None and adapter is not None
         dtype = DTYPES.get(self._context.dtype, torch.float32)
-        if family == "sd15":
-            pipe = StableDiffusionPipeline.from_pretrained(
-                folder, dtype=dtype, local_files_only=True, safety_checker=None,
-                requires_safety_checker=False)
-        else:
-            pipe = StableDiffusionXLPipeline.from_pretrained(folder, dtype=dtype, local_files_only=True)
+        cls = StableDiffusionPipeline if family == "sd15" else StableDiffusionXLPipeline
+        extra = {"safety_checker": None, "requires_safety_checker": False} if family == "sd15" else {}
+        if name is not None:
+            folder = self._context.model_path(name, STYLE_BASE_FEATURE)
+        pipe = cls.from_pretrained(folder, dtype=dtype, local_files_only=True, **extra)
         pipe.to(self._context.device)
         pipe.set_progress_bar_config(disable=True)
         pipe.load_ip_adapter(str(adapter.parent), subfolder=None, weight_name=adapter.name,
                              image_encoder_folder=None, local_files_only=True)
         plus = isinstance(pipe.unet.encoder_hid_proj.image_projection_layers[0], IPAdapterFaceIDPlusImageProjection)
         if plus:
-            attach_image_encoder(pipe, self._path("image_encoder_path"), dtype)
+            default_key = self.resident_key(family)
+            plain = self._resident.get(default_key, lambda: None) if name and default_key in self._resident else None
+            encoder = getattr(getattr(plain, "pipe", None), "image_encoder", None)
+            if encoder is not None:  # a style base shares the plain base's image encoder (1.3 GB in fp16)
+                pipe.register_modules(image_encoder=encoder, feature_extractor=plain.pipe.feature_extractor)
+            else:
+                attach_image_encoder(pipe, self._path("image_encoder_path"), dtype)
         log.info("loaded %s base from %s with IP-Adapter FaceID%s", family, folder, " Plus" if plus else "")
-        return ResidentBase(pipe=pipe, family=family, plus=plus, schedulers={"": pipe.scheduler})
+        return ResidentBase(pipe=pipe, family=family, plus=plus, name=name, schedulers={"": pipe.scheduler})
 
 
 def attach_image_encoder(pipe: Any, folder: Path | None, dtype: torch.dtype) -> None:
@@ -606,6 +680,19 @@ def attach_image_encoder(pipe: Any, folder: Path | None, dtype: torch.dtype) -> 
     size = encoder.config.image_size
     pipe.register_modules(image_encoder=encoder.to(pipe.device),
                           feature_extractor=CLIPImageProcessor(size=size, crop_size=size))
+
+
+def use_sampler(base: ResidentBase, fast: Accelerator | None, scheduler: str | None = None) -> None:
+    """Switch the base to the accelerator's scheduler, or (no accelerator) to `scheduler` (None: the base's own)."""
+    if fast is not None:
+        base.use_scheduler(*fast.scheduler_spec())
+    else:
+        base.use_scheduler(scheduler)
+
+
+def eta_of(sampler: dict[str, Any]) -> dict[str, Any]:
+    """The sampler's eta as a pipeline keyword (an accelerator's, TCD's gamma), or nothing."""
+    return {"eta": float(sampler["eta"])} if sampler.get("eta") is not None else {}
 
 
 def _style_dict(style: Any) -> dict[str, Any]:

@@ -10,6 +10,8 @@ Adding a style is adding a file ``styles/<id>.toml``::
     prompt = "{subject} wearing ..."  # `{subject}` is replaced by e.g. "a woman"
     negative_prompt = "..."
     preview = "previews/hanfu.jpg"  # optional, relative to styles/, must exist
+    base = "majicmix-realistic-v7"  # optional: a photo-real base of the family, by manifest name
+                                    # (the family's default base when absent or not installed)
 
     [name]
     en = "Hanfu"
@@ -31,12 +33,18 @@ Adding a style is adding a file ``styles/<id>.toml``::
     file = "style.safetensors"
     weight = 0.8                    # 0..2
     license = "apache-2.0"          # optional
+    model = "style-lora-papercut"   # optional: its manifest entry (default "style-lora-<id>")
+
+A style made in chat (/makestyle) names ``source = "local"``: its LoRA file lies beside its TOML
+(published ones under ``data_dir/styles/``, the second folder `load_styles` reads).
 
 `load_styles` validates every file and raises one `StyleError` naming each bad file and key.
 """
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import logging
 import math
 import re
@@ -61,6 +69,7 @@ SUBJECT_FIELD = "subject"
 ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,47}$"
 TAG_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,31}$"
 PREVIEW_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+PREVIEWS_DIR = "previews"  # under data_dir: rendered previews (`facechain-bot styles previews`)
 
 Family = Literal["sd15", "sdxl"]
 # Pixel limits per family: outside them the base model produces tiled or mushy images.
@@ -81,6 +90,9 @@ SchedulerName = Literal["ddim", "dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_a
 
 _HF_SOURCE = re.compile(r"^hf:[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 _HTTPS_SOURCE = re.compile(r"^https://[^\s/]+\.[^\s/]+/\S+$")
+LOCAL_SOURCE = "local"  # the LoRA file lies beside the style's TOML (styles made with /makestyle)
+MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"  # a manifest entry's name (facechain_core.manifest)
+LORA_MODEL_PREFIX = "style-lora-"
 
 
 class _Strict(BaseModel):
@@ -106,12 +118,13 @@ class StyleLora(_Strict):
     file: str
     weight: float = Field(ge=0.0, le=2.0)
     license: str | None = None
+    model: str | None = Field(default=None, pattern=MODEL_NAME_PATTERN)
 
     @field_validator("source")
     @classmethod
     def _check_source(cls, value: str) -> str:
-        if not (_HF_SOURCE.match(value) or _HTTPS_SOURCE.match(value)):
-            raise ValueError(f"must be 'hf:owner/repo[@revision]' or an https:// URL, got {value!r}")
+        if not (_HF_SOURCE.match(value) or _HTTPS_SOURCE.match(value) or value == LOCAL_SOURCE):
+            raise ValueError(f"must be 'hf:owner/repo[@revision]', an https:// URL or 'local', got {value!r}")
         return value
 
     @field_validator("file")
@@ -152,9 +165,11 @@ class Style(_Strict):
     lora: StyleLora | None = None
     identity_weight: float = Field(ge=0.0, le=1.5)
     sampler: Sampler
+    fast: bool = True  # false: fast mode (facechain_core.accelerators) leaves this style at its own sampler
     preview: Path | None = None
     tags: tuple[str, ...] = Field(default=(), strict=False)  # TOML arrays arrive as lists
     sort: int = DEFAULT_SORT
+    base: str | None = Field(default=None, pattern=MODEL_NAME_PATTERN)
 
     @field_validator("id")
     @classmethod
@@ -217,6 +232,19 @@ class Style(_Strict):
     def display_name(self, lang: str | None = None) -> str:
         """Returns the style's name in `lang` (English fallback)."""
         return self.name.get(lang)
+
+    @property
+    def lora_model(self) -> str | None:
+        """The manifest name of the style's LoRA (None without one)."""
+        if self.lora is None:
+            return None
+        return self.lora.model or f"{LORA_MODEL_PREFIX}{self.id}"
+
+    def content_hash(self) -> str:
+        """A short hash of everything that shapes the style's pictures (not its names or menu place)."""
+        keep = self.model_dump(mode="json", include={"family", "prompt", "negative_prompt", "lora",
+                                                     "identity_weight", "sampler", "base"})
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -357,6 +385,25 @@ class StyleCatalog:
         return StyleCatalog(s for s in self._styles if s.family in wanted)
 
 
+def preview_path(data_dir: Path, style: Style) -> Path:
+    """Where `styles previews` caches the style's rendered preview: named by the style's content hash, so an
+    edited style is rendered again and a stale picture is never shown for it."""
+    return Path(data_dir) / PREVIEWS_DIR / f"{style.id}-{style.content_hash()}.jpg"
+
+
+def find_preview(data_dir: Path, style: Style) -> Path | None:
+    """The style's rendered preview if cached, else the picture its file names (``preview``), else None."""
+    rendered = preview_path(data_dir, style)
+    if rendered.is_file():
+        return rendered
+    return style.preview if style.preview is not None and style.preview.is_file() else None
+
+
+def lora_feature(style_id: str) -> str:
+    """The manifest feature of one style's LoRA, so a running bot knows which style LoRAs are installed."""
+    return "style-" + style_id.replace("_", "-")
+
+
 def render_prompt(style: Style, subject: str) -> str:
     """Returns the style's prompt with the identity subject phrase (e.g. 'a woman') filled in."""
     subject = subject.strip()
@@ -396,24 +443,27 @@ def load_style(path: Path, styles_dir: Path | None = None) -> Style:
     return style
 
 
-def load_styles(styles_dir: Path = DEFAULT_STYLES_DIR) -> StyleCatalog:
-    """Loads every ``*.toml`` in `styles_dir`; raises one `StyleError` listing every bad file."""
+def load_styles(styles_dir: Path = DEFAULT_STYLES_DIR, published_dir: Path | None = None) -> StyleCatalog:
+    """Loads every ``*.toml`` in `styles_dir`, then in `published_dir` (styles published from chat, when
+    the folder exists); raises one `StyleError` listing every bad file."""
     styles_dir = Path(styles_dir)
     if not styles_dir.is_dir():
         raise StyleError([StyleProblem(styles_dir, "", "styles folder not found")])
     styles: list[tuple[Path, Style]] = []
     problems: list[StyleProblem] = []
-    for path in sorted(styles_dir.glob("*.toml")):
-        try:
-            styles.append((path, load_style(path, styles_dir)))
-        except StyleError as exc:
-            problems.extend(exc.problems)
+    folders = [styles_dir] + ([Path(published_dir)] if published_dir is not None and Path(published_dir).is_dir() else [])
+    for folder in folders:
+        for path in sorted(folder.glob("*.toml")):
+            try:
+                styles.append((path, load_style(path, folder)))
+            except StyleError as exc:
+                problems.extend(exc.problems)
     problems.extend(_name_clashes(styles))
     if not styles and not problems:
         problems.append(StyleProblem(styles_dir, "", "no style files (*.toml) found"))
     if problems:
         raise StyleError(problems)
-    logger.info("loaded %d styles from %s", len(styles), styles_dir)
+    logger.info("loaded %d styles from %s", len(styles), ", ".join(str(f) for f in folders))
     return StyleCatalog(style for _, style in styles)
 
 

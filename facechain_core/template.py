@@ -31,7 +31,7 @@ from facechain_core.faces import Face
 from facechain_core.garment import feather_mask
 from facechain_core.identity import open_arcface
 from facechain_core.pipeline import JobResult, PipelineContext, Progress
-from facechain_core.portrait import DEFAULTS, MAX_COUNT, _write_pngs, vary_latents
+from facechain_core.portrait import DEFAULTS, MAX_COUNT, _write_pngs, eta_of, use_sampler, vary_latents
 from facechain_core.poses import has_pose, photo_skeleton, pose_map
 from facechain_core.pose import PoseEstimator
 from facechain_core.resident import SHARED_KEY, ResidentPipelines
@@ -92,7 +92,11 @@ class TemplatePipeline(TryOnPipeline):
         # 3. Identity and LoRA on the resident base; the likeness control scales the identity weight.
         identity = self._load_identity(params["identity"], params.get("selfies"))
         base = self.base()
-        loras = self._lora_requests({}, params)
+        # Fast mode where the accelerator runs on the inpainting base with ControlNets (else normally).
+        fast = self.accelerator_for("sd15", params, inpainting=True, controlnet=True)
+        cfg = fast.sampler(cfg) if fast is not None else cfg
+        user_loras = self._lora_requests({}, params)
+        loras = user_loras + self.fast_loras("sd15", fast)
         controls = params.get("controls") or {}
         weight = identity_weight(float(cfg["identity_weight"]), controls.get("likeness"))
         vary_seed = int(controls["vary"]["seed"]) if controls.get("vary") else None
@@ -100,6 +104,7 @@ class TemplatePipeline(TryOnPipeline):
         def set_up() -> None:
             self.activate_loras(base, loras)
             base.pipe.set_ip_adapter_scale(weight)
+            use_sampler(base, fast)
 
         set_up()
         # 4. Generate, then put the template back outside the repainted region.
@@ -114,7 +119,7 @@ class TemplatePipeline(TryOnPipeline):
             latents_for=vary_latents(base.pipe, vary_seed, width, height),
             prompt=prompt, negative_prompt=cfg["negative_prompt"] or None, image=Image.fromarray(picture),
             mask_image=repaint, control_image=[pose, silhouette], height=height, width=width, strength=1.0,
-            num_inference_steps=int(cfg["steps"]), controlnet_conditioning_scale=[pose_weight, 0.0])
+            num_inference_steps=int(cfg["steps"]), controlnet_conditioning_scale=[pose_weight, 0.0], **eta_of(cfg))
         candidates = [composite(picture, image, keep) for image in generated]
         # 5. Rank by face similarity; safe mode; write labelled PNGs.
         ranked = self._rank(candidates, identity, len(candidates))
@@ -129,7 +134,9 @@ class TemplatePipeline(TryOnPipeline):
         meta = {"seeds": [seeds[r.index] for r in ranked], "similarity": [round(r.similarity, 4) for r in ranked],
                 "template": params.get("template_id") or "photo", "size": [width, height],
                 "mask_box": [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1],
-                "identity_weight": weight, "pose_found": pose_weight > 0, "lora_used": bool(loras), "vary_of": vary_seed,
+                "identity_weight": weight, "pose_found": pose_weight > 0, "lora_used": bool(user_loras),
+                "vary_of": vary_seed,
+                "fast": fast.id if fast is not None else None, "steps": int(cfg["steps"]),
                 "safety": safety.safety_meta(screened), "file_meta": [{"seed": seeds[r.index]} for r in ranked]}
         log.info("template %s kept %d of %d candidates", meta["template"], len(files), len(candidates))
         return JobResult(files=files, meta=meta)

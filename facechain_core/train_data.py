@@ -1,4 +1,5 @@
-"""Training photos for an identity LoRA: face-centred square crops, upright and eye-level.
+"""Training photos for a LoRA: face-centred square crops, upright and eye-level (identity), or the
+whole picture centre-cropped square (a style, ``prepare_whole_crops``).
 
 A photo arrives as ``{"path": ..., "face": {"box": [x, y, w, h], "landmarks": [[x, y], ...]}}``
 in the photo's own pixels (YuNet's layout: box is left, top, width, height; the first two
@@ -111,6 +112,21 @@ def prepare_crops(photos: Sequence[dict[str, Any]], resolution: int,
         image = load_photo(Path(photo["path"]), index)
         crops.append(crop_face(image, face, resolution, expand))
     return crops
+
+
+def crop_whole(image: Image.Image, resolution: int) -> Image.Image:
+    """Return the picture's centred square (the most of it a square holds), resized to resolution."""
+    if resolution <= 0:
+        raise ValueError(f"resolution must be positive, got {resolution}")
+    return ImageOps.fit(image, (resolution, resolution), Image.Resampling.LANCZOS)
+
+
+def prepare_whole_crops(photos: Sequence[dict[str, Any]], resolution: int) -> list[Image.Image]:
+    """Load every training picture and return its whole-picture square crop, in order (a style's look
+    is the whole picture, not a face)."""
+    if not photos:
+        raise UserFacingError("train.no_photos")
+    return [crop_whole(load_photo(Path(photo["path"]), index), resolution) for index, photo in enumerate(photos)]
 
 
 def to_pixels(crops: Sequence[Image.Image]) -> torch.Tensor:

@@ -13,6 +13,10 @@ Params of a job::
      "out_dir": "...", "trigger": "a photo of sks person",
      "steps_per_photo": 200, "max_steps": 800, "rank": 4, "lr": 1.5e-4, "resolution": 512,
      "checkpoint_every": 100, "seed": 0, "batch_size": 1, "cache_latents": true}
+
+A style LoRA (``facechain_core.style_maker``) trains through the same code with ``"crop": "whole"``
+(the whole picture, centre-cropped square; no face needed) and ``"captions"``: one prompt per photo
+instead of the one trigger prompt.
 """
 from __future__ import annotations
 
@@ -43,7 +47,7 @@ from facechain_core.errors import ModelNotInstalled, UserFacingError
 from facechain_core.manifest import load_manifest
 from facechain_core.pipeline import JobResult, PipelineContext, Progress
 from facechain_core.resident import SHARED_KEY, ResidentPipelines
-from facechain_core.train_data import DEFAULT_EXPAND, prepare_crops, to_pixels, with_flips
+from facechain_core.train_data import DEFAULT_EXPAND, prepare_crops, prepare_whole_crops, to_pixels, with_flips
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +67,7 @@ RESIDENT_KEY = "train_lora:sd15"
 # The rare-token trigger FaceChain-style identity LoRAs are trained with.
 DEFAULT_TRIGGER = "a photo of sks person"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+CROPS = ("face", "whole")  # face-centred crops (identity) or the whole picture (style)
 
 STAGE_PREPARING = "train.stage.preparing"
 STAGE_TRAINING = "train.stage.training"
@@ -86,6 +91,8 @@ class TrainParams:
     batch_size: int = 1
     cache_latents: bool = True
     expand: float = DEFAULT_EXPAND
+    crop: str = "face"
+    captions: list[str] | None = None  # one prompt per photo; None: the trigger for every photo
 
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> TrainParams:
@@ -100,6 +107,8 @@ class TrainParams:
         values = dict(params)
         values["out_dir"] = Path(params["out_dir"])
         values["photos"] = list(params["photos"])
+        if params.get("captions") is not None:
+            values["captions"] = list(params["captions"])
         made = cls(**values)
         made.check()
         return made
@@ -119,6 +128,17 @@ class TrainParams:
             raise ValueError(f"resolution must be a positive multiple of 8, got {self.resolution!r}")
         if not self.trigger.strip():
             raise ValueError(f"trigger must be a non-empty prompt, got {self.trigger!r}")
+        if self.crop not in CROPS:
+            raise ValueError(f"crop must be one of {CROPS}, got {self.crop!r}")
+        if self.captions is not None:
+            if len(self.captions) != len(self.photos):
+                raise ValueError(f"captions must be one per photo: {len(self.captions)} for {len(self.photos)}")
+            if not all(isinstance(c, str) and c.strip() for c in self.captions):
+                raise ValueError("every caption must be a non-empty prompt")
+
+    def prompts(self) -> str | list[str]:
+        """The prompt of every photo (one shared prompt without captions)."""
+        return list(self.captions) if self.captions is not None else self.trigger
 
     @property
     def total_steps(self) -> int:
@@ -137,6 +157,8 @@ class TrainParams:
             "batch_size": self.batch_size,
             "expand": self.expand,
         }
+        if self.crop != "face" or self.captions is not None:  # identity runs keep their old fingerprints
+            decisive.update(crop=self.crop, captions=self.captions)
         return hashlib.sha256(json.dumps(decisive, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -157,16 +179,16 @@ class InputSource(Protocol):
         """Return scaled latents (B, 4, h, w) and text embeddings (B, L, D) for `indices`."""
 
 
-def tokenize(tokenizer: Any, prompt: str) -> torch.Tensor:
-    """Return the prompt's input ids padded to the tokenizer's length, as SD1.5 was trained."""
+def tokenize(tokenizer: Any, prompt: str | Sequence[str]) -> torch.Tensor:
+    """Return the prompt's (or each prompt's) input ids padded to the tokenizer's length, as SD1.5 was trained."""
     return tokenizer(
-        [prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        [prompt] if isinstance(prompt, str) else list(prompt), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids
 
 
 @torch.no_grad()
 def encode_prompt(text_encoder: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Return the text encoder's last hidden state for the ids, shape (1, L, D)."""
+    """Return the text encoder's last hidden state for the ids, shape (P, L, D) for P prompts."""
     return text_encoder(input_ids.to(text_encoder.device))[0]
 
 
@@ -179,6 +201,13 @@ def encode_latent_dist(vae: AutoencoderKL, pixels: torch.Tensor) -> tuple[torch.
         means.append(dist.mean.float())
         stds.append(dist.std.float())
     return torch.cat(means), torch.cat(stds)
+
+
+def _texts_for(text: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """One shared prompt for every sample, or each image's own caption."""
+    if text.shape[0] == 1:
+        return text.expand(len(indices), -1, -1)
+    return text[indices.to(text.device)]
 
 
 def _sample_latents(
@@ -204,7 +233,7 @@ class CachedInputs:
     def sample(self, indices: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         idx = indices.to(self.latent_mean.device)
         latents = _sample_latents(self.latent_mean[idx], self.latent_std[idx], self.scaling_factor, generator)
-        return latents, self.text_embeds.expand(len(indices), -1, -1)
+        return latents, _texts_for(self.text_embeds, indices)
 
 
 @dataclass
@@ -222,20 +251,21 @@ class LiveInputs:
     def sample(self, indices: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         mean, std = encode_latent_dist(self.vae, self.pixels[indices])
         latents = _sample_latents(mean, std, self.vae.config.scaling_factor, generator)
-        text = encode_prompt(self.text_encoder, self.input_ids)
-        return latents, text.expand(len(indices), -1, -1)
+        ids = self.input_ids if self.input_ids.shape[0] == 1 else self.input_ids[indices]
+        text = encode_prompt(self.text_encoder, ids)
+        return latents, text if ids.shape[0] > 1 else text.expand(len(indices), -1, -1)
 
 
 def cache_inputs(vae: AutoencoderKL, text_encoder: torch.nn.Module, tokenizer: Any, pixels: torch.Tensor,
-                 prompt: str) -> CachedInputs:
-    """Encode every image's latent posterior and the prompt once."""
+                 prompt: str | Sequence[str]) -> CachedInputs:
+    """Encode every image's latent posterior and the prompt (or each image's caption) once."""
     mean, std = encode_latent_dist(vae, pixels)
     text = encode_prompt(text_encoder, tokenize(tokenizer, prompt))
     return CachedInputs(mean, std, text, float(vae.config.scaling_factor))
 
 
 def live_inputs(vae: AutoencoderKL, text_encoder: torch.nn.Module, tokenizer: Any, pixels: torch.Tensor,
-                prompt: str) -> LiveInputs:
+                prompt: str | Sequence[str]) -> LiveInputs:
     """Return a source that encodes images and the prompt at every step."""
     return LiveInputs(vae, text_encoder, pixels, tokenize(tokenizer, prompt))
 
@@ -564,13 +594,13 @@ class TrainLoraPipeline:
     """
 
     kind = "train_lora"
-    # What a subclass for another base family changes (facechain_core.train_lora_sdxl).
+    # What a subclass for another base family or purpose changes (train_lora_sdxl, style_maker).
     base_name = "sd15"  # the manifest model trained on
     feature = FEATURE
     resident_key = RESIDENT_KEY
     weight_name = WEIGHT_NAME
     checkpoint_dir = CHECKPOINT_DIR
-    settings_keys: tuple[str, ...] = ("train",)  # the operator's defaults for job params, later ones winning
+    settings_key = "train"  # the operator's defaults for the job params (settings["train"])
 
     def __init__(self) -> None:
         self._context: PipelineContext | None = None
@@ -627,15 +657,21 @@ class TrainLoraPipeline:
         # 1. Check the parameters: the operator's defaults (settings["train"]) under the job's own.
         assert self._context is not None
         known = {f.name for f in dataclasses.fields(TrainParams)}
-        defaults = {k: v for key in self.settings_keys for k, v in self._context.settings.get(key, {}).items()}
-        merged = {"trigger": DEFAULT_TRIGGER, **defaults, **params}
+        merged = {"trigger": DEFAULT_TRIGGER, **self.job_defaults(), **params}
         job = TrainParams.from_dict({k: v for k, v in merged.items() if k in known})
         total = job.total_steps
         progress(0, total, STAGE_PREPARING)
-        # 2. Crop the faces (with mirrored copies).
-        pixels = with_flips(to_pixels(prepare_crops(job.photos, job.resolution, job.expand)))
-        # 3. Encode the latents and the prompt once, unless asked not to.
-        source = self.make_source(sd, pixels, job)
+        # 2. Crop the faces, or the whole pictures for a style (with mirrored copies).
+        if job.crop == "whole":
+            crops = prepare_whole_crops(job.photos, job.resolution)
+        else:
+            crops = prepare_crops(job.photos, job.resolution, job.expand)
+        pixels = with_flips(to_pixels(crops))
+        prompts = job.prompts()
+        if not isinstance(prompts, str):
+            prompts = prompts + prompts  # the mirrored copies keep their captions
+        # 3. Encode the latents and the prompts once, unless asked not to.
+        source = self.make_source(sd, pixels, prompts, job)
         # 4. Add the adapter and resume from a checkpoint of the same run, if one survived.
         ckpt = checkpoint_path(job.out_dir, self.checkpoint_dir)
         fingerprint = job.fingerprint()
@@ -687,10 +723,15 @@ class TrainLoraPipeline:
                 with trainer.paused():
                     progress.yield_point()
 
-    def make_source(self, sd: Any, pixels: torch.Tensor, job: TrainParams) -> InputSource:
-        """The training examples: latents and the prompt encoded once (or at every step, when asked)."""
+    def job_defaults(self) -> dict[str, Any]:
+        """The operator's defaults for this kind's job params."""
+        assert self._context is not None
+        return dict(self._context.settings.get(self.settings_key, {}))
+
+    def make_source(self, sd: Any, pixels: torch.Tensor, prompts: str | list[str], job: TrainParams) -> InputSource:
+        """The training examples: latents and the prompts encoded once (or at every step, when asked)."""
         make = cache_inputs if job.cache_latents else live_inputs
-        return make(sd.vae, sd.text_encoder, sd.tokenizer, pixels, job.trigger)
+        return make(sd.vae, sd.text_encoder, sd.tokenizer, pixels, prompts)
 
     def _save_weights(self, trainer: LoraTrainer, out_dir: Path) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -75,7 +75,7 @@ class SdxlTrainLoraPipeline(TrainLoraPipeline):
     resident_key = RESIDENT_KEY
     weight_name = WEIGHT_NAME
     checkpoint_dir = CHECKPOINT_DIR
-    settings_keys = ("train", "train_sdxl")
+    settings_key = "train_sdxl"
 
     def _load_base(self) -> StableDiffusionXLPipeline:
         assert self._context is not None and self._path is not None
@@ -94,7 +94,14 @@ class SdxlTrainLoraPipeline(TrainLoraPipeline):
         logger.info("train_lora loaded SDXL %s on %s (%s)", path, self._context.device, self.dtype)
         return sd
 
-    def make_source(self, sd: Any, pixels: torch.Tensor, job: TrainParams) -> InputSource:
+    def job_defaults(self) -> dict[str, Any]:
+        """settings["train"], then settings["train_sdxl"] over it."""
+        assert self._context is not None
+        return {**self._context.settings.get("train", {}), **self._context.settings.get(self.settings_key, {})}
+
+    def make_source(self, sd: Any, pixels: torch.Tensor, prompts: str | list[str], job: TrainParams) -> InputSource:
         if not job.cache_latents:
             raise ValueError("SDXL training always caches latents (cache_latents must be true)")
-        return cache_sdxl_inputs(sd, pixels, job.trigger, job.resolution)
+        if not isinstance(prompts, str):
+            raise ValueError("SDXL training takes one prompt for every photo, not per-photo captions")
+        return cache_sdxl_inputs(sd, pixels, prompts, job.resolution)

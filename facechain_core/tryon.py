@@ -37,7 +37,7 @@ from facechain_core.identity import Identity, open_arcface, pull_command
 from facechain_core.pipeline import JobResult, PipelineContext, Progress
 from facechain_core.pose import Pose, PoseEstimator, draw_openpose, openpose_body, person_box
 from facechain_core.portrait import DEFAULTS, DTYPES, MAX_COUNT, PortraitPipeline, ResidentBase, \
-    attach_image_encoder
+    attach_image_encoder, eta_of, use_sampler
 from facechain_core.resident import SHARED_KEY, ResidentPipelines
 
 log = logging.getLogger(__name__)
@@ -126,11 +126,16 @@ class TryOnPipeline(PortraitPipeline):
         # 3. Identity and LoRA on the resident base.
         identity = self._load_identity(params["identity"], params.get("selfies"))
         base = self.base()
-        loras = self._lora_requests({}, params)
+        # Fast mode where the accelerator runs on the inpainting base with ControlNets (else normally).
+        fast = self.accelerator_for("sd15", params, inpainting=True, controlnet=True)
+        cfg = fast.sampler(cfg) if fast is not None else cfg
+        user_loras = self._lora_requests({}, params)
+        loras = user_loras + self.fast_loras("sd15", fast)
 
         def set_up() -> None:
             self.activate_loras(base, loras)
             base.pipe.set_ip_adapter_scale(float(cfg["identity_weight"]))
+            use_sampler(base, fast)
 
         set_up()
         # 4. Generate the candidates, then put the original garment back through the feathered mask.
@@ -138,7 +143,7 @@ class TryOnPipeline(PortraitPipeline):
         chunks = [seeds[i:i + batch] for i in range(0, len(seeds), batch)]
         total = int(cfg["steps"]) * len(chunks) + 1
         generated = self._inpaint(base, outfit, repaint, controls, identity, chunks, progress, total,
-                                  set_up, str(params.get("prompt") or cfg["prompt"]))
+                                  set_up, str(params.get("prompt") or cfg["prompt"]), cfg)
         candidates = [composite(outfit, image, keep) for image in generated]
         # 5. Rank by face similarity to the identity.
         ranked = self._rank(candidates, identity, count)
@@ -154,23 +159,25 @@ class TryOnPipeline(PortraitPipeline):
             Image.fromarray(candidates[r.index]).save(path)
             files.append(path.resolve())
         meta = {"seeds": [seeds[r.index] for r in ranked], "similarity": [round(r.similarity, 4) for r in ranked],
-                "lora_used": bool(loras), "size": [outfit.shape[1], outfit.shape[0]], **parser_summary(parsing)}
+                "lora_used": bool(user_loras), "fast": fast.id if fast is not None else None,
+                "steps": int(cfg["steps"]), "size": [outfit.shape[1], outfit.shape[0]], **parser_summary(parsing)}
         log.info("tryon kept %d of %d candidates, garment %.1f%%", len(files), len(candidates),
                  100 * parsing.garment_fraction)
         return JobResult(files=files, meta=meta)
 
     def _inpaint(self, base: ResidentBase, outfit: np.ndarray, repaint: Image.Image, controls: list[Image.Image],
                  identity: Identity, chunks: list[list[int]], progress: Progress, total: int,
-                 set_up: Any, prompt: str) -> list[np.ndarray]:
-        """Run the ControlNet inpainting pipeline (pose, silhouette) once per chunk of seeds; report each step."""
-        cfg = self._tryon
+                 set_up: Any, prompt: str, cfg: dict[str, Any] | None = None) -> list[np.ndarray]:
+        """Run the ControlNet inpainting pipeline (pose, silhouette) once per chunk of seeds; report each step
+        (`cfg`: the try-on settings this job runs with, fast mode's steps and guidance in them)."""
+        cfg = cfg if cfg is not None else self._tryon
         height, width = outfit.shape[:2]
         return self.denoise_chunks(
             base, identity, chunks, progress, total, set_up, float(cfg["guidance_scale"]),
             prompt=prompt, negative_prompt=cfg["negative_prompt"] or None, image=Image.fromarray(outfit),
             mask_image=repaint, control_image=controls, height=height, width=width, strength=1.0,
             num_inference_steps=int(cfg["steps"]),
-            controlnet_conditioning_scale=[float(cfg["pose_scale"]), float(cfg["silhouette_scale"])])
+            controlnet_conditioning_scale=[float(cfg["pose_scale"]), float(cfg["silhouette_scale"])], **eta_of(cfg))
 
     # -- loading ---------------------------------------------------------------------------------
 

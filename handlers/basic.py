@@ -21,7 +21,7 @@ from handlers import buttons, registry, router
 from handlers.consent import consent_text
 from handlers.messages import for_platform, t
 from handlers.progress import ACTIVE_STATES, format_duration, kind_label
-from handlers.protocols import Button, Event, JobView, MessageRef, ReplyChannel
+from handlers.protocols import Button, Event, JobView, MessageRef, ReplyChannel, User
 from handlers.services import Services
 
 log = logging.getLogger(__name__)
@@ -178,12 +178,32 @@ async def _replace_question(event: Event, channel: ReplyChannel, text: str) -> N
 
 
 async def delete_user_data(services: Services, user_key: str) -> dict[str, int]:
-    """Removes the user's jobs, folder and rows, in that order; returns row counts per table."""
+    """Removes the user's jobs, folder and rows, in that order; returns row counts per table. A duo result
+    the user is in goes for everyone in it (its file lives in its requester's folder); the others are told."""
+    storage: Any = services.storage
+    shared = await storage.shared_results(user_key)
     await services.jobs.forget_user(user_key)
+    for artifact in shared:
+        if artifact.owner_key != user_key:
+            await remove_user_files(services, artifact.owner_key, [Path(artifact.path)])
     await remove_user_files(services, user_key, [services.user_dir(user_key)])
-    counts = await services.storage.delete_user(user_key)
+    counts = await storage.delete_user(user_key)
     services.runtime.forget_user(user_key)
+    await tell_co_owners(services, user_key, shared)
     return counts
+
+
+async def tell_co_owners(services: Services, user_key: str, shared: list[Any]) -> None:
+    """Tells everyone else in the deleted duo results, privately where the platform allows, that they are gone."""
+    others = sorted({key for a in shared for key in (a.owner_key, *a.co_owners)} - {user_key})
+    for key in others:
+        platform, _, user_id = key.partition(":")
+        lang = await services.storage.user_language(key) or services.default_language
+        try:
+            chat = await services.private_chat(User(platform=platform, id=user_id))
+            await services.channel_for(chat).send_text(t("duo.deleted_by_other", lang))
+        except Exception:
+            log.info("could not tell %s that a duo result was deleted", key)
 
 
 async def delete_expired_data(services: Services, user_key: str, data_class: str, cutoff: float) -> dict[str, int]:
@@ -229,6 +249,7 @@ def _other_files(root: Path, data: list[str], needed: list[str]) -> list[OtherFi
     root = root.resolve()
     data_files, data_folders = _under(root, data)
     data_folders |= {p.parent for p in data_files if p.parent.name == LORA_FOLDER}  # a LoRA keeps its checkpoints
+    data_folders |= {root / name for name in registry.user_data_folders()}
     needed_files, needed_folders = _under(root, needed)
     found = []
     for path in root.rglob("*"):

@@ -133,7 +133,7 @@ async def owned_artifact(services: Services, event: Event, channel: ReplyChannel
     if artifact is None or (kinds is not None and artifact.kind not in kinds):
         await channel.answer_button(t("button.stale", event.language))
         return None
-    if artifact.owner_key != event.user.key:
+    if not artifact.owned_by(event.user.key):
         log.info("%s pressed %s on an artifact of someone else", event.user.key, event.button_payload)
         await channel.answer_button(t("button.not_yours", event.language), alert=True)
         return None

@@ -30,7 +30,7 @@ LIMIT_CHOICES = (0, 1, 3, 5, 10, 20)  # jobs per member per day; 0: no limit
 # learn about the bot and control their own data.
 ALWAYS_ALLOWED = frozenset({"settings", "start", "help", "status", "cancel", "delete", "language"})
 # Job kinds started under another command's name (buttons start them too).
-KIND_COMMANDS = {"portrait": "style"}
+KIND_COMMANDS = {"portrait": "style", "duo_template": "duo"}
 COMMANDS_PER_ROW = 3
 ON, OFF = "✅", "▫️"
 

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 FEATURE = "enhance"
 ENHANCE_ACTION = "enhance"  # enhance:<artifact id>, under each picture result: asks for the scale
 SCALE_ACTION = "enhx"  # enhx:<artifact id>.<scale>, the scale picked
-ENHANCED_KINDS = frozenset({"portrait", "template", "tryon"})
+ENHANCED_KINDS = frozenset({"portrait", "template", "tryon", "duo", "duo_template"})
 SCALES = (2, 4)
 DEFAULT_UPLOAD_LIMIT = 10 * 2**20  # bytes, for a platform without its own setting
 
@@ -57,7 +57,7 @@ async def press_enhance(services: Services, event: Event, channel: ReplyChannel,
     _require(services)
     siblings = await services.storage.job_artifacts(artifact.job_id) if artifact.job_id is not None else []
     pictures = [a for a in siblings if a.kind in ENHANCED_KINDS and a.media_type.startswith("image/")
-                and a.owner_key == artifact.owner_key] or [artifact]
+                and a.owned_by(event.user.key)] or [artifact]
     await channel.answer_button()
     numbered = len(pictures) > 1
     choices = [Button((f"{n} " if numbered else "") + t("enhance.scale_button", lang, scale=scale),

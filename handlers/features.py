@@ -13,6 +13,9 @@ from handlers import studio  # noqa: F401  Vary and Again under portraits
 from handlers import studio_panel  # noqa: F401  the options panel: aspect, likeness, pose, count as buttons
 from handlers import template  # noqa: F401  /template
 from handlers import imagine  # noqa: F401  /imagine
+from handlers import duo  # noqa: F401  /duo /group: portraits of consenting members together
+from handlers import fast  # noqa: F401  fast mode: /style NAME fast, the panel's Speed row, the operator's default
+from handlers import makestyle  # noqa: F401  /makestyle: new styles from example pictures
 from handlers import language  # noqa: F401  /language
 from handlers import sharing  # noqa: F401  Share button, inline results, Discord "post to channel"
 from handlers import chat_settings  # noqa: F401  /settings in groups, group rules before commands and jobs

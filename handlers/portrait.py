@@ -15,12 +15,12 @@ from typing import Any
 
 from facechain_core.errors import UserFacingError
 from facechain_core.numbers import ascii_int
-from facechain_core.styles import StyleCatalog
-from handlers import buttons, cartoon, registry, studio
+from facechain_core.styles import LOCAL_SOURCE, StyleCatalog, find_preview, lora_feature
+from handlers import buttons, cartoon, registry, studio, style_sources
 from handlers.cartoon import Source
 from handlers.messages import t
 from handlers.progress import present_default, register_presenter, submit_with_progress
-from handlers.protocols import Button, Event, MessageRef, ReplyChannel
+from handlers.protocols import Button, Event, Gallery, Media, MessageRef, ReplyChannel
 from handlers.services import Services
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,8 @@ async def make_portrait(services: Services, event: Event, channel: ReplyChannel)
         await show_styles(services, event, channel)
         return
     words, count = _split_count(controls.words)
-    style = _catalogue(services).find(" ".join(words), event.language)
+    catalogue = await style_sources.user_catalogue(services, event.user.key, _catalogue(services))
+    style = catalogue.find(" ".join(words), event.language)
     if controls.panel and await studio.open_options(services, event, channel, style):
         return
     pose_photo = None
@@ -74,9 +75,29 @@ async def pose_source(services: Services, event: Event) -> Source | None:
 
 
 async def show_styles(services: Services, event: Event, channel: ReplyChannel) -> None:
-    """Shows the first page of the style catalogue; tapping a style runs it."""
-    text, keyboard = _styles_page(services, 0, event.language)
-    await channel.send_text(text, keyboard)
+    """Shows the first page of the style catalogue (with its previews when rendered); tapping a style runs it."""
+    await _send_page(services, channel, 0, event.language)
+
+
+async def _send_page(services: Services, channel: ReplyChannel, number: int, lang: str) -> None:
+    """Sends page `number` as a new message: its previews first when some are rendered (an album cannot carry
+    buttons, so the page's buttons follow in a message; Discord shows one message with an embed gallery)."""
+    text, keyboard = _styles_page(services, number, lang)
+    previews = await asyncio.to_thread(_page_previews, services, number, lang)
+    if not previews:
+        await channel.send_text(text, keyboard)
+    elif isinstance(channel, Gallery):
+        await channel.send_gallery(previews, text, keyboard)
+    else:
+        await channel.send_images(previews)
+        await channel.send_text(text, keyboard)
+
+
+def _page_previews(services: Services, number: int, lang: str) -> list[Media]:
+    """The rendered previews of a page's styles, captioned with their names (runs in a thread: file checks)."""
+    page = _catalogue(services).page(number, STYLES_PER_PAGE)
+    found = ((style, find_preview(services.data_dir, style)) for style in page.styles)
+    return [Media(path=path, caption=style.display_name(lang)) for style, path in found if path is not None]
 
 
 async def train_lora(services: Services, event: Event, channel: ReplyChannel) -> None:
@@ -159,6 +180,9 @@ async def submit_portrait(services: Services, event: Event, channel: ReplyChanne
     }
     if identity is not None and identity.lora_path and params["user_lora"] is None:
         params["train_free_family"] = style.family  # the result says this style ran without the user's LoRA
+    made_lora = style_sources.local_lora(services, style, key)  # a style made with /makestyle
+    if made_lora is not None:
+        params["style_lora"] = made_lora
     try:
         await submit_with_progress(services, event, channel, "portrait", params)
     except BaseException:
@@ -186,11 +210,13 @@ def _require(services: Services, feature: str) -> None:
 
 def _catalogue(services: Services) -> Any:
     """The styles this server can run: their base family installed, and their style LoRA (if any)
-    configured as ``[model_paths] style-lora-<id>``."""
+    pulled (``models pull styles``), configured as ``[model_paths] style-lora-<id>`` or published from chat
+    (/makestyle)."""
     families = ["sd15"] + (["sdxl"] if SDXL_FEATURE in services.features_installed else [])
     model_paths = getattr(services.settings, "model_paths", {}) or {}
     return StyleCatalog(s for s in services.styles.only(families)
-                        if s.lora is None or f"style-lora-{s.id}" in model_paths)
+                        if s.lora is None or s.lora.source == LOCAL_SOURCE or s.lora_model in model_paths
+                        or lora_feature(s.id) in services.features_installed)
 
 
 # -- the catalogue as buttons ---------------------------------------------------------------------
@@ -233,16 +259,17 @@ async def press_page(services: Services, event: Event, channel: ReplyChannel, ar
     except ValueError:
         await channel.answer_button(t("button.stale", event.language))
         return
-    if event.message_id is None:
-        await channel.send_text(text, keyboard)
-    else:
+    if event.message_id is not None and not await asyncio.to_thread(_page_previews, services, number, event.language):
         await channel.edit_text(MessageRef(event.chat, event.message_id), text, keyboard)
+        return
+    # A page with previews comes as a new album and message (an album cannot be edited into another).
+    await _send_page(services, channel, number, event.language)
 
 
 async def more_like_this(services: Services, event: Event, channel: ReplyChannel, artifact: Any) -> None:
     """Queues new portraits in the style of the pressed result."""
     job = await services.storage.job(artifact.job_id) if artifact.job_id is not None else None
-    style = services.styles.get(job.params.get("style_id", "")) if job else None
+    style = await style_sources.find_style(services, event.user.key, job.params.get("style_id", "")) if job else None
     if style is None:
         await channel.answer_button(t("button.stale", event.language))
         return

@@ -107,6 +107,8 @@ class RepliedMessage:
     sender: str  # the sender's user key, or "bot" for this bot's own messages ("" when unknown)
     image: Attachment | None = None
     file_id: str | None = None  # the platform's id of that picture, to find the bot's own result by
+    sender_user: User | None = None  # the sender as a user (a person, not a bot), where the platform says
+
 
     @property
     def from_bot(self) -> bool:
@@ -134,6 +136,9 @@ class Event:
     # The platform's identity of this update (chat and message id, or a button press's query id): the
     # same when the platform sends the update again. Jobs it creates carry it (see submission_key).
     update_key: str | None = None
+    # People the message names so that the platform says who they are (Telegram's text_mention, a
+    # Discord user option): the partners of /duo and /group.
+    mentions: list[User] = field(default_factory=list)
     _submissions: int = field(default=0, repr=False, compare=False)
 
     def submission_key(self) -> str | None:
@@ -228,6 +233,15 @@ class ResultInPlace(Protocol):
         """The next public message this channel sends replaces `ref` instead of following it."""
 
 
+@runtime_checkable
+class Gallery(Protocol):
+    """A channel that can show pictures and a text with buttons as one message (Discord: embeds)."""
+
+    async def send_gallery(self, images: list[Media], text: str, buttons: list[list[Button]] | None = None,
+                           visibility: Visibility = Visibility.CHAT) -> MessageRef:
+        """Sends `text`, a titled picture per image (its caption) and the buttons together."""
+
+
 @dataclass
 class Submitted:
     """A job the queue accepted."""
@@ -264,6 +278,9 @@ class JobQueue(Protocol):
         """Cancels the user's job (or all of them); returns the ids cancelled."""
 
     async def user_jobs(self, user_key: str) -> list[JobView]: ...
+
+    def queue_length(self) -> int:
+        """Jobs waiting for a worker now."""
 
     async def forget_user(self, user_key: str) -> None:
         """Cancels and drops every job of the user (before /delete removes their files)."""

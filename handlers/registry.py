@@ -47,6 +47,7 @@ _gates: list[CommandGate] = []
 _inline_handlers: list[InlineHandler] = []
 _user_gates: list[UserGate] = []
 _file_intakes: list[FileIntake] = []
+_user_data_folders: set[str] = set()
 
 
 def register_command(name: str, handler: CommandHandler, help_code: str, *,
@@ -85,6 +86,16 @@ def register_inline(handler: InlineHandler) -> None:
 def register_file_intake(handler: FileIntake) -> None:
     """Sets what takes files no command waited for (one: the last registered wins)."""
     _file_intakes[:] = [handler]
+
+
+def register_user_data_folder(name: str) -> None:
+    """Marks a folder under each user's folder as data kept until /delete (retention's leftover sweep
+    leaves it alone), e.g. /makestyle's private styles."""
+    _user_data_folders.add(name)
+
+
+def user_data_folders() -> frozenset[str]:
+    return frozenset(_user_data_folders)
 
 
 def command(name: str) -> Command | None:

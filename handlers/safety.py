@@ -185,11 +185,13 @@ async def show_privacy(services: Services, event: Event, channel: ReplyChannel) 
         lines.append(t("privacy.jobs", lang, count=summary["jobs"]))
     if summary["reports_made"]:
         lines.append(t("privacy.reports", lang, count=summary["reports_made"]))
+    if summary.get("duo_results"):
+        lines.append(t("privacy.duo_results", lang, count=summary["duo_results"]))
     if len(lines) == 1:
         lines.append(t("privacy.nothing", lang))
     if await storage.ban(key) is not None:
         lines.append(t("privacy.banned", lang))
-    lines += ["", consent_text(services, lang)]
+    lines += ["", t("privacy.duo_explained", lang), "", consent_text(services, lang)]
     await channel.send_text("\n".join(lines))
 
 

@@ -73,6 +73,8 @@ class RuntimeState:
     delete_confirms: dict[str, tuple[str, float]] = field(default_factory=dict)
     # Last time a user was told (in a group) to send selfies privately.
     group_hints: dict[str, float] = field(default_factory=dict)
+    # Background timers handlers start (a duo request's answer time); the service cancels them on stop.
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     swept_at: float | None = None
 
     def user_lock(self, user_key: str) -> asyncio.Lock:

@@ -31,7 +31,7 @@ INLINE_RESULTS = 30  # newest results offered in inline mode (Telegram shows up 
 POST_TARGETS_MAX = 20  # channels offered as buttons (Discord shows 25 under a message)
 START_PARAMETER = "share"  # the deep link of the "make your first portrait" inline button
 # Kinds of picture results that get a Share button (a new picture feature adds its kind here).
-SHARED_KINDS = frozenset({"portrait", "cartoon"})
+SHARED_KINDS = frozenset({"portrait", "cartoon", "duo", "duo_template"})
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ async def answer_inline_query(services: Services, event: Event, channel: ReplyCh
     storage: Any = services.storage
     platform, key = event.user.platform, event.user.key
     found = [a for a in await storage.recent_results(key, platform, INLINE_RESULTS)
-             if a.owner_key == key and (a.file_ids or {}).get(platform)]
+             if a.owned_by(key) and (a.file_ids or {}).get(platform)]
     wanted = (event.inline_query or "").strip()
     found.sort(key=lambda a: a.id != wanted)  # stable: the rest stay newest first
     results = [InlinePhoto(a.id, a.file_ids[platform], *await _shown_to_others(services, a, None, event.language))
@@ -105,7 +105,7 @@ async def press_post(services: Services, event: Event, channel: ReplyChannel, ar
     if artifact is None or not isinstance(channel, ChannelPosting):
         await channel.answer_button(t("button.stale", lang))
         return
-    if artifact.owner_key != event.user.key:
+    if not artifact.owned_by(event.user.key):
         log.info("%s tried to post a result of someone else", event.user.key)
         await channel.answer_button(t("button.not_yours", lang), alert=True)
         return

@@ -50,12 +50,14 @@ class Controls:
     likeness: str | None = None
     pose: str | None = None  # a pose library id, or POSE_PHOTO
     seed: int | None = None
+    fast: str | None = None  # "on"/"off": fast mode (handlers.fast); None leaves it to the operator
     panel: bool = False  # the options panel asked for (a word of OPTION_WORDS)
     words: list[str] = field(default_factory=list)  # the command's own words, options taken out
 
     def job_controls(self) -> dict[str, Any]:
         """The ``params["controls"]`` the pipelines read (the pose is added by the caller)."""
-        return {k: v for k, v in (("aspect", self.aspect), ("likeness", self.likeness)) if v is not None}
+        return {k: v for k, v in (("aspect", self.aspect), ("likeness", self.likeness), ("fast", self.fast))
+                if v is not None}
 
 
 @dataclass(frozen=True)

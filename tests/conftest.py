@@ -8,7 +8,9 @@ import pytest
 
 import handlers.features  # noqa: F401  (every command, button and presenter registered, as in the service)
 
-pytest_plugins = ["tests.fixtures.fake_telegram", "tests.fixtures.fake_discord", "tests.fixtures.tiny_models"]
+pytest_plugins = [
+    "tests.fixtures.fake_telegram", "tests.fixtures.fake_discord", "tests.fixtures.tiny_models", "tests.fixtures.ray_cluster",
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"

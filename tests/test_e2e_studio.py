@@ -292,7 +292,7 @@ async def test_options_panel_buttons_reach_the_job_and_only_its_owner_presses_th
     assert f"opt:{panel_id}.aspect.9:16" in _buttons(edit)
     ticked = [b["text"] for row in edit.params["reply_markup"]["inline_keyboard"] for b in row
               if b["text"].startswith("✓")]
-    assert ticked == ["✓ 9:16", "✓ Low", "✓ Seated", "✓ 1"]
+    assert ticked == ["✓ 9:16", "✓ Low", "✓ Seated", "✓ 1", "✓ " + t("panel.fast_default", "en")]  # Speed: untouched
 
     # ... and "Go" queues exactly them; the panel is gone after, so another press of Go queues nothing.
     mark = fake.mark()

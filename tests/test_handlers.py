@@ -361,6 +361,15 @@ async def test_delete_confirms_then_leaves_nothing(world: World) -> None:
         artifact = Artifact(new_artifact_id(), None, user, "demo", str(folder / "s.png"), "image/png")
         await world.storage.add_artifact(artifact)
         await world.storage.add_report(artifact.id, user, user, "telegram:-1")
+        # Duo: a request the user made and one they were asked in, a block, a group portrait they are in.
+        third, group = "telegram:3", {"platform": "telegram", "id": "-1", "is_private": False}
+        await world.storage.open_duo_request(f"r{user[-1]}", user, group, {}, [third], 60)
+        await world.storage.open_duo_request(f"q{user[-1]}", third, group, {}, [user], 60)
+        await world.storage.block_duo(user, third)
+        job = await world.storage.insert_job(third, "duo", 0, {"owners": [third, user]}, group, 1)
+        await world.storage.finish_job(job.id, {}, [Artifact(new_artifact_id(), job.id, third, "duo",
+                                                             str(world.services.user_dir(third) / f"{user}.png"),
+                                                             "image/png")])
     assert all((await _user_rows(world.storage.path, key)).values())
 
     channel = await world.send(make_event(text="/delete"))
@@ -697,3 +706,29 @@ async def test_failure_and_cancellation_reports(world: World) -> None:
     assert channel.edits[-1][1] == t("job.failed", "zh")
     await progress.report_cancelled(world.services, job)
     assert channel.edits[-1] == (MessageRef(chat, "77"), t("progress.cancelled", "zh"), None)
+
+
+# -- duo requests across a restart ---------------------------------------------------------------
+async def test_duo_requests_left_waiting_expire_after_a_restart(world: World) -> None:
+    from handlers import duo
+
+    chat = group()
+    await world.storage.open_duo_request("gone", "telegram:1", chat.to_dict(), {"language": "en"}, ["telegram:2"], 0.01)
+    await world.storage.open_duo_request("open", "telegram:3", chat.to_dict(), {"language": "en"}, ["telegram:4"], 60)
+    await asyncio.sleep(0.05)
+    await duo.resume_timers(world.services)  # what the service does on start
+    await asyncio.sleep(0.1)
+    assert (await world.storage.duo_request("gone")).state == "expired"
+    assert world.channel(chat).texts[-1][0] == t("duo.expired", "en")
+    assert (await world.storage.duo_request("open")).state == "waiting"
+    assert len(world.services.runtime.tasks) == 1  # the open request's clock runs on
+    for task in list(world.services.runtime.tasks):
+        task.cancel()
+
+
+async def test_help_explains_duo_and_group(world: World) -> None:
+    import handlers.features  # noqa: F401  (every command registered, as in the service)
+
+    for user_id, lang in ((11, "en"), (12, "zh")):
+        text = (await world.send(make_event(user_id, text="/help", lang=lang))).said[-1]
+        assert t("help.duo", lang) in text and t("help.group", lang) in text

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import bot.app as app_module
-import bot.engine.scheduler as scheduler_module
+import bot.engine.backends.local as local_backend
 from bot.storage import JobState, Storage
 from facechain_core.devtools import read_ledger
 from handlers.basic import delete_user_data
@@ -105,7 +105,7 @@ async def test_a_failure_while_settling_a_dead_workers_job_still_respawns_it(sto
 
 async def test_a_failed_respawn_is_tried_again(storage: Storage, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(scheduler_module, "RESPAWN_DELAYS_S", (0.0, 0.05, 0.05, 0.05))
+    monkeypatch.setattr(local_backend, "RESPAWN_DELAYS_S", (0.0, 0.05, 0.05, 0.05))
     sink = RecordingSink()
     async with running(storage, tmp_path, sink) as sched:
         real = asyncio.create_subprocess_exec

@@ -291,6 +291,37 @@ def test_resident_lru_evicts_least_recently_used_over_budget():
     assert resident.loads == {"a": 1, "b": 1, "c": 1, "d": 1}
 
 
+def test_a_style_runs_on_its_named_base_and_on_the_default_one_while_that_is_missing(identities, tiny_models,
+                                                                                     tmp_path):
+    from facechain_core.tiny import build_sd15
+
+    other_base = build_sd15(tmp_path / "photo-base", seed=5)
+    pipeline = _load(tiny_models, tmp_path, model_paths={"photo-base": str(other_base)})
+    on_base = _run(pipeline, tmp_path / "on", identities[0], style=_style(base="photo-base"))
+    default = _run(pipeline, tmp_path / "default", identities[0])
+    missing = _run(pipeline, tmp_path / "missing", identities[0], style=_style(base="not-pulled"))
+    assert on_base.meta["base"] == "photo-base" and default.meta["base"] == missing.meta["base"] == "sd15"
+    assert np.abs(_pixels(on_base.files[0]) - _pixels(default.files[0])).max() > 2
+    assert np.array_equal(_pixels(missing.files[0]), _pixels(default.files[0]))
+    resident = pipeline._resident
+    assert {"portrait:sd15", "portrait:sd15:photo-base"} <= set(resident.keys())
+    assert pipeline.base("sd15", "photo-base").name == "photo-base"
+    pipeline.close()
+    assert not {"portrait:sd15", "portrait:sd15:photo-base"} & set(resident.keys())
+
+
+def test_a_style_base_shares_the_plain_bases_faceid_plus_image_encoder(identities, tiny_models, tmp_path):
+    from facechain_core.tiny import build_sd15
+
+    other_base = build_sd15(tmp_path / "photo-base", seed=6)
+    pipeline = _load(tiny_models, tmp_path / "m", ip_adapter_path=str(tiny_models["ip_adapter_faceid_plus_sd15"]),
+                     model_paths={"photo-base": str(other_base)})
+    result = _run(pipeline, tmp_path / "on", identities[0], style=_style(base="photo-base"))
+    plain, styled = pipeline.base("sd15"), pipeline.base("sd15", "photo-base")
+    assert result.meta["base"] == "photo-base" and styled.plus
+    assert styled.pipe.image_encoder is plain.pipe.image_encoder and styled.pipe.unet is not plain.pipe.unet
+
+
 def _without_ip_adapter_paths(models: dict[str, Path], **changes: Any) -> dict[str, Any]:
     settings = _settings(models, **changes)
     for key in ("ip_adapter_path", "image_encoder_path"):

@@ -217,11 +217,19 @@ def plan_check_selfie(world: World, command: ReadmeCommand) -> None:
     _queue(world, command, argv, check)
 
 
+def plan_styles_check(world: World, command: ReadmeCommand) -> None:
+    """`styles check` runs for real over the shipped catalogue and passes."""
+    def check(result: dict[str, Any]) -> None:
+        assert result["rc"] == 0 and result["out"].startswith("ok: "), result["out"] + result["err"]
+
+    _queue(world, command, _cli_words(command.words), check)
+
+
 def plan_help(world: World, command: ReadmeCommand) -> None:
     """The line parses as written, and its subcommand's --help lists each option the line uses."""
     argv = _cli_words(command.words)
     _parses(argv)
-    subcommand = [w for w in argv if not w.startswith("-")][:2 if argv[0] == "models" else 1]
+    subcommand = [w for w in argv if not w.startswith("-")][:2 if argv[0] in ("models", "styles") else 1]
     options = sorted({w.split("=")[0] for w in argv if w.startswith("--")})
 
     def check(result: dict[str, Any]) -> None:
@@ -283,6 +291,7 @@ BATCH_RULES: list[tuple[str, Planner]] = [
     (r"^facechain-bot health\b", plan_health),
     (r"^facechain-bot (backup|restore)\b", plan_backup_or_restore),
     (r"^facechain-bot check-selfie\b", plan_check_selfie),
+    (r"^facechain-bot styles check\b", plan_styles_check),
     (r"^facechain-bot (?!run\b)", plan_help),
 ]
 RUN_RULE = r"^facechain-bot run\b"
@@ -301,6 +310,8 @@ def _ids(commands: list[ReadmeCommand]) -> list[str]:
 MAKE_COMMANDS = [c for c in COMMANDS if re.search(MAKE_RULE, c.line)]
 RUN_COMMANDS = [c for c in COMMANDS if re.search(RUN_RULE, c.line)]
 BATCH_COMMANDS = [c for c in COMMANDS if _planner(c) is not None]
+# `ray ...` (the Ray cluster recipe): parsed by Ray's own CLI, options and their values checked, not run.
+RAY_COMMANDS = [c for c in COMMANDS if c.words[0] == "ray"]
 
 
 @pytest.fixture(scope="module")
@@ -345,8 +356,26 @@ async def test_readme_run_command(command: ReadmeCommand, tmp_path: Path, fake_t
     await check_run(command, tmp_path, fake_telegram)
 
 
+@pytest.mark.parametrize("command", RAY_COMMANDS, ids=_ids(RAY_COMMANDS))
+def test_readme_ray_command_parses(command: ReadmeCommand) -> None:
+    import click
+
+    from tests.fixtures.ray_cluster import ray_or_skip
+
+    ray_or_skip()
+    from ray.scripts.scripts import cli
+
+    assert set(command.env) <= {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} and command.env.get("RAY_AUTH_MODE", "token") == "token"
+    subcommand = cli.commands.get(command.words[1])
+    assert subcommand is not None, f"ray has no subcommand {command.words[1]!r}"
+    try:
+        subcommand.make_context(command.words[1], command.words[2:])
+    except click.ClickException as exc:
+        pytest.fail(f"{command.text}: {exc.format_message()}")
+
+
 def test_every_readme_command_is_checked_or_skipped() -> None:
-    checked = {c.text for c in MAKE_COMMANDS + RUN_COMMANDS + BATCH_COMMANDS}
+    checked = {c.text for c in MAKE_COMMANDS + RUN_COMMANDS + BATCH_COMMANDS + RAY_COMMANDS}
     unchecked = [c.text for c in COMMANDS if c.text not in checked]
     assert not unchecked, f"README commands that no rule of {__name__} runs and SKIP does not list: {unchecked}"
 

@@ -18,6 +18,7 @@ import pytest
 
 import bot.engine.scheduler as scheduler_module
 from bot.config import SchedulerSettings
+from bot.engine.backends import create_backend
 from bot.engine.jobkinds import GENERATE, INTERACTIVE, LONG, JobKind, JobKinds
 from bot.engine.scheduler import Busy, Scheduler, pick_order, plan_queue
 from bot.storage import Artifact, Job, JobState, Storage
@@ -102,11 +103,28 @@ async def storage(tmp_path: Path) -> AsyncIterator[Storage]:
         yield db
 
 
+@pytest.fixture(params=["local", "ray"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Runs a test on each backend; Ray's is one worker actor on the head of tests/fixtures/ray_cluster.py."""
+    if request.param == "ray":
+        request.getfixturevalue("ray_world")
+    return request.param
+
+
 @contextlib.asynccontextmanager
 async def running(storage: Storage, tmp_path: Path, sink: RecordingSink, devices: list[str] | None = None,
-                  **settings: Any) -> AsyncIterator[Scheduler]:
-    scheduler = Scheduler(storage, make_kinds(), SchedulerSettings(**settings), data_dir=tmp_path / "data",
-                          context={"models_dir": str(tmp_path)}, sink=sink, devices=devices)
+                  backend: str = "local", **settings: Any) -> AsyncIterator[Scheduler]:
+    kinds, context = make_kinds(), {"models_dir": str(tmp_path)}
+    engine = None
+    if backend == "ray":
+        from tests.fixtures.ray_cluster import GPU, NAMESPACE
+
+        settings = {"backend": "ray", "ray_gpu_resource": GPU, "ray_namespace": NAMESPACE,
+                    "ray_node_labels": {"tier": "small"}, **settings}
+        engine = create_backend(SchedulerSettings(**settings), context, data_dir=tmp_path / "data", devices=["cpu"],
+                                kind_needs=kinds.needs())
+    scheduler = Scheduler(storage, kinds, SchedulerSettings(**settings), data_dir=tmp_path / "data",
+                          context=context, sink=sink, devices=devices, backend=engine)
     await scheduler.start()
     try:
         yield scheduler
@@ -118,9 +136,9 @@ def params(tmp_path: Path, tag: str, **extra: Any) -> dict[str, Any]:
     return {"tag": tag, "ledger": str(tmp_path / "ledger"), "steps": 2, **extra}
 
 
-async def test_round_robin_across_users_and_resident_pipeline(storage: Storage, tmp_path: Path) -> None:
+async def test_round_robin_across_users_and_resident_pipeline(storage: Storage, tmp_path: Path, backend: str) -> None:
     sink = RecordingSink()
-    async with running(storage, tmp_path, sink) as sched:
+    async with running(storage, tmp_path, sink, backend=backend) as sched:
         ids = [(await sched.submit("u:a", "quick", params(tmp_path, tag, delay_s=0.05, chatter=True), CHAT)).job_id
                for tag in ("a1", "a2", "a3")]
         ids.append((await sched.submit("u:b", "quick", params(tmp_path, "b1", chatter=True), CHAT)).job_id)
@@ -193,9 +211,9 @@ async def test_caps_refuse_with_codes_and_write_no_row(storage: Storage, tmp_pat
     assert "2" in t("queue.user_full", "zh", max=2)
 
 
-async def test_cancel_queued_and_running(storage: Storage, tmp_path: Path) -> None:
+async def test_cancel_queued_and_running(storage: Storage, tmp_path: Path, backend: str) -> None:
     sink = RecordingSink()
-    async with running(storage, tmp_path, sink) as sched:
+    async with running(storage, tmp_path, sink, backend=backend) as sched:
         pid = sched.worker_pids()[0]
         long = await sched.submit("u:a", "quick", params(tmp_path, "long", steps=100, delay_s=0.02), CHAT)
         queued = await sched.submit("u:a", "quick", params(tmp_path, "queued"), CHAT)
@@ -219,9 +237,9 @@ async def test_cancel_queued_and_running(storage: Storage, tmp_path: Path) -> No
     assert not sink.delivered.keys() & {long.job_id, queued.job_id}
 
 
-async def test_killed_worker_is_respawned_and_job_retried(storage: Storage, tmp_path: Path) -> None:
+async def test_killed_worker_is_respawned_and_job_retried(storage: Storage, tmp_path: Path, backend: str) -> None:
     sink = RecordingSink()
-    async with running(storage, tmp_path, sink) as sched:
+    async with running(storage, tmp_path, sink, backend=backend) as sched:
         pid = sched.worker_pids()[0]
         sub = await sched.submit("u:a", "quick", params(tmp_path, "victim", steps=20, delay_s=0.03), CHAT)
         await until(lambda: len(sink.progress[sub.job_id]) >= 2)
@@ -237,9 +255,9 @@ async def test_killed_worker_is_respawned_and_job_retried(storage: Storage, tmp_
     assert read_ledger(tmp_path / "ledger") == ["victim"]
 
 
-async def test_failures_retry_bugs_and_crashes_but_not_user_errors(storage: Storage, tmp_path: Path) -> None:
+async def test_failures_retry_bugs_and_crashes_but_not_user_errors(storage: Storage, tmp_path: Path, backend: str) -> None:
     sink = RecordingSink()
-    async with running(storage, tmp_path, sink) as sched:
+    async with running(storage, tmp_path, sink, backend=backend) as sched:
         pid = sched.worker_pids()[0]
         bug = await sched.submit("u:a", "quick", params(tmp_path, "bug", bug=True), CHAT)
         await until(lambda: bug.job_id in sink.failed)
@@ -261,9 +279,9 @@ async def test_failures_retry_bugs_and_crashes_but_not_user_errors(storage: Stor
     assert read_ledger(tmp_path / "ledger") == ["once"]
 
 
-async def test_timeout_kills_worker_and_later_jobs_run(storage: Storage, tmp_path: Path) -> None:
+async def test_timeout_kills_worker_and_later_jobs_run(storage: Storage, tmp_path: Path, backend: str) -> None:
     sink = RecordingSink()
-    async with running(storage, tmp_path, sink) as sched:
+    async with running(storage, tmp_path, sink, backend=backend) as sched:
         pid = sched.worker_pids()[0]
         hung = await sched.submit("u:a", "brief", params(tmp_path, "hung", hang_at=2), CHAT)
         later = await sched.submit("u:b", "quick", params(tmp_path, "later"), CHAT)
@@ -330,9 +348,9 @@ async def test_sink_errors_do_not_stop_jobs_and_out_dir_may_be_chosen(storage: S
     assert [a.path for a in sink.delivered[sub.job_id]] == [str(chosen / "x.txt")]
 
 
-async def test_short_job_runs_inside_a_preemptible_one(storage: Storage, tmp_path: Path) -> None:
+async def test_short_job_runs_inside_a_preemptible_one(storage: Storage, tmp_path: Path, backend: str) -> None:
     sink = RecordingSink()
-    async with running(storage, tmp_path, sink) as sched:
+    async with running(storage, tmp_path, sink, backend=backend) as sched:
         long = await sched.submit("u:a", "train", params(tmp_path, "long", steps=12, delay_s=0.05, yield_every=2), CHAT)
         await until(lambda: sink.progress[long.job_id])
         short = await sched.submit("u:b", "quick", params(tmp_path, "short"), CHAT)

@@ -52,8 +52,9 @@ async def test_only_the_owner_changes_the_panel_and_go_queues_its_choices(world:
         await world.send(make_event(ANN, chat, button=f"opt:{panel_id}.{choice}", message_id="9"))
     _, text, buttons = channel.edits[-1]
     assert t("panel.pose", "en", value="Walking") in text and t("panel.count", "en", value="4") in text
-    assert [b.label for row in buttons for b in row if b.label.startswith("✓")] == ["✓ 2:3", "✓ High", "✓ Walking",
-                                                                                    "✓ 4"]
+    # The Speed row (handlers.fast) stays at the server's choice.
+    assert [b.label for row in buttons for b in row if b.label.startswith("✓")] == [
+        "✓ 2:3", "✓ High", "✓ Walking", "✓ 4", "✓ " + t("panel.fast_default", "en")]
     # Go without a selfie is refused; the panel stays, so Go works once the user has one.
     await world.send(make_event(ANN, chat, button=f"optgo:{panel_id}", message_id="9"))
     assert channel.said[-1] == t("portrait.need_selfie", "en") and world.jobs.submitted == []

@@ -24,6 +24,7 @@ REQUIRED_THEMES = {
     "hanfu", "dunhuang", "business_headshot", "id_photo", "wedding",
     "cyberpunk", "oil_painting", "analog_film", "winter", "beach",
 }
+DYNASTIES = {"han_dynasty", "tang_dynasty", "song_dynasty", "ming_dynasty", "qing_dynasty"}
 CJK = re.compile(r"[\u4e00-\u9fff]")
 
 VALID = """\
@@ -90,6 +91,18 @@ def test_shipped_catalogue_covers_the_seed_themes(shipped: StyleCatalog) -> None
     assert REQUIRED_THEMES <= set(shipped.ids())
     families = {s.family for s in shipped}
     assert families == {"sd15", "sdxl"}
+
+
+def test_shipped_catalogue_is_past_facechains(shipped: StyleCatalog) -> None:
+    assert len(shipped) >= 100
+    assert len([s for s in shipped if s.family == "sdxl"]) >= 25
+    assert DYNASTIES <= set(shipped.ids())
+    for tag in ("professional", "celebration", "romantic", "youth", "season", "film", "fashion", "fantasy", "game",
+                "travel", "art"):
+        assert len(shipped.with_tag(tag)) >= 3, tag
+    # Photo-real styles name the community bases FaceChain's styles run on.
+    assert {s.base for s in shipped if s.base} == {"majicmix-realistic-v7", "leosam-moonfilm-2",
+                                                    "leosam-helloworld-xl"}
 
 
 def test_shipped_styles_have_chinese_names_and_descriptions(shipped: StyleCatalog) -> None:

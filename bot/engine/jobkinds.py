@@ -23,21 +23,38 @@ class JobKind:
     timeout_s: float
     # A long job yields at checkpoints: the worker may run short jobs inside it.
     preemptible: bool = False
+    # (manifest model, feature) pairs a worker must have for this kind; a Ray node without them never gets it.
+    needs: tuple[tuple[str, str], ...] = ()
 
 
 BUILTIN_KINDS: tuple[JobKind, ...] = (
-    JobKind("identity", "facechain_core.identity:IdentityPipeline", INTERACTIVE, 3, 300),
+    JobKind("identity", "facechain_core.identity:IdentityPipeline", INTERACTIVE, 3, 300,
+            needs=(("arcface", "portrait"),)),
     JobKind("cartoon", "facechain_core.cartoon:CartoonPipeline", INTERACTIVE, 2, 300),
     # /voice's ▶: a few seconds of speech, through the talk pipeline (its voices stay loaded once).
     JobKind("voice_sample", "facechain_core.talk:TalkPipeline", INTERACTIVE, 2, 120),
-    JobKind("portrait", "facechain_core.portrait:PortraitPipeline", GENERATE, 2, 900),
-    JobKind("talk", "facechain_core.talk:TalkPipeline", GENERATE, 2, 600),
-    JobKind("tryon", "facechain_core.tryon:TryOnPipeline", GENERATE, 2, 900),
-    JobKind("template", "facechain_core.template:TemplatePipeline", GENERATE, 2, 900),
+    JobKind("portrait", "facechain_core.portrait:PortraitPipeline", GENERATE, 2, 900,
+            needs=(("sd15", "portrait"), ("ip-adapter-faceid-sd15", "portrait"), ("arcface", "portrait"))),
+    JobKind("talk", "facechain_core.talk:TalkPipeline", GENERATE, 2, 600, needs=(("wav2lip-gan-onnx", "talk"),)),
+    JobKind("tryon", "facechain_core.tryon:TryOnPipeline", GENERATE, 2, 900,
+            needs=(("sd15-inpainting", "tryon"), ("segformer-clothes", "tryon"))),
+    JobKind("template", "facechain_core.template:TemplatePipeline", GENERATE, 2, 900,
+            needs=(("sd15-inpainting", "template"),)),
     # Enhance / Upscale under a result: face restoration, then x2 or x4 super-resolution.
-    JobKind("enhance", "facechain_core.enhance:EnhancePipeline", GENERATE, 2, 600),
-    JobKind("train", "facechain_core.train_lora:TrainLoraPipeline", LONG, 3, 4 * 3600, preemptible=True),
-    JobKind("train_sdxl", "facechain_core.train_lora_sdxl:SdxlTrainLoraPipeline", LONG, 3, 6 * 3600, preemptible=True),
+    JobKind("enhance", "facechain_core.enhance:EnhancePipeline", GENERATE, 2, 600,
+            needs=(("real-esrgan-x2-onnx", "enhance"), ("real-esrgan-x4-onnx", "enhance"), ("yunet", "enhance"))),
+    JobKind("duo", "facechain_core.duo:DuoPipeline", GENERATE, 2, 900,
+            needs=(("sd15", "portrait"), ("ip-adapter-faceid-sd15", "portrait"), ("arcface", "portrait"),
+                   ("controlnet-openpose-sd15", "duo"))),
+    JobKind("duo_template", "facechain_core.duo_template:DuoTemplatePipeline", GENERATE, 2, 900,
+            needs=(("sd15-inpainting", "template"),)),
+    JobKind("train", "facechain_core.train_lora:TrainLoraPipeline", LONG, 3, 4 * 3600, preemptible=True,
+            needs=(("sd15", "train"),)),
+    JobKind("train_sdxl", "facechain_core.train_lora_sdxl:SdxlTrainLoraPipeline", LONG, 3, 6 * 3600, preemptible=True,
+            needs=(("sdxl", "train-sdxl"),)),
+    # /makestyle: checks the example set, trains a style LoRA (yields at checkpoints), renders previews.
+    JobKind("style_train", "facechain_core.style_maker:StyleLoraPipeline", LONG, 3, 6 * 3600, preemptible=True,
+            needs=(("sd15", "train"), ("arcface", "portrait"), ("yunet", "portrait"))),
 )
 
 
@@ -65,3 +82,7 @@ class JobKinds:
 
     def names(self) -> list[str]:
         return sorted(self._kinds)
+
+    def needs(self) -> dict[str, list[list[str]]]:
+        """Each kind's required (model, feature) pairs, as a worker host checks them."""
+        return {name: [list(pair) for pair in kind.needs] for name, kind in self._kinds.items()}

@@ -1,11 +1,14 @@
 """The GPU scheduler: admission, fair ordering, worker processes, retries, delivery, shutdown.
 
-One worker process per device (``bot.engine.worker``), spawned fresh and kept for many jobs. Jobs are
+One worker process per device (``bot.engine.worker``), kept for many jobs, in a slot of a backend
+(``bot.engine.backends``: local child processes or Ray actors; the scheduler does not know which). Jobs are
 picked by priority class, then round-robin over users (the user served least recently first), FIFO
 within a user. The job row is written before ``submit`` returns; a job in DONE is never run again
 (its artifacts are stored in the same transaction), and delivery is at-least-once: a DONE job is
 re-delivered after a restart. A preemptible job (training) yields at checkpoints: the worker then
 runs waiting short jobs in place. A job past its kind's timeout has its worker killed and respawned.
+A job goes only to a slot that may run its kind (``bot.engine.placement``), preferring an idle slot
+whose last job used the same base.
 
 The lifecycle is written before it is acted on: each state change goes to the job's row first
 (retrying a locked database or a full disk until it lands), and only then do the in-memory maps
@@ -28,12 +31,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
-import itertools
 import logging
 import mimetypes
-import os
-import signal
-import sys
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable
@@ -43,8 +42,10 @@ from typing import Any, Protocol, TypeVar
 
 from bot.engine import worker_protocol as wp
 from bot.config import SchedulerSettings
+from bot.engine.backends.base import Backend, JobOrder, Slot
+from bot.engine.backends import local_backend
 from bot.engine.jobkinds import JobKinds
-from bot.engine.worker_env import worker_environment
+from bot.engine.placement import allowed
 from bot.lifecycle import StartStop
 from bot.storage import Artifact, DuplicateKey, Job, JobState, Storage, new_artifact_id, retry_transient
 from facechain_core.errors import UserFacingError
@@ -65,9 +66,8 @@ JOB_UNREACHABLE = "job.unreachable"  # the chat refused its result for good (blo
 JOB_EXPIRED = "job.expired"  # retention removed its result before the chat could take it
 
 WORKER_START_TIMEOUT_S = 60.0
+# How long forget_user waits for a killed worker's jobs to settle.
 WORKER_EXIT_WAIT_S = 5.0
-# Respawn delays after successive deaths before "ready" (a broken environment backs off).
-RESPAWN_DELAYS_S = (0.0, 1.0, 5.0, 30.0)
 # How long a final message (result, failure) waits for an in-flight progress edit of the same job.
 PROGRESS_FLUSH_S = 10.0
 # How long forget_user waits for the user's running jobs to stop before killing their worker.
@@ -131,6 +131,13 @@ def _describe(exc: BaseException) -> str:
 
 def _error(code: str, **details: Any) -> dict[str, Any]:
     return {"code": code, "details": details}
+
+
+def _base_of(job: Job) -> str:
+    """What a job keeps resident in its worker: its style's model family, else its kind."""
+    style = job.params.get("style")
+    family = style.get("family") if isinstance(style, dict) else None
+    return str(family or job.kind)
 
 
 # -- ordering and estimates (pure) -------------------------------------------------------------
@@ -208,62 +215,13 @@ def plan_queue(
     return plan
 
 
-# -- workers -----------------------------------------------------------------------------------
-@dataclass
-class _Worker:
-    """One device slot; its process is replaced when it dies."""
-
-    index: int
-    device: str  # what the pipelines see: "cuda:0" or "cpu"
-    env: dict[str, str]
-    gen: int = 0  # bumped at each spawn
-    proc: asyncio.subprocess.Process | None = None
-    ready: bool = False
-    was_ready: bool = False  # this process said "ready" at some point
-    ready_event: asyncio.Event = field(default_factory=asyncio.Event)
-    jobs: list[int] = field(default_factory=list)  # outermost first; a nested short job after its host
-    doom: dict[int, str] = field(default_factory=dict)  # job id -> why we killed the process
-    reader: asyncio.Task[None] | None = None
-    start_failures: int = 0  # deaths in a row before "ready"
-    stopping: bool = False
-    heard: float = 0.0  # wall time of the process's last message (health: every worker answers)
-    memory: dict[str, int] = field(default_factory=dict)  # from its last pong, bytes
-
-    @property
-    def idle(self) -> bool:
-        return self.ready and not self.jobs
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None and self.proc.returncode is None else None
-
-    def send(self, message: dict[str, Any]) -> None:
-        """Writes to the worker; a dead worker's pipe is ignored (its exit handler takes its jobs)."""
-        if self.proc is None or self.proc.stdin is None or self.proc.stdin.is_closing():
-            return
-        try:
-            self.proc.stdin.write(wp.encode(message))
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-
-    def kill(self) -> None:
-        """SIGKILLs the worker's process group (pipelines may have started children)."""
-        if self.proc is None or self.proc.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-
-    def close_stdin(self) -> None:
-        if self.proc is not None and self.proc.stdin is not None and not self.proc.stdin.is_closing():
-            self.proc.stdin.close()
-
-
+# -- runs ----------------------------------------------------------------------------------
 @dataclass
 class _Run:
     """A job handed to a worker."""
 
     job: Job
-    worker: _Worker
+    worker: Slot
     gen: int
     nested: bool
     started: float  # monotonic
@@ -295,23 +253,18 @@ async def _wait_ended(runs: list[_Run], timeout: float) -> bool:
     return not pending
 
 
-def _device_env(device: str) -> tuple[str, dict[str, str]]:
-    """Maps a configured device to what the worker sees and its CUDA_VISIBLE_DEVICES."""
-    if device.startswith("cuda"):
-        index = device.partition(":")[2] or "0"
-        return "cuda:0", {"CUDA_VISIBLE_DEVICES": index}
-    return "cpu", {"CUDA_VISIBLE_DEVICES": ""}
-
-
 class Scheduler(StartStop):
-    """The job queue and its worker processes; implements ``handlers.protocols.JobQueue``."""
+    """The job queue and its worker slots; implements ``handlers.protocols.JobQueue`` and
+    ``bot.engine.backends.base.BackendEvents``."""
 
     def __init__(
         self, storage: Storage, kinds: JobKinds, settings: SchedulerSettings, *, data_dir: Path,
         context: dict[str, Any], sink: JobSink, devices: list[str] | None = None,
         on_event: JobEventHook | None = None, secrets: Iterable[str] = (), results_ttl_s: float | None = None,
+        backend: Backend | None = None,
     ) -> None:
-        """`results_ttl_s`: how long retention keeps a result (None: forever); an older one is not sent."""
+        """`results_ttl_s`: how long retention keeps a result (None: forever); an older one is not sent.
+        `backend`: where the workers run (default: local processes on `devices`)."""
         self._storage = storage
         self._kinds = kinds
         self._settings = settings
@@ -319,17 +272,11 @@ class Scheduler(StartStop):
         self._context = context
         self._sink = sink
         self._on_event = on_event
-        if devices is None:
-            devices = [f"cuda:{i}" for i in settings.gpus] or ["cpu"]
-        if not devices:
-            raise ValueError("at least one device is needed")
-        root = str(Path(__file__).resolve().parents[2])
-        self._workers: list[_Worker] = []
-        for index, configured in enumerate(devices):
-            device, extra = _device_env(configured)
-            env = {**worker_environment(os.environ, secrets), **extra, "PYTHONUNBUFFERED": "1"}
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-            self._workers.append(_Worker(index, device, env))
+        if backend is None:
+            if devices is None:
+                devices = [f"cuda:{i}" for i in settings.gpus] or ["cpu"]
+            backend = local_backend(devices, context, secrets=secrets, memory_budget_mb=settings.memory_budget_mb)
+        self._backend = backend
         self._queued: dict[int, Job] = {}
         self._running: dict[int, _Run] = {}
         self._delivering: dict[int, tuple[Job, asyncio.Task[None]]] = {}
@@ -370,11 +317,10 @@ class Scheduler(StartStop):
                 await self._fail(job, _error(JOB_UNAVAILABLE, kind=job.kind))
         self._started = True
         try:
-            for worker in self._workers:
-                await self._spawn(worker)
+            await self._backend.start(self)
             try:
                 await asyncio.wait_for(
-                    asyncio.gather(*(w.ready_event.wait() for w in self._workers)), WORKER_START_TIMEOUT_S
+                    asyncio.gather(*(w.ready_event.wait() for w in self._slots)), WORKER_START_TIMEOUT_S
                 )
             except TimeoutError:
                 raise RuntimeError(
@@ -382,16 +328,15 @@ class Scheduler(StartStop):
                 ) from None
         except BaseException:
             self._stopping = True
-            for worker in self._workers:
-                worker.stopping = True
-                worker.kill()
+            self._backend.abort()
             raise
+        self._check_placement()
         for job in await self._db(self._storage.unsent_outcomes):
             self._start_delivery(job)
         self._pump_task = asyncio.create_task(self._pump(), name="scheduler-pump")
         self._wake.set()
         log.info("scheduler started: %d worker(s) on %s, %d job(s) queued",
-                 len(self._workers), ", ".join(w.device for w in self._workers), len(self._queued))
+                 len(self._slots), ", ".join(w.info.name for w in self._slots), len(self._queued))
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stops taking jobs, lets running ones finish for `grace_s`, puts the rest back, stops workers."""
@@ -405,20 +350,8 @@ class Scheduler(StartStop):
             log.info("stopping: %d running job(s) get %.1f s to finish", len(self._running), grace)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), grace)
-        # Killing a busy worker runs its exit handler, which puts unfinished jobs back (attempt refunded).
-        readers = [w.reader for w in self._workers if w.reader is not None]
-        for worker in self._workers:
-            worker.stopping = True
-            if worker.jobs:
-                worker.kill()
-            else:
-                worker.close_stdin()
-        if readers:
-            _, late = await asyncio.wait(readers, timeout=WORKER_EXIT_WAIT_S)
-            if late:
-                for worker in self._workers:
-                    worker.kill()
-                await asyncio.wait(late, timeout=WORKER_EXIT_WAIT_S)
+        # Killing a busy worker reports its exit, which puts unfinished jobs back (attempt refunded).
+        await self._backend.stop()
         if self._pump_task is not None:
             self._pump_task.cancel()
             await asyncio.gather(self._pump_task, return_exceptions=True)
@@ -439,12 +372,15 @@ class Scheduler(StartStop):
 
     def worker_pids(self) -> list[int | None]:
         """The live worker process ids, one per device (None while one restarts)."""
-        return [w.pid if w.ready else None for w in self._workers]
+        return [w.pid if w.ready else None for w in self._slots]
 
     def ping_workers(self) -> None:
         """Asks every worker process for a pong (liveness and memory; see ``health``)."""
-        for worker in self._workers:
-            worker.send({"op": wp.PING})
+        self._backend.ping()
+
+    def queue_length(self) -> int:
+        """Jobs waiting for a worker now (fast mode's "auto" reads it when a job is queued)."""
+        return len(self._queued)
 
     def health(self) -> dict[str, Any]:
         """Counters for the heartbeat file: workers alive, queue sizes, outcomes since start."""
@@ -453,12 +389,12 @@ class Scheduler(StartStop):
             "running_by_kind": dict(Counter(r.job.kind for r in self._running.values())),
             "worker_states": [
                 {"index": w.index, "pid": w.pid, "alive": w.ready, "busy": bool(w.jobs), "heard": w.heard,
-                 "memory": w.memory, "device": "cpu" if w.device == "cpu" else f"cuda:{w.env['CUDA_VISIBLE_DEVICES']}"}
-                for w in self._workers
+                 "memory": w.memory, "device": w.info.name, "node": w.info.node}
+                for w in self._slots if not w.gone  # a Ray node that left the cluster is no worker of ours
             ],
             "accepting": self._started and not self._stopping,
-            "workers": len(self._workers),
-            "workers_alive": sum(1 for w in self._workers if w.ready),
+            "workers": sum(1 for w in self._slots if not w.gone),
+            "workers_alive": sum(1 for w in self._slots if w.ready),
             "queued": len(self._queued),
             "running": len(self._running),
             "delivering": len(self._delivering),
@@ -535,7 +471,7 @@ class Scheduler(StartStop):
                 if not run.ended.is_set():
                     log.warning("job %d did not stop for forget_user: killing its worker", run.job.id)
                     run.worker.doom[run.job.id] = "forget"
-                    run.worker.kill()
+                    self._backend.kill(run.worker)
             await _wait_ended(runs, WORKER_EXIT_WAIT_S)
         for job_id, (job, task) in list(self._delivering.items()):
             if job.user_key == user_key:
@@ -603,7 +539,7 @@ class Scheduler(StartStop):
     def _plan(self) -> dict[int, tuple[int, float | None]]:
         now = time.monotonic()
         busy: list[Busy | None] = []
-        for worker in self._workers:
+        for worker in self._slots:
             host = self._running.get(worker.jobs[0]) if worker.jobs else None
             if host is None:
                 busy.append(None)
@@ -614,11 +550,34 @@ class Scheduler(StartStop):
         order = pick_order(self._queued.values(), self._last_served)
         return plan_queue(order, busy, self._averages, preemptible_kinds)
 
-    def _pick(self, short_only: bool = False) -> Job | None:
+    def _pick(self, short_only: bool = False, slots: list[Slot] | None = None) -> Job | None:
+        """The next job in pick order (that one of `slots` may run, when given)."""
         candidates = (
             j for j in self._queued.values() if not (short_only and self._kinds[j.kind].preemptible)
+            and (slots is None or any(self._fits(j, w) for w in slots))
         )
         return min(candidates, key=lambda j: pick_key(j, self._last_served), default=None)
+
+    def _check_placement(self) -> None:
+        """Logs placement rules naming unknown kinds, and kinds no worker may run (their jobs wait)."""
+        for rule in self._settings.placement:
+            for name in set(rule.kinds) - set(self._kinds.names()):
+                log.warning("scheduler.placement names %r, which is no job kind", name)
+        live = [w for w in self._slots if not w.gone]
+        for name in self._kinds.names():
+            if not any(allowed(name, w.info, self._settings.placement) for w in live):
+                log.error("no worker may run %r jobs (placement rules, or models missing on every node): "
+                          "they wait until one can", name)
+
+    def _fits(self, job: Job, worker: Slot) -> bool:
+        """Whether the slot may run the job: the placement rules, and the models its node has."""
+        return allowed(job.kind, worker.info, self._settings.placement)
+
+    def _choose_slot(self, job: Job, idle: list[Slot]) -> Slot:
+        """Among idle slots that may run the job, one whose last job used the same base (still resident)."""
+        fitting = [w for w in idle if self._fits(job, w)]
+        base = _base_of(job)
+        return next((w for w in fitting if w.last_base == base), fitting[0])
 
     # -- internals: dispatch -------------------------------------------------------------------
     async def _pump(self) -> None:
@@ -628,10 +587,11 @@ class Scheduler(StartStop):
             await self._wake.wait()
             self._wake.clear()
             while not self._stopping:
-                worker = next((w for w in self._workers if w.idle), None)
-                job = self._pick() if worker is not None else None
-                if worker is None or job is None:
+                idle = [w for w in self._slots if w.idle]
+                job = self._pick(slots=idle) if idle else None
+                if job is None:
                     break
+                worker = self._choose_slot(job, idle)
                 try:
                     await self._dispatch(worker, job, nested=False)
                 except Exception:
@@ -645,7 +605,7 @@ class Scheduler(StartStop):
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop_event.wait(), seconds)
 
-    async def _dispatch(self, worker: _Worker, job: Job, nested: bool) -> bool:
+    async def _dispatch(self, worker: Slot, job: Job, nested: bool) -> bool:
         """Marks the job running (the attempt counts now) and sends it; False if it did not go."""
         del self._queued[job.id]
         if job.attempts >= job.max_tries:
@@ -676,10 +636,19 @@ class Scheduler(StartStop):
         run.started = time.monotonic()
         run.timer = asyncio.get_running_loop().call_later(kind.timeout_s, self._on_timeout, run)
         run.sent = True
-        worker.send({
-            "op": wp.RUN, "job": job.id, "kind": job.kind, "pipeline": kind.pipeline,
-            "params": self._job_params(job), "preemptible": kind.preemptible,
-        })
+        worker.last_base = _base_of(job)
+        try:
+            await self._backend.dispatch(worker, [JobOrder(job.id, job.kind, kind.pipeline, self._job_params(job),
+                                                           kind.preemptible)])
+        except Exception as exc:
+            # Its inputs could not be read or sent (a remote worker lost meanwhile): a try used, as a crash.
+            log.warning("job %d could not be handed to worker %d (%s)", job.id, worker.index, _describe(exc))
+            if self._running.get(job.id) is run:
+                if job.attempts < job.max_tries:
+                    await self._requeue(job, run)
+                else:
+                    await self._fail(job, _error(JOB_CRASHED, tries=job.attempts), run)
+            return False
         self._event("started", job, worker=worker.index, nested=nested, attempt=job.attempts,
                     wait_s=job.started_at - job.created_at)
         return True
@@ -703,7 +672,7 @@ class Scheduler(StartStop):
             return
         log.warning("job %d (%s) passed its timeout: killing worker %d", run.job.id, run.job.kind, run.worker.index)
         run.worker.doom[run.job.id] = "timeout"
-        run.worker.kill()
+        self._backend.kill(run.worker)
 
     def _end_run(self, run: _Run) -> None:
         """Forgets a run that ended (its outcome is recorded by the caller)."""
@@ -718,77 +687,24 @@ class Scheduler(StartStop):
         if run.worker.idle:
             self._wake.set()
 
-    # -- internals: workers ----------------------------------------------------------------------
-    async def _spawn(self, worker: _Worker) -> None:
-        """Starts (or restarts) the worker's process and sends it the init message."""
-        if self._stopping:
-            return
-        worker.gen += 1
-        worker.ready = worker.was_ready = False
-        worker.ready_event.clear()  # cleared, not replaced: start() may be waiting on it
-        worker.doom = {}
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bot.engine.worker", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            env=worker.env, start_new_session=True, limit=wp.MAX_LINE,
-        )
-        worker.proc = proc
-        ctx = self._context
-        worker.send({
-            "op": wp.INIT, "models_dir": str(ctx.get("models_dir", "models")), "device": worker.device,
-            "dtype": ctx.get("dtype") or ("float16" if worker.device.startswith("cuda") else "float32"),
-            "memory_budget_mb": int(ctx.get("memory_budget_mb", 0)), "settings": ctx.get("settings") or {},
-            "log_level": ctx.get("log_level", logging.getLevelName(logging.getLogger().getEffectiveLevel())),
-            "log_format": ctx.get("log_format", "text"),
-        })
-        worker.reader = self._spawn_task(self._read(worker, proc), f"worker-{worker.index}-reader")
-        if self._stopping:
-            worker.stopping = True
-            worker.kill()
+    # -- BackendEvents ------------------------------------------------------------------------
+    @property
+    def _slots(self) -> list[Slot]:
+        return self._backend.slots
 
-    async def _read(self, worker: _Worker, proc: asyncio.subprocess.Process) -> None:
-        """Handles one worker process's messages until it exits, then handles its exit."""
-        assert proc.stdout is not None
-        while True:
-            try:
-                line = await proc.stdout.readline()
-            except (ValueError, asyncio.LimitOverrunError):
-                log.error("worker %d sent an over-long line: killing it", worker.index)
-                worker.kill()
-                break
-            except OSError:
-                log.exception("reading worker %d failed: killing it", worker.index)
-                worker.kill()
-                break
-            if not line:
-                break  # the process is exiting
-            worker.heard = time.time()
-            try:
-                message = wp.decode(line)
-            except ValueError:
-                log.error("worker %d sent a bad line: %r", worker.index, line[:200])
-                continue
-            try:
-                await self._on_message(worker, message)
-            except Exception:
-                log.exception("handling %r from worker %d failed", message.get("op"), worker.index)
-        if worker.proc is proc:
-            worker.ready = False  # before the exit status arrives: dispatch nothing more to it
-        code = await proc.wait()
-        await self._on_exit(worker, proc, code)
+    def wake(self) -> None:
+        """A slot became ready (or was added): look for work."""
+        self._wake.set()
 
-    async def _on_exit(self, worker: _Worker, proc: asyncio.subprocess.Process, code: int) -> None:
-        """Settles the jobs of a worker that exited, then respawns it."""
-        if worker.proc is not proc:
-            return
-        worker.ready = False
-        doom, worker.doom = worker.doom, {}
-        killed_by_us = bool(doom) or worker.stopping
+    async def on_message(self, worker: Slot, message: dict[str, Any]) -> None:
+        """A job's message from a worker."""
+        await self._on_message(worker, message)
+
+    async def on_exit(self, worker: Slot, code: int | None, killed_by_us: bool) -> None:
+        """Settles the jobs of a worker process that ended (the backend restarts it afterwards)."""
+        doom = dict(worker.doom)
         if not killed_by_us:
             self._counters["worker_deaths"] += 1
-            log.warning("worker %d (pid %d) died (exit %s) while running %s",
-                        worker.index, proc.pid, code, worker.jobs or "nothing")
-        elif worker.jobs:
-            log.info("worker %d (pid %d) stopped while running %s", worker.index, proc.pid, worker.jobs)
         for depth, job_id in enumerate(reversed(list(worker.jobs))):
             run = self._running.get(job_id)
             if run is None:
@@ -800,15 +716,6 @@ class Scheduler(StartStop):
                 log.exception("job %d: recording how it ended failed; its row decides at the next start", job_id)
                 self._end_run(run)
         worker.jobs.clear()
-        if self._stopping or worker.stopping:
-            return
-        # A worker that dies before it is ready is broken (not a job's fault): back off.
-        worker.start_failures = 0 if worker.was_ready or killed_by_us else worker.start_failures + 1
-        delay = RESPAWN_DELAYS_S[min(worker.start_failures, len(RESPAWN_DELAYS_S) - 1)]
-        if delay:
-            log.error("worker %d died before it was ready: respawning in %.0f s", worker.index, delay)
-            await asyncio.sleep(delay)
-        await self._respawn(worker)
 
     async def _settle_exit(self, run: _Run, doom: str | None, killed_by_us: bool, depth: int) -> None:
         """Records how a job of a worker that exited ends: failed, cancelled, back in the queue."""
@@ -826,34 +733,13 @@ class Scheduler(StartStop):
         else:
             await self._fail(job, _error(JOB_CRASHED, tries=job.attempts), run)
 
-    async def _respawn(self, worker: _Worker) -> None:
-        """Spawns the worker's process again, retrying (with backoff) when the spawn itself fails."""
-        for attempt in itertools.count():
-            try:
-                await self._spawn(worker)
-                return
-            except Exception:
-                delay = RESPAWN_DELAYS_S[min(attempt + 1, len(RESPAWN_DELAYS_S) - 1)]
-                log.exception("worker %d could not be started; trying again in %.1f s", worker.index, delay)
-                await self._pause(delay)
-                if self._stopping or worker.stopping:
-                    return
-
-    async def _on_message(self, worker: _Worker, message: dict[str, Any]) -> None:
+    async def _on_message(self, worker: Slot, message: dict[str, Any]) -> None:
         op = message["op"]
-        if op == wp.PONG:
-            worker.memory = {k: int(v) for k, v in (message.get("memory") or {}).items()}
-            return
-        if op == wp.READY:
-            worker.ready = worker.was_ready = True
-            worker.ready_event.set()
-            self._wake.set()
-            return
         run = self._running.get(int(message.get("job", -1)))
         if run is None or run.worker is not worker:
             log.warning("worker %d sent %r for job %s, which it does not run", worker.index, op, message.get("job"))
             if op == wp.YIELD:
-                worker.send({"op": wp.RESUME})
+                self._backend.resume(worker)
             return
         if op == wp.PROGRESS:
             run.step, run.total = int(message["step"]), int(message["total"])
@@ -882,10 +768,10 @@ class Scheduler(StartStop):
         else:
             log.warning("worker %d sent an unknown op %r", worker.index, op)
 
-    async def _on_yield(self, worker: _Worker, host: _Run) -> None:
+    async def _on_yield(self, worker: Slot, host: _Run) -> None:
         """A preemptible job is at a checkpoint: give its worker a waiting short job, or let it resume."""
         while not self._stopping and not host.cancel:
-            job = self._pick(short_only=True)
+            job = self._pick(short_only=True, slots=[worker])
             if job is None:
                 break
             try:
@@ -896,7 +782,7 @@ class Scheduler(StartStop):
                 break
             if worker.gen != host.gen:
                 return
-        worker.send({"op": wp.RESUME})
+        self._backend.resume(worker)
 
     async def _on_done(self, run: _Run, result: dict[str, Any]) -> None:
         """Stores the result and its artifacts (DONE: never run again), then delivers."""
@@ -1012,7 +898,7 @@ class Scheduler(StartStop):
                 run.notify = run.notify and notify if run.cancel else notify
                 if not run.cancel:
                     run.cancel = True
-                    run.worker.send({"op": wp.CANCEL, "job": run.job.id})
+                    self._backend.cancel(run.worker, run.job.id)
                     log.info("job %d: cancel sent to worker %d", run.job.id, run.worker.index)
         for index, job in enumerate(wanted):
             try:

@@ -8,6 +8,7 @@ in place before going on.
 """
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import os
@@ -22,6 +23,16 @@ from facechain_core.errors import JobCancelled, UserFacingError
 from facechain_core.pipeline import JobResult, Pipeline, PipelineContext
 
 log = logging.getLogger("bot.engine.worker")
+
+
+OUT_OF_MEMORY = "job.out_of_memory"  # the GPU ran out of memory even with smaller batches
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is torch's CUDA out-of-memory error (torch is only consulted when a pipeline loaded it)."""
+    torch = sys.modules.get("torch")
+    oom = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
+    return oom is not None and isinstance(exc, oom)
 
 
 class Channel:
@@ -190,7 +201,7 @@ class Worker:
                 Path(params["out_dir"]).mkdir(parents=True, exist_ok=True)
             pipeline = self.pipeline(message["pipeline"])
             progress = JobProgress(self, job_id, preemptible=bool(message.get("preemptible")) and not nested)
-            result = pipeline.run(params, progress)
+            result = self.run_within_memory(pipeline, params, progress)
             payload = result.to_dict() if isinstance(result, JobResult) else dict(result or {})
             send({"op": wp.DONE, "job": job_id, "result": payload})
         except JobCancelled:
@@ -204,6 +215,36 @@ class Worker:
             send({"op": wp.CRASH, "job": job_id, "error": f"{type(exc).__name__}: {exc}"})
         finally:
             self.inbox.forget(job_id)
+
+    def run_within_memory(self, pipeline: Pipeline, params: dict[str, Any], progress: JobProgress) -> Any:
+        """Runs the job; when the GPU runs out of memory, frees the resident pipelines and tries once more
+        with ``params["low_memory"]`` (a pipeline then uses smaller batches), then fails with a clear code."""
+        try:
+            return pipeline.run(params, progress)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            log.warning("job %d: the GPU ran out of memory; freeing resident pipelines and trying with smaller batches",
+                        progress.job_id)
+        self.free_memory()
+        try:
+            return pipeline.run({**params, "low_memory": True}, progress)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            self.free_memory()
+            raise UserFacingError(OUT_OF_MEMORY) from exc
+
+    def free_memory(self) -> None:
+        """Evicts every resident pipeline base and returns the freed memory to the device."""
+        resident = self.context.shared.get("resident")
+        if resident is not None:
+            for key in list(resident.keys()):
+                resident.evict(key)
+        gc.collect()
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def close(self) -> None:
         for path, pipeline in self._pipelines.items():

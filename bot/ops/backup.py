@@ -1,4 +1,5 @@
-"""Backup and restore of the service's data: the SQLite database and ``data_dir/users/``.
+"""Backup and restore of the service's data: the SQLite database, ``data_dir/users/`` and the styles
+published from chat (``data_dir/styles/``).
 
 ``backup`` works while the service runs: it first takes one consistent snapshot of the database
 with SQLite's online backup API, then archives the user folders. Every file a row of the snapshot
@@ -9,7 +10,8 @@ a restore). The archive is a tar file (gzip when the name ends in .gz or .tgz)::
 
     backup.json            manifest: format, time, original data dir, row counts, missing files
     facechain.sqlite3      the database snapshot
-    users/<user key>/...   selfies, identities, LoRAs, results
+    users/<user key>/...   selfies, identities, LoRAs, results, private styles
+    styles/...             published styles: <id>.toml, <id>.safetensors, previews/
 
 ``restore`` unpacks an archive into an empty data dir and re-roots the stored paths at it.
 """
@@ -38,6 +40,8 @@ FORMAT_VERSION = 1
 MANIFEST = "backup.json"
 DATABASE = "facechain.sqlite3"
 USERS = "users"
+STYLES = "styles"  # handlers.style_sources.PUBLISHED_FOLDER: styles published with /makestyle
+FOLDERS = (USERS, STYLES)  # the data_dir folders an archive holds
 # Files a writer is still filling (atomic writes rename them into place when done).
 SKIP_SUFFIXES = (".tmp", ".part", ".partial")
 COPY_TRIES = 3
@@ -116,8 +120,7 @@ def _write_archive(partial: Path, snapshot: Path, data_dir: Path, referenced: li
     archived: set[str] = set()
     with tarfile.open(partial, f"w:{_compression(partial)}") as tar:
         tar.add(snapshot, arcname=DATABASE)
-        users = data_dir / USERS
-        for folder, dirs, files in os.walk(users):
+        for folder, dirs, files in (entry for name in FOLDERS for entry in os.walk(data_dir / name)):
             dirs.sort()
             for file_name in sorted(files):
                 path = Path(folder) / file_name
@@ -182,7 +185,7 @@ def _safe_members(tar: tarfile.TarFile) -> Iterable[tarfile.TarInfo]:
         parts = PurePosixPath(member.name).parts
         if member.name in (MANIFEST, DATABASE):
             yield member
-        elif parts and parts[0] == USERS and ".." not in parts and (member.isfile() or member.isdir()):
+        elif parts and parts[0] in FOLDERS and ".." not in parts and (member.isfile() or member.isdir()):
             yield member
         else:
             raise BackupError(f"unexpected entry {member.name!r} in the archive: not a backup of this bot")
@@ -222,8 +225,7 @@ async def restore(archive: Path, data_dir: Path, db_path: Path) -> BackupSummary
     archive, data_dir, db_path = Path(archive), Path(data_dir), Path(db_path)
     if not archive.is_file():
         raise BackupError(f"{archive} is not a file")
-    users = data_dir / USERS
-    if db_path.exists() or (users.exists() and any(users.iterdir())):
+    if db_path.exists() or any((data_dir / name).exists() and any((data_dir / name).iterdir()) for name in FOLDERS):
         raise BackupError(f"{data_dir} already holds data: restore into an empty data dir "
                           "(stop the service and move the old one away first)")
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -231,10 +233,11 @@ async def restore(archive: Path, data_dir: Path, db_path: Path) -> BackupSummary
     with tempfile.TemporaryDirectory(dir=data_dir, prefix=".restore-") as tmp:
         staging = Path(tmp)
         manifest = await asyncio.to_thread(_unpack, archive, staging)
-        if (staging / USERS).is_dir():
-            if users.exists():
-                users.rmdir()  # empty, checked above
-            shutil.move(staging / USERS, users)
+        for name in FOLDERS:
+            if (staging / name).is_dir():
+                if (data_dir / name).exists():
+                    (data_dir / name).rmdir()  # empty, checked above
+                shutil.move(staging / name, data_dir / name)
         db_path.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(staging / DATABASE, db_path)
     new_root = str(data_dir.resolve())
@@ -245,7 +248,7 @@ async def restore(archive: Path, data_dir: Path, db_path: Path) -> BackupSummary
         for stored in await storage.file_paths():
             if not Path(stored).exists():
                 summary.missing.append(stored)
-    for path in users.rglob("*") if users.exists() else ():
+    for path in (p for name in FOLDERS for p in (data_dir / name).rglob("*")):
         if path.is_file():
             summary.files += 1
             summary.bytes += path.stat().st_size

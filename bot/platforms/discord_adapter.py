@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import discord
@@ -236,7 +236,8 @@ class DiscordAdapter(StartStop):
 
     # -- interactions ----------------------------------------------------------------------------
     async def run_command(self, interaction: discord.Interaction, name: str | None, args: list[str],
-                          attachments: list[discord.Attachment]) -> None:
+                          attachments: list[discord.Attachment],
+                          mentions: Sequence[discord.abc.User] = ()) -> None:
         """Defers the interaction, then hands the command (or, name None, the files) to the dispatch."""
         with self._tracked():
             lang = self._language(interaction)
@@ -248,7 +249,9 @@ class DiscordAdapter(StartStop):
             text = " ".join([f"/{name}"] + args) if name else ""
             event = Event(user=user, chat=chat, text=text, command=name, args=args,
                           attachments=[self._attachment(a) for a in attachments], language=lang,
-                          chat_admin=_admin_check(interaction), update_key=f"{PLATFORM}:i{interaction.id}")
+                          chat_admin=_admin_check(interaction), update_key=f"{PLATFORM}:i{interaction.id}",
+                          mentions=[to_user(m) for m in mentions if not m.bot and (
+                              interaction.guild is None or isinstance(m, discord.Member))])  # a member here only
             channel = DiscordChannel(self.link, chat, requester=user, language=lang, interaction=interaction,
                                      private=name in PRIVATE_COMMANDS, usable=usable)
             try:

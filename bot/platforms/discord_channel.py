@@ -46,6 +46,8 @@ LABEL_MAX = 80  # characters on a button
 ROW_MAX = 5  # buttons in a row
 ROWS_MAX = 5  # rows under a message
 FILES_MAX = 10  # attachments in a message
+EMBEDS_MAX = 10  # embeds in a message
+EMBED_TITLE_MAX = 256
 CUSTOM_ID_PREFIX = "fc:"
 DEFAULT_UPLOAD_LIMIT = discord.utils.DEFAULT_FILE_SIZE_LIMIT_BYTES
 # Error codes that mean the interaction's token can no longer be used: invalid webhook token,
@@ -253,7 +255,8 @@ class DiscordChannel:
                                                         users=[discord.Object(int(user.id))])
 
     async def _replace_progress(self, content: str | None, buttons: list[list[Button]] | None,
-                                files: list[tuple[bytes, str]] | tuple[()]) -> discord.Message | None:
+                                files: list[tuple[bytes, str]] | tuple[()],
+                                embeds: list[discord.Embed] | None = None) -> discord.Message | None:
         """Edits the result into the progress message; None when that message is gone (then it is posted)."""
         ref, self._replace = self._replace, None
         assert ref is not None
@@ -261,7 +264,8 @@ class DiscordChannel:
         try:
             with _refusals():
                 message = await self._link.messageable(ref.chat).get_partial_message(int(ref.message_id)).edit(
-                    content=content, attachments=_files(files), view=build_view(buttons), allowed_mentions=mentions)
+                    content=content, attachments=_files(files), view=build_view(buttons), allowed_mentions=mentions,
+                    **({"embeds": embeds} if embeds else {}))
         except discord.NotFound:
             log.info("discord: progress message %s in %s is gone; posting the result", ref.message_id, ref.chat.key)
             return None
@@ -278,11 +282,13 @@ class DiscordChannel:
         return self._private or not buttons
 
     async def _send(self, content: str | None, buttons: list[list[Button]] | None, visibility: Visibility,
-                    files: list[tuple[bytes, str]] = ()) -> tuple[Chat, discord.Message]:
+                    files: list[tuple[bytes, str]] = (),
+                    embeds: list[discord.Embed] | None = None) -> tuple[Chat, discord.Message]:
         for_requester = self._for_requester(visibility, buttons, bool(files))
+        extra: dict[str, Any] = {"embeds": embeds} if embeds else {}
         if for_requester and self._interaction is not None:
             try:
-                return self.chat, await self._send_interaction(content, buttons, files)
+                return self.chat, await self._send_interaction(content, buttons, files, embeds)
             except discord.HTTPException as exc:
                 if not _dead_token(exc):
                     raise
@@ -292,21 +298,23 @@ class DiscordChannel:
             target = await self._requester_dm()
             with _refusals():
                 message = await self._link.messageable(target).send(
-                    content=content or None, files=_files(files) or None, view=build_view(buttons))  # type: ignore[arg-type]
+                    content=content or None, files=_files(files) or None, view=build_view(buttons),  # type: ignore[arg-type]
+                    **extra)
             return target, message
         if self._replace is not None:
-            replaced = await self._replace_progress(content, buttons, files)
+            replaced = await self._replace_progress(content, buttons, files, embeds)
             if replaced is not None:
                 return self.chat, replaced
         content, mentions = self._public(content)
         with _refusals():
             message = await self._link.messageable(self.chat).send(
                 content=content or None, files=_files(files) or None, view=build_view(buttons),  # type: ignore[arg-type]
-                allowed_mentions=mentions)
+                allowed_mentions=mentions, **extra)
         return self.chat, message
 
     async def _send_interaction(self, content: str | None, buttons: list[list[Button]] | None,
-                                files: list[tuple[bytes, str]]) -> discord.Message:
+                                files: list[tuple[bytes, str]],
+                                embeds: list[discord.Embed] | None = None) -> discord.Message:
         interaction = self._interaction
         assert interaction is not None
         view = build_view(buttons)
@@ -317,6 +325,8 @@ class DiscordChannel:
                 kwargs["view"] = view
             if files:
                 kwargs["attachments"] = _files(files)
+            if embeds:
+                kwargs["embeds"] = embeds
             try:
                 message: discord.Message = await interaction.edit_original_response(**kwargs)
             except discord.NotFound as exc:
@@ -332,6 +342,8 @@ class DiscordChannel:
             kwargs["view"] = view
         if files:
             kwargs["files"] = _files(files)
+        if embeds:
+            kwargs["embeds"] = embeds
         message = await interaction.followup.send(content or discord.utils.MISSING, **kwargs)
         self._own.add(message.id)
         return message
@@ -412,6 +424,27 @@ class DiscordChannel:
         for extra in pads[1:]:
             await self._send(t("core.more_actions", self.language), extra, visibility)
         return sent
+
+    async def send_gallery(self, images: list[Media], text: str, buttons: list[list[Button]] | None = None,
+                           visibility: Visibility = Visibility.CHAT) -> MessageRef:
+        """One message: `text`, an embed per image titled with its caption (a gallery), and the buttons.
+        Falls back to the pictures, then the text, when they do not fit one message."""
+        limit = self._link.upload_limit(self.chat)
+        files = []
+        for index, media in enumerate(images[:EMBEDS_MAX]):
+            data, name = await _read_media(media)
+            data, name = await asyncio.to_thread(fit_image, data, name, limit)
+            files.append((data, f"{index:02d}{Path(name).suffix or '.jpg'}"))
+        pads = keyboards(buttons)
+        if len(images) > EMBEDS_MAX or sum(len(d) for d, _ in files) > limit:
+            await self.send_images(images)
+            return await self.send_text(text, buttons, visibility)
+        embeds = [discord.Embed(title=(media.caption or "")[:EMBED_TITLE_MAX] or None)
+                  .set_image(url=f"attachment://{name}") for media, (_, name) in zip(images, files, strict=True)]
+        chat, message = await self._send(text[:TEXT_MAX], pads[0] if pads else None, visibility, files, embeds)
+        for extra in pads[1:]:  # Discord takes 5 rows of buttons a message
+            await self._send(t("core.more_actions", self.language), extra, visibility)
+        return MessageRef(chat, str(message.id))
 
     async def _send_file(self, media: Media, caption: str | None, buttons: list[list[Button]] | None = None) -> SentFile:
         data, name = await _read_media(media)

@@ -5,7 +5,7 @@ Chinese clients, through ``CatalogueTranslator``). Commands with input get typed
 /style (a style with autocomplete from the catalogue, a count of 1 to 8) and /selfie (up to five
 photo attachments; it is no router command: its photos go where any photo goes), /cartoon (an
 installed cartoon style with autocomplete, a photo), /talk (text, a round-video switch, a photo),
-/tryon (an outfit photo) and /admin (an action, a user, a reason; shown to administrators only).
+/tryon (an outfit photo), /makestyle (words and up to five example pictures) and /admin (an action, a user, a reason; shown to administrators only).
 A later feature with input adds its typed builder to ``TYPED_COMMANDS``. Every callback only turns the options into
 arguments for ``DiscordAdapter.run_command``.
 """
@@ -73,27 +73,44 @@ async def run_plain(interaction: discord.Interaction) -> None:
 
 Aspect = Literal["square", "2:3", "9:16", "3:2"]
 Likeness = Literal["low", "normal", "high"]
+Fast = Literal["on", "off"]
 
 
 def studio_words(aspect: str | None = None, likeness: str | None = None, pose: str | None = None,
-                 seed: int | None = None) -> list[str]:
-    """The studio's ``key:value`` words (handlers.studio) for the options given."""
+                 seed: int | None = None, fast: str | None = None) -> list[str]:
+    """The studio's ``key:value`` words (handlers.studio, handlers.fast) for the options given."""
     return [f"{key}:{value}" for key, value in (("aspect", aspect), ("likeness", likeness), ("pose", pose),
-                                                ("seed", seed)) if value is not None and value != ""]
+                                                ("seed", seed), ("fast", fast)) if value is not None and value != ""]
 
 
 @app_commands.describe(style=described("discord.option_style"), count=described("discord.option_count"),
                        aspect=described("discord.option_aspect"), likeness=described("discord.option_likeness"),
                        pose=described("discord.option_pose"), pose_photo=described("discord.option_pose_photo"),
-                       seed=described("discord.option_seed"))
+                       seed=described("discord.option_seed"), fast=described("discord.option_fast"))
 async def run_style(interaction: discord.Interaction, style: str,
                     count: app_commands.Range[int, 1, MAX_PORTRAITS] | None = None, aspect: Aspect | None = None,
                     likeness: Likeness | None = None, pose: str | None = None,
                     pose_photo: discord.Attachment | None = None,
-                    seed: app_commands.Range[int, 0, SEED_MAX] | None = None) -> None:
+                    seed: app_commands.Range[int, 0, SEED_MAX] | None = None, fast: Fast | None = None) -> None:
     """Runs /style with the chosen style, count and studio controls (a photo lends its pose)."""
-    args = style.split() + ([str(count)] if count is not None else []) + studio_words(aspect, likeness, pose, seed)
+    args = (style.split() + ([str(count)] if count is not None else [])
+            + studio_words(aspect, likeness, pose, seed, fast))
     await _adapter(interaction).run_command(interaction, "style", args, [pose_photo] if pose_photo else [])
+
+
+@app_commands.describe(style=described("discord.option_duo_style"), partner=described("discord.option_partner"))
+async def run_duo(interaction: discord.Interaction, style: str, partner: discord.User) -> None:
+    """Runs /duo: asks the partner's consent to a portrait of the two in the style ("block": block them)."""
+    await _adapter(interaction).run_command(interaction, "duo", style.split(), [], mentions=[partner])
+
+
+@app_commands.describe(style=described("discord.option_style"), partner1=described("discord.option_partner"),
+                       partner2=described("discord.option_partner"), partner3=described("discord.option_partner"))
+async def run_group(interaction: discord.Interaction, style: str, partner1: discord.User,
+                    partner2: discord.User | None = None, partner3: discord.User | None = None) -> None:
+    """Runs /group: asks up to three partners' consent to a portrait of everyone in the style."""
+    partners = [p for p in (partner1, partner2, partner3) if p is not None]
+    await _adapter(interaction).run_command(interaction, "group", style.split(), [], mentions=partners)
 
 
 @app_commands.describe(template=described("discord.option_template"),
@@ -152,6 +169,19 @@ async def run_talk(interaction: discord.Interaction, text: app_commands.Range[st
 async def run_tryon(interaction: discord.Interaction, outfit: discord.Attachment | None = None) -> None:
     """Runs /tryon with the outfit photo."""
     await _adapter(interaction).run_command(interaction, "tryon", [], [outfit] if outfit else [])
+
+
+@app_commands.describe(text=described("discord.option_makestyle_text"),
+                       photo1=described("discord.option_makestyle_photo"), photo2=described("discord.option_makestyle_photo"),
+                       photo3=described("discord.option_makestyle_photo"), photo4=described("discord.option_makestyle_photo"),
+                       photo5=described("discord.option_makestyle_photo"))
+async def run_makestyle(interaction: discord.Interaction, text: str | None = None,
+                        photo1: discord.Attachment | None = None, photo2: discord.Attachment | None = None,
+                        photo3: discord.Attachment | None = None, photo4: discord.Attachment | None = None,
+                        photo5: discord.Attachment | None = None) -> None:
+    """Runs /makestyle with its words (a name and description, done, publish ...) and example pictures."""
+    photos = [p for p in (photo1, photo2, photo3, photo4, photo5) if p is not None]
+    await _adapter(interaction).run_command(interaction, "makestyle", text.split() if text else [], photos)
 
 
 @app_commands.describe(action=described("discord.option_admin_action"), user=described("discord.option_admin_user"),
@@ -242,6 +272,14 @@ def _style_command(command: router.Command) -> app_commands.Command:
     return slash
 
 
+def _styled(callback: Callable[..., Any]) -> Callable[[router.Command], app_commands.Command]:
+    def build(command: router.Command) -> app_commands.Command:
+        slash = app_commands.Command(name=command.name, description=described(command.help_code), callback=callback)
+        slash.autocomplete("style")(complete_style)
+        return slash
+    return build
+
+
 def _template_command(command: router.Command) -> app_commands.Command:
     slash = app_commands.Command(name=command.name, description=described(command.help_code), callback=run_template)
     slash.autocomplete("template")(complete_template)
@@ -281,6 +319,9 @@ TYPED_COMMANDS: dict[str, Callable[[router.Command], app_commands.Command]] = {
     "template": _template_command,
     "imagine": _imagine_command,
     "admin": _admin_command,
+    "duo": _styled(run_duo),
+    "group": _styled(run_group),
+    "makestyle": _typed(run_makestyle),
 }
 
 

@@ -19,6 +19,7 @@ import dataclasses
 import datetime as dtm
 import functools
 import logging
+from urllib.parse import urlsplit
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -32,6 +33,7 @@ from telegram import (
     InlineQueryResultsButton,
     InputMediaPhoto,
     Message,
+    MessageEntity,
     ReplyParameters,
     Update,
 )
@@ -104,6 +106,17 @@ def to_chat(chat: TgChat) -> Chat:
 def to_user(user: TgUser) -> User:
     return User(platform=PLATFORM, id=str(user.id), name=user.first_name or user.username or "",
                 language=user.language_code)
+
+
+def _mentioned(message: Message) -> list[User]:
+    """The people a message names by a tap on their name (text_mention entities carry the user; an
+    @username does not), bots left out, each once."""
+    found: dict[str, User] = {}
+    for entity in (message.entities or ()) + (message.caption_entities or ()):
+        if entity.type == MessageEntity.TEXT_MENTION and entity.user is not None and not entity.user.is_bot:
+            person = to_user(entity.user)
+            found.setdefault(person.key, person)
+    return list(found.values())
 
 
 def _keyboard(buttons: list[list[Button]] | None, share_inline: bool = False) -> InlineKeyboardMarkup | None:
@@ -443,19 +456,32 @@ class TelegramAdapter(StartStop):
         try:
             await self.publish_commands()
             await self.application.start()
-            assert self.application.updater is not None
-            await self.application.updater.start_polling(
-                timeout=dtm.timedelta(seconds=self.settings.poll_timeout),
-                allowed_updates=list(ALLOWED_UPDATES),
-                drop_pending_updates=False,
-            )
+            await self._start_updates()
         except BaseException:
             await self.stop()
             raise
-        log.info("telegram: polling as @%s", self.bot.username)
+        log.info("telegram: %s as @%s", "webhook" if self.settings.webhook_url else "polling", self.bot.username)
         if not self.bot.supports_inline_queries:
             log.warning("telegram: inline mode is off for @%s, so Share buttons explain forwarding instead; "
                         "switch it on with @BotFather /setinline", self.bot.username)
+
+    async def _start_updates(self) -> None:
+        """Long polling by default; with ``webhook_url``, PTB's webhook server (setWebhook with the secret
+        token; a request without it is refused with 403). Either way an update is confirmed to Telegram
+        before it is handled: one in flight when the process dies is not sent again by Telegram, and one
+        it does send again (a retried webhook, an unconfirmed poll) is dropped by the update-key check."""
+        updater = self.application.updater
+        assert updater is not None
+        s = self.settings
+        if not s.webhook_url:
+            await updater.start_polling(timeout=dtm.timedelta(seconds=s.poll_timeout),
+                                        allowed_updates=list(ALLOWED_UPDATES), drop_pending_updates=False)
+            return
+        await updater.start_webhook(
+            listen=s.webhook_listen, port=s.webhook_port, url_path=urlsplit(s.webhook_url).path.lstrip("/"),
+            webhook_url=s.webhook_url, secret_token=s.webhook_secret_token.get_secret_value(),
+            allowed_updates=list(ALLOWED_UPDATES), drop_pending_updates=False,
+        )
 
     async def stop(self) -> None:
         """Stops polling, lets running handlers finish, and closes the connections. Idempotent."""
@@ -521,13 +547,20 @@ class TelegramAdapter(StartStop):
         command, args, for_us = parse_command(text, self.bot.username if self._started else None)
         if not for_us:
             return None
+        mentions = _mentioned(message)
+        if mentions:  # the tapped names are people, not arguments: /duo hanfu Bob -> ["hanfu"]
+            named = text
+            for entity, words in message.parse_entities([MessageEntity.TEXT_MENTION]).items():
+                named = named.replace(words, " ", 1)
+            command, args, _ = parse_command(named, self.bot.username if self._started else None)
         chat = to_chat(message.chat)
         if not chat.is_private:
             chat = dataclasses.replace(chat, reply_to=str(message.message_id))
         event = Event(user=user, chat=chat, text=text, command=command, args=args,
                       attachments=self._attachments(message), message_id=str(message.message_id),
                       language=self._language(message.from_user), reply_to=self._replied(message),
-                      chat_admin=self._admin_check(chat, user), update_key=f"{chat.key}:{message.message_id}")
+                      chat_admin=self._admin_check(chat, user), update_key=f"{chat.key}:{message.message_id}",
+                      mentions=mentions)
         return event, None
 
     def _replied(self, message: Message) -> RepliedMessage | None:
@@ -551,7 +584,9 @@ class TelegramAdapter(StartStop):
         elif document is not None and (document.mime_type or "").startswith("image/"):
             file_id = document.file_id
             image = self._attachment("document", file_id, document.file_size, document.mime_type, document.file_name)
-        return RepliedMessage(message_id=str(replied.message_id), sender=key, image=image, file_id=file_id)
+        person = to_user(sender) if sender is not None and not sender.is_bot else None
+        return RepliedMessage(message_id=str(replied.message_id), sender=key, image=image, file_id=file_id,
+                              sender_user=person)
 
     def _button_event(self, query: CallbackQuery) -> tuple[Event, CallbackQuery] | None:
         message = query.message

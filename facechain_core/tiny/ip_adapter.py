@@ -82,13 +82,14 @@ def _perceiver(cross_dim: int, clip_dim: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def _attention_weights(shapes: list[tuple[str, int, int | None]], lora_rank: int) -> dict[str, torch.Tensor]:
+def _attention_weights(shapes: list[tuple[str, int, int | None]], lora_rank: int,
+                       ip_std: float = 0.1) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for key_id, (_, hidden, cross) in enumerate(shapes):
         if cross is not None:
             # Real training starts these from the text projections; random keeps them non-trivial.
-            out[f"{key_id}.to_k_ip.weight"] = _rand(hidden, cross, std=0.1)
-            out[f"{key_id}.to_v_ip.weight"] = _rand(hidden, cross, std=0.1)
+            out[f"{key_id}.to_k_ip.weight"] = _rand(hidden, cross, std=ip_std)
+            out[f"{key_id}.to_v_ip.weight"] = _rand(hidden, cross, std=ip_std)
         if lora_rank:
             kv_in = cross or hidden
             for proj, in_dim in (("to_q", hidden), ("to_k", kv_in), ("to_v", kv_in), ("to_out", hidden)):
@@ -100,8 +101,10 @@ def _attention_weights(shapes: list[tuple[str, int, int | None]], lora_rank: int
 
 def build_ip_adapter_faceid(out: Path, unet_config: dict[str, Any] | Path | str, *, plus: bool = False,
                             clip_dim: int = 1280, lora_rank: int = 4, full_size: bool = False,
-                            seed: int = 0) -> Path:
+                            seed: int = 0, ip_std: float = 0.1) -> Path:
     """Write IP-Adapter FaceID (or FaceID Plus v2) weights for the UNet and return the file path.
+
+    ``ip_std`` spreads the image keys and values (to_k_ip/to_v_ip): wider, the identity steers more.
 
     ``out`` ending in ``.bin`` is a ``torch.save`` of the nested dict (the published format);
     ``.safetensors`` is the flat form with ``image_proj.``/``ip_adapter.`` prefixes.
@@ -115,7 +118,7 @@ def build_ip_adapter_faceid(out: Path, unet_config: dict[str, Any] | Path | str,
         image_proj = {**_faceid_projection(cross_dim, 2 * ID_EMBEDDING_DIM), **_perceiver(cross_dim, clip_dim)}
     else:
         image_proj = _faceid_projection(cross_dim, (2 if full_size else 1) * ID_EMBEDDING_DIM)
-    state = {"image_proj": image_proj, "ip_adapter": _attention_weights(_attention_shapes(config), lora_rank)}
+    state = {"image_proj": image_proj, "ip_adapter": _attention_weights(_attention_shapes(config), lora_rank, ip_std)}
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".bin":
         torch.save(state, out)

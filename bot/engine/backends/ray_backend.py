@@ -1,0 +1,351 @@
+"""The Ray backend: one named, detached ``WorkerHost`` actor per GPU of a Ray cluster.
+
+Every node that offers the GPU resource (``[scheduler] ray_gpu_resource``, "GPU" on a real cluster)
+gets one actor per unit of it, pinned to that node and named after it, so a restarted bot finds and
+reuses its actors. Each actor runs the unchanged worker process and relays its protocol
+(``ray_host``). No shared filesystem is assumed: inputs under ``data_dir`` travel as content-addressed
+bytes (sent once per node), results and checkpoints come back as bytes and are written here.
+
+A lost actor (its node left, it crashed) is reported as a worker exit, so the scheduler retries its
+jobs elsewhere within ``max_tries``; the actor is created again while its node is alive, and nodes
+that join later get actors of their own.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from bot.config import ConfigError
+from bot.engine import worker_protocol as wp
+from bot.engine.backends.base import BackendEvents, JobOrder, Slot, SlotInfo, init_message
+from bot.engine.backends.ray_host import EXITED, WorkerHost
+from bot.engine.backends.shipping import Packer, read_blob, read_tree, write_tree
+from bot.engine.worker_env import worker_environment
+
+log = logging.getLogger(__name__)
+
+POLL_WAIT_S = 1.0  # how long one long-poll of an actor waits for the worker's messages
+DISCOVER_EVERY_S = 5.0  # how often new nodes are looked for
+RECREATE_DELAYS_S = (0.5, 2.0, 5.0, 15.0)
+EXIT_WAIT_S = 5.0
+ACTOR_PREFIX = "facechain-worker"
+
+
+def require_ray() -> Any:
+    """Imports ray, or explains how to install it."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise ConfigError("scheduler.backend = \"ray\" needs Ray: pip install '.[ray]'") from exc
+    return ray
+
+
+class _Actor:
+    """A slot's actor handle and its poll task."""
+
+    def __init__(self, name: str, node: str) -> None:
+        self.name = name
+        self.node = node
+        self.handle: Any = None
+        self.poller: asyncio.Task[None] | None = None
+
+
+class RayBackend:
+    """Worker processes in Ray actors, one per GPU resource unit of each alive node."""
+
+    def __init__(self, context: Mapping[str, Any], *, data_dir: Path, address: str = "", namespace: str = "facechain",
+                 gpu_resource: str = "GPU", node_labels: Mapping[str, str] | None = None, cache_mb: int = 2048, secrets: Iterable[str] = (),
+                 kind_needs: Mapping[str, list[list[str]]] | None = None, memory_budget_mb: int = 0) -> None:
+        self._ray = require_ray()
+        self._context = dict(context)
+        self._address = address
+        self._namespace = namespace
+        self._resource = gpu_resource
+        self._node_labels = dict(node_labels or {})
+        self._cache_bytes = cache_mb * 2**20
+        self._budget = memory_budget_mb
+        self._kind_needs = {k: [list(p) for p in v] for k, v in (kind_needs or {}).items()}
+        self._packer = Packer(data_dir)
+        # Names of the variables holding secrets here: a node started from this shell must not pass them on.
+        self._drop_env = sorted(set(os.environ) - set(worker_environment(os.environ, list(secrets))))
+        self._root = str(Path(__file__).resolve().parents[3])
+        self._events: BackendEvents | None = None
+        self._actors: list[_Actor] = []
+        self._stopping = False
+        self._stop_event = asyncio.Event()
+        self._discoverer: asyncio.Task[None] | None = None
+        self._out_dirs: dict[int, Path] = {}  # job id -> where the service wants its files
+        self._outputs: dict[int, dict[str, Path]] = {}  # job id -> output files named outside out_dir
+        self.slots: list[Slot] = []
+        self.counters: Counter[str] = Counter()  # inputs_sent, inputs_cached (already on the node)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self, events: BackendEvents) -> None:
+        ray = self._ray
+        self._events = events
+        if not ray.is_initialized():
+            await asyncio.to_thread(ray.init, address=self._address or None, namespace=self._namespace,
+                                    log_to_driver=False)
+        await self._discover()
+        if not self.slots:
+            raise RuntimeError(f"the Ray cluster offers no {self._resource!r} resource: no worker can start")
+        self._discoverer = asyncio.ensure_future(self._discover_loop())
+        self._discoverer.set_name("ray-discover")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._stop_event.set()
+        if self._discoverer is not None:
+            self._discoverer.cancel()
+        for slot, actor in zip(self.slots, self._actors):
+            slot.stopping = True
+            if actor.handle is None:
+                continue
+            call = actor.handle.kill if slot.jobs else actor.handle.close
+            with contextlib.suppress(Exception):
+                call.remote()
+        pollers = [a.poller for a in self._actors if a.poller is not None and not a.poller.done()]
+        if pollers:
+            _, late = await asyncio.wait(pollers, timeout=EXIT_WAIT_S)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+
+    def abort(self) -> None:
+        self._stopping = True
+        self._stop_event.set()
+        for slot, actor in zip(self.slots, self._actors):
+            slot.stopping = True
+            if actor.handle is not None:
+                with contextlib.suppress(Exception):
+                    actor.handle.kill.remote()
+            if actor.poller is not None:
+                actor.poller.cancel()
+
+    def destroy_actors(self) -> None:
+        """Ends the detached actors themselves (they outlive the bot otherwise, to be reattached)."""
+        for actor in self._actors:
+            if actor.handle is not None:
+                with contextlib.suppress(Exception):
+                    self._ray.kill(actor.handle, no_restart=True)
+
+    def actor_name(self, slot: Slot) -> str:
+        """The named actor that hosts the slot's worker (``ray.get_actor(name, namespace=...)``)."""
+        return self._actors[slot.index].name
+
+    # -- the scheduler's calls ---------------------------------------------------------------
+    async def dispatch(self, slot: Slot, orders: list[JobOrder]) -> None:
+        actor = self._actors[slot.index]
+        for order in orders:
+            params, found, outputs = await asyncio.to_thread(self._packer.pack_params, order.params)
+            missing = await actor.handle.missing.remote(list(found))
+            self.counters["inputs_sent"] += len(missing)
+            self.counters["inputs_cached"] += len(found) - len(missing)
+            inputs = {d: await asyncio.to_thread(read_blob, found[d]) for d in missing}
+            out_dir = Path(order.params["out_dir"])
+            self._out_dirs[order.job_id] = out_dir
+            self._outputs[order.job_id] = outputs
+            seed = await asyncio.to_thread(read_tree, out_dir)  # an earlier try's checkpoint
+            message = {**order.message(), "params": params}
+            await actor.handle.run.remote(message, inputs, seed)
+
+    def cancel(self, slot: Slot, job_id: int) -> None:
+        self._send(slot, {"op": wp.CANCEL, "job": job_id})
+
+    def resume(self, slot: Slot) -> None:
+        self._send(slot, {"op": wp.RESUME})
+
+    def kill(self, slot: Slot) -> None:
+        actor = self._actors[slot.index]
+        if actor.handle is not None:
+            with contextlib.suppress(Exception):
+                actor.handle.kill.remote()
+
+    def ping(self) -> None:
+        for slot in self.slots:
+            self._send(slot, {"op": wp.PING})
+
+    def _send(self, slot: Slot, message: dict[str, Any]) -> None:
+        actor = self._actors[slot.index]
+        if actor.handle is not None:
+            with contextlib.suppress(Exception):
+                actor.handle.send.remote(message)
+
+    # -- actors ------------------------------------------------------------------------------
+    def _nodes(self) -> list[dict[str, Any]]:
+        return [n for n in self._ray.nodes() if n.get("Alive") and n.get("Resources", {}).get(self._resource, 0) >= 1
+                and all((n.get("Labels") or {}).get(k) == v for k, v in self._node_labels.items())]
+
+    async def _discover(self) -> None:
+        """Adds a slot for each GPU resource unit of every alive node not seen yet, and starts it."""
+        known = {a.name for a in self._actors}
+        for node in await asyncio.to_thread(self._nodes):
+            node_id = node["NodeID"]
+            labels = {k: v for k, v in (node.get("Labels") or {}).items() if not k.startswith("ray.io/")}
+            for unit in range(int(node["Resources"][self._resource])):
+                name = f"{ACTOR_PREFIX}-{node_id[:16]}-{unit}"
+                if name in known:
+                    continue
+                memory = labels.get("gpu_memory_mb")
+                info = SlotInfo(name=f"ray:{node_id[:8]}/{unit}", device="cuda:0" if self._resource == "GPU" else "cpu",
+                                gpu_index=unit, gpu_memory_mb=int(memory) if memory and memory.isdigit() else None,
+                                labels=labels, node=node_id, kinds=frozenset())  # no kind until it answered
+                slot = Slot(len(self.slots), info)
+                actor = _Actor(name, node_id)
+                self.slots.append(slot)
+                self._actors.append(actor)
+                actor.poller = asyncio.ensure_future(self._run_slot(slot, actor))
+                actor.poller.set_name(f"ray-{name}")
+
+    async def _discover_loop(self) -> None:
+        while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_event.wait(), DISCOVER_EVERY_S)
+            if self._stopping:
+                return
+            try:
+                await self._discover()
+            except Exception:
+                log.warning("looking for new Ray nodes failed", exc_info=True)
+
+    def _actor_class(self) -> Any:
+        return self._ray.remote(WorkerHost)
+
+    async def _create(self, slot: Slot, actor: _Actor) -> None:
+        """Gets (or creates) the slot's actor on its node and learns what that node can run."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        resources = {} if self._resource == "GPU" else {self._resource: 1}
+        options: dict[str, Any] = dict(
+            name=actor.name, namespace=self._namespace, lifetime="detached", get_if_exists=True, max_restarts=0,
+            num_cpus=0, resources=resources, max_concurrency=64,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(actor.node, soft=False),
+        )
+        if self._resource == "GPU":
+            options["num_gpus"] = 1
+        cls = self._actor_class().options(**options)
+        actor.handle = cls.remote(actor.name, self._cache_bytes, self._root)
+        settings = self._context.get("settings") or {}
+        described = await actor.handle.describe.remote(
+            self._kind_needs, str(self._context.get("models_dir", "models")), settings.get("model_paths"))
+        memory = slot.info.gpu_memory_mb or described.get("gpu_memory_mb")
+        kinds = frozenset(described["kinds"]) if self._kind_needs else None
+        slot.info = SlotInfo(name=slot.info.name, device=slot.info.device, gpu_index=slot.info.gpu_index,
+                             gpu_memory_mb=memory, labels=slot.info.labels, node=slot.info.node, kinds=kinds)
+        missing = sorted(set(self._kind_needs) - set(kinds or ()))
+        if kinds is not None and missing:
+            log.warning("Ray node %s lacks the models of %s: those kinds never run there", actor.node[:8],
+                        ", ".join(missing))
+
+    def _node_alive(self, node_id: str) -> bool:
+        return any(n["NodeID"] == node_id for n in self._nodes())
+
+    async def _run_slot(self, slot: Slot, actor: _Actor) -> None:
+        """Keeps the slot's actor and worker process alive, relaying the worker's messages, until stopped."""
+        assert self._events is not None
+        failures = 0
+        while not (self._stopping or slot.stopping):
+            try:
+                if actor.handle is None:
+                    await self._create(slot, actor)
+                slot.gen += 1
+                slot.ready = slot.was_ready = False
+                slot.ready_event.clear()
+                slot.doom = {}
+                await actor.handle.spawn.remote(init_message(self._context, slot.device, self._budget), self._drop_env,
+                                                self._cache_bytes)
+                code = await self._relay(slot, actor)
+                lost = False
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                code, lost = None, True
+                log.warning("Ray worker %s lost (%s)", actor.name, type(exc).__name__)
+            slot.ready = False
+            slot.pid = None
+            killed_by_us = bool(slot.doom) or slot.stopping
+            if not killed_by_us:
+                log.warning("Ray worker %s ended (exit %s) while running %s", actor.name, code, slot.jobs or "nothing")
+            ended = list(slot.jobs)
+            await self._events.on_exit(slot, code, killed_by_us)
+            self._forget(ended)
+            slot.doom = {}
+            if self._stopping or slot.stopping:
+                return
+            if lost:
+                actor.handle = None
+                try:
+                    alive = await asyncio.to_thread(self._node_alive, actor.node)
+                except Exception:  # the head itself is unreachable: try again after the backoff
+                    log.warning("Ray head unreachable while recreating %s", actor.name, exc_info=True)
+                    alive = True
+                if not alive:
+                    log.warning("Ray node %s left: its worker %s is gone", actor.node[:8], actor.name)
+                    slot.gone = True
+                    slot.ready_event.set()  # nobody waits for it any more
+                    self._events.wake()
+                    return
+            if lost or not (slot.was_ready or killed_by_us):  # lost, or died before ready: back off
+                failures += 1
+                delay = RECREATE_DELAYS_S[min(failures - 1, len(RECREATE_DELAYS_S) - 1)]
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop_event.wait(), delay)
+            else:
+                failures = 0
+
+    async def _relay(self, slot: Slot, actor: _Actor) -> int | None:
+        """Handles the worker's messages until its process ends; returns its exit code."""
+        assert self._events is not None
+        while True:
+            for message in await actor.handle.next.remote(POLL_WAIT_S):
+                op = message["op"]
+                if op == EXITED:
+                    return message.get("code")
+                slot.heard = time.time()
+                if op == wp.PONG:
+                    slot.memory = {k: int(v) for k, v in (message.get("memory") or {}).items()}
+                elif op == wp.READY:
+                    slot.pid = message.get("pid")
+                    slot.ready = slot.was_ready = True
+                    slot.ready_event.set()
+                    self._events.wake()
+                else:
+                    try:
+                        await self._take_files(slot, message)
+                        await self._events.on_message(slot, message)
+                    except Exception:
+                        log.exception("handling %r from %s failed", op, actor.name)
+                    if op in (wp.DONE, wp.ERROR, wp.CRASH, wp.CANCELLED):
+                        self._forget([int(message["job"])])
+
+    async def _take_files(self, slot: Slot, message: dict[str, Any]) -> None:
+        """Writes the files a message brought under the job's out_dir; a result then names them there."""
+        back = message.pop("files_back", None)
+        if back is None:
+            return
+        out_dir = self._out_dir(slot, int(message["job"]))
+        if out_dir is None:
+            return
+        outputs = self._outputs.get(int(message["job"]), {})
+        elsewhere = {rel: back.pop(rel) for rel in list(back) if rel in outputs}
+        await asyncio.to_thread(write_tree, out_dir, back)
+        for rel, data in elsewhere.items():
+            await asyncio.to_thread(write_tree, outputs[rel].parent, {outputs[rel].name: data})
+        if message["op"] == wp.DONE:
+            result = message.get("result") or {}
+            result["files"] = [str(outputs.get(rel) or out_dir / rel) for rel in result.get("files") or []]
+
+    def _out_dir(self, slot: Slot, job_id: int) -> Path | None:
+        return self._out_dirs.get(job_id)
+
+    def _forget(self, job_ids: Iterable[int]) -> None:
+        for job_id in job_ids:
+            self._out_dirs.pop(job_id, None)
+            self._outputs.pop(job_id, None)
