@@ -22,7 +22,7 @@ test: setup
 
 # The benches that finish on a CPU; bench_generate and bench_tryon time full-size jobs on a GPU
 # (bench/gpu_check.sh runs them there, with tests/test_gpu.py).
-CPU_BENCHES := scheduler portrait_overhead lora_switch train_step talk studio faults ray fast duo
+CPU_BENCHES := scheduler portrait_overhead lora_switch train_step train_sdxl enhance talk studio faults ray fast duo
 
 bench: setup
 	for b in $(CPU_BENCHES); do $(PY) bench/bench_$$b.py || exit 1; done

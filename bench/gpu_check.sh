@@ -15,6 +15,9 @@
 #      (full-size audio-to-pose network) on CUDA; target under 30 s
 #   e. bench/bench_tryon.py: a try-on job (full-size SD1.5 inpainting + 2 ControlNets, 512 px, 30 steps);
 #      its models build in the background from step b on
+#   g. bench/bench_train_sdxl.py: an SDXL LoRA step against an SD1.5 step (tiny layouts, float16), as a ratio
+#   h. bench/bench_enhance.py: Enhance x2 and x4 of a 1024 px portrait (tiny ONNX models; onnxruntime's CUDA
+#      provider when the wheels carry it)
 # Everything goes to $OUT/gpu_check.log (the model build's own output to $OUT/build.log).
 # GPU_CHECK_DRY=1 rehearses the script here on the CPU: tiny models, no wheels, no nvidia-smi.
 set -uo pipefail
@@ -81,6 +84,7 @@ print("onnxruntime", onnxruntime.__version__, onnxruntime.get_available_provider
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "-"
 print("cuda available:", torch.cuda.is_available(), "|", gpu, "| cpu threads", torch.get_num_threads())
 import facechain_core.portrait, facechain_core.train_lora, facechain_core.tryon, facechain_core.styles  # noqa: E401
+import facechain_core.enhance, facechain_core.train_lora_sdxl  # noqa: E401
 EOF
 
     # The full-size models (CPU work) build while the tests use the GPU; step b waits for them.
@@ -130,6 +134,9 @@ build_models(Path('$MODELS/tryon'), tiny=bool(${#TINY[@]}))
     run_step "e bench_tryon" 120 python3 bench/bench_tryon.py --device "$DEVICE" --models "$MODELS/tryon" \
         --runs 2 "${TINY[@]}"
     run_step "f bench_talk" 120 python3 bench/bench_talk.py
+    run_step "g bench_train_sdxl" 60 python3 bench/bench_train_sdxl.py --device "$DEVICE" --dtype float16 \
+        --resolution 64
+    run_step "h bench_enhance" 60 python3 bench/bench_enhance.py --device "$DEVICE" --side 1024 --runs 2
 
     echo
     [[ $DEVICE == cuda ]] && nvidia-smi --query-gpu=memory.used,clocks.sm --format=csv

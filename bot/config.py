@@ -52,6 +52,8 @@ class TelegramSettings(_Section):
     webhook_port: int = Field(default=8443, ge=1, le=65535)
     # Sent by Telegram in every webhook request and checked (1-256 of A-Z a-z 0-9 _ -); required with webhooks.
     webhook_secret_token: SecretStr = SecretStr("")
+    # The largest file the bot may upload, in MB (Telegram's Bot API: 50; a local Bot API server: 2000).
+    upload_limit_mb: float = Field(default=50.0, gt=0)
 
     @property
     def enabled(self) -> bool:
@@ -82,6 +84,8 @@ class DiscordSettings(_Section):
     allowed_guilds: list[int] = []
     # Empty: every channel. Otherwise only these channel ids in servers (DMs are always allowed).
     allowed_channels: list[int] = []
+    # The largest file the bot may attach, in MiB (10 by default; more in boosted servers).
+    upload_limit_mib: float = Field(default=10.0, gt=0)
 
     @property
     def enabled(self) -> bool:
@@ -246,9 +250,22 @@ class RetentionSettings(_Section):
                 "identities": self.identities_days, "loras": self.loras_days}
 
 
+class TrainingSettings(_Section):
+    # The base families /train trains a personal LoRA for ("sd15", "sdxl"), one job each; a style of a
+    # family without the user's LoRA runs train-free and says so.
+    train_families: list[Literal["sd15", "sdxl"]] = Field(default=["sd15"], min_length=1)
+
+    @field_validator("train_families")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"each family once, got {value}")
+        return value
+
+
 # Jobs one user may start per UTC day, by job kind (admins are exempt); 0: no limit.
-DEFAULT_QUOTAS: dict[str, int] = {"portrait": 20, "cartoon": 40, "train": 2, "style_train": 2, "duo": 10,
-                                 "duo_template": 10}
+DEFAULT_QUOTAS: dict[str, int] = {"portrait": 20, "cartoon": 40, "train": 2, "train_sdxl": 2, "style_train": 2,
+                                 "duo": 10, "duo_template": 10, "enhance": 40}
 
 
 class Settings(_Section):
@@ -271,6 +288,7 @@ class Settings(_Section):
     imagine: ImagineSettings = ImagineSettings()
     duo: DuoSettings = DuoSettings()
     styles: StylesSettings = StylesSettings()
+    training: TrainingSettings = TrainingSettings()
     # Jobs per user per UTC day by job kind; kinds not named keep DEFAULT_QUOTAS, 0: no limit.
     quotas: dict[str, int] = dict(DEFAULT_QUOTAS)
     # Model name (as in facechain_core/models.toml) -> your own local copy, used instead of

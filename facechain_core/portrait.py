@@ -19,7 +19,8 @@ every style's sampler: steps, width, height, guidance_scale, scheduler), ``fuse_
 active LoRAs into the UNet for each batch on CUDA, see ``facechain_core.lora_fuse``), ``fast_accelerator``
 (an ``accelerators.toml`` id; default its ``default``). A job with ``params["fast"]`` true runs the accelerator's
 LoRA in a third slot ("fast") with its scheduler, steps and guidance, unless the style says ``fast = false``
-(``facechain_core.accelerators``).
+(``facechain_core.accelerators``). ``auto_restore`` ("off"; "on"; "auto": on a GPU) restores the faces of every
+kept portrait (``facechain_core.enhance``); ``identity_adapter`` ("auto": FaceID Plus v2 when installed).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from PIL import Image
 
 from facechain_core import safety
 from facechain_core.accelerators import FAST_SLOT, Accelerator, accelerators
+from facechain_core.enhance import open_restorer, restore_faces, wants_auto_restore
 from facechain_core.errors import ModelNotInstalled, UserFacingError
 from facechain_core.identity import ARCFACE_SIZE, ArcFace, Identity, align_face, build_identity, landmarks_of, \
     load_identity, open_arcface, pull_command, save_identity
@@ -59,10 +61,13 @@ MODEL_NAMES = {
     "sdxl_ip_adapter_path": "ip-adapter-faceid-sdxl", "image_encoder_path": "ip-adapter-image-encoder",
     "arcface_path": "arcface", "detector_path": "yunet",
 }
+# identity_adapter -> the SD1.5 IP-Adapter's manifest name; "auto" takes FaceID Plus v2 when it and its CLIP image
+# encoder are installed (better likeness), else plain FaceID. An explicit ip_adapter_path wins over both.
+IDENTITY_ADAPTERS = {"plusv2": "ip-adapter-faceid-plusv2-sd15", "faceid": "ip-adapter-faceid-sd15"}
 DEFAULTS: dict[str, Any] = {
     "face_filter": True, "oversample": 2, "batch_size": 4, "subject": "a person",
     "default_family": "sd15", "plus_shortcut": True, "detector_kind": "yunet", "fuse_loras": "auto",
-    "pose_scale": 1.0,
+    "pose_scale": 1.0, "auto_restore": "off", "identity_adapter": "auto",
 }
 # Pose for /style: the family's openpose ControlNet (manifest name, feature); DWPose reads a photo's pose.
 POSE_CONTROLNETS = {"sd15": ("controlnet-openpose-sd15", "pose"), "sdxl": ("controlnet-openpose-sdxl", "pose-sdxl")}
@@ -202,6 +207,7 @@ class PortraitPipeline:
         self._arcface: ArcFace | None = None
         self._detector: Any | None = None
         self._pose_model: Any | None = None
+        self._restorer: Any | None = None
         self._missing_bases: dict[str, float] = {}  # style base -> when it was last found missing
         self._style_bases: set[str] = set()  # resident keys of the style bases this pipeline loaded
 
@@ -216,6 +222,13 @@ class PortraitPipeline:
         self._arcface = open_arcface(context)
         if self._settings["face_filter"]:
             self._detector = self._open_detector()
+        if wants_auto_restore(str(self._settings["auto_restore"]), context.device):
+            self._restorer = open_restorer(context, self._settings)
+            if self._restorer is None:
+                log.warning("auto_restore is on but no face restorer is installed "
+                            "(`facechain-bot models pull enhance-restore`)")
+            elif self._detector is None:
+                self._detector = self._open_detector()
         self.base(self._settings["default_family"])
 
     def close(self) -> None:
@@ -223,7 +236,7 @@ class PortraitPipeline:
         if self._resident is not None:
             for key in [self.resident_key(family) for family in FAMILIES] + sorted(self._style_bases):
                 self._resident.evict(key)
-        self._arcface = self._detector = self._pose_model = None
+        self._arcface = self._detector = self._pose_model = self._restorer = None
 
     @staticmethod
     def resident_key(family: str, name: str | None = None) -> str:
@@ -316,10 +329,11 @@ class PortraitPipeline:
         # 6. Safe mode: the best `count` that the safety checker lets out.
         screened = safety.screen(self._context, job.params, [candidates[r.index] for r in ranked], job.count)
         ranked = [ranked[i] for i in screened.kept]
-        # 7. Write the kept portraits, labelled as AI-generated.
+        # 7. Restore their faces (auto_restore), write them labelled as AI-generated.
         seeds = job.seeds
-        files = _write_pngs(Path(job.params["out_dir"]), [candidates[r.index] for r in ranked],
-                            [seeds[r.index] for r in ranked], safety.service_name(self._context))
+        kept = [self.restore(candidates[r.index]) for r in ranked]
+        files = _write_pngs(Path(job.params["out_dir"]), kept, [seeds[r.index] for r in ranked],
+                            safety.service_name(self._context))
         user_lora = any(r.slot == "user" for r in job.loras)
         meta = {
             "seeds": [seeds[r.index] for r in ranked],
@@ -327,6 +341,7 @@ class PortraitPipeline:
             "style": job.style.get("id"),
             "base": job.base.name or job.base.family,
             "lora_used": user_lora,
+            "restored": self._restorer is not None,
             "safety": safety.safety_meta(screened),
             "file_meta": [{"seed": seeds[r.index]} for r in ranked],
             "fast": job.fast.id if job.fast is not None else None,
@@ -342,6 +357,12 @@ class PortraitPipeline:
         from facechain_core.portrait_batch import run_portrait_batch
 
         return run_portrait_batch(self, jobs)
+
+    def restore(self, image: np.ndarray) -> np.ndarray:
+        """The picture with its faces restored when auto_restore runs (unchanged otherwise)."""
+        if self._restorer is None or self._detector is None:
+            return image
+        return restore_faces(image, self._detector.detect(image), self._restorer)
 
     def studio_plan(self, base: ResidentBase, style: dict[str, Any], controls: dict[str, Any]) -> StudioPlan:
         """The picture size, identity weight, pose map and starting noise the user's controls ask for."""
@@ -608,9 +629,9 @@ class PortraitPipeline:
             path = path if path.is_absolute() else self._context.models_dir / path
         elif setting in MODEL_NAMES:
             # No explicit setting: the manifest's place (or the operator's model_paths override).
+            name = self.identity_adapter() if setting == "ip_adapter_path" else MODEL_NAMES[setting]
             try:
-                path = self._context.model_path(MODEL_NAMES[setting], "portrait-sdxl" if "sdxl" in setting
-                                                else "portrait")
+                path = self._context.model_path(name, "portrait-sdxl" if "sdxl" in setting else "portrait")
             except ModelNotInstalled:
                 if required:
                     raise
@@ -621,6 +642,26 @@ class PortraitPipeline:
             name = MODEL_NAMES.get(setting, setting)
             raise ModelNotInstalled(name, "portrait", pull_command(name))
         return path
+
+    def identity_adapter(self) -> str:
+        """The manifest name of the SD1.5 identity adapter (``identity_adapter``: "auto", "plusv2" or "faceid")."""
+        choice = str(self._settings["identity_adapter"])
+        if choice != "auto":
+            if choice not in IDENTITY_ADAPTERS:
+                raise ValueError(f"identity_adapter must be auto or one of {sorted(IDENTITY_ADAPTERS)}, got {choice!r}")
+            return IDENTITY_ADAPTERS[choice]
+        plus = IDENTITY_ADAPTERS["plusv2"]
+        encoder = bool(self._settings.get("image_encoder_path")) or self._resolves(MODEL_NAMES["image_encoder_path"])
+        return plus if encoder and self._resolves(plus) else IDENTITY_ADAPTERS["faceid"]
+
+    def _resolves(self, name: str) -> bool:
+        """Whether manifest model `name` is installed (or the operator's model_paths names it)."""
+        assert self._context is not None
+        try:
+            self._context.model_path(name, "portrait")
+        except (ModelNotInstalled, KeyError, ValueError):
+            return False
+        return True
 
     def _open_detector(self) -> Any:
         path = self._path("detector_path")

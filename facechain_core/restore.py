@@ -31,9 +31,13 @@ class FaceRestorer:
 
     name = "gfpgan"
 
-    def __init__(self, session: Any) -> None:
+    def __init__(self, session: Any, fidelity: float = 0.7) -> None:
         self._session = session
-        (face_input,) = session.get_inputs()
+        inputs = session.get_inputs()
+        face_input = next((i for i in inputs if len(i.shape) == 4), inputs[0])
+        # CodeFormer's exports take a second input, its fidelity "weight" (0: sharpest, 1: most faithful).
+        self._extra = {i.name: np.array([fidelity], np.float64 if "double" in i.type else np.float32)
+                       for i in inputs if i is not face_input}
         shape = list(face_input.shape)
         side = shape[2] if len(shape) == 4 and isinstance(shape[2], int) else 512
         if len(shape) != 4 or shape[1] != 3 or (isinstance(shape[3], int) and shape[3] != side):
@@ -49,7 +53,8 @@ class FaceRestorer:
     def __call__(self, face_rgb: np.ndarray) -> np.ndarray:
         """Restore one aligned S x S RGB uint8 face."""
         tensor = (face_rgb.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1)[None]
-        out = self._session.run([self._output], {self._input: np.ascontiguousarray(tensor)})[0][0]
+        feeds = {self._input: np.ascontiguousarray(tensor), **self._extra}
+        out = self._session.run([self._output], feeds)[0][0]
         return np.clip(np.rint((out.transpose(1, 2, 0) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 

@@ -381,8 +381,11 @@ class LoraTrainer:
             target = noise
         autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype)
                     if self.autocast_dtype is not None else nullcontext())
+        # SDXL's UNet also takes the pooled prompt and the size/crop "time ids" (facechain_core.train_lora_sdxl).
+        added = getattr(source, "added_cond_kwargs", None)
+        extra = {"added_cond_kwargs": added(batch_size)} if added is not None else {}
         with autocast:
-            pred = self.unet(noisy.to(self._input_dtype), timesteps, text).sample
+            pred = self.unet(noisy.to(self._input_dtype), timesteps, text, **extra).sample
         loss = F.mse_loss(pred.float(), target.float())
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -508,9 +511,9 @@ class LoraTrainer:
 # --- checkpoints ---------------------------------------------------------------------------------
 
 
-def checkpoint_path(out_dir: Path) -> Path:
-    """Return where a training run in out_dir keeps its checkpoint."""
-    return Path(out_dir) / CHECKPOINT_DIR / CHECKPOINT_FILE
+def checkpoint_path(out_dir: Path, folder: str = CHECKPOINT_DIR) -> Path:
+    """Return where a training run in out_dir keeps its checkpoint (`folder`: one per base family)."""
+    return Path(out_dir) / folder / CHECKPOINT_FILE
 
 
 def save_checkpoint(path: Path, fingerprint: str, state: dict[str, Any]) -> None:
@@ -544,9 +547,9 @@ def load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
     return state
 
 
-def remove_checkpoint(out_dir: Path) -> None:
+def remove_checkpoint(out_dir: Path, folder: str = CHECKPOINT_DIR) -> None:
     """Delete the checkpoint folder of out_dir, if any."""
-    shutil.rmtree(Path(out_dir) / CHECKPOINT_DIR, ignore_errors=True)
+    shutil.rmtree(Path(out_dir) / folder, ignore_errors=True)
 
 
 # --- the pipeline --------------------------------------------------------------------------------
@@ -591,6 +594,12 @@ class TrainLoraPipeline:
     """
 
     kind = "train_lora"
+    # What a subclass for another base family or purpose changes (train_lora_sdxl, style_maker).
+    base_name = "sd15"  # the manifest model trained on
+    feature = FEATURE
+    resident_key = RESIDENT_KEY
+    weight_name = WEIGHT_NAME
+    checkpoint_dir = CHECKPOINT_DIR
     settings_key = "train"  # the operator's defaults for the job params (settings["train"])
 
     def __init__(self) -> None:
@@ -609,7 +618,7 @@ class TrainLoraPipeline:
         self.dtype = DTYPES.get(context.dtype, torch.float32) if on_gpu else torch.float32
         self.mixed_precision = self.dtype if self.dtype != torch.float32 else None
         self.gradient_checkpointing = on_gpu
-        self._path = context.model_path("sd15", FEATURE)
+        self._path = context.model_path(self.base_name, self.feature)
         self._context = context
         budget = context.memory_budget_mb * 2**20
         self._resident = context.shared.setdefault(SHARED_KEY, ResidentPipelines(budget))
@@ -619,7 +628,7 @@ class TrainLoraPipeline:
         """Return the resident SD1.5 base, loading it again if the worker evicted it."""
         if self._resident is None:
             raise RuntimeError("TrainLoraPipeline used before load")
-        return self._resident.get(RESIDENT_KEY, self._load_base)
+        return self._resident.get(self.resident_key, self._load_base)
 
     @property
     def unet(self) -> UNet2DConditionModel:
@@ -648,7 +657,7 @@ class TrainLoraPipeline:
         # 1. Check the parameters: the operator's defaults (settings["train"]) under the job's own.
         assert self._context is not None
         known = {f.name for f in dataclasses.fields(TrainParams)}
-        merged = {"trigger": DEFAULT_TRIGGER, **self._context.settings.get(self.settings_key, {}), **params}
+        merged = {"trigger": DEFAULT_TRIGGER, **self.job_defaults(), **params}
         job = TrainParams.from_dict({k: v for k, v in merged.items() if k in known})
         total = job.total_steps
         progress(0, total, STAGE_PREPARING)
@@ -662,10 +671,9 @@ class TrainLoraPipeline:
         if not isinstance(prompts, str):
             prompts = prompts + prompts  # the mirrored copies keep their captions
         # 3. Encode the latents and the prompts once, unless asked not to.
-        make_source = cache_inputs if job.cache_latents else live_inputs
-        source = make_source(sd.vae, sd.text_encoder, sd.tokenizer, pixels, prompts)
+        source = self.make_source(sd, pixels, prompts, job)
         # 4. Add the adapter and resume from a checkpoint of the same run, if one survived.
-        ckpt = checkpoint_path(job.out_dir)
+        ckpt = checkpoint_path(job.out_dir, self.checkpoint_dir)
         fingerprint = job.fingerprint()
         with LoraTrainer(sd.unet, noise_scheduler, rank=job.rank, lr=job.lr, seed=job.seed,
                          mixed_precision=self.mixed_precision,
@@ -684,7 +692,7 @@ class TrainLoraPipeline:
             weights = self._save_weights(trainer, job.out_dir)
             losses = trainer.losses
         # 7. The run is complete: its checkpoint is no longer needed.
-        remove_checkpoint(job.out_dir)
+        remove_checkpoint(job.out_dir, self.checkpoint_dir)
         meta = {
             "steps": total,
             "final_loss": _final_loss(losses),
@@ -693,7 +701,8 @@ class TrainLoraPipeline:
             "photos": len(job.photos),
             "rank": job.rank,
             "trigger": job.trigger,
-            "weight_name": WEIGHT_NAME,
+            "weight_name": self.weight_name,
+            "family": self.base_name,
         }
         logger.info("train_lora done %s: %d steps, final loss %s", job.out_dir, total, meta["final_loss"])
         return JobResult(files=[weights], meta=meta)
@@ -701,7 +710,7 @@ class TrainLoraPipeline:
     def _train(self, trainer: LoraTrainer, source: InputSource, job: TrainParams, progress: Progress,
                fingerprint: str) -> None:
         total = job.total_steps
-        ckpt = checkpoint_path(job.out_dir)
+        ckpt = checkpoint_path(job.out_dir, self.checkpoint_dir)
         saved_at = trainer.step_count
         while trainer.step_count < total:
             trainer.train_step(source, job.batch_size)
@@ -714,20 +723,29 @@ class TrainLoraPipeline:
                 with trainer.paused():
                     progress.yield_point()
 
-    @staticmethod
-    def _save_weights(trainer: LoraTrainer, out_dir: Path) -> Path:
+    def job_defaults(self) -> dict[str, Any]:
+        """The operator's defaults for this kind's job params."""
+        assert self._context is not None
+        return dict(self._context.settings.get(self.settings_key, {}))
+
+    def make_source(self, sd: Any, pixels: torch.Tensor, prompts: str | list[str], job: TrainParams) -> InputSource:
+        """The training examples: latents and the prompts encoded once (or at every step, when asked)."""
+        make = cache_inputs if job.cache_latents else live_inputs
+        return make(sd.vae, sd.text_encoder, sd.tokenizer, pixels, prompts)
+
+    def _save_weights(self, trainer: LoraTrainer, out_dir: Path) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
-        StableDiffusionPipeline.save_lora_weights(
+        type(self.base()).save_lora_weights(
             save_directory=out_dir,
             unet_lora_layers=trainer.lora_state_dict(),
-            weight_name=WEIGHT_NAME,
+            weight_name=self.weight_name,
             safe_serialization=True,
             unet_lora_adapter_metadata=trainer.adapter_metadata(),
         )
-        return out_dir / WEIGHT_NAME
+        return out_dir / self.weight_name
 
     def close(self) -> None:
         """Evict the base from the worker's resident cache."""
         if self._resident is not None:
-            self._resident.evict(RESIDENT_KEY)
+            self._resident.evict(self.resident_key)
         self._resident = None

@@ -20,3 +20,4 @@ from handlers import language  # noqa: F401  /language
 from handlers import sharing  # noqa: F401  Share button, inline results, Discord "post to channel"
 from handlers import chat_settings  # noqa: F401  /settings in groups, group rules before commands and jobs
 from handlers import safety  # noqa: F401  Report button, /privacy, /quota, /admin, bans
+from handlers import enhance  # noqa: F401  Enhance / Upscale (after safety: its button joins the Report row)

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import secrets
 import shutil
+from pathlib import Path
 from typing import Any
 
 from facechain_core.errors import UserFacingError
@@ -32,6 +33,12 @@ STYLES_PER_PAGE = 8
 STYLE_BUTTONS_PER_ROW = 2
 MIN_TRAIN_SELFIES = 1
 POSE_FEATURES = {"sd15": "pose", "sdxl": "pose-sdxl"}  # the models pose needs, per style family
+# /train's job kind, the models it needs and the weight file it writes, per base family (the names of
+# facechain_core.train_lora and train_lora_sdxl, repeated: this process never imports torch).
+TRAIN_KINDS = {"sd15": "train", "sdxl": "train_sdxl"}
+TRAIN_FEATURES = {"sd15": FEATURE, "sdxl": "train-sdxl"}
+LORA_WEIGHTS = {"sd15": "pytorch_lora_weights.safetensors", "sdxl": "pytorch_lora_weights_sdxl.safetensors"}
+FAMILY_NAMES = {"sd15": "SD 1.5", "sdxl": "SDXL"}
 POSE_FOLDER = "pose"  # under the user's folder: <token>/pose.jpg, a copy of the photo whose pose a job takes;
 # kept like other inputs (cartoon.SOURCE_TTL_S), so Vary and Again can reuse it meanwhile
 
@@ -94,8 +101,13 @@ def _page_previews(services: Services, number: int, lang: str) -> list[Media]:
 
 
 async def train_lora(services: Services, event: Event, channel: ReplyChannel) -> None:
-    """Queues training of the user's personal LoRA on their selfies."""
-    _require(services, FEATURE)
+    """Queues training of the user's personal LoRA on their selfies, one job per family the operator enabled."""
+    wanted = list(services.settings.training.train_families)
+    families = [f for f in wanted if TRAIN_FEATURES[f] in services.features_installed]
+    for family in sorted(set(wanted) - set(families)):
+        log.warning("/train for %s skipped: run `facechain-bot models pull %s`", family, TRAIN_FEATURES[family])
+    if not families:
+        _require(services, TRAIN_FEATURES[wanted[0]])
     key = event.user.key
     selfies = await services.storage.selfies(key)
     if len(selfies) < MIN_TRAIN_SELFIES:
@@ -105,7 +117,21 @@ async def train_lora(services: Services, event: Event, channel: ReplyChannel) ->
         # A fixed folder: a restarted or interrupted training resumes from its checkpoint here.
         "out_dir": str((services.user_dir(key) / "lora").resolve()),
     }
-    await submit_with_progress(services, event, channel, "train", params)
+    for family in families:
+        await submit_with_progress(services, event, channel, TRAIN_KINDS[family], params)
+
+
+async def user_lora(identity: Any, family: str) -> str | None:
+    """The user's LoRA for styles of `family`, or None (train-free). The identity row records the last trained
+    file; each family's weights sit side by side in /train's folder under their own name."""
+    if identity is None or not identity.lora_path:
+        return None
+    recorded = Path(identity.lora_path)
+    recorded_family = "sdxl" if recorded.name == LORA_WEIGHTS["sdxl"] else "sd15"
+    if recorded_family == family:
+        return str(recorded)  # a missing file is the pipeline's to report (portrait.user_lora_missing)
+    sibling = recorded.parent / LORA_WEIGHTS[family]
+    return str(sibling) if await asyncio.to_thread(sibling.is_file) else None
 
 
 # -- the job behind /style ----------------------------------------------------------------------
@@ -149,9 +175,11 @@ async def submit_portrait(services: Services, event: Event, channel: ReplyChanne
         "controls": job_controls,
         "identity": str((services.user_dir(key) / "identity.npz").resolve()),
         "selfies": [{"path": s.path, "face": s.face} for s in selfies],
-        "user_lora": identity.lora_path if identity and identity.lora_path else None,
+        "user_lora": await user_lora(identity, style.family),
         **(extra or {}),
     }
+    if identity is not None and identity.lora_path and params["user_lora"] is None:
+        params["train_free_family"] = style.family  # the result says this style ran without the user's LoRA
     made_lora = style_sources.local_lora(services, style, key)  # a style made with /makestyle
     if made_lora is not None:
         params["style_lora"] = made_lora
@@ -260,6 +288,8 @@ async def present_portraits(services: Services, job: Any, artifacts: list[Any], 
         style = services.styles.get(job.params.get("style_id", "")) if services.styles else None
         name = style.display_name(lang) if style else job.params.get("style_id", "")
         caption = t("portrait.caption", lang, style=name)
+    if job.params.get("train_free_family"):
+        caption += "\n" + t("portrait.train_free", lang, family=FAMILY_NAMES.get(job.params["train_free_family"], ""))
     seeds = studio.seeds_line(job, lang)
     await present_default(services, job, artifacts, channel, lang, caption=f"{caption}\n{seeds}" if seeds else caption)
 
@@ -292,8 +322,9 @@ async def record_lora(services: Services, job: Any, artifacts: list[Any], channe
     for artifact in artifacts:
         if artifact.delivered_at is None:
             await services.storage.mark_delivered(artifact.id, channel.chat.platform, None)
-    steps = (job.result or {}).get("meta", {}).get("steps")
-    await channel.send_text(t("portrait.lora_ready", lang, steps=steps or "?"))
+    meta = (job.result or {}).get("meta", {})
+    code = "portrait.lora_ready_sdxl" if job.kind == TRAIN_KINDS["sdxl"] else "portrait.lora_ready"
+    await channel.send_text(t(code, lang, steps=meta.get("steps") or "?"))
 
 
 registry.register_command("style", make_portrait, "help.style")
@@ -305,3 +336,4 @@ buttons.register_result_button("more", "portrait.button_more", more_like_this, a
 register_presenter("portrait", present_portraits)
 register_presenter("identity", record_identity)
 register_presenter("train", record_lora)
+register_presenter("train_sdxl", record_lora)

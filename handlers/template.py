@@ -20,6 +20,7 @@ from typing import Any
 from facechain_core.errors import UserFacingError
 from facechain_core.templates import TemplateEntry, TemplateLibrary, load_templates
 from handlers import buttons, cartoon, registry, router, studio
+from handlers.portrait import user_lora
 from handlers.cartoon import Source
 from handlers.messages import t
 from handlers.progress import present_default, register_presenter, submit_with_progress
@@ -111,7 +112,7 @@ async def submit_template(services: Services, event: Event, channel: ReplyChanne
         "controls": controls.job_controls(),
         "identity": str((services.user_dir(key) / "identity.npz").resolve()),
         "selfies": [{"path": s.path, "face": s.face} for s in selfies],
-        "user_lora": identity.lora_path if identity and identity.lora_path else None,
+        "user_lora": await user_lora(identity, "sd15"),
         "count": COUNT,
         "seed": controls.seed if controls.seed is not None else studio.new_seed(services),
     }

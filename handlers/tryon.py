@@ -18,6 +18,7 @@ from typing import Any
 
 from facechain_core.errors import UserFacingError
 from handlers import cartoon, registry, router
+from handlers.portrait import user_lora
 from handlers.cartoon import Source
 from handlers.messages import t
 from handlers.progress import present_default, register_presenter, submit_with_progress
@@ -84,7 +85,7 @@ async def submit_tryon(services: Services, event: Event, channel: ReplyChannel, 
         "outfit": str(outfit.resolve()),
         "identity": str((services.user_dir(key) / "identity.npz").resolve()),
         "selfies": [{"path": s.path, "face": s.face} for s in selfies],
-        "user_lora": identity.lora_path if identity and identity.lora_path else None,
+        "user_lora": await user_lora(identity, "sd15"),
         "count": COUNT,
         "seed": seed if seed is not None else secrets.randbelow(2**31),
         "out_dir": str(folder.resolve()),

@@ -344,3 +344,58 @@ def test_diffusion_cartoon_on_the_device_shares_the_portrait_base(
         styler.close()
         context.shared["resident"].clear()
         _free()
+
+
+def test_sdxl_lora_training_on_the_device_learns_and_restores_the_base(
+        tiny_models: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
+    from safetensors.torch import load_file
+
+    from facechain_core.train_lora import adapter_names
+    from facechain_core.train_lora_sdxl import SdxlTrainLoraPipeline
+
+    photos = [_photo(tmp_path / f"p{i}.png", i) for i in range(2)]
+    pipe = SdxlTrainLoraPipeline()
+    pipe.load(PipelineContext(models_dir=tmp_path, device=DEVICE, dtype=DTYPE,
+                              settings={"model_paths": {"sdxl": str(tiny_models["sdxl"])}}))
+    job = {"photos": photos, "out_dir": str(tmp_path / "lora"), "trigger": "a photo of sks person",
+           "steps_per_photo": 6, "max_steps": 12, "resolution": SIDE, "checkpoint_every": 4, "lr": 1e-2, "seed": 7}
+    try:
+        with pytest.raises(JobCancelled):
+            pipe.run(job, StepRecorder(cancel_at=6))
+        result = pipe.run(job, StepRecorder())
+        sd = pipe.base()
+        if ON_GPU:  # half-precision frozen weights under autocast, gradient checkpointing; the VAE kept in float32
+            assert pipe.mixed_precision == TORCH_DTYPE and pipe.gradient_checkpointing is True
+            assert sd.unet.dtype == TORCH_DTYPE and sd.vae.dtype == torch.float32
+        assert result.meta["resumed_from"] == 4 and result.meta["steps"] == 12
+        assert math.isfinite(result.meta["final_loss"])
+        state = load_file(result.files[0])
+        assert state and all(torch.isfinite(t).all() for t in state.values())
+        assert any(t.abs().max() > 0 for key, t in state.items() if "lora_B" in key or "lora.up" in key)
+        assert adapter_names(sd.unet) == [] and not sd.unet.is_gradient_checkpointing
+    finally:
+        pipe.close()
+        _free()
+
+
+def test_enhance_on_the_device_doubles_the_picture(tmp_path: Path) -> None:
+    from facechain_core.enhance import EnhancePipeline
+    from facechain_core.tiny.restore import build_restorer
+    from facechain_core.tiny.upscale import build_upscaler
+    from tests.conftest import find_asset
+
+    models = {"real-esrgan-x2-onnx": str(build_upscaler(tmp_path / "x2.onnx", 2)),
+              "real-esrgan-x4-onnx": str(build_upscaler(tmp_path / "x4.onnx", 4)),
+              "gfpgan-1.4-onnx": str(build_restorer(tmp_path / "gfpgan.onnx")),
+              "yunet": str(find_asset("models/yunet_s_640_640.onnx"))}
+    source = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 200, 3), np.uint8)).save(source)
+    pipeline = EnhancePipeline()
+    pipeline.load(PipelineContext(models_dir=tmp_path, device=DEVICE, settings={"model_paths": models}))
+    try:
+        result = pipeline.run({"image": str(source), "scale": 2, "max_bytes": 50_000_000, "out_dir": str(tmp_path)},
+                              StepRecorder())
+        with Image.open(result.files[0]) as image:
+            assert image.size == (400, 600)
+    finally:
+        pipeline.close()

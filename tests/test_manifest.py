@@ -67,7 +67,7 @@ def test_packaged_manifest_marks_faceid_and_arcface_non_commercial() -> None:
     non_commercial = {e.name for e in manifest.entries if e.non_commercial}
     assert non_commercial == {"ip-adapter-faceid-sd15", "ip-adapter-faceid-plusv2-sd15", "ip-adapter-faceid-sdxl",
                               "arcface", "animegan-v2-shinkai", "animegan-v3-hayao", "animegan-v3-portrait-sketch",
-                              "wav2lip-gan-onnx", "sadtalker-audio2pose"}
+                              "wav2lip-gan-onnx", "sadtalker-audio2pose", "codeformer-onnx"}
     assert manifest.pull_command(["portrait"]) == PORTRAIT_NC_COMMAND
     assert manifest.pull_command(["selfie"]) == "facechain-bot models pull selfie"
     for e in manifest.entries:

@@ -320,3 +320,61 @@ def test_a_style_base_shares_the_plain_bases_faceid_plus_image_encoder(identitie
     plain, styled = pipeline.base("sd15"), pipeline.base("sd15", "photo-base")
     assert result.meta["base"] == "photo-base" and styled.plus
     assert styled.pipe.image_encoder is plain.pipe.image_encoder and styled.pipe.unet is not plain.pipe.unet
+
+
+def _without_ip_adapter_paths(models: dict[str, Path], **changes: Any) -> dict[str, Any]:
+    settings = _settings(models, **changes)
+    for key in ("ip_adapter_path", "image_encoder_path"):
+        settings.pop(key)
+    return settings
+
+
+@pytest.mark.parametrize(("present", "choice", "plus"), [
+    ({"ip_adapter_faceid_sd15", "ip_adapter_faceid_plus_sd15", "image_encoder"}, "auto", True),
+    ({"ip_adapter_faceid_sd15", "ip_adapter_faceid_plus_sd15"}, "auto", False),  # Plus v2 without its encoder
+    ({"ip_adapter_faceid_sd15"}, "auto", False),
+    ({"ip_adapter_faceid_sd15", "ip_adapter_faceid_plus_sd15", "image_encoder"}, "faceid", False)])
+def test_faceid_plus_v2_is_chosen_when_its_files_are_installed(tiny_models, tmp_path, present, choice, plus):
+    from facechain_core.tiny import TINY_LAYOUT
+
+    models_dir = tmp_path / "models"  # a models_dir holding only the `present` adapters, in the manifest's places
+    for name in present:
+        (models_dir / TINY_LAYOUT[name]).parent.mkdir(parents=True, exist_ok=True)
+        (models_dir / TINY_LAYOUT[name]).symlink_to(tiny_models[name])
+    pipeline = PortraitPipeline()
+    # The manifest checks sizes of files in their places; tiny files are named through model_paths instead.
+    names = {"ip_adapter_faceid_sd15": "ip-adapter-faceid-sd15",
+             "ip_adapter_faceid_plus_sd15": "ip-adapter-faceid-plusv2-sd15", "image_encoder": "ip-adapter-image-encoder"}
+    model_paths = {names[n]: str(models_dir / TINY_LAYOUT[n]) for n in present}
+    pipeline.load(PipelineContext(models_dir=models_dir, settings=_without_ip_adapter_paths(
+        tiny_models, identity_adapter=choice, model_paths=model_paths)))
+    expected = "ip-adapter-faceid-plusv2-sd15" if plus else "ip-adapter-faceid-sd15"
+    assert pipeline.identity_adapter() == expected
+    assert pipeline.base("sd15").plus is plus
+
+
+def test_auto_restore_restores_each_kept_portrait(identities, tiny_models, tmp_path):
+    from facechain_core.faces import Face
+    from facechain_core.restore import FFHQ_TEMPLATE_512
+    from facechain_core.tiny.restore import CONSTANT_RGB, build_restorer
+
+    landmarks = [tuple(p) for p in (FFHQ_TEMPLATE_512 * (64 / 512)).tolist()]  # a face filling the 64 px picture
+
+    class FaceEverywhere:
+        def detect(self, rgb):
+            return [Face(box=(8.0, 8.0, 48.0, 48.0), landmarks=landmarks, score=0.9)]
+
+    restorer = str(build_restorer(tmp_path / "gfpgan.onnx", constant=True))
+    images = {}
+    for mode in ("off", "on"):
+        pipeline = PortraitPipeline(detector_factory=lambda kind, path: FaceEverywhere())
+        pipeline.load(PipelineContext(models_dir=tmp_path, settings=_settings(
+            tiny_models, auto_restore=mode, detector_path=str(tiny_models["arcface"]),
+            model_paths={"gfpgan-1.4-onnx": restorer})))
+        result = _run(pipeline, tmp_path / mode, identities[0])
+        assert result.meta["restored"] is (mode == "on")
+        images[mode] = _pixels(result.files[0])
+    nose = tuple(int(v) for v in landmarks[2])[::-1]
+    green = np.array(CONSTANT_RGB) * 255
+    assert np.abs(images["on"][nose] - green).max() <= 2 and np.abs(images["off"][nose] - green).max() > 10
+    assert np.array_equal(images["on"][0, 0], images["off"][0, 0])  # the corner is no face: untouched

@@ -58,6 +58,8 @@ SKIP: dict[str, str] = {
         "needs Docker, a CUDA GPU and a real Telegram token",
     "bash bench/gpu_check.sh": "needs a CUDA GPU; the `make -n bench-gpu` rule checks its entry point",
     "facechain-bot models pull ...": "the shape of the command a log line names, not a command",
+    "python bench/bench_likeness.py --faces selfies/ --models models/ --styles hanfu,business_headshot --count 4":
+        "needs real weights and a folder of selfies; tests/test_bench_likeness.py runs its main on tiny models",
 }
 
 

@@ -194,5 +194,5 @@ def test_tiny_layout_matches_the_model_manifest_paths():
     same = {"sd15": "sd15", "sdxl": "sdxl", "ip-adapter-faceid-sd15": "ip_adapter_faceid_sd15",
             "ip-adapter-faceid-plusv2-sd15": "ip_adapter_faceid_plus_sd15",
             "ip-adapter-faceid-sdxl": "ip_adapter_faceid_sdxl", "ip-adapter-image-encoder": "image_encoder",
-            "arcface": "arcface"}
+            "arcface": "arcface", "real-esrgan-x2-onnx": "upscaler_x2", "real-esrgan-x4-onnx": "upscaler_x4"}
     assert {name: paths.get(name) for name in same} == {name: TINY_LAYOUT[key] for name, key in same.items()}

@@ -43,6 +43,9 @@ BUILTIN_KINDS: tuple[JobKind, ...] = (
             needs=(("sd15-inpainting", "tryon"), ("segformer-clothes", "tryon"))),
     JobKind("template", "facechain_core.template:TemplatePipeline", GENERATE, 2, 900,
             needs=(("sd15-inpainting", "template"),)),
+    # Enhance / Upscale under a result: face restoration, then x2 or x4 super-resolution.
+    JobKind("enhance", "facechain_core.enhance:EnhancePipeline", GENERATE, 2, 600,
+            needs=(("real-esrgan-x2-onnx", "enhance"), ("real-esrgan-x4-onnx", "enhance"), ("yunet", "enhance"))),
     JobKind("duo", "facechain_core.duo:DuoPipeline", GENERATE, 2, 900,
             needs=(("sd15", "portrait"), ("ip-adapter-faceid-sd15", "portrait"), ("arcface", "portrait"),
                    ("controlnet-openpose-sd15", "duo"))),
@@ -50,6 +53,8 @@ BUILTIN_KINDS: tuple[JobKind, ...] = (
             needs=(("sd15-inpainting", "template"),)),
     JobKind("train", "facechain_core.train_lora:TrainLoraPipeline", LONG, 3, 4 * 3600, preemptible=True,
             needs=(("sd15", "train"),)),
+    JobKind("train_sdxl", "facechain_core.train_lora_sdxl:SdxlTrainLoraPipeline", LONG, 3, 6 * 3600, preemptible=True,
+            needs=(("sdxl", "train-sdxl"),)),
     # /makestyle: checks the example set, trains a style LoRA (yields at checkpoints), renders previews.
     JobKind("style_train", "facechain_core.style_maker:StyleLoraPipeline", LONG, 3, 6 * 3600, preemptible=True,
             needs=(("sd15", "train"), ("arcface", "portrait"), ("yunet", "portrait"))),

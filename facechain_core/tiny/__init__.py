@@ -15,12 +15,13 @@ from facechain_core.tiny.clip_vision import build_clip_vision
 from facechain_core.tiny.ip_adapter import build_ip_adapter_faceid
 from facechain_core.tiny.lora import build_lora, unet_config_of
 from facechain_core.tiny.sd import build_sd15, build_sdxl, sd15_unet_config, sdxl_unet_config
+from facechain_core.tiny.upscale import build_upscaler
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "TINY_LAYOUT", "build_all", "build_arcface", "build_clip_vision", "build_ip_adapter_faceid", "build_lora",
-    "build_sd15", "build_sdxl", "sd15_unet_config", "sdxl_unet_config", "unet_config_of",
+    "build_sd15", "build_sdxl", "build_upscaler", "sd15_unet_config", "sdxl_unet_config", "unet_config_of",
 ]
 
 CLIP_VISION_HIDDEN = 32
@@ -39,6 +40,8 @@ TINY_LAYOUT: dict[str, str] = {
     "lora_sd15_b": "loras/sd15_b.safetensors",
     "lora_sd15_style": "loras/sd15_style.safetensors",
     "lora_sdxl": "loras/sdxl_a.safetensors",
+    "upscaler_x2": "enhance/real_esrgan_x2.onnx",  # Enhance: Real-ESRGAN signature, own PixelShuffle layers
+    "upscaler_x4": "enhance/real_esrgan_x4.onnx",
 }
 
 
@@ -63,5 +66,7 @@ def build_all(out_dir: Path, full_size: bool = False) -> dict[str, Path]:
     for seed, name in enumerate(("lora_sd15_a", "lora_sd15_b", "lora_sd15_style"), start=10):
         build_lora(at["sd15"], at[name], seed=seed)
     build_lora(at["sdxl"], at["lora_sdxl"], seed=13)
+    build_upscaler(at["upscaler_x2"], 2)
+    build_upscaler(at["upscaler_x4"], 4, seed=1)
     log.info("built %d tiny models under %s", len(at), out_dir)
     return at
