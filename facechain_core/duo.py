@@ -17,7 +17,6 @@ Settings: the portrait's, plus ``duo_min_similarity`` (0.2) and ``groups_dir`` (
 from __future__ import annotations
 
 import logging
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,8 @@ from facechain_core.group_ranking import GroupRanked, rank_group
 from facechain_core.identity import ARCFACE_SIZE, Identity, align_face, landmarks_of, load_identity
 from facechain_core.lora_fuse import fused_loras
 from facechain_core.pipeline import JobResult, Progress
-from facechain_core.portrait import MAX_COUNT, PortraitPipeline, ResidentBase, _style_dict, _to_uint8, _write_pngs
+from facechain_core.portrait import PortraitPipeline, ResidentBase, _style_dict, _to_uint8, _write_pngs, \
+    candidate_seeds, job_count
 from facechain_core.studio import size_multiple
 
 log = logging.getLogger(__name__)
@@ -59,18 +59,14 @@ class DuoPipeline(PortraitPipeline):
         # 1. The style, the job's numbers and the people.
         style = _style_dict(params["style"])
         sampler = style["sampler"] = {**style["sampler"], **settings.get("sampler_override", {})}
-        count = int(params.get("count", 1))
-        if not 1 <= count <= MAX_COUNT:
-            raise ValueError(f"count must be in 1..{MAX_COUNT}, got {count}")
+        count = job_count(params)
         paths = [Path(p) for p in params["identities"]]
         if not MIN_PEOPLE <= len(paths) <= MAX_PEOPLE:
             raise ValueError(f"a group portrait needs {MIN_PEOPLE}..{MAX_PEOPLE} identities, got {len(paths)}")
         if not all(p.is_file() for p in paths):
             raise UserFacingError("duo.no_identity")
         identities = [load_identity(p) for p in paths]
-        first_seed = params.get("seed")
-        first_seed = secrets.randbelow(2**31) if first_seed is None else int(first_seed)
-        seeds = [first_seed + i for i in range(count * max(1, int(settings["oversample"])))]
+        seeds = candidate_seeds(params, count, settings["oversample"])
         # 2. The layout: a skeleton per person for the ControlNet, a region per person for their identity.
         base = self.base(style["family"], self.style_base(style))
         layout = self.layout(len(paths), params.get("layout"))

@@ -14,7 +14,6 @@ Job params: ``template`` (a picture path), ``template_id``, ``identities`` (one 
 from __future__ import annotations
 
 import logging
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from facechain_core.group_poses import MAX_PEOPLE, MIN_PEOPLE
 from facechain_core.group_ranking import GroupRanked, rank_group
 from facechain_core.identity import ARCFACE_SIZE, Identity, align_face, landmarks_of, load_identity
 from facechain_core.pipeline import JobResult, Progress
-from facechain_core.portrait import MAX_COUNT, _write_pngs
+from facechain_core.portrait import _write_pngs, candidate_seeds, job_count
 from facechain_core.template import DETECT_SIDE, TemplatePipeline, face_region
 from facechain_core.tryon import REFERENCE_SIDE, composite, working_image
 
@@ -53,18 +52,14 @@ class DuoTemplatePipeline(TemplatePipeline):
         cfg = self._tryon
         settings = {**DUO_DEFAULTS, **self._settings}
         # 1. The job's numbers, the people and the template at the working size.
-        count = int(params.get("count", 1))
-        if not 1 <= count <= MAX_COUNT:
-            raise ValueError(f"count must be in 1..{MAX_COUNT}, got {count}")
+        count = job_count(params)
         paths = [Path(p) for p in params["identities"]]
         if not MIN_PEOPLE <= len(paths) <= MAX_PEOPLE:
             raise ValueError(f"a group template needs {MIN_PEOPLE}..{MAX_PEOPLE} identities, got {len(paths)}")
         if not all(p.is_file() for p in paths):
             raise UserFacingError("duo.no_identity")
         identities = [load_identity(p) for p in paths]
-        first_seed = params.get("seed")
-        first_seed = secrets.randbelow(2**31) if first_seed is None else int(first_seed)
-        seeds = [first_seed + i for i in range(count * max(1, int(settings["oversample"])))]
+        seeds = candidate_seeds(params, count, settings["oversample"])
         picture = working_image(Path(params["template"]), int(cfg["side"]))
         # 2. Its faces, left to right, one per person, and the region of each.
         faces = self.template_faces(Path(params["template"]), picture.shape[:2], len(paths))

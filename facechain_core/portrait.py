@@ -303,12 +303,8 @@ class PortraitPipeline:
         fast = self.accelerator_for(style["family"], params, controlnet=posed, opted_out=style.get("fast") is False)
         if fast is not None:
             style["sampler"] = fast.sampler(sampler)
-        count = int(params.get("count", 1))
-        if not 1 <= count <= MAX_COUNT:
-            raise ValueError(f"count must be in 1..{MAX_COUNT}, got {count}")
-        first_seed = params.get("seed")
-        first_seed = secrets.randbelow(2**31) if first_seed is None else int(first_seed)
-        seeds = [first_seed + i for i in range(count * max(1, int(self._settings["oversample"])))]
+        count = job_count(params)
+        seeds = candidate_seeds(params, count, self._settings["oversample"])
         base = self.base(style["family"], self.style_base(style))
         plan = self.studio_plan(base, style, params.get("controls") or {})
         # 2. Load the identity.
@@ -793,6 +789,21 @@ def _delete_adapter(pipe: Any, name: str) -> None:
 
 def _to_uint8(images: np.ndarray) -> list[np.ndarray]:
     return [np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8) for img in images]
+
+
+def job_count(params: dict[str, Any]) -> int:
+    """The pictures a job asks for, checked against MAX_COUNT."""
+    count = int(params.get("count", 1))
+    if not 1 <= count <= MAX_COUNT:
+        raise ValueError(f"count must be in 1..{MAX_COUNT}, got {count}")
+    return count
+
+
+def candidate_seeds(params: dict[str, Any], count: int, oversample: Any) -> list[int]:
+    """One seed per candidate (`count` times `oversample`), from the job's seed or a random one."""
+    first = params.get("seed")
+    first = secrets.randbelow(2**31) if first is None else int(first)
+    return [first + i for i in range(count * max(1, int(oversample)))]
 
 
 def _write_pngs(out_dir: Path, images: list[np.ndarray], seeds: list[int], service: str) -> list[Path]:

@@ -17,7 +17,6 @@ size over the face box), ``dilate_px`` (8) and ``feather_px`` (12) at 512 px, ``
 from __future__ import annotations
 
 import logging
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,8 @@ from facechain_core.faces import Face
 from facechain_core.garment import feather_mask
 from facechain_core.identity import open_arcface
 from facechain_core.pipeline import JobResult, PipelineContext, Progress
-from facechain_core.portrait import DEFAULTS, MAX_COUNT, _write_pngs, eta_of, use_sampler, vary_latents
+from facechain_core.portrait import DEFAULTS, _write_pngs, candidate_seeds, eta_of, job_count, use_sampler, \
+    vary_latents
 from facechain_core.poses import has_pose, photo_skeleton, pose_map
 from facechain_core.pose import PoseEstimator
 from facechain_core.resident import SHARED_KEY, ResidentPipelines
@@ -72,12 +72,8 @@ class TemplatePipeline(TryOnPipeline):
             raise RuntimeError("TemplatePipeline.run called before load")
         cfg = self._tryon
         # 1. The job's numbers and the template at the working size.
-        count = int(params.get("count", 1))
-        if not 1 <= count <= MAX_COUNT:
-            raise ValueError(f"count must be in 1..{MAX_COUNT}, got {count}")
-        first_seed = params.get("seed")
-        first_seed = secrets.randbelow(2**31) if first_seed is None else int(first_seed)
-        seeds = [first_seed + i for i in range(count * max(1, int(self._settings["oversample"])))]
+        count = job_count(params)
+        seeds = candidate_seeds(params, count, self._settings["oversample"])
         picture = working_image(Path(params["template"]), int(cfg["side"]))
         # 2. Its one face, the region to repaint, and the pose to hold.
         face = self._one_face(Path(params["template"]), picture.shape[:2])

@@ -22,7 +22,6 @@ two ControlNets' weights, ``identity_weight`` (1.0), ``dilate_px`` (6), ``feathe
 from __future__ import annotations
 
 import logging
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +35,8 @@ from facechain_core.garment import MIN_GARMENT_FRACTION, MIN_PERSON_FRACTION
 from facechain_core.identity import Identity, open_arcface, pull_command
 from facechain_core.pipeline import JobResult, PipelineContext, Progress
 from facechain_core.pose import Pose, PoseEstimator, draw_openpose, openpose_body, person_box
-from facechain_core.portrait import DEFAULTS, DTYPES, MAX_COUNT, PortraitPipeline, ResidentBase, \
-    attach_image_encoder, eta_of, use_sampler
+from facechain_core.portrait import DEFAULTS, DTYPES, PortraitPipeline, ResidentBase, attach_image_encoder, \
+    candidate_seeds, eta_of, job_count, use_sampler
 from facechain_core.resident import SHARED_KEY, ResidentPipelines
 
 log = logging.getLogger(__name__)
@@ -106,12 +105,8 @@ class TryOnPipeline(PortraitPipeline):
             raise RuntimeError("TryOnPipeline.run called before load")
         cfg = self._tryon
         # 1. The job's numbers and the outfit at the working size.
-        count = int(params.get("count", 1))
-        if not 1 <= count <= MAX_COUNT:
-            raise ValueError(f"count must be in 1..{MAX_COUNT}, got {count}")
-        first_seed = params.get("seed")
-        first_seed = secrets.randbelow(2**31) if first_seed is None else int(first_seed)
-        seeds = [first_seed + i for i in range(count * max(1, int(self._settings["oversample"])))]
+        count = job_count(params)
+        seeds = candidate_seeds(params, count, self._settings["oversample"])
         outfit = working_image(Path(params["outfit"]), int(cfg["side"]))
         # 2. Parse: the garment to keep, the person to repaint, the wearer's pose.
         parsing = self._parser.parse(outfit)
