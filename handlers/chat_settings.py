@@ -18,7 +18,7 @@ from facechain_core.errors import UserFacingError
 from facechain_core.numbers import ascii_int
 from facechain_core.safety import FEATURE as SAFETY_FEATURE
 from handlers import buttons, hooks, registry
-from handlers.messages import t
+from handlers.messages import catalogue, t
 from handlers.protocols import Button, Chat, Event, MessageRef, ReplyChannel
 from handlers.services import Services
 
@@ -79,7 +79,14 @@ async def check_command(services: Services, event: Event, command: registry.Comm
     if event.chat.is_private or command.name not in switchable_commands():
         return
     if not (await load_settings(services, event.chat)).allows(command.name):
-        raise UserFacingError("groups.command_off", command=command.name)
+        raise UserFacingError(command_off_code(command.name), command=command.name)
+
+
+def command_off_code(command: str) -> str:
+    """The refusal of a switched-off command: group-only ones (``duo.off_here``) have their own, without
+    the hint to use them in a private chat."""
+    own = f"{command}.off_here"
+    return own if own in catalogue() else "groups.command_off"
 
 
 async def admit_job(services: Services, event: Event, kind: str, params: dict[str, Any]) -> hooks.Admission | None:
@@ -91,7 +98,7 @@ async def admit_job(services: Services, event: Event, kind: str, params: dict[st
     settings = await load_settings(services, event.chat)
     command = KIND_COMMANDS.get(kind, kind)
     if command in switchable_commands() and not settings.allows(command):
-        raise UserFacingError("groups.command_off", command=command)
+        raise UserFacingError(command_off_code(command), command=command)
     refund: hooks.Undo | None = None
     if settings.daily_limit:
         storage: Any = services.storage

@@ -60,7 +60,7 @@ async def ask_partners(services: Services, event: Event, channel: ReplyChannel, 
     if event.chat.is_private:
         raise UserFacingError("duo.group_only", command=command)
     if not (await chat_settings.load_settings(services, event.chat)).allows("duo"):
-        raise UserFacingError("groups.command_off", command="duo")
+        raise UserFacingError(chat_settings.command_off_code(command), command=command)
     if not event.args:
         raise UserFacingError("duo.usage", command=command)
     partners = partners_of(event)

@@ -301,7 +301,7 @@ async def test_a_group_can_switch_duo_off(world: World) -> None:
     ann_said = fake.send_message(ann, group, "hi")
     mark = fake.mark()
     fake.send_message(bob, group, "/duo hanfu", reply_to_message=ann_said)
-    await fake.wait_for("sendMessage", _in_chat(group, t("groups.command_off", "en", command="duo")), since=mark)
+    await fake.wait_for("sendMessage", _in_chat(group, t("duo.off_here", "en", command="duo")), since=mark)
     await fake.wait_idle()
     assert not any(b.startswith("duoyes:") for c in fake.calls[mark:] for b in _buttons(c))
 
