@@ -364,3 +364,15 @@ async def test_core_handlers_through_the_real_adapter(fake_telegram: FakeTelegra
     assert done.params["text"] == t("delete.done", "en") and jobs.forgotten == ["telegram:21"]
     answers = fake_telegram.calls_of("answerCallbackQuery")
     assert len(answers) == 2 and answers[1].params["text"] == t("delete.working", "en")
+
+
+async def test_an_unreachable_bot_api_at_start_is_waited_out(fake_telegram: FakeTelegram,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """A Bot API that answers 502 (PTB's NetworkError, as for DNS or connection errors) is tried again with
+    a line a try, then the adapter starts (a refused token still ends the start at once: the InvalidToken test)."""
+    fake_telegram.error_next("getMe", times=2, status=502, description="Bad Gateway")
+    caplog.set_level(logging.WARNING, logger="bot.platforms.telegram_adapter")
+    async with adapter_for(fake_telegram, Recorder(None)) as adapter:
+        assert adapter.bot.username  # getMe answered on the third try
+    tries = [r for r in caplog.records if "cannot reach the Bot API" in r.getMessage()]
+    assert len(tries) == 2 and all(r.exc_info is None for r in tries)

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import datetime as dtm
 import functools
+import itertools
 import logging
 from urllib.parse import urlsplit
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -39,7 +40,7 @@ from telegram import (
 )
 from telegram import Chat as TgChat
 from telegram import User as TgUser
-from telegram.error import BadRequest, ChatMigrated, Forbidden, TelegramError
+from telegram.error import BadRequest, ChatMigrated, Forbidden, NetworkError, TelegramError
 from telegram.ext import AIORateLimiter, Application, ApplicationBuilder, ContextTypes, TypeHandler
 
 from bot.config import Settings
@@ -80,6 +81,7 @@ MENU_LANGUAGES = ("zh",)  # besides the default (English) menu
 ALLOWED_UPDATES = ("message", "callback_query", "inline_query")
 ADMIN_STATUSES = frozenset({"creator", "administrator"})
 # Bad Request answers meaning the chat is gone for good (a 403 Forbidden always means so).
+CONNECT_RETRY_S = (1, 2, 5, 10, 30, 60)  # waits between getMe tries while the Bot API cannot be reached
 GONE_CHAT = ("chat not found", "user not found", "not enough rights", "have no rights to send")
 
 Dispatch = Callable[[Event, ReplyChannel], Awaitable[None]]
@@ -451,7 +453,7 @@ class TelegramAdapter(StartStop):
         """Connects (getMe), publishes the command menu and starts long polling."""
         if self._started:
             return
-        await self.application.initialize()
+        await self._connect()
         self._started = True
         try:
             await self.publish_commands()
@@ -464,6 +466,20 @@ class TelegramAdapter(StartStop):
         if not self.bot.supports_inline_queries:
             log.warning("telegram: inline mode is off for @%s, so Share buttons explain forwarding instead; "
                         "switch it on with @BotFather /setinline", self.bot.username)
+
+    async def _connect(self) -> None:
+        """getMe until the Bot API answers. A network that is down at start (DNS, a proxy, an outage, a 5xx)
+        is waited out with one line a try, as the service would after it started; a refused token
+        (InvalidToken, not a NetworkError) ends the start at once."""
+        for attempt in itertools.count():
+            try:
+                await self.application.initialize()
+                return
+            except NetworkError as exc:  # TimedOut is one too
+                delay = CONNECT_RETRY_S[min(attempt, len(CONNECT_RETRY_S) - 1)]
+                log.warning("telegram: cannot reach the Bot API at %s (%s); trying again in %d s",
+                            self.settings.base_url, exc, delay)
+                await asyncio.sleep(delay)
 
     async def _start_updates(self) -> None:
         """Long polling by default; with ``webhook_url``, PTB's webhook server (setWebhook with the secret
