@@ -6,6 +6,7 @@ stops taking jobs, gives running jobs the grace period, and closes everything in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -198,8 +199,27 @@ async def open_service(settings: Settings, extra_kinds: Iterable[JobKind] = ()) 
 
 
 async def run_service(settings: Settings, stop: asyncio.Event) -> None:
-    """Runs the service until `stop` is set."""
+    """Runs the service until `stop` is set. A stop while it is still starting (a chat API not reachable
+    yet) cancels the start, which closes what had started."""
+    started = asyncio.Event()
+    serving = asyncio.create_task(_serve(settings, stop, started), name="service")
+    stopping = asyncio.create_task(stop.wait(), name="stop-signal")
+    try:
+        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not serving.done() and not started.is_set():
+            log.info("stop asked while starting: cancelling the start")
+            serving.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await serving
+            return
+        await serving
+    finally:
+        stopping.cancel()
+
+
+async def _serve(settings: Settings, stop: asyncio.Event, started: asyncio.Event) -> None:
     async with open_service(settings) as service:
+        started.set()
         log.info("FaceChain Bot running: %s; workers on %s", ", ".join(service.adapters) or "no chat platform",
                  ", ".join(_devices(settings)))
         await stop.wait()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import signal
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ from bot.storage import JobState, Storage
 from facechain_core.devtools import read_ledger
 from handlers.basic import delete_user_data
 from handlers.protocols import MessageRef
+from tests.fixtures.fake_telegram import FakeTelegram, fake_telegram  # noqa: F401
 from tests.fixtures.faults import LIFECYCLE_WRITES, StorageFaults, disk_full
 from tests.fixtures.privacy import user_traces
 from tests.test_scheduler import CHAT, RecordingSink, in_state, params, running, until
@@ -189,3 +191,18 @@ async def test_delete_wins_over_a_crashed_jobs_requeue(storage: Storage, tmp_pat
         assert await sched.user_jobs("u:gone") == []
     assert read_ledger(tmp_path / "ledger") == ["other"]
     assert user_traces(tmp_path / "data", storage.path, ["u:gone"]) == []
+
+
+async def test_a_stop_while_telegram_is_unreachable_ends_the_start(fake_telegram: FakeTelegram, tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """SIGTERM (the CLI sets `stop`) during the start's wait for an unreachable Bot API ends the service:
+    the start is cancelled and what had started (storage, scheduler, worker) is closed."""
+    fake_telegram.error_next("getMe", times=1000, status=502, description="Bad Gateway")
+    caplog.set_level(logging.INFO)
+    stop = asyncio.Event()
+    service = asyncio.create_task(app_module.run_service(fake_telegram.bot_settings(data_dir=tmp_path / "data"),
+                                                         stop))
+    await until(lambda: any("cannot reach the Bot API" in r.getMessage() for r in caplog.records), timeout=60)
+    stop.set()
+    await asyncio.wait_for(service, timeout=30)
+    assert any("scheduler stopped" in r.getMessage() for r in caplog.records)
