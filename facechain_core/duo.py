@@ -31,7 +31,7 @@ from facechain_core.group_poses import DEFAULT_GROUPS_DIR, MAX_PEOPLE, MIN_PEOPL
 from facechain_core.group_ranking import GroupRanked, rank_group
 from facechain_core.identity import ARCFACE_SIZE, Identity, align_face, landmarks_of, load_identity
 from facechain_core.lora_fuse import fused_loras
-from facechain_core.pipeline import JobResult, Progress
+from facechain_core.pipeline import JobResult, PipelineContext, Progress
 from facechain_core.portrait import PortraitPipeline, ResidentBase, _style_dict, _to_uint8, _write_pngs, \
     candidate_seeds, job_count
 from facechain_core.studio import size_multiple
@@ -98,20 +98,10 @@ class DuoPipeline(PortraitPipeline):
         # 5. Keep the candidates where everyone is recognised, best total match first.
         ranked = self.rank(candidates, identities, masks, float(settings["duo_min_similarity"]))
         progress(total, total)
-        if not ranked:
-            raise UserFacingError("duo.no_good_candidates", candidates=len(candidates))
         # 6. Safe mode, then the labelled PNGs.
-        screened = safety.screen(self._context, params, [candidates[r.index] for r in ranked], count)
-        ranked = [ranked[i] for i in screened.kept]
-        files = _write_pngs(Path(params["out_dir"]), [candidates[r.index] for r in ranked],
-                            [seeds[r.index] for r in ranked], safety.service_name(self._context))
-        meta = {
-            "seeds": [seeds[r.index] for r in ranked], "similarity": [round(r.score, 4) for r in ranked],
-            "similarities": [[round(s, 4) for s in r.similarities] for r in ranked],
-            "style": style.get("id"), "layout": layout.id, "people": len(paths), "size": [width, height],
-            "identity_weight": weight, "lora_used": False, "personal_loras": "not applied",
-            "safety": safety.safety_meta(screened), "file_meta": [{"seed": seeds[r.index]} for r in ranked],
-        }
+        files, meta = keep_group_results(self._context, params, candidates, ranked, seeds, count)
+        meta.update({"style": style.get("id"), "layout": layout.id, "people": len(paths), "size": [width, height],
+                     "identity_weight": weight})
         log.info("duo style=%s layout=%s people=%d kept %d of %d candidates", style.get("id"), layout.id,
                  len(paths), len(files), len(candidates))
         return JobResult(files=files, meta=meta)
@@ -228,3 +218,20 @@ def region_crop(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     scale = image.shape[1] / mask.shape[1]
     x0, x1 = int(cols.min() * scale), int((cols.max() + 1) * scale)
     return image[:, x0:x1]
+
+
+def keep_group_results(context: PipelineContext, params: dict[str, Any], candidates: list[np.ndarray],
+                       ranked: list[GroupRanked], seeds: list[int], count: int) -> tuple[list[Path], dict[str, Any]]:
+    """Safe mode over the ranked group pictures, then the labelled PNGs: the files and the meta every group
+    result carries (seeds, similarities, no personal LoRAs, safety)."""
+    if not ranked:
+        raise UserFacingError("duo.no_good_candidates", candidates=len(candidates))
+    screened = safety.screen(context, params, [candidates[r.index] for r in ranked], count)
+    ranked = [ranked[i] for i in screened.kept]
+    files = _write_pngs(Path(params["out_dir"]), [candidates[r.index] for r in ranked],
+                        [seeds[r.index] for r in ranked], safety.service_name(context))
+    meta = {"seeds": [seeds[r.index] for r in ranked], "similarity": [round(r.score, 4) for r in ranked],
+            "similarities": [[round(s, 4) for s in r.similarities] for r in ranked],
+            "lora_used": False, "personal_loras": "not applied", "safety": safety.safety_meta(screened),
+            "file_meta": [{"seed": seeds[r.index]} for r in ranked]}
+    return files, meta

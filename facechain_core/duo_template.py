@@ -20,8 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from facechain_core import safety
-from facechain_core.duo import DUO_DEFAULTS
+from facechain_core.duo import DUO_DEFAULTS, keep_group_results
 from facechain_core.errors import UserFacingError
 from facechain_core.faces import Face
 from facechain_core.garment import feather_mask
@@ -29,7 +28,7 @@ from facechain_core.group_poses import MAX_PEOPLE, MIN_PEOPLE
 from facechain_core.group_ranking import GroupRanked, rank_group
 from facechain_core.identity import ARCFACE_SIZE, Identity, align_face, landmarks_of, load_identity
 from facechain_core.pipeline import JobResult, Progress
-from facechain_core.portrait import _write_pngs, candidate_seeds, job_count
+from facechain_core.portrait import candidate_seeds, job_count
 from facechain_core.template import DETECT_SIDE, TemplatePipeline, face_region
 from facechain_core.tryon import REFERENCE_SIDE, composite, working_image
 
@@ -88,19 +87,10 @@ class DuoTemplatePipeline(TemplatePipeline):
         # 4. Rank by one-to-one face matching; safe mode; labelled PNGs.
         ranked = self.rank(candidates, identities, faces, float(settings["duo_min_similarity"]))
         progress(total, total)
-        if not ranked:
-            raise UserFacingError("duo.no_good_candidates", candidates=len(candidates))
-        screened = safety.screen(self._context, params, [candidates[r.index] for r in ranked], count)
-        ranked = [ranked[i] for i in screened.kept]
-        files = _write_pngs(Path(params["out_dir"]), [candidates[r.index] for r in ranked],
-                            [seeds[r.index] for r in ranked], safety.service_name(self._context))
+        files, meta = keep_group_results(self._context, params, candidates, ranked, seeds, count)
         height, width = picture.shape[:2]
-        meta = {"seeds": [seeds[r.index] for r in ranked], "similarity": [round(r.score, 4) for r in ranked],
-                "similarities": [[round(s, 4) for s in r.similarities] for r in ranked],
-                "template": params.get("template_id") or "photo", "people": len(paths), "size": [width, height],
-                "face_boxes": [list(map(int, f.box)) for f in faces], "identity_weight": weight,
-                "lora_used": False, "personal_loras": "not applied", "safety": safety.safety_meta(screened),
-                "file_meta": [{"seed": seeds[r.index]} for r in ranked]}
+        meta.update({"template": params.get("template_id") or "photo", "people": len(paths), "size": [width, height],
+                     "face_boxes": [list(map(int, f.box)) for f in faces], "identity_weight": weight})
         log.info("duo template %s: %d people, kept %d of %d candidates", meta["template"], len(paths), len(files),
                  len(candidates))
         return JobResult(files=files, meta=meta)
