@@ -1,6 +1,7 @@
 """Cross-user batching in the scheduler and worker, with the devtools SleepPipeline (no models)."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -15,6 +16,7 @@ import pytest
 from bot.config import SchedulerSettings
 from bot.engine.batching import batch_group
 from bot.engine.jobkinds import GENERATE, JobKind, JobKinds
+import bot.engine.scheduler as scheduler_module
 from bot.engine.scheduler import Scheduler
 from bot.ops.metrics import RATE_WINDOW_S, JobMetrics, PictureRate
 from bot.storage import JobState, Storage
@@ -88,6 +90,35 @@ async def test_lone_job_starts_at_once_without_waiting_for_partners(storage: Sto
         await until(in_state(storage, [lone.job_id, later.job_id], JobState.DELIVERED))
     assert await batches(storage, [lone.job_id, later.job_id]) == [None, None]  # each ran alone (no batch)
     assert read_ledger(tmp_path / "ledger") == ["a", "b"]
+
+
+async def test_jobs_submitted_together_share_the_first_pass(storage: Storage, tmp_path: Path) -> None:
+    sink = RecordingSink()
+    async with running(storage, tmp_path, sink, batch_max=8) as sched:
+        # Submitted in one moment (a burst of users): the first does not start alone ahead of its partners.
+        submitted = await asyncio.gather(*(sched.submit(f"u:{tag}", BATCHED, job(tmp_path, tag), CHAT) for tag in "abc"))
+        ids = [s.job_id for s in submitted]
+        await until(in_state(storage, ids, JobState.DELIVERED))
+    assert await batches(storage, ids) == [["a", "b", "c"]] * 3
+    assert sorted(read_ledger(tmp_path / "ledger")) == ["a", "b", "c"]
+
+
+async def test_a_lone_job_is_picked_without_waiting_and_a_hung_submit_is_not_waited_out(
+        storage: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scheduler_module, "ARRIVAL_WAIT_S", 0.2)
+    sink = RecordingSink()
+    async with running(storage, tmp_path, sink, batch_max=8) as sched:
+        # Nothing under way: the pump forms the pass at once, without giving the event loop a turn.
+        waiting = sched._await_arrivals()
+        with pytest.raises(StopIteration):
+            waiting.send(None)
+        # A submit that never lands (a hung database) holds a lone job back only for the cap.
+        hung = asyncio.get_running_loop().create_future()
+        sched._arriving.add(hung)
+        lone = await sched.submit("u:a", BATCHED, job(tmp_path, "a"), CHAT)
+        await until(in_state(storage, [lone.job_id], JobState.DELIVERED), timeout=5)
+        sched._arriving.discard(hung)
+    assert await batches(storage, [lone.job_id]) == [None]
 
 
 async def test_batches_are_fair_heads_of_the_round_robin(storage: Storage, tmp_path: Path) -> None:

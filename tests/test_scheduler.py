@@ -482,3 +482,30 @@ def _alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     return state != "Z"
+
+
+async def test_round_robin_memory_is_bounded_and_stays_fair(storage: Storage, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scheduler_module, "LAST_SERVED_MAX", 4)
+    sink = RecordingSink()
+    pause = tmp_path / "pause"
+    pause.mkdir()
+
+    async def blocked_round(jobs: list[tuple[str, str]], gate: str) -> list[int]:
+        """Holds the worker with a paused job of u:x while `jobs` queue up, then lets everything run."""
+        blocker = await sched.submit("u:x", "quick", params(tmp_path, gate, pause_at=1, pause_dir=str(pause)), CHAT)
+        await until(lambda: (pause / f"{gate}.paused").exists())
+        ids = [(await sched.submit(user, "quick", params(tmp_path, tag), CHAT)).job_id for user, tag in jobs]
+        (pause / f"{gate}.go").touch()
+        await until(in_state(storage, [blocker.job_id, *ids], JobState.DELIVERED))
+        return ids
+
+    async with running(storage, tmp_path, sink) as sched:
+        await blocked_round([("u:a", "a1"), ("u:a", "a2"), ("u:a", "a3"),
+                             *((f"u:{user}", f"{user}1") for user in "bcdef")], "gate1")
+        # Users with nothing waiting were forgotten, oldest first; a user with jobs queued never is.
+        assert len(sched._last_served) <= 4 and "u:x" not in sched._last_served
+        # u:b, forgotten, counts as never served: it still goes before u:a, served after it.
+        await blocked_round([("u:a", "a4"), ("u:b", "b2")], "gate2")
+    assert read_ledger(tmp_path / "ledger") == ["gate1", "a1", "b1", "c1", "d1", "e1", "f1", "a2", "a3",
+                                                "gate2", "b2", "a4"]

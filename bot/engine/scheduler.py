@@ -79,6 +79,11 @@ LATE_NOTICE_AFTER_TRIES = 3
 PUMP_ERROR_PAUSE_S = 1.0
 # Weight of the newest run in the running average of a kind's duration (ETA estimates).
 DURATION_ALPHA = 0.2
+# Longest a dispatch waits for submits already under way to land (it ends as soon as they do: the cap only
+# guards against a database that hangs them).
+ARRIVAL_WAIT_S = 0.5
+# Users remembered for round-robin fairness beyond those with jobs queued or running (the oldest go first).
+LAST_SERVED_MAX = 1000
 
 _MEDIA_TYPES = {
     ".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp", ".gif": "image/gif",
@@ -283,6 +288,7 @@ class Scheduler(StartStop):
         self._running: dict[int, _Run] = {}
         self._delivering: dict[int, tuple[Job, asyncio.Task[None]]] = {}
         self._last_served: dict[str, int] = {}
+        self._arriving: set[asyncio.Future[None]] = set()  # submits under way (see _await_arrivals)
         self._served = 0
         self._averages: dict[str, float] = {}
         self._lanes: dict[int, _Lane] = {}
@@ -413,6 +419,17 @@ class Scheduler(StartStop):
         if not self._started or self._stopping:
             raise UserFacingError(QUEUE_STOPPING)
         spec = self._kinds[kind]
+        arrival = asyncio.get_running_loop().create_future()
+        self._arriving.add(arrival)
+        try:
+            return await self._admit(user_key, kind, spec.priority, spec.max_tries, params, chat, progress_ref,
+                                     update_key)
+        finally:
+            self._arriving.discard(arrival)
+            arrival.set_result(None)
+
+    async def _admit(self, user_key: str, kind: str, priority: int, max_tries: int, params: dict[str, Any],
+                     chat: Chat, progress_ref: MessageRef | None, update_key: str | None) -> Submitted:
         async with self._admit_lock:
             if len(self._queued) >= self._settings.queue_max:
                 raise UserFacingError(QUEUE_FULL, max=self._settings.queue_max)
@@ -420,8 +437,8 @@ class Scheduler(StartStop):
             if active >= self._settings.user_max_queued:
                 raise UserFacingError(QUEUE_USER_FULL, max=self._settings.user_max_queued)
             try:
-                job = await self._db(self._storage.insert_job, user_key, kind, spec.priority, params, chat.to_dict(),
-                                     spec.max_tries, update_key)
+                job = await self._db(self._storage.insert_job, user_key, kind, priority, params, chat.to_dict(),
+                                     max_tries, update_key)
             except DuplicateKey:
                 log.info("update %s of %s made a job already: not queued again", update_key, user_key)
                 raise DuplicateUpdate(update_key) from None
@@ -609,6 +626,8 @@ class Scheduler(StartStop):
             await self._wake.wait()
             self._wake.clear()
             while not self._stopping:
+                if any(w.idle for w in self._slots):
+                    await self._await_arrivals()
                 idle = [w for w in self._slots if w.idle]
                 job = self._pick(slots=idle) if idle else None
                 if job is None:
@@ -625,6 +644,16 @@ class Scheduler(StartStop):
                     await self._pause(PUMP_ERROR_PAUSE_S)
                     self._wake.set()
                     break
+
+    async def _await_arrivals(self) -> None:
+        """Lets the submits already under way land before a pass is formed, so jobs that arrive together (a
+        burst of users, a handler's several jobs) share the first pass instead of the first running alone.
+
+        Only submits that started before this call are waited for, and only until they are queued (a database
+        write each): a lone job waits for nothing, and a steady stream of submits cannot hold the pump."""
+        if self.batch_max <= 1 or not self._arriving or not getattr(self._backend, "batches", False):
+            return
+        await asyncio.wait(set(self._arriving), timeout=ARRIVAL_WAIT_S)
 
     async def _pause(self, seconds: float) -> None:
         """Sleeps `seconds`, or less when the scheduler stops meanwhile."""
@@ -700,6 +729,8 @@ class Scheduler(StartStop):
         self._idle.clear()
         self._served += 1
         self._last_served[job.user_key] = self._served
+        if len(self._last_served) > LAST_SERVED_MAX:
+            self._forget_served()
         job.attempts += 1
         job.state = JobState.RUNNING
         job.started_at = time.time()
@@ -714,6 +745,15 @@ class Scheduler(StartStop):
         if self._running.get(job.id) is not run or worker.gen != run.gen:
             return None  # the worker died meanwhile; its exit handler put the job back
         return run
+
+    def _forget_served(self) -> None:
+        """Keeps the round-robin memory bounded: drops the users served longest ago that have nothing queued or
+        running, down to half of ``LAST_SERVED_MAX``. A dropped user counts as never served, which keeps them
+        ahead of the users kept that wait for nothing, as their old entry did."""
+        active = {job.user_key for job in self._active_jobs()}
+        idle = sorted((served, user) for user, served in self._last_served.items() if user not in active)
+        for _, user in idle[:len(self._last_served) - LAST_SERVED_MAX // 2]:
+            del self._last_served[user]
 
     def _unreserve(self, run: _Run) -> None:
         """Undoes a dispatch whose row was not written: the job waits in the queue again."""
