@@ -3,11 +3,11 @@
 Every job goes through the service path (scheduler, one worker process, storage, delivery) on the tiny
 SD1.5 models built by ``facechain_core.tiny`` (as bench_portrait_overhead does). For each number of
 users: pictures per second with batching off (``batch_max = 1``) and on, the first user's time to result
-against one user alone, and a single job asking as many pictures as the users together (the same batch
-in one job).
+against one user alone, every user's mean time to result (on / off), and a single job asking as many
+pictures as the users together (the same batch in one job). ``--sizes`` runs the table at each picture size.
 Figures are medians over ``--runs``; on a loaded CPU they are ratios to compare, not speeds to quote.
 
-Run: ``.venv/bin/python bench/bench_batching.py [--runs 3] [--size 64] [--steps 4] [--batch-max 16]``.
+Run: ``.venv/bin/python bench/bench_batching.py [--runs 3] [--sizes 64] [--steps 4] [--batch-max 16] [--threads N]``.
 """
 from __future__ import annotations
 
@@ -74,24 +74,26 @@ def _identity(path: Path, models: Path, shade: int) -> Path:
     return save_identity(Identity(embedding, embedding[None], crop), path)
 
 
-async def _round(scheduler: Scheduler, sink: _Sink, jobs: list[dict[str, Any]]) -> tuple[float, float]:
-    """Submits the jobs at once (one user each); returns (seconds until all delivered, the first user's)."""
+async def _round(scheduler: Scheduler, sink: _Sink, jobs: list[dict[str, Any]]) -> tuple[float, float, float]:
+    """Submits the jobs at once (one user each); returns seconds until all are delivered, until the first user's
+    is, and the users' mean."""
     started = time.perf_counter()
     submitted = await asyncio.gather(*(scheduler.submit(f"bench:{i}", "portrait", params, Chat("bench", str(i), True))
                                        for i, params in enumerate(jobs)))
-    finished = [await sink.waiter(s.job_id) for s in submitted]
-    return max(finished) - started, finished[0] - started
+    finished = [await sink.waiter(s.job_id) - started for s in submitted]
+    return max(finished), finished[0], statistics.mean(finished)
 
 
 async def _measure(root: Path, models: Path, settings: dict[str, Any], batch_max: int, jobs_for: Any,
-                   runs: int) -> dict[str, list[tuple[float, float]]]:
-    """Rows keyed "off users=N", "on users=N" and "one job=N" -> [(all delivered s, first user's s)] per run.
+                   runs: int) -> dict[str, list[tuple[float, float, float]]]:
+    """Rows keyed "off users=N", "on users=N" and "one job=N" -> [(all delivered s, first user's s, mean s)] per run.
 
     One scheduler and one warm worker for all rounds, batching switched off and on between them, so a change
     in the machine's load hits both alike."""
+    root.mkdir(parents=True, exist_ok=True)
     sink = _Sink()
     context = {"models_dir": str(models), "settings": settings, "log_level": "ERROR"}
-    rows: dict[str, list[tuple[float, float]]] = {}
+    rows: dict[str, list[tuple[float, float, float]]] = {}
     async with Storage(root / "bench.sqlite3") as storage, Scheduler(
             storage, JobKinds(BUILTIN_KINDS), SchedulerSettings(batch_max=1, user_max_queued=50),
             data_dir=root / "data", context=context, sink=sink, devices=["cpu"]) as scheduler:
@@ -108,15 +110,37 @@ async def _measure(root: Path, models: Path, settings: dict[str, Any], batch_max
     return rows
 
 
+def _table(rows: dict[str, list[tuple[float, float, float]]], size: int, args: argparse.Namespace) -> None:
+    def median(key: str, part: int) -> float:
+        return statistics.median(r[part] for r in rows[key])
+
+    alone = median("off users=1", 1)
+    print(f"cross-user batching, tiny SD1.5 at {size}x{size}, {args.steps} steps, 2 candidates a portrait, "
+          f"{args.runs} runs, CPU ({args.threads or torch.get_num_threads()} torch threads in the worker), "
+          f"batch_max {args.batch_max} when on:")
+    print("  users  pictures/s off  on     ratio  first user's time on / alone  mean user's time on / off"
+          "  on / one job of as many pictures")
+    for users in USERS:
+        rate_off, rate_on = users / median(f"off users={users}", 0), users / median(f"on users={users}", 0)
+        rate_one = users / median(f"one job={users}", 0)
+        print(f"  {users:>5}  {rate_off:>14.2f}  {rate_on:<6.2f} {rate_on / rate_off:>5.2f}x  "
+              f"{median(f'on users={users}', 1) / alone:>27.2f}x  "
+              f"{median(f'on users={users}', 2) / median(f'off users={users}', 2):>24.2f}x  {rate_on / rate_one:>31.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--size", type=int, default=64, help="picture side in pixels")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64], help="picture sides in pixels (a table each)")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch-max", type=int, default=16, help="samples per pass with batching on")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads of the worker (0: torch's default; 1 thrashes less on a busy machine)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     os.environ.update(TRANSFORMERS_VERBOSITY="error", DIFFUSERS_VERBOSITY="error")  # workers inherit it: quiet
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read by torch when the worker starts
     from diffusers.utils import logging as diffusers_logging
     from huggingface_hub.utils import disable_progress_bars
 
@@ -127,28 +151,17 @@ def main() -> None:
         models = root / "models"
         build_all(models)
         paths = {e.name: str(models / e.path) for e in load_manifest().entries if (models / e.path).exists()}
-        settings = {"face_filter": False, "batch_size": 64, "model_paths": paths,
-                    "sampler_override": {"steps": args.steps, "width": args.size, "height": args.size}}
         style = load_styles().get("hanfu").model_dump(mode="json")
         identities = [str(_identity(root / f"user{i}" / "identity.npz", models, 60 + 20 * i)) for i in range(8)]
 
         def jobs_for(users: int, count: int) -> list[dict[str, Any]]:
             return [{"style": style, "identity": identities[i], "count": count, "seed": 100 + i} for i in range(users)]
 
-        rows = asyncio.run(_measure(root, models, settings, args.batch_max, jobs_for, args.runs))
-
-    def median(key: str, part: int) -> float:
-        return statistics.median(r[part] for r in rows[key])
-
-    alone = median("off users=1", 1)
-    print(f"cross-user batching, tiny SD1.5 at {args.size}x{args.size}, {args.steps} steps, 2 candidates a portrait, "
-          f"{args.runs} runs, CPU ({torch.get_num_threads()} torch threads), batch_max {args.batch_max} when on:")
-    print("  users  pictures/s off  on     ratio  first user's time on / alone  on / one job of as many pictures")
-    for users in USERS:
-        rate_off, rate_on = users / median(f"off users={users}", 0), users / median(f"on users={users}", 0)
-        rate_one = users / median(f"one job={users}", 0)
-        print(f"  {users:>5}  {rate_off:>14.2f}  {rate_on:<6.2f} {rate_on / rate_off:>5.2f}x  "
-              f"{median(f'on users={users}', 1) / alone:>27.2f}x  {rate_on / rate_one:>31.2f}")
+        for size in args.sizes:
+            settings = {"face_filter": False, "batch_size": 64, "model_paths": paths,
+                        "sampler_override": {"steps": args.steps, "width": size, "height": size}}
+            rows = asyncio.run(_measure(root / f"px{size}", models, settings, args.batch_max, jobs_for, args.runs))
+            _table(rows, size, args)
 
 
 if __name__ == "__main__":

@@ -92,15 +92,42 @@ async def test_lone_job_starts_at_once_without_waiting_for_partners(storage: Sto
     assert read_ledger(tmp_path / "ledger") == ["a", "b"]
 
 
-async def test_jobs_submitted_together_share_the_first_pass(storage: Storage, tmp_path: Path) -> None:
+async def test_jobs_submitted_together_share_the_first_pass_where_a_pass_costs_no_more(
+        storage: Storage, tmp_path: Path) -> None:
     sink = RecordingSink()
     async with running(storage, tmp_path, sink, batch_max=8) as sched:
+        # One sleep per step for the whole batch, as a GPU's pass: the scheduler learns a pass of three
+        # samples costs what one does.
+        slow = {"steps": 4, "delay_s": 0.1}
+        await blocked(sched, sink, tmp_path)
+        learn = [(await sched.submit(f"u:{t}", BATCHED, job(tmp_path, t, **slow), CHAT)).job_id for t in ("l1", "l2", "l3")]
+        await until(in_state(storage, learn, JobState.DELIVERED))
+        lone = await sched.submit("u:l", BATCHED, job(tmp_path, "l4", **slow), CHAT)
+        await until(in_state(storage, [lone.job_id], JobState.DELIVERED))
         # Submitted in one moment (a burst of users): the first does not start alone ahead of its partners.
-        submitted = await asyncio.gather(*(sched.submit(f"u:{tag}", BATCHED, job(tmp_path, tag), CHAT) for tag in "abc"))
+        submitted = await asyncio.gather(*(sched.submit(f"u:{tag}", BATCHED, job(tmp_path, tag, **slow), CHAT)
+                                           for tag in "abc"))
         ids = [s.job_id for s in submitted]
         await until(in_state(storage, ids, JobState.DELIVERED))
+    assert await batches(storage, [*learn, lone.job_id]) == [["l1", "l2", "l3"]] * 3 + [None]
     assert await batches(storage, ids) == [["a", "b", "c"]] * 3
-    assert sorted(read_ledger(tmp_path / "ledger")) == ["a", "b", "c"]
+    assert sorted(read_ledger(tmp_path / "ledger")) == ["a", "b", "blocker", "c", "l1", "l2", "l3", "l4"]
+
+
+async def test_where_a_bigger_pass_costs_more_the_first_job_does_not_wait_for_partners(
+        storage: Storage, tmp_path: Path) -> None:
+    sink = RecordingSink()
+    async with running(storage, tmp_path, sink, batch_max=8) as sched:
+        # As a CPU: a pass's time grows with its samples (three take 2.4 times one; two would be within 1.2).
+        sched._pass_s.update({(BATCHED, 1): 1.0, (BATCHED, 2): 1.1, (BATCHED, 3): 2.4, (BATCHED, 4): 1.15})
+        assert sched._first_pass_cap(BATCHED, 1) == 2 and sched._first_pass_cap(BATCHED, 5) == 5
+        del sched._pass_s[(BATCHED, 2)]
+        submitted = await asyncio.gather(*(sched.submit(f"u:{tag}", BATCHED, job(tmp_path, tag), CHAT)
+                                           for tag in "abc"))
+        ids = [s.job_id for s in submitted]
+        await until(in_state(storage, ids, JobState.DELIVERED))
+    # The first user's job ran at once by itself; the partners that arrived with it shared the next pass.
+    assert await batches(storage, ids) == [None, ["b", "c"], ["b", "c"]]
 
 
 async def test_a_lone_job_is_picked_without_waiting_and_a_hung_submit_is_not_waited_out(

@@ -35,7 +35,7 @@ import logging
 import mimetypes
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Container, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -82,6 +82,9 @@ DURATION_ALPHA = 0.2
 # Longest a dispatch waits for submits already under way to land (it ends as soon as they do: the cap only
 # guards against a database that hangs them).
 ARRIVAL_WAIT_S = 0.5
+# How much longer than the first user's job alone its pass may take by taking partners that arrive with it
+# (the pass times are learned per kind and number of samples; see Scheduler._first_pass_cap).
+FIRST_PASS_SLOWDOWN = 1.2
 # Users remembered for round-robin fairness beyond those with jobs queued or running (the oldest go first).
 LAST_SERVED_MAX = 1000
 
@@ -231,6 +234,7 @@ class _Run:
     gen: int
     nested: bool
     started: float  # monotonic
+    samples: int = 0  # the samples of its pass (a batch's together); 0: a kind that does not batch
     sent: bool = False
     cancel: bool = False  # the user asked to cancel
     notify: bool = True  # tell the sink when it ends cancelled
@@ -291,6 +295,7 @@ class Scheduler(StartStop):
         self._arriving: set[asyncio.Future[None]] = set()  # submits under way (see _await_arrivals)
         self._served = 0
         self._averages: dict[str, float] = {}
+        self._pass_s: dict[tuple[str, int], float] = {}  # (kind, samples) -> seconds of such a pass (average)
         self._lanes: dict[int, _Lane] = {}
         self._counters = {"done": 0, "failed": 0, "cancelled": 0, "retried": 0, "worker_deaths": 0}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -598,25 +603,63 @@ class Scheduler(StartStop):
         base = _base_of(job)
         return next((w for w in fitting if w.last_base == base), fitting[0])
 
-    def _group(self, head: Job, worker: Slot) -> list[Job]:
-        """The head and the queued jobs right behind it in the fair order that share its pass on `worker`."""
-        kind = self._kinds[head.kind]
-        batches = getattr(self._backend, "batches", False)
-        if kind.batch is None or kind.preemptible or self.batch_max <= 1 or not batches:
-            return [head]  # the Ray backend runs jobs one by one: no batches for it yet
-        order = pick_order(self._queued.values(), self._last_served)
-        if not order or order[0].id != head.id:
-            return [head]
+    def _group(self, head: Job, worker: Slot, arrived: Container[int] = ()) -> tuple[list[Job], int]:
+        """The head and the queued jobs right behind it in the fair order that share its pass on `worker`, and the
+        pass's samples (0: the head's kind does not batch). Jobs in `arrived` (they landed while the pump waited
+        for submits under way) join only within ``_first_pass_cap``."""
         settings = self._context.get("settings") or {}
+        plans: dict[int, Plan] = {}
 
         def plan_of(job: Job) -> Plan:
-            spec = self._kinds[job.kind]
-            if spec.batch is None or spec.preemptible or not self._fits(job, worker):
-                return None
-            plan = safe_plan(plan_function(spec.batch), job.params, settings, job.id)
-            return None if plan is None else ((job.kind, plan[0]), plan[1])
+            if job.id not in plans:
+                spec = self._kinds[job.kind]
+                plan = None
+                if spec.batch is not None and not spec.preemptible and self._fits(job, worker):
+                    plan = safe_plan(plan_function(spec.batch), job.params, settings, job.id)
+                plans[job.id] = None if plan is None else ((job.kind, plan[0]), plan[1])
+            return plans[job.id]
 
-        return batch_group(order, plan_of, self.batch_max)
+        head_plan = plan_of(head)
+        alone = ([head], head_plan[1] if head_plan else 0)
+        if head_plan is None or self.batch_max <= 1 or not getattr(self._backend, "batches", False):
+            return alone  # the Ray backend runs jobs one by one: no batches for it yet
+        order = pick_order(self._queued.values(), self._last_served)
+        if not order or order[0].id != head.id:
+            return alone
+        group: list[Job] = []
+        samples = 0
+        cap = self._first_pass_cap(head.kind, head_plan[1])
+        for job in batch_group(order, plan_of, self.batch_max):
+            more = plans[job.id][1]  # type: ignore[index]  # every member has a plan
+            if job.id in arrived and samples + more > cap:
+                break  # never skipped for a later job: the rest waits for the next pass
+            group.append(job)
+            samples += more
+        return group, samples
+
+    def _first_pass_cap(self, kind: str, samples: int) -> int:
+        """Most samples a pass of `kind` headed by a job of `samples` may hold with partners that arrived with it:
+        the pass sizes seen, from the smallest up, while each took at most FIRST_PASS_SLOWDOWN times a pass of
+        `samples` alone.
+
+        Where one pass for several jobs costs about what one job costs (a GPU), jobs submitted in the same
+        moment share the first pass; where the cost grows with the batch (a CPU), the first user's job runs
+        alone and does not wait for the others' samples. Until both sizes were seen, nobody joins."""
+        alone = self._pass_s.get((kind, samples))
+        if alone is None:
+            return samples
+        cap = samples
+        for size, seconds in sorted((size, seconds) for (name, size), seconds in self._pass_s.items()
+                                    if name == kind and size > samples):
+            if seconds > alone * FIRST_PASS_SLOWDOWN:
+                break
+            cap = size
+        return cap
+
+    def _learn_pass(self, kind: str, samples: int, seconds: float) -> None:
+        previous = self._pass_s.get((kind, samples))
+        self._pass_s[(kind, samples)] = seconds if previous is None else (
+            previous * (1 - DURATION_ALPHA) + DURATION_ALPHA * seconds)
 
     # -- internals: dispatch -------------------------------------------------------------------
     async def _pump(self) -> None:
@@ -626,6 +669,7 @@ class Scheduler(StartStop):
             await self._wake.wait()
             self._wake.clear()
             while not self._stopping:
+                waited = set(self._queued)
                 if any(w.idle for w in self._slots):
                     await self._await_arrivals()
                 idle = [w for w in self._slots if w.idle]
@@ -634,11 +678,11 @@ class Scheduler(StartStop):
                     break
                 worker = self._choose_slot(job, idle)
                 try:
-                    group = self._group(job, worker)
+                    group, samples = self._group(job, worker, arrived=set(self._queued) - waited)
                     if len(group) > 1:
-                        await self._dispatch_batch(worker, group)
+                        await self._dispatch_batch(worker, group, samples)
                     else:
-                        await self._dispatch(worker, job, nested=False)
+                        await self._dispatch(worker, job, nested=False, samples=samples)
                 except Exception:
                     log.exception("dispatching job %d failed; it stays queued", job.id)
                     await self._pause(PUMP_ERROR_PAUSE_S)
@@ -660,12 +704,14 @@ class Scheduler(StartStop):
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop_event.wait(), seconds)
 
-    async def _dispatch(self, worker: Slot, job: Job, nested: bool) -> bool:
+    async def _dispatch(self, worker: Slot, job: Job, nested: bool, samples: int = 0) -> bool:
         """Marks the job running (the attempt counts now) and sends it; False if it did not go."""
         run = await self._reserve(worker, job, nested)
+        if run is not None:
+            run.samples = samples
         return run is not None and await self._send(worker, [run])
 
-    async def _dispatch_batch(self, worker: Slot, jobs: list[Job]) -> bool:
+    async def _dispatch_batch(self, worker: Slot, jobs: list[Job], samples: int = 0) -> bool:
         """Marks each job running and sends them as one batch (one pass); False if none went."""
         gen = worker.gen
         runs: list[_Run] = []
@@ -681,6 +727,8 @@ class Scheduler(StartStop):
                 self._unreserve(run)
             raise
         runs = [r for r in runs if self._running.get(r.job.id) is r and worker.gen == r.gen]
+        for run in runs:
+            run.samples = samples if len(runs) == len(jobs) else 0  # a pass that lost a job: not a size to learn
         return bool(runs) and await self._send(worker, runs)
 
     async def _send(self, worker: Slot, runs: list[_Run]) -> bool:
@@ -919,6 +967,8 @@ class Scheduler(StartStop):
         seconds = time.monotonic() - run.started
         self._event("done", job, run_s=seconds, files=len(artifacts))
         self._start_delivery(job, artifacts)
+        if run.samples and not run.nested:
+            self._learn_pass(job.kind, run.samples, seconds)
         previous = self._averages.get(job.kind)
         self._averages[job.kind] = seconds if previous is None else previous * (1 - DURATION_ALPHA) + DURATION_ALPHA * seconds
         try:
