@@ -5,9 +5,11 @@ SD1.5 models built by ``facechain_core.tiny`` (as bench_portrait_overhead does).
 users: pictures per second with batching off (``batch_max = 1``) and on, the first user's time to result
 against one user alone, every user's mean time to result (on / off), and a single job asking as many
 pictures as the users together (the same batch in one job). ``--sizes`` runs the table at each picture size.
-Figures are medians over ``--runs``; on a loaded CPU they are ratios to compare, not speeds to quote.
+Figures are medians over ``--runs`` (``--stat min``: the fastest run, the least disturbed when other work
+loads the machine, since load only adds time); on a CPU they are ratios to compare, not speeds to quote.
 
-Run: ``.venv/bin/python bench/bench_batching.py [--runs 3] [--sizes 64] [--steps 4] [--batch-max 16] [--threads N]``.
+Run: ``.venv/bin/python bench/bench_batching.py [--runs 3] [--sizes 64] [--steps 4] [--batch-max 16] [--threads N]
+[--stat median min]``.
 """
 from __future__ import annotations
 
@@ -110,13 +112,15 @@ async def _measure(root: Path, models: Path, settings: dict[str, Any], batch_max
     return rows
 
 
-def _table(rows: dict[str, list[tuple[float, float, float]]], size: int, args: argparse.Namespace) -> None:
+def _table(rows: dict[str, list[tuple[float, float, float]]], size: int, args: argparse.Namespace, name: str) -> None:
+    stat = min if name == "min" else statistics.median
+
     def median(key: str, part: int) -> float:
-        return statistics.median(r[part] for r in rows[key])
+        return stat(r[part] for r in rows[key])
 
     alone = median("off users=1", 1)
     print(f"cross-user batching, tiny SD1.5 at {size}x{size}, {args.steps} steps, 2 candidates a portrait, "
-          f"{args.runs} runs, CPU ({args.threads or torch.get_num_threads()} torch threads in the worker), "
+          f"{name} of {args.runs} runs, CPU ({args.threads or torch.get_num_threads()} torch threads in the worker), "
           f"batch_max {args.batch_max} when on:")
     print("  users  pictures/s off  on     ratio  first user's time on / alone  mean user's time on / off"
           "  on / one job of as many pictures")
@@ -136,6 +140,8 @@ def main() -> None:
     parser.add_argument("--batch-max", type=int, default=16, help="samples per pass with batching on")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads of the worker (0: torch's default; 1 thrashes less on a busy machine)")
+    parser.add_argument("--stat", choices=("median", "min"), nargs="+", default=["median"],
+                        help="how runs are summed up (a table each)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     os.environ.update(TRANSFORMERS_VERBOSITY="error", DIFFUSERS_VERBOSITY="error")  # workers inherit it: quiet
@@ -161,7 +167,8 @@ def main() -> None:
             settings = {"face_filter": False, "batch_size": 64, "model_paths": paths,
                         "sampler_override": {"steps": args.steps, "width": size, "height": size}}
             rows = asyncio.run(_measure(root / f"px{size}", models, settings, args.batch_max, jobs_for, args.runs))
-            _table(rows, size, args)
+            for name in args.stat:
+                _table(rows, size, args, name)
 
 
 if __name__ == "__main__":

@@ -139,7 +139,9 @@ async def test_a_lone_job_is_picked_without_waiting_and_a_hung_submit_is_not_wai
         waiting = sched._await_arrivals()
         with pytest.raises(StopIteration):
             waiting.send(None)
-        # A submit that never lands (a hung database) holds a lone job back only for the cap.
+        # A submit that never lands (a hung database) holds a lone job back only for the cap, where a pass
+        # of two would cost what one does (so the pump waits for arrivals at all).
+        sched._pass_s.update({(BATCHED, 1): 1.0, (BATCHED, 2): 1.0})
         hung = asyncio.get_running_loop().create_future()
         sched._arriving.add(hung)
         lone = await sched.submit("u:a", BATCHED, job(tmp_path, "a"), CHAT)

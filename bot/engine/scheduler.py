@@ -668,17 +668,21 @@ class Scheduler(StartStop):
         while not self._stopping:
             await self._wake.wait()
             self._wake.clear()
+            waited: set[int] | None = None  # what was queued before the pump waited for submits under way
             while not self._stopping:
-                waited = set(self._queued)
-                if any(w.idle for w in self._slots):
-                    await self._await_arrivals()
                 idle = [w for w in self._slots if w.idle]
                 job = self._pick(slots=idle) if idle else None
                 if job is None:
                     break
+                if waited is None and self._arriving and self._may_share(job):
+                    waited = set(self._queued)
+                    await self._await_arrivals()
+                    continue  # pick again: a job that arrived may come first in the fair order
                 worker = self._choose_slot(job, idle)
+                arrived = set(self._queued) - waited if waited is not None else set()
+                waited = None
                 try:
-                    group, samples = self._group(job, worker, arrived=set(self._queued) - waited)
+                    group, samples = self._group(job, worker, arrived)
                     if len(group) > 1:
                         await self._dispatch_batch(worker, group, samples)
                     else:
@@ -689,15 +693,23 @@ class Scheduler(StartStop):
                     self._wake.set()
                     break
 
+    def _may_share(self, head: Job) -> bool:
+        """Whether jobs arriving now could join the head's pass: batching is on and a bigger pass of its kind was
+        seen to cost about what the head's costs alone (``_first_pass_cap``)."""
+        spec = self._kinds[head.kind]
+        if spec.batch is None or spec.preemptible or self.batch_max <= 1 or not getattr(self._backend, "batches", False):
+            return False
+        plan = safe_plan(plan_function(spec.batch), head.params, self._context.get("settings") or {}, head.id)
+        return plan is not None and self._first_pass_cap(head.kind, plan[1]) > plan[1]
+
     async def _await_arrivals(self) -> None:
         """Lets the submits already under way land before a pass is formed, so jobs that arrive together (a
         burst of users, a handler's several jobs) share the first pass instead of the first running alone.
 
         Only submits that started before this call are waited for, and only until they are queued (a database
         write each): a lone job waits for nothing, and a steady stream of submits cannot hold the pump."""
-        if self.batch_max <= 1 or not self._arriving or not getattr(self._backend, "batches", False):
-            return
-        await asyncio.wait(set(self._arriving), timeout=ARRIVAL_WAIT_S)
+        if self._arriving:
+            await asyncio.wait(set(self._arriving), timeout=ARRIVAL_WAIT_S)
 
     async def _pause(self, seconds: float) -> None:
         """Sleeps `seconds`, or less when the scheduler stops meanwhile."""
