@@ -622,7 +622,7 @@ class Scheduler(StartStop):
         head_plan = plan_of(head)
         alone = ([head], head_plan[1] if head_plan else 0)
         if head_plan is None or self.batch_max <= 1 or not getattr(self._backend, "batches", False):
-            return alone  # the Ray backend runs jobs one by one: no batches for it yet
+            return alone
         order = pick_order(self._queued.values(), self._last_served)
         if not order or order[0].id != head.id:
             return alone
