@@ -140,6 +140,9 @@ async def test_where_a_bigger_pass_costs_more_the_first_job_does_not_wait_for_pa
         # As a CPU: a pass's time grows with its samples (three take 2.4 times one; two would be within 1.2).
         sched._pass_s.update({(BATCHED, 1): 1.0, (BATCHED, 2): 1.1, (BATCHED, 3): 2.4, (BATCHED, 4): 1.15})
         assert sched._first_pass_cap(BATCHED, 1) == 2 and sched._first_pass_cap(BATCHED, 5) == 5
+        for seconds in (60.0, 2.3, 2.5):  # the first pass loaded the pipeline: soon outvoted
+            sched._learn_pass(BATCHED, 3, seconds)
+        assert sched._pass_s[(BATCHED, 3)] == 2.5
         del sched._pass_s[(BATCHED, 2)]
         submitted = await asyncio.gather(*(sched.submit(f"u:{tag}", BATCHED, job(tmp_path, tag), CHAT)
                                            for tag in "abc"))

@@ -33,6 +33,7 @@ import contextlib
 import heapq
 import logging
 import mimetypes
+import statistics
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Container, Iterable
@@ -85,6 +86,8 @@ ARRIVAL_WAIT_S = 0.5
 # How much longer than the first user's job alone its pass may take by taking partners that arrive with it
 # (the pass times are learned per kind and number of samples; see Scheduler._first_pass_cap).
 FIRST_PASS_SLOWDOWN = 1.2
+# Latest pass times kept per kind and number of samples (their median is the estimate).
+PASS_RUNS_KEPT = 5
 # Users remembered for round-robin fairness beyond those with jobs queued or running (the oldest go first).
 LAST_SERVED_MAX = 1000
 
@@ -295,7 +298,8 @@ class Scheduler(StartStop):
         self._arriving: set[asyncio.Future[None]] = set()  # submits under way (see _await_arrivals)
         self._served = 0
         self._averages: dict[str, float] = {}
-        self._pass_s: dict[tuple[str, int], float] = {}  # (kind, samples) -> seconds of such a pass (average)
+        self._pass_s: dict[tuple[str, int], float] = {}  # (kind, samples) -> seconds of such a pass (median)
+        self._pass_runs: dict[tuple[str, int], deque[float]] = {}  # the latest seconds behind each median
         self._lanes: dict[int, _Lane] = {}
         self._counters = {"done": 0, "failed": 0, "cancelled": 0, "retried": 0, "worker_deaths": 0}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -657,9 +661,11 @@ class Scheduler(StartStop):
         return cap
 
     def _learn_pass(self, kind: str, samples: int, seconds: float) -> None:
-        previous = self._pass_s.get((kind, samples))
-        self._pass_s[(kind, samples)] = seconds if previous is None else (
-            previous * (1 - DURATION_ALPHA) + DURATION_ALPHA * seconds)
+        """Records a pass's time: the median of the latest few, so one slow pass (a pipeline loading) is soon
+        outvoted."""
+        runs = self._pass_runs.setdefault((kind, samples), deque(maxlen=PASS_RUNS_KEPT))
+        runs.append(seconds)
+        self._pass_s[(kind, samples)] = statistics.median(runs)
 
     # -- internals: dispatch -------------------------------------------------------------------
     async def _pump(self) -> None:
