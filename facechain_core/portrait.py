@@ -545,19 +545,22 @@ class PortraitPipeline:
             negative_prompt=style.get("negative_prompt") or None, num_inference_steps=int(sampler["steps"]),
             width=plan.width, height=plan.height, **call)
 
-    def denoise_chunks(self, base: ResidentBase, identity: Identity, chunks: list[list[int]], progress: Progress,
-                       total: int, set_up: Callable[[], None], guidance: float, *, runner: Any = None,
-                       latents_for: Callable[[list[int]], torch.Tensor] | None = None,
+    def denoise_chunks(self, base: ResidentBase, identity: Identity | list[Identity], chunks: list[list[int]],
+                       progress: Progress, total: int, set_up: Callable[[], None], guidance: float, *,
+                       runner: Any = None, latents_for: Callable[[list[int]], torch.Tensor] | None = None,
                        **call: Any) -> list[np.ndarray]:
         """Call the base's pipeline (or `runner`, one derived from it) with `call` once per chunk of seeds, one image
         per seed, with what every job shares: the identity's FaceID (Plus) embeddings, merged LoRAs, a step report,
         and between chunks a yield point after which `set_up` restores this job's adapters. `latents_for` gives a
-        chunk's starting noise where the seeds alone do not (Vary)."""
+        chunk's starting noise where the seeds alone do not (Vary). A list of identities (a group portrait) makes
+        one IP-Adapter image each; their region masks come in `call`'s ``cross_attention_kwargs``."""
         cfg = guidance > 1.0
         done = 0
         pipe = base.pipe
         runner = runner or pipe
-        embedding = torch.from_numpy(identity.embedding).reshape(1, 1, -1).to(pipe.device, pipe.unet.dtype)
+        people = identity if isinstance(identity, list) else [identity]
+        stacked = np.stack([person.embedding for person in people])  # (people, 512)
+        embedding = torch.from_numpy(stacked).reshape(1, len(people), -1).to(pipe.device, pipe.unet.dtype)
         ip_embeds = torch.cat([torch.zeros_like(embedding), embedding]) if cfg else embedding
 
         def on_step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -589,11 +592,11 @@ class PortraitPipeline:
         """Whether this job's batches run with the active LoRAs merged (``fuse_loras`` on the base's device)."""
         return wants_fusing(self._settings.get("fuse_loras", "auto"), base.pipe.device)
 
-    def _set_clip_embeds(self, base: ResidentBase, identity: Identity, n: int, cfg: bool) -> None:
-        """Give FaceID Plus the CLIP hidden states of the identity's face crop."""
+    def _set_clip_embeds(self, base: ResidentBase, identity: Identity | list[Identity], n: int, cfg: bool) -> None:
+        """Give FaceID Plus the CLIP hidden states of the identity's face crop (of each person's, for a group)."""
         pipe = base.pipe
-        crop = Image.fromarray(identity.crop)
-        clip = pipe.prepare_ip_adapter_image_embeds([crop], None, pipe.device, n, cfg)[0]
+        crops = [Image.fromarray(person.crop) for person in (identity if isinstance(identity, list) else [identity])]
+        clip = pipe.prepare_ip_adapter_image_embeds([crops], None, pipe.device, n, cfg)[0]
         layer = pipe.unet.encoder_hid_proj.image_projection_layers[0]
         layer.clip_embeds = clip.to(dtype=pipe.unet.dtype)
         layer.shortcut = bool(self._settings["plus_shortcut"])
