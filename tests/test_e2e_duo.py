@@ -28,6 +28,7 @@ from handlers.messages import t
 from tests.conftest import SHARED, find_asset
 from tests.fixtures.fake_discord import FakeDiscord
 from tests.fixtures.fake_discord import FakeUser as DiscordUser
+from tests.fixtures.fake_platforms import fake_platforms
 from tests.fixtures.fake_telegram import FakeTelegram, FakeUser
 from tests.fixtures.portrait_service import TINY_PIPELINE, tiny_model_paths
 from tests.fixtures.privacy import user_traces
@@ -65,12 +66,7 @@ async def world(tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path,
              "controlnet-openpose-sd15": duo["controlnet-openpose-sd15"],
              "sd15-inpainting": inpaint / "sd15-inpainting", "controlnet-depth-sd15": inpaint / "depth",
              "dwpose-wholebody": inpaint / "dwpose.onnx", "template-two_sisters": SHARED / "faces" / "two_people.jpg"}
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")
-        telegram = await FakeTelegram().start()
-        discord = FakeDiscord()
-        await discord.start()
-        discord.install(patch)
+    async with fake_platforms() as (telegram, discord):
         settings = telegram.bot_settings(
             discord=discord.discord_settings(), data_dir=tmp_path_factory.mktemp("duo_data"),
             models_dir=tiny_models_dir, model_paths=paths, selfie={"detector_model": str(yunet)},
@@ -80,12 +76,8 @@ async def world(tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path,
             duo={"consent_timeout_s": TIMEOUT_S},
             # Every test talks in one group: Telegram's 20 messages a minute per group would hold sends back.
             telegram={"group_max_rate": 1000})
-        try:
-            async with open_service(settings) as service:
-                yield World(service, telegram, discord)
-        finally:
-            await telegram.close()
-            await discord.close()
+        async with open_service(settings) as service:
+            yield World(service, telegram, discord)
 
 
 async def _with_identity(world: World, key: str, seed: int) -> None:

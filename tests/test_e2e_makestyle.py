@@ -3,7 +3,6 @@ style LoRA trained with its loss going down, previews, private to the maker, pub
 run at once by another user, a one-person set refused, /delete, backup and restore of the published style."""
 from __future__ import annotations
 
-import asyncio
 import io
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from facechain_core.styles import load_styles
 from handlers.messages import t
 from tests.fixtures.portrait_service import TINY_PIPELINE, portrait_settings
 from tests.fixtures.privacy import user_traces
+from tests.fixtures.service_waits import wait_for_latest_job
 from tests.fixtures.tiny_models import one_torch_thread, tiny_models_dir  # noqa: F401
 
 MAKER, OTHER, ADMIN = 5101, 5102, 5103
@@ -50,17 +50,6 @@ def same_face_on(face_photo: Path, seed: int) -> bytes:
 def _buttons(call) -> list[str]:
     markup = call.params.get("reply_markup") or {}
     return [b["callback_data"] for row in markup.get("inline_keyboard", []) for b in row]
-
-
-async def _job(service, key: str, kind: str, states: list[str], timeout: float = 240.0):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        jobs = [j for j in await service.storage.user_jobs(key, states) if j.kind == kind]
-        if jobs:
-            return jobs[-1]
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"no {kind} job of {key} reached {states}")
 
 
 async def _say(fake, user: int, text: str, timeout: float = 15.0) -> str:
@@ -126,7 +115,7 @@ async def test_make_train_preview_publish_use_delete(fake_telegram, settings, fa
         assert len(album.params["media"]) == 2 and "Style \"stripes\" is trained" in album.params["media"][0]["caption"]
         edits = [c for c in fake.calls_of("editMessageText") if c.params["message_id"] == queued.result["message_id"]]
         assert any("%" in c.params["text"] for c in edits)
-        job = await _job(service, MAKER_KEY, "style_train", ["delivered"])
+        job = await wait_for_latest_job(service, MAKER_KEY, "style_train", ["delivered"], timeout=240)
         curve = job.result["meta"]["loss_curve"]
         assert job.result["meta"]["steps"] == 40 and curve[-1] < curve[0], curve
         assert job.result["meta"]["previews"] == ["reference", "maker"]
@@ -136,7 +125,7 @@ async def test_make_train_preview_publish_use_delete(fake_telegram, settings, fa
         mark = fake.mark()
         fake.send_message(MAKER, None, "/style stripes 1")
         await fake.wait_for("sendPhoto", since=mark, timeout=120)
-        mine = await _job(service, MAKER_KEY, "portrait", ["delivered"])
+        mine = await wait_for_latest_job(service, MAKER_KEY, "portrait", ["delivered"], timeout=240)
         assert mine.params["style_id"] == "stripes" and Path(mine.params["style_lora"]).is_file()
         # "More like this" under it runs the private style again.
         result = next(c for c in fake.calls[mark:] if any(b.startswith("more:") for b in _buttons(c)))
@@ -157,7 +146,7 @@ async def test_make_train_preview_publish_use_delete(fake_telegram, settings, fa
         fake.send_message(OTHER, None, "/style Bold stripes 1")
         photo = await fake.wait_for("sendPhoto", since=mark, timeout=120)
         assert "Bold stripes" in photo.params["caption"]
-        theirs = await _job(service, OTHER_KEY, "portrait", ["delivered"])
+        theirs = await wait_for_latest_job(service, OTHER_KEY, "portrait", ["delivered"], timeout=240)
         assert Path(theirs.params["style_lora"]) == (settings.data_dir / "styles" / "stripes.safetensors").resolve()
 
         # A set that is really one person is refused by the training job. (The admin has no face of their

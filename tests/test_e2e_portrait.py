@@ -2,7 +2,6 @@
 and tapping, /train -> progress -> LoRA -> /style uses it."""
 from __future__ import annotations
 
-import asyncio
 
 import pytest
 
@@ -10,6 +9,7 @@ from bot.app import open_service
 from bot.ops.logsetup import configure_logging
 from tests.fixtures.portrait_service import TINY_PIPELINE, portrait_settings
 from tests.fixtures.privacy import user_traces
+from tests.fixtures.service_waits import wait_for_latest_job
 from tests.fixtures.tiny_models import one_torch_thread, tiny_models_dir  # noqa: F401
 
 USER = 4242
@@ -31,17 +31,6 @@ def _buttons(call) -> list[str]:
 
 async def _album(fake, since: int, timeout: float = 90.0):
     return await fake.wait_for("sendMediaGroup", since=since, timeout=timeout)
-
-
-async def _wait_job(service, kind: str, state: str, timeout: float = 90.0):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        jobs = [j for j in await service.storage.user_jobs(KEY, [state]) if j.kind == kind]
-        if jobs:
-            return jobs[-1]
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"no {kind} job reached {state}")
 
 
 async def test_selfie_style_styles_train_and_style_again(fake_telegram, settings, faces_dir, one_torch_thread):  # noqa: F811
@@ -67,7 +56,7 @@ async def test_selfie_style_styles_train_and_style_again(fake_telegram, settings
         assert any("%" in c.params["text"] for c in edits)
         more = await fake.wait_for("sendMessage", lambda c: any(b.startswith("more:") for b in _buttons(c)),
                                    since=mark, timeout=10)
-        free_job = await _wait_job(service, "portrait", "delivered")
+        free_job = await wait_for_latest_job(service, KEY, "portrait", ["delivered"])
         assert free_job.result["meta"]["lora_used"] is False
 
         # /styles pages through the catalogue; tapping a style runs it for the presser.
@@ -94,7 +83,7 @@ async def test_selfie_style_styles_train_and_style_again(fake_telegram, settings
         mark = fake.mark()
         fake.send_message(USER, None, "/train")
         await fake.wait_for("sendMessage", lambda c: "trained" in c.params["text"], since=mark, timeout=120)
-        trained = await _wait_job(service, "train", "delivered")
+        trained = await wait_for_latest_job(service, KEY, "train", ["delivered"])
         assert trained.result["meta"]["steps"] == 4  # one selfie x steps_per_photo
         identity = await service.storage.identity(KEY)
         assert identity.lora_path and identity.lora_path.endswith(".safetensors")
@@ -143,7 +132,7 @@ async def test_style_during_training_finishes_first(fake_telegram, tmp_path, tin
         trained_msg = [c for c in fake.calls[mark:] if c.method == "sendMessage" and "trained" in c.params["text"]]
         assert album_or_photo and not trained_msg, "the portrait waited for the whole training"
         await fake.wait_for("sendMessage", lambda c: "trained" in c.params["text"], since=mark, timeout=180)
-        trained = await _wait_job(service, "train", "delivered")
+        trained = await wait_for_latest_job(service, KEY, "train", ["delivered"])
         assert trained.result["meta"]["steps"] == 60 and trained.attempts == 1
 
 
