@@ -24,7 +24,8 @@ from PIL import Image
 from bot.config import SchedulerSettings
 from bot.engine.jobkinds import BUILTIN_KINDS, JobKinds
 from bot.engine.scheduler import Scheduler
-from bot.storage import Artifact, Job, Storage
+from bot.storage import Storage
+from delivery_sink import DeliverySink
 from facechain_core.identity import ArcFace, Identity, save_identity
 from facechain_core.manifest import load_manifest
 from facechain_core.pipeline import PipelineContext
@@ -45,29 +46,6 @@ class _Progress:
         pass
 
 
-class _Sink:
-    def __init__(self) -> None:
-        self.done: dict[int, asyncio.Future[float]] = {}
-
-    def waiter(self, job_id: int) -> asyncio.Future[float]:
-        return self.done.setdefault(job_id, asyncio.get_running_loop().create_future())
-
-    async def on_progress(self, job: Job, step: int, total: int, text: str | None) -> None:
-        pass
-
-    async def deliver(self, job: Job, artifacts: list[Artifact]) -> None:
-        self.waiter(job.id).set_result(time.perf_counter())
-
-    async def on_late(self, job: Job) -> None:
-        pass
-
-    async def on_failed(self, job: Job, error: dict[str, Any]) -> None:
-        raise RuntimeError(f"job {job.id} failed: {error}")
-
-    async def on_cancelled(self, job: Job) -> None:
-        pass
-
-
 def _identity(root: Path, models: Path) -> Path:
     arcface = ArcFace(models / "insightface/w600k_r50.onnx")
     crop = np.asarray(Image.new("RGB", (112, 112), (150, 120, 100)))
@@ -81,7 +59,7 @@ async def _measure(root: Path, models: Path, params: dict[str, Any], runs: int) 
     settings = {**SETTINGS, "model_paths": paths}
     pipeline = PortraitPipeline()
     pipeline.load(PipelineContext(models_dir=models, settings=settings))
-    sink = _Sink()
+    sink = DeliverySink()
     context = {"models_dir": str(models), "settings": settings, "log_level": "WARNING"}
     bare, service = [], []
     async with Storage(root / "bench.sqlite3") as storage, Scheduler(
@@ -93,7 +71,7 @@ async def _measure(root: Path, models: Path, params: dict[str, Any], runs: int) 
             bare_s = time.perf_counter() - started
             started = time.perf_counter()
             submitted = await scheduler.submit("bench:1", "portrait", dict(params, seed=i), Chat("bench", "1", True))
-            finished = await sink.waiter(submitted.job_id)
+            finished = await sink.delivered_at(submitted.job_id)
             if i:
                 bare.append(bare_s)
                 service.append(finished - started)
