@@ -116,10 +116,7 @@ async def submit_cartoon(services: Services, event: Event, channel: ReplyChannel
 
 def offered_styles(services: Services) -> tuple[CartoonBook, list[CartoonStyle]]:
     """The style data and the styles whose models are installed; refuses when none is."""
-    if FEATURE not in services.features_installed:
-        log.warning("cartoon requested but its models are not installed: run `facechain-bot models pull %s`",
-                    FEATURE)
-        raise UserFacingError("feature.not_installed", feature=FEATURE)
+    services.require_feature(FEATURE)
     book = load_cartoon_styles()
     styles = book.available(services.features_installed)
     if not styles:

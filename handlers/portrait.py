@@ -107,7 +107,7 @@ async def train_lora(services: Services, event: Event, channel: ReplyChannel) ->
     for family in sorted(set(wanted) - set(families)):
         log.warning("/train for %s skipped: run `facechain-bot models pull %s`", family, TRAIN_FEATURES[family])
     if not families:
-        _require(services, TRAIN_FEATURES[wanted[0]])
+        services.require_feature(TRAIN_FEATURES[wanted[0]])
     key = event.user.key
     selfies = await services.storage.selfies(key)
     if len(selfies) < MIN_TRAIN_SELFIES:
@@ -143,9 +143,9 @@ async def submit_portrait(services: Services, event: Event, channel: ReplyChanne
 
     Without a seed in `controls`, the seed is ``portrait_seed`` when the operator fixed one, unless
     `new_seed` (More like this) asks for a fresh draw: the fixed seed would only reproduce the first result."""
-    _require(services, FEATURE)
+    services.require_feature(FEATURE)
     if style.family == "sdxl":
-        _require(services, SDXL_FEATURE)
+        services.require_feature(SDXL_FEATURE)
     controls = controls or studio.Controls()
     wants_pose = pose_photo is not None or controls.pose not in (None, studio.POSE_PHOTO)
     if wants_pose and POSE_FEATURES[style.family] not in services.features_installed:
@@ -199,13 +199,6 @@ def _split_count(args: list[str]) -> tuple[list[str], int]:
             raise UserFacingError("portrait.bad_count", max=MAX_COUNT)
         return args[:-1], count
     return args, DEFAULT_COUNT
-
-
-def _require(services: Services, feature: str) -> None:
-    if feature not in services.features_installed:
-        log.warning("feature %s requested but its models are not installed: run `facechain-bot models pull %s`",
-                    feature, feature)
-        raise UserFacingError("feature.not_installed", feature=feature)
 
 
 def _catalogue(services: Services) -> Any:

@@ -53,7 +53,7 @@ def installed(services: Services) -> TemplateLibrary:
 # -- the command --------------------------------------------------------------------------------
 async def make_template(services: Services, event: Event, channel: ReplyChannel) -> None:
     """Paints the user into a library template or their own photo (neither: shows the library, waits for a photo)."""
-    _require_feature(services)
+    services.require_feature(FEATURE)
     await _require_identity(services, event)
     controls = studio.parse_controls(event.args)
     source = await template_source(services, event)
@@ -136,7 +136,7 @@ async def press_template(services: Services, event: Event, channel: ReplyChannel
     if entry is None:
         await channel.answer_button(t("button.stale", event.language))
         return
-    _require_feature(services)
+    services.require_feature(FEATURE)
     await _require_identity(services, event)
     await channel.answer_button(t("template.chosen", event.language, name=entry.display_name(event.language)))
     await submit_template(services, event, channel, studio.Controls(), entry=entry)
@@ -147,7 +147,7 @@ async def receive_photo(services: Services, event: Event, channel: ReplyChannel,
     images = [a for a in event.attachments if is_image(a)]
     if not images:
         raise UserFacingError("template.not_a_photo")
-    _require_feature(services)
+    services.require_feature(FEATURE)
     await _require_identity(services, event)
     controls = studio.Controls(likeness=(pending.payload or {}).get("likeness"))
     await submit_template(services, event, channel, controls,
@@ -161,13 +161,6 @@ async def present_template(services: Services, job: Any, artifacts: list[Any], c
     caption = t("template.caption", lang, name=entry.display_name(lang)) if entry else t("template.caption_photo", lang)
     seeds = studio.seeds_line(job, lang)
     await present_default(services, job, artifacts, channel, lang, caption=f"{caption}\n{seeds}" if seeds else caption)
-
-
-def _require_feature(services: Services) -> None:
-    if FEATURE not in services.features_installed:
-        log.warning("template requested but its models are not installed: run `facechain-bot models pull %s`",
-                    FEATURE)
-        raise UserFacingError("feature.not_installed", feature=FEATURE)
 
 
 async def _require_identity(services: Services, event: Event) -> None:

@@ -38,7 +38,7 @@ COUNT = 1
 # -- the command --------------------------------------------------------------------------------
 async def make_tryon(services: Services, event: Event, channel: ReplyChannel) -> None:
     """Dresses the user in the outfit photo the command carries or replies to (else asks for it)."""
-    _require_feature(services)
+    services.require_feature(FEATURE)
     await _require_identity(services, event)
     source = await outfit_source(services, event)
     if source is None:
@@ -53,7 +53,7 @@ async def receive_photo(services: Services, event: Event, channel: ReplyChannel,
     images = [a for a in event.attachments if is_image(a)]
     if not images:
         raise UserFacingError("tryon.not_a_photo")
-    _require_feature(services)
+    services.require_feature(FEATURE)
     await _require_identity(services, event)
     await submit_tryon(services, event, channel, Source(data=await cartoon.fetch_image(services, images[0])))
 
@@ -106,12 +106,6 @@ async def present_tryon(services: Services, job: Any, artifacts: list[Any], chan
     outfit = job.params.get("outfit")
     if outfit and Path(outfit).name == OUTFIT_NAME and FOLDER in Path(outfit).parts:
         await asyncio.to_thread(Path(outfit).unlink, True)
-
-
-def _require_feature(services: Services) -> None:
-    if FEATURE not in services.features_installed:
-        log.warning("tryon requested but its models are not installed: run `facechain-bot models pull %s`", FEATURE)
-        raise UserFacingError("feature.not_installed", feature=FEATURE)
 
 
 async def _require_identity(services: Services, event: Event) -> None:
