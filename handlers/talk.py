@@ -33,7 +33,7 @@ from facechain_core.tts import OFFLINE_VOICE, EdgeTTS, check_text_length, edge_e
 from handlers import buttons, cartoon, hooks, registry, router
 from handlers.messages import t
 from handlers.progress import register_presenter, submit_with_progress
-from handlers.protocols import Attachment, Button, Event, Media, MessageRef, NotSupported, ReplyChannel
+from handlers.protocols import Attachment, Button, Event, Media, NotSupported, ReplyChannel
 from handlers.services import MB, Services
 
 log = logging.getLogger(__name__)
@@ -188,13 +188,7 @@ async def press_voice(services: Services, event: Event, channel: ReplyChannel, a
         return
     await services.storage.set_voice(event.user.key, argument)  # type: ignore[attr-defined]
     log.info("%s chose the voice %s", event.user.key, argument)
-    text = t("talk.voice_set", lang, voice=voice_label(argument, lang))
-    await channel.answer_button(text)
-    if event.chat.is_private and event.message_id is not None:
-        try:
-            await channel.edit_text(MessageRef(event.chat, event.message_id), text, None)
-        except Exception:
-            log.warning("could not edit the /voice question of %s", event.user.key, exc_info=True)
+    await buttons.answer_choice(event, channel, t("talk.voice_set", lang, voice=voice_label(argument, lang)), "/voice")
 
 
 async def press_sample(services: Services, event: Event, channel: ReplyChannel, argument: str) -> None:
