@@ -15,12 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import pytest_asyncio
 
 from bot.app import open_service
-from facechain_core.identity import Identity, normalise, save_identity
+from facechain_core.tiny import build_identity
 from facechain_core.tiny.duo import build_duo_models
 from facechain_core.tiny.pose import build_pose
 from facechain_core.tiny.tryon import build_controlnet, build_sd15_inpaint
@@ -85,11 +84,7 @@ async def _with_identity(world: World, key: str, seed: int) -> None:
     storage = world.service.storage
     platform = key.partition(":")[0]
     await storage.ensure_user(key, platform, "en")
-    rng = np.random.default_rng(seed)
-    vectors = normalise(rng.standard_normal((2, 512))).astype(np.float32)
-    path = world.service.services.user_dir(key) / "identity.npz"
-    save_identity(Identity(normalise(vectors.mean(axis=0)), vectors,
-                           rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)), path)
+    path = build_identity(world.service.services.user_dir(key) / "identity.npz", seed)
     await storage.set_identity(key, str(path), 1)
 
 

@@ -14,13 +14,14 @@ from safetensors.torch import load_file
 from facechain_core.errors import ModelNotInstalled
 from facechain_core.pipeline import PipelineContext
 from facechain_core.portrait import PortraitPipeline
+from facechain_core.tiny import build_identity
 from facechain_core.train_lora import CHECKPOINT_DIR, WEIGHT_NAME, adapter_names, checkpoint_path
 from facechain_core.train_lora_sdxl import CHECKPOINT_DIR as SDXL_CHECKPOINT_DIR
 from facechain_core.train_lora_sdxl import WEIGHT_NAME as SDXL_WEIGHT_NAME
 from facechain_core.train_lora_sdxl import SdxlTrainLoraPipeline, add_time_ids
 from tests.fixtures.tiny_models import one_torch_thread, tiny_models, tiny_models_dir  # noqa: F401
 from tests.fixtures.training_child import kill_at_first_checkpoint
-from tests.test_portrait import _identity, _settings, _style
+from tests.test_portrait import _settings, _style
 from tests.test_train_lora import RES, TRIGGER, RecordingProgress, job, synthetic_photo
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300), pytest.mark.usefixtures("one_torch_thread")]
@@ -79,7 +80,7 @@ def test_sdxl_lora_changes_sdxl_portraits_at_the_same_seed(trained: dict[str, An
                                                            tmp_path: Path) -> None:
     portraits = PortraitPipeline()
     portraits.load(PipelineContext(models_dir=tmp_path, settings=_settings(tiny_models)))
-    identity = _identity(tmp_path / "identity.npz", 1)
+    identity = build_identity(tmp_path / "identity.npz", 1)
 
     def picture(lora: Path | None, name: str) -> np.ndarray:
         params = {"style": _style(family="sdxl"), "identity": str(identity), "count": 1, "seed": 42,
