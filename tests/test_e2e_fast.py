@@ -93,11 +93,6 @@ async def _portrait(world: World, user: int | FakeUser, command: str) -> tuple[A
     return sent, await wait_for_delivered_job(service, f"telegram:{uid}", before, kind="portrait")
 
 
-def _buttons(call: Any) -> list[str]:
-    markup = call.params.get("reply_markup") or {}
-    return [b["callback_data"] for row in markup.get("inline_keyboard", []) for b in row]
-
-
 async def test_the_operators_default_reaches_the_job_and_it_runs_fast(world: World) -> None:
     assert "fast" in world.service.services.features_installed
     await _identity(world, ANN, "obama.jpg")
@@ -136,9 +131,9 @@ async def test_the_panels_speed_row_reaches_the_job(world: World) -> None:
     await _identity(world, CAT, "obama.jpg")
     mark = fake.mark()
     fake.send_message(CAT, None, "/style hanfu options")
-    panel = await fake.wait_for("sendMessage", lambda c: any(p.startswith("optgo:") for p in _buttons(c)), 10,
+    panel = await fake.wait_for("sendMessage", lambda c: any(p.startswith("optgo:") for p in c.buttons), 10,
                                 since=mark)
-    panel_id = next(p for p in _buttons(panel) if p.startswith("optgo:")).partition(":")[2]
+    panel_id = next(p for p in panel.buttons if p.startswith("optgo:")).partition(":")[2]
     assert t("panel.fast", "en", value=t("panel.fast_default", "en")) in panel.params["text"]
     for choice in ("fast.off", "count.1"):
         mark = fake.mark()

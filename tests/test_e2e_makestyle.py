@@ -47,11 +47,6 @@ def same_face_on(face_photo: Path, seed: int) -> bytes:
     return out.getvalue()
 
 
-def _buttons(call) -> list[str]:
-    markup = call.params.get("reply_markup") or {}
-    return [b["callback_data"] for row in markup.get("inline_keyboard", []) for b in row]
-
-
 async def _say(fake, user: int, text: str, timeout: float = 15.0) -> str:
     mark = fake.mark()
     fake.send_message(user, None, text)
@@ -87,7 +82,7 @@ async def test_make_train_preview_publish_use_delete(fake_telegram, settings, fa
         mark = fake.mark()
         fake.send_photo(MAKER, None, look(0))
         first = await fake.wait_for("sendMessage", since=mark, timeout=15)
-        assert "1 example(s) kept" in first.params["text"] and _buttons(first) == []
+        assert "1 example(s) kept" in first.params["text"] and first.buttons == []
         mark = fake.mark()
         fake.send_photo(MAKER, None, look(0))
         dup = await fake.wait_for("sendMessage", since=mark, timeout=15)
@@ -104,12 +99,12 @@ async def test_make_train_preview_publish_use_delete(fake_telegram, settings, fa
             fake.send_photo(MAKER, None, look(seed))
             got = await fake.wait_for("sendMessage", since=mark, timeout=15)
         assert "5 example(s) kept" in got.params["text"]
-        train = next(b for b in _buttons(got) if b.startswith("mkstyle_train:"))
+        train = next(b for b in got.buttons if b.startswith("mkstyle_train:"))
 
         # Train: progress, then previews (the reference identity and the maker's own) with the loss.
         mark = fake.mark()
         fake.press_button(got.result, train, user=MAKER)
-        queued = await fake.wait_for("sendMessage", lambda c: any(b.startswith("cancel:") for b in _buttons(c)),
+        queued = await fake.wait_for("sendMessage", lambda c: any(b.startswith("cancel:") for b in c.buttons),
                                      since=mark, timeout=15)
         album = await fake.wait_for("sendMediaGroup", since=mark, timeout=300)
         assert len(album.params["media"]) == 2 and "Style \"stripes\" is trained" in album.params["media"][0]["caption"]
@@ -128,9 +123,9 @@ async def test_make_train_preview_publish_use_delete(fake_telegram, settings, fa
         mine = await wait_for_latest_job(service, MAKER_KEY, "portrait", ["delivered"], timeout=240)
         assert mine.params["style_id"] == "stripes" and Path(mine.params["style_lora"]).is_file()
         # "More like this" under it runs the private style again.
-        result = next(c for c in fake.calls[mark:] if any(b.startswith("more:") for b in _buttons(c)))
+        result = next(c for c in fake.calls[mark:] if any(b.startswith("more:") for b in c.buttons))
         mark = fake.mark()
-        fake.press_button(result.result, next(b for b in _buttons(result) if b.startswith("more:")), user=MAKER)
+        fake.press_button(result.result, next(b for b in result.buttons if b.startswith("more:")), user=MAKER)
         await fake.wait_for("sendPhoto", since=mark, timeout=120)
         await _selfie(fake, OTHER, faces_dir / "obama2.jpg")
         assert "stripes" in await _say(fake, OTHER, "/style stripes 1")
@@ -170,12 +165,7 @@ async def test_make_train_preview_publish_use_delete(fake_telegram, settings, fa
         fake.send_photo(MAKER, None, look(7))
         await fake.wait_for("sendMessage", since=mark, timeout=15)
         assert list((settings.data_dir / "users" / MAKER_KEY / "makestyle" / "second" / "examples").glob("*.jpg"))
-        mark = fake.mark()
-        fake.send_message(MAKER, None, "/delete")
-        ask = await fake.wait_for("sendMessage", since=mark, timeout=10)
-        mark = fake.mark()
-        fake.press_button(ask.result, next(b for b in _buttons(ask) if b.startswith("delete:")), user=MAKER)
-        await fake.wait_for("editMessageText", since=mark, timeout=10)
+        await fake.delete_everything(MAKER)
         await fake.wait_idle()
         archive = tmp_path / "backup.tar.gz"
         await backup(settings.data_dir, settings.db_path, archive)

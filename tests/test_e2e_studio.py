@@ -98,11 +98,6 @@ def _pixels(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(np.int16)
 
 
-def _buttons(call: Any) -> list[str]:
-    markup = call.params.get("reply_markup") or {}
-    return [b["callback_data"] for row in markup.get("inline_keyboard", []) for b in row]
-
-
 async def _identity(studio: Studio, user: int, photo: str) -> None:
     """Gives the user an identity from a selfie (once: a user another test made keeps theirs)."""
     service, fake = studio.service, studio.telegram
@@ -221,17 +216,17 @@ async def test_options_panel_buttons_reach_the_job_and_only_its_owner_presses_th
     # "⚙ Options" under a page of /styles lists the styles again; a tap opens that style's panel.
     mark = fake.mark()
     fake.send_message(ANN, GROUP, "/styles")
-    catalogue = await fake.wait_for("sendMessage", lambda c: "optlist:0" in _buttons(c), 10, since=mark)
+    catalogue = await fake.wait_for("sendMessage", lambda c: "optlist:0" in c.buttons, 10, since=mark)
     mark = fake.mark()
     fake.press_button(catalogue.result, "optlist:0", user=ANN)
-    listing = await fake.wait_for("sendMessage", lambda c: "optstyle:hanfu" in _buttons(c), 10, since=mark)
+    listing = await fake.wait_for("sendMessage", lambda c: "optstyle:hanfu" in c.buttons, 10, since=mark)
     mark = fake.mark()
     fake.press_button(listing.result, "optstyle:hanfu", user=ANN)
     panel = await fake.wait_for_text(t("panel.title", "en", style="Hanfu"), since=mark, timeout=10)
     message = panel.result
-    panel_id = next(p for p in _buttons(panel) if p.startswith("optgo:")).partition(":")[2]
-    assert all(len(p.encode()) <= 64 for p in _buttons(panel))
-    assert f"opt:{panel_id}.pose.seated" in _buttons(panel)  # pose is installed for SD1.5
+    panel_id = next(p for p in panel.buttons if p.startswith("optgo:")).partition(":")[2]
+    assert all(len(p.encode()) <= 64 for p in panel.buttons)
+    assert f"opt:{panel_id}.pose.seated" in panel.buttons  # pose is installed for SD1.5
 
     # Another member's press changes nothing and is told so.
     mark = fake.mark()
@@ -251,7 +246,7 @@ async def test_options_panel_buttons_reach_the_job_and_only_its_owner_presses_th
     for line in (t("panel.aspect", "en", value="9:16"), t("panel.likeness", "en", value="Low"),
                  t("panel.pose", "en", value="Seated"), t("panel.count", "en", value="1")):
         assert line in text
-    assert f"opt:{panel_id}.aspect.9:16" in _buttons(edit)
+    assert f"opt:{panel_id}.aspect.9:16" in edit.buttons
     ticked = [b["text"] for row in edit.params["reply_markup"]["inline_keyboard"] for b in row
               if b["text"].startswith("✓")]
     assert ticked == ["✓ 9:16", "✓ Low", "✓ Seated", "✓ 1", "✓ " + t("panel.fast_default", "en")]  # Speed: untouched
@@ -277,7 +272,7 @@ async def test_options_panel_buttons_reach_the_job_and_only_its_owner_presses_th
 
     # "⚙ Options" under the result opens a panel with that job's choices; only its owner may open it.
     (artifact,) = await service.storage.job_artifacts(job.id)
-    assert f"optres:{artifact.id}" in _buttons(sent)
+    assert f"optres:{artifact.id}" in sent.buttons
     mark = fake.mark()
     fake.press_button(sent.result, f"optres:{artifact.id}", user=BOB)
     refusal = await fake.wait_for("answerCallbackQuery", since=mark, timeout=10)
@@ -287,7 +282,7 @@ async def test_options_panel_buttons_reach_the_job_and_only_its_owner_presses_th
     prefilled = await fake.wait_for_text(t("panel.title", "en", style="Hanfu"), since=mark, timeout=10)
     assert t("panel.aspect", "en", value="9:16") in prefilled.params["text"]
     assert t("panel.pose", "en", value="Seated") in prefilled.params["text"]
-    again_id = next(p for p in _buttons(prefilled) if p.startswith("optx:")).partition(":")[2]
+    again_id = next(p for p in prefilled.buttons if p.startswith("optx:")).partition(":")[2]
     mark = fake.mark()
     fake.press_button(prefilled.result, f"optx:{again_id}", user=ANN)
     closed = await fake.wait_for("editMessageText", since=mark, timeout=10)

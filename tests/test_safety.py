@@ -20,7 +20,7 @@ from facechain_core.pipeline import PipelineContext
 from facechain_core.tiny.cartoon import build_cartoon_models
 from facechain_core.tiny.safety import build_safety_checker
 from handlers.messages import t
-from tests.fixtures.fake_telegram import FakeTelegram
+from tests.fixtures.fake_telegram import FakeTelegram, button_payloads
 from tests.fixtures.safety_world import make_world  # noqa: F401
 from tests.fixtures.tiny_models import one_torch_thread  # noqa: F401
 
@@ -243,11 +243,6 @@ def _settings(fake: FakeTelegram, root: Path, yunet: Path, models: dict[str, Pat
     )
 
 
-def _payloads(message: dict[str, Any]) -> list[str]:
-    rows = (message.get("reply_markup") or {}).get("inline_keyboard", [])
-    return [button["callback_data"] for row in rows for button in row]
-
-
 def _face(faces_dir: Path) -> bytes:
     image = Image.open(faces_dir / "obama.jpg").convert("RGB")
     buf = io.BytesIO()
@@ -299,7 +294,7 @@ async def test_clean_results_are_labelled_and_reports_reach_the_admin(fake_teleg
         (job,) = await service.storage.user_jobs(f"telegram:{ANN}", ["delivered", "done"])
         (artifact,) = await service.storage.job_artifacts(job.id)
         _assert_labelled(Path(artifact.path))
-        report = next(p for p in _payloads(sent.result) if p.startswith("report:"))
+        report = next(p for p in button_payloads(sent.result) if p.startswith("report:"))
         assert report == f"report:{artifact.id}"
 
         # Bob (not the owner) reports it: he is thanked; the admin gets the picture and Ann's key.
@@ -318,7 +313,7 @@ async def test_clean_results_are_labelled_and_reports_reach_the_admin(fake_teleg
         assert not [c for c in fake.calls[mark:] if c.params.get("chat_id") == ADMIN]
 
         # The admin's button bans Ann at once.
-        ban = next(p for p in _payloads(notice.result) if p.startswith("rban:"))
+        ban = next(p for p in button_payloads(notice.result) if p.startswith("rban:"))
         mark = fake.mark()
         fake.press_button(notice.result, ban, user=BOB)  # not an admin: refused
         refused = await fake.wait_for("answerCallbackQuery", since=mark, timeout=10)
