@@ -132,12 +132,27 @@ def style_keyboard(styles: list[CartoonStyle], ref: str, lang: str) -> list[list
 
 
 # -- where the picture comes from ---------------------------------------------------------------
+# What command_source refuses; a feature using it has its own wording of each ("<feature>.not_yours").
+SOURCE_REFUSALS = ("not_yours", "reply_no_photo", "photo_gone")
+
+
 async def command_source(services: Services, event: Event) -> Source | None:
     """The picture sent with the command, else the one it replies to (checked to be the user's)."""
     own = [a for a in event.attachments if is_image(a)]
     if own:
         return Source(data=await fetch_image(services, own[0]))
     return await reply_source(services, event)
+
+
+async def command_source_for(services: Services, event: Event, feature: str) -> Source | None:
+    """``command_source`` for another feature: its refusals come worded by that feature ("tryon.not_yours")."""
+    try:
+        return await command_source(services, event)
+    except UserFacingError as exc:
+        kind, _, refusal = exc.code.partition(".")
+        if kind == "cartoon" and refusal in SOURCE_REFUSALS:
+            raise UserFacingError(f"{feature}.{refusal}", **exc.details) from None
+        raise
 
 
 async def reply_source(services: Services, event: Event) -> Source | None:

@@ -58,20 +58,10 @@ async def make_portrait(services: Services, event: Event, channel: ReplyChannel)
         return
     pose_photo = None
     if controls.pose in (None, studio.POSE_PHOTO):
-        pose_photo = await pose_source(services, event)
+        pose_photo = await cartoon.command_source_for(services, event, "pose")
         if pose_photo is None and controls.pose == studio.POSE_PHOTO:
             raise UserFacingError("pose.send_photo")
     await submit_portrait(services, event, channel, style, count, controls, pose_photo)
-
-
-async def pose_source(services: Services, event: Event) -> Source | None:
-    """The photo the command carries or replies to, when it is the requester's own (try-on's rules)."""
-    try:
-        return await cartoon.command_source(services, event)
-    except UserFacingError as exc:
-        if exc.code in ("cartoon.not_yours", "cartoon.reply_no_photo", "cartoon.photo_gone"):
-            raise UserFacingError("pose." + exc.code.partition(".")[2], **exc.details) from None
-        raise
 
 
 async def show_styles(services: Services, event: Event, channel: ReplyChannel) -> None:

@@ -50,8 +50,6 @@ MOTION_FLAGS = {"--still": "still", "--natural": "natural", "--lively": "lively"
 INPUT_TTL_S = 24 * 3600.0
 AUDIO_KINDS = ("voice", "audio")
 DONE_STATES = ("delivered", "done")
-_CARTOON_CODES = {"cartoon.not_yours": "talk.not_yours", "cartoon.reply_no_photo": "talk.reply_no_photo",
-                  "cartoon.photo_gone": "talk.photo_gone"}
 
 
 async def make_talk(services: Services, event: Event, channel: ReplyChannel) -> None:
@@ -225,12 +223,7 @@ def is_audio(attachment: Attachment) -> bool:
 # -- the portrait --------------------------------------------------------------------------------
 async def portrait_source(services: Services, event: Event) -> cartoon.Source:
     """The picture to animate (see the module docstring); refuses someone else's."""
-    try:
-        source = await cartoon.command_source(services, event)
-    except UserFacingError as exc:
-        if exc.code in _CARTOON_CODES:
-            raise UserFacingError(_CARTOON_CODES[exc.code]) from None
-        raise
+    source = await cartoon.command_source_for(services, event, "talk")
     if source is None:
         source = await latest_result(services, event.user.key)
     if source is None:

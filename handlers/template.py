@@ -56,7 +56,7 @@ async def make_template(services: Services, event: Event, channel: ReplyChannel)
     services.require_feature(FEATURE)
     await _require_identity(services, event)
     controls = studio.parse_controls(event.args)
-    source = await template_source(services, event)
+    source = await cartoon.command_source_for(services, event, "template")
     if source is not None:
         await submit_template(services, event, channel, controls, photo=source)
         return
@@ -69,16 +69,6 @@ async def make_template(services: Services, event: Event, channel: ReplyChannel)
         return
     await router.expect_input(services, event, KIND, {"likeness": controls.likeness})
     await channel.send_text(t("template.pick", event.language), _keyboard(services, event.language))
-
-
-async def template_source(services: Services, event: Event) -> Source | None:
-    """The photo sent with the command, else the replied-to one when it is the requester's own."""
-    try:
-        return await cartoon.command_source(services, event)
-    except UserFacingError as exc:
-        if exc.code in ("cartoon.not_yours", "cartoon.reply_no_photo", "cartoon.photo_gone"):
-            raise UserFacingError("template." + exc.code.partition(".")[2], **exc.details) from None
-        raise
 
 
 async def submit_template(services: Services, event: Event, channel: ReplyChannel, controls: studio.Controls, *,

@@ -40,7 +40,7 @@ async def make_tryon(services: Services, event: Event, channel: ReplyChannel) ->
     """Dresses the user in the outfit photo the command carries or replies to (else asks for it)."""
     services.require_feature(FEATURE)
     await _require_identity(services, event)
-    source = await outfit_source(services, event)
+    source = await cartoon.command_source_for(services, event, "tryon")
     if source is None:
         await router.expect_input(services, event, KIND)
         await channel.send_text(t("tryon.send_photo", event.language))
@@ -56,17 +56,6 @@ async def receive_photo(services: Services, event: Event, channel: ReplyChannel,
     services.require_feature(FEATURE)
     await _require_identity(services, event)
     await submit_tryon(services, event, channel, Source(data=await cartoon.fetch_image(services, images[0])))
-
-
-async def outfit_source(services: Services, event: Event) -> Source | None:
-    """The photo sent with the command, else the replied-to one when it is the requester's own."""
-    try:
-        return await cartoon.command_source(services, event)
-    except UserFacingError as exc:
-        # Same checks as cartoons; the words name try-on.
-        if exc.code in ("cartoon.not_yours", "cartoon.reply_no_photo", "cartoon.photo_gone"):
-            raise UserFacingError("tryon." + exc.code.partition(".")[2], **exc.details) from None
-        raise
 
 
 async def submit_tryon(services: Services, event: Event, channel: ReplyChannel, source: Source) -> None:
