@@ -28,7 +28,7 @@ from bot.storage import Storage
 from delivery_sink import DeliverySink
 from facechain_core.identity import ArcFace, Identity, save_identity
 from facechain_core.manifest import load_manifest
-from facechain_core.pipeline import PipelineContext
+from facechain_core.pipeline import PipelineContext, QuietProgress
 from facechain_core.portrait import PortraitPipeline
 from facechain_core.styles import load_styles
 from facechain_core.tiny import build_all
@@ -36,14 +36,6 @@ from handlers.protocols import Chat
 
 SETTINGS: dict[str, Any] = {"face_filter": False, "sampler_override": {"steps": 4, "width": 64, "height": 64},
                             "oversample": 1}
-
-
-class _Progress:
-    def __call__(self, step: int, total: int, text: str | None = None) -> None:
-        pass
-
-    def yield_point(self) -> None:
-        pass
 
 
 def _identity(root: Path, models: Path) -> Path:
@@ -67,7 +59,7 @@ async def _measure(root: Path, models: Path, params: dict[str, Any], runs: int) 
             sink=sink, devices=["cpu"]) as scheduler:
         for i in range(runs + 1):  # run 0 warms both up (the worker loads its pipeline)
             started = time.perf_counter()
-            pipeline.run(dict(params, seed=i), _Progress())
+            pipeline.run(dict(params, seed=i), QuietProgress())
             bare_s = time.perf_counter() - started
             started = time.perf_counter()
             submitted = await scheduler.submit("bench:1", "portrait", dict(params, seed=i), Chat("bench", "1", True))
