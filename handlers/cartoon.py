@@ -34,7 +34,7 @@ from facechain_core.errors import UserFacingError
 from facechain_core.images import decode_image, encode_jpeg
 from handlers import buttons, registry, router
 from handlers.messages import t
-from handlers.progress import present_default, register_presenter, submit_with_progress
+from handlers.progress import present_default, register_presenter, submit_staged
 from handlers.protocols import Attachment, Button, Event, ReplyChannel
 from handlers.selfie import is_image
 from handlers.services import MB, Services
@@ -106,11 +106,7 @@ async def submit_cartoon(services: Services, event: Event, channel: ReplyChannel
     image = await asyncio.to_thread(_stage, source, folder / "input.jpg", services.max_upload_bytes,
                                     int(limits.max_pixels))
     params = {"image": str(image.resolve()), "style": style.id, "out_dir": str(folder.resolve())}
-    try:
-        await submit_with_progress(services, event, channel, KIND, params)
-    except BaseException:
-        await asyncio.to_thread(shutil.rmtree, folder, True)
-        raise
+    await submit_staged(services, event, channel, KIND, params, folder)
     log.info("cartoon %s queued for %s", style.id, event.user.key)
 
 

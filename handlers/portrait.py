@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from facechain_core.styles import LOCAL_SOURCE, StyleCatalog, find_preview, lora
 from handlers import buttons, cartoon, registry, studio, style_sources
 from handlers.cartoon import Source
 from handlers.messages import t
-from handlers.progress import present_default, register_presenter, submit_with_progress
+from handlers.progress import present_default, register_presenter, submit_staged, submit_with_progress
 from handlers.protocols import Button, Event, Gallery, Media, MessageRef, ReplyChannel
 from handlers.services import Services
 
@@ -173,12 +172,7 @@ async def submit_portrait(services: Services, event: Event, channel: ReplyChanne
     made_lora = style_sources.local_lora(services, style, key)  # a style made with /makestyle
     if made_lora is not None:
         params["style_lora"] = made_lora
-    try:
-        await submit_with_progress(services, event, channel, "portrait", params)
-    except BaseException:
-        if folder is not None:
-            await asyncio.to_thread(shutil.rmtree, folder, True)
-        raise
+    await submit_staged(services, event, channel, "portrait", params, folder)
 
 
 def _split_count(args: list[str]) -> tuple[list[str], int]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from facechain_core.tts import MAX_TEXT_CHARS  # noqa: F401  (re-exported: the D
 from facechain_core.tts import OFFLINE_VOICE, EdgeTTS, check_text_length, edge_enabled, edge_voice_language
 from handlers import buttons, cartoon, hooks, registry, router
 from handlers.messages import t
-from handlers.progress import register_presenter, submit_with_progress
+from handlers.progress import register_presenter, submit_staged, submit_with_progress
 from handlers.protocols import Attachment, Button, Event, Media, NotSupported, ReplyChannel
 from handlers.services import MB, Services
 
@@ -106,11 +105,7 @@ async def submit_talk(services: Services, event: Event, channel: ReplyChannel, f
     """Queues the "talk" job on the staged portrait and speech."""
     params = {"image": str((folder / "input.jpg").resolve()), **speech, "round": round_video,
               "out_dir": str(folder.resolve())}
-    try:
-        await submit_with_progress(services, event, channel, KIND, params)
-    except BaseException:
-        await asyncio.to_thread(shutil.rmtree, folder, True)
-        raise
+    await submit_staged(services, event, channel, KIND, params, folder)
     log.info("talk queued for %s (%s%s)", event.user.key, "audio" if "audio" in speech else "text",
              ", round" if round_video else "")
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import shutil
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from handlers import buttons, cartoon, registry, router, studio
 from handlers.portrait import user_lora
 from handlers.cartoon import Source
 from handlers.messages import t
-from handlers.progress import present_default, register_presenter, submit_with_progress
+from handlers.progress import present_default, register_presenter, submit_staged
 from handlers.protocols import Button, Event, ReplyChannel
 from handlers.selfie import is_image
 from handlers.services import Services
@@ -106,12 +105,7 @@ async def submit_template(services: Services, event: Event, channel: ReplyChanne
         "count": COUNT,
         "seed": controls.seed if controls.seed is not None else studio.new_seed(services),
     }
-    try:
-        await submit_with_progress(services, event, channel, KIND, params)
-    except BaseException:
-        if folder is not None:
-            await asyncio.to_thread(shutil.rmtree, folder, True)
-        raise
+    await submit_staged(services, event, channel, KIND, params, folder)
 
 
 def _keyboard(services: Services, lang: str) -> list[list[Button]]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from handlers import cartoon, registry, router
 from handlers.portrait import user_lora
 from handlers.cartoon import Source
 from handlers.messages import t
-from handlers.progress import present_default, register_presenter, submit_with_progress
+from handlers.progress import present_default, register_presenter, submit_staged
 from handlers.protocols import Event, ReplyChannel
 from handlers.selfie import is_image
 from handlers.services import Services
@@ -79,11 +78,7 @@ async def submit_tryon(services: Services, event: Event, channel: ReplyChannel, 
         "seed": seed if seed is not None else secrets.randbelow(2**31),
         "out_dir": str(folder.resolve()),
     }
-    try:
-        await submit_with_progress(services, event, channel, KIND, params)
-    except BaseException:
-        await asyncio.to_thread(shutil.rmtree, folder, True)
-        raise
+    await submit_staged(services, event, channel, KIND, params, folder)
     log.info("tryon queued for %s", key)
 
 
