@@ -1,0 +1,124 @@
+"""The Ray backend against a head of its own (tests/fixtures/ray_head.py) that is down at the start, killed
+while a job runs and others wait, and started again at the same address: the bot waits for it, leaves
+the lost cluster, joins the restarted one, puts a worker on its new node, and every job is delivered
+once, the interrupted one without a try used. The same through Ray Client (``ray://``).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot.config import SchedulerSettings
+from bot.engine.backends import create_backend
+from bot.engine.backends.ray_backend import RayBackend
+from bot.engine.scheduler import Scheduler
+from bot.storage import JobState, Storage
+from tests.fixtures.ray_cluster import GPU, NAMESPACE
+from tests.fixtures.ray_head import RayHead, own_driver  # noqa: F401
+from tests.test_scheduler import CHAT, RecordingSink, in_state, make_kinds, params, storage, until  # noqa: F401
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(150), pytest.mark.usefixtures("own_driver")]
+WAIT_S = 60.0
+
+
+@contextlib.asynccontextmanager
+async def bot_on(head: RayHead, storage: Storage, tmp_path: Path, sink: RecordingSink,
+                 started: bool = True) -> AsyncIterator[tuple[Scheduler, RayBackend, asyncio.Future[None]]]:
+    """A scheduler on the Ray backend joined to `head`; its start is awaited only when `started`."""
+    config = SchedulerSettings(backend="ray", ray_address=head.address, ray_gpu_resource=GPU, ray_namespace=NAMESPACE)
+    kinds = make_kinds()
+    context: dict[str, Any] = {"models_dir": str(tmp_path / "no-models"), "settings": {}}
+    backend = create_backend(config, context, data_dir=tmp_path / "data", devices=["cpu"], kind_needs=kinds.needs())
+    assert isinstance(backend, RayBackend)
+    scheduler = Scheduler(storage, kinds, config, data_dir=tmp_path / "data", context=context, sink=sink,
+                          backend=backend)
+    starting = asyncio.ensure_future(scheduler.start())
+    try:
+        if started:
+            await asyncio.wait_for(asyncio.shield(starting), WAIT_S)
+        yield scheduler, backend, starting
+    finally:
+        if not starting.done():
+            starting.cancel()
+        with contextlib.suppress(BaseException):
+            await starting
+        await scheduler.stop(grace_s=0)
+        backend.destroy_actors()
+
+
+@pytest.fixture
+def head(tmp_path: Path) -> Any:
+    head = RayHead(tmp_path / "models")
+    yield head
+    head.close()
+
+
+async def test_a_restarted_head_s_running_and_queued_jobs_go_on_and_are_delivered_once(
+        storage: Storage, tmp_path: Path, head: RayHead, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="bot.engine.backends")
+    sink = RecordingSink()
+    async with bot_on(head, storage, tmp_path, sink, started=False) as (sched, backend, starting):
+        # The head is not up yet: the start waits for it, one line a try, instead of failing.
+        await until(lambda: "cannot be reached" in caplog.text, WAIT_S)
+        assert not starting.done()
+        head.start()
+        await asyncio.wait_for(asyncio.shield(starting), WAIT_S)
+        (first,) = backend.slots
+        running = await sched.submit("u:a", "quick", params(tmp_path, "running", steps=100, delay_s=0.05), CHAT)
+        queued = [await sched.submit(f"u:{tag}", "quick", params(tmp_path, tag), CHAT) for tag in ("b", "c")]
+        await until(lambda: len(sink.progress[running.job_id]) >= 2, WAIT_S)
+
+        head.kill()
+        await until(lambda: backend.head_losses == 1, WAIT_S)
+        await until(in_state(storage, [running.job_id], JobState.QUEUED), WAIT_S)  # back in the queue
+        assert first.gone and not first.ready
+        head.start()  # the same address, a new cluster: a new node id, no actor of the old one
+        ids = [running.job_id] + [q.job_id for q in queued]
+        await until(in_state(storage, ids, JobState.DELIVERED), 2 * WAIT_S)
+        (second,) = [s for s in backend.slots if not s.gone]
+        actor = backend.actor_name(second)
+    assert second.info.node != first.info.node
+    for job_id in ids:
+        job = await storage.job(job_id)
+        assert sink.deliver_calls[job_id] == 1
+        assert job.result["meta"]["node"] == second.info.node and job.result["meta"]["actor"] == actor
+    assert (await storage.job(running.job_id)).attempts == 1  # the head's loss used no try of the job
+    assert caplog.text.count("Ray head lost") == 1 and "Ray head back" in caplog.text
+
+
+async def test_the_backend_works_through_ray_client(storage: Storage, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("grpc", reason="Ray Client (ray://) needs grpcio: pip install '.[ray]' (ray[client])")
+    monkeypatch.setenv("RAY_CLIENT_RECONNECT_GRACE_PERIOD", "3")  # Ray's 30 s, shortened: the head is killed
+    head = RayHead(tmp_path / "models", client=True)
+    head.start()
+    sink = RecordingSink()
+    try:
+        async with bot_on(head, storage, tmp_path, sink) as (sched, backend, _):
+            assert head.address.startswith("ray://")
+            (first,) = backend.slots
+            long = await sched.submit("u:a", "quick", params(tmp_path, "long", steps=300, delay_s=0.02), CHAT)
+            await until(lambda: len(sink.progress[long.job_id]) >= 2, WAIT_S)
+            assert await sched.cancel("u:a", long.job_id) == [long.job_id]  # cancel reaches it through the client
+            await until(lambda: long.job_id in sink.cancelled, WAIT_S)
+            one = await sched.submit("u:a", "quick", params(tmp_path, "one", steps=40, delay_s=0.05), CHAT)
+            await until(lambda: len(sink.progress[one.job_id]) >= 2, WAIT_S)
+            head.kill()
+            await until(lambda: backend.head_losses == 1, WAIT_S)
+            head.start()
+            two = await sched.submit("u:b", "quick", params(tmp_path, "two"), CHAT)
+            await until(in_state(storage, [one.job_id, two.job_id], JobState.DELIVERED), 2 * WAIT_S)
+            (second,) = [s for s in backend.slots if not s.gone]
+    finally:
+        head.close()
+    assert max(sink.progress[long.job_id]) < 300
+    assert second.info.node != first.info.node
+    for job_id in (one.job_id, two.job_id):
+        assert sink.deliver_calls[job_id] == 1
+        assert (await storage.job(job_id)).result["meta"]["node"] == second.info.node
