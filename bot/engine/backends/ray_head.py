@@ -35,6 +35,7 @@ CLIENT_GRACE_S = 40.0  # a Ray Client's own reconnection grace (30 s) and some
 RECONNECT_TIMEOUT_ENV = "RAY_gcs_rpc_server_reconnect_timeout_s"
 RECONNECT_TIMEOUT_S = "86400"  # Ray would end the whole bot after 60 s without its head; we reconnect instead
 CLIENT_PREFIX = "ray://"
+TOKEN_ENV = "RAY_AUTH_TOKEN"  # Ray's token authentication
 
 
 class HeadLost(Exception):
@@ -51,9 +52,16 @@ def host_port(address: str) -> tuple[str, int] | None:
 
 
 def _reason(exc: BaseException) -> str:
-    """A short reason for the log: the exception's type and first line (no address book, no token)."""
+    """A short reason for the log: the exception's type and its first line, without Ray's token."""
     first = (str(exc).strip().splitlines() or [""])[0][:160]
+    token = os.environ.get(TOKEN_ENV, "")
+    if token:
+        first = first.replace(token, "***")
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+async def _pause(delay: float) -> None:
+    await asyncio.sleep(delay)
 
 
 class HeadLink:
@@ -82,7 +90,7 @@ class HeadLink:
             delay = CONNECT_RETRY_S[min(attempt, len(CONNECT_RETRY_S) - 1)]
             attempt += 1
             log.warning("Ray head at %s cannot be reached (%s); trying again in %d s", self._shown(), why, delay)
-            await asyncio.sleep(delay)
+            await _pause(delay)
 
     async def reconnect(self) -> None:
         """Leaves the lost cluster and joins the head again once it is back."""
@@ -152,7 +160,7 @@ class HeadLink:
                 raise HeadLost("Ray Client disconnected")
             try:
                 return list(ray.nodes())
-            except ConnectionError as exc:
+            except Exception as exc:  # the client retries by itself first: ConnectionError, a closed channel
                 raise HeadLost(_reason(exc)) from exc
         gcs = self._gcs
         if gcs is None:
