@@ -373,7 +373,8 @@ class RayBackend:
         """Handles the worker's messages until its process ends; returns its exit code."""
         assert self._events is not None
         while True:
-            messages = await asyncio.wait_for(_awaited(actor.handle.next.remote(POLL_WAIT_S)), POLL_WAIT_S + POLL_GRACE_S)
+            poll = _awaited(actor.handle.next.remote(POLL_WAIT_S))
+            messages = await asyncio.wait_for(poll, POLL_WAIT_S + POLL_GRACE_S)
             for message in messages:
                 op = message["op"]
                 if op == EXITED:

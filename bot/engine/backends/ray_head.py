@@ -190,7 +190,8 @@ class HeadLink:
             return "reconnecting"
         try:
             # A Ray Client reconnects by itself for 30 s before it gives up.
-            await asyncio.wait_for(asyncio.to_thread(self.nodes), CLIENT_GRACE_S if self.client else 2 * PROBE_TIMEOUT_S)
+            wait_s = CLIENT_GRACE_S if self.client else 2 * PROBE_TIMEOUT_S
+            await asyncio.wait_for(asyncio.to_thread(self.nodes), wait_s)
         except HeadLost as exc:
             return str(exc)
         except Exception:  # slow, or a passing error: the head still counts as there
