@@ -196,7 +196,8 @@ class RayBackend:
 
     async def _discover(self) -> None:
         """Adds a slot for each GPU resource unit of every alive node not seen yet, and starts it."""
-        known = {a.name for a in self._actors}
+        # A retired slot's actor comes back only if its node does (a head that kept its cluster: GCS fault tolerance).
+        known = {a.name for a, s in zip(self._actors, self.slots) if not s.gone}
         for node in await asyncio.to_thread(self._nodes):
             node_id = node["NodeID"]
             labels = {k: v for k, v in (node.get("Labels") or {}).items() if not k.startswith("ray.io/")}
@@ -298,6 +299,9 @@ class RayBackend:
             if self._stopping or slot.stopping:
                 return
             if head_lost:
+                if actor.handle is not None:  # a node that outlives its head for a while: stop the work there
+                    with contextlib.suppress(Exception):
+                        actor.handle.kill.remote()
                 self._retire(slot, actor)
                 return
             if lost:
