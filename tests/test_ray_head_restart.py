@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from bot.config import SchedulerSettings
-from bot.engine.backends import create_backend, ray_head
+from bot.engine.backends import create_backend, ray_backend, ray_head
 from bot.engine.backends.ray_backend import RayBackend
 from bot.engine.scheduler import Scheduler
 from bot.storage import JobState, Storage
@@ -97,6 +97,54 @@ async def test_a_restarted_head_s_running_and_queued_jobs_go_on_and_are_delivere
         assert job.result["meta"]["node"] == second.info.node and job.result["meta"]["actor"] == actor
     assert (await storage.job(running.job_id)).attempts == 1  # the head's loss used no try of the job
     assert caplog.text.count("Ray head lost") == 1 and "Ray head back" in caplog.text
+
+
+async def test_a_gpu_machine_outliving_its_head_stops_its_job_and_serves_the_restarted_head(
+        storage: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Nothing fails on the node: the head's loss is seen by looking for nodes (every 5 s, each look 5 s at most).
+    monkeypatch.setattr(ray_backend, "DISCOVER_EVERY_S", 1.0)
+    monkeypatch.setattr(ray_head, "GCS_TIMEOUT_S", 2)
+    head = RayHead(tmp_path / "models", gpus=0)  # the GPU is on the other "machine"
+    head.start()
+    head.start_node()
+    sink = RecordingSink()
+    try:
+        await until(lambda: _at_least(head, 2), WAIT_S)  # the bot starts once a GPU is there
+        async with bot_on(head, storage, tmp_path, sink) as (sched, backend, _):
+            (first,) = backend.slots
+            running = await sched.submit("u:a", "quick", params(tmp_path, "running", steps=200, delay_s=0.05), CHAT)
+            queued = await sched.submit("u:b", "quick", params(tmp_path, "queued"), CHAT)
+            await until(lambda: len(sink.progress[running.job_id]) >= 2, WAIT_S)
+            worker_pid = first.pid
+            assert worker_pid is not None and _alive(worker_pid)
+            head.kill()  # the node's raylet lives on for a while, its worker too, unless the bot stops it
+            await until(lambda: backend.head_losses == 1, WAIT_S)
+            await until(lambda: not _alive(worker_pid), WAIT_S)
+            await until(in_state(storage, [running.job_id], JobState.QUEUED), WAIT_S)
+            head.kill_node()  # what a restart policy does with a node whose head went
+            head.start()
+            head.start_node()
+            ids = [running.job_id, queued.job_id]
+            await until(in_state(storage, ids, JobState.DELIVERED), 2 * WAIT_S)
+            (second,) = [s for s in backend.slots if not s.gone]
+    finally:
+        head.close()
+    assert second.info.node != first.info.node
+    for job_id in ids:
+        assert sink.deliver_calls[job_id] == 1
+        assert (await storage.job(job_id)).result["meta"]["node"] == second.info.node
+    assert (await storage.job(running.job_id)).attempts == 1
+
+
+async def _at_least(head: RayHead, nodes: int) -> bool:
+    return await asyncio.to_thread(head.node_count) >= nodes
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 async def test_the_backend_works_through_ray_client(storage: Storage, tmp_path: Path,

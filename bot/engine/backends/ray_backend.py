@@ -370,7 +370,8 @@ class RayBackend:
                 log.warning("looking for the Ray nodes after a reconnect failed (%s)", type(exc).__name__)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop_event.wait(), RECREATE_DELAYS_S[1])
-        log.warning("Ray head back: %d worker(s) on its nodes", sum(1 for s in self.slots if not s.gone))
+        log.warning("Ray head back: %d worker(s) on its nodes so far (nodes joining later get theirs)",
+                    sum(1 for s in self.slots if not s.gone))
         self._events.wake()
 
     async def _relay(self, slot: Slot, actor: _Actor) -> int | None:
