@@ -172,7 +172,10 @@ async def test_the_backend_works_through_ray_client(storage: Storage, tmp_path: 
             head.kill()
             await until(lambda: backend.head_losses == 1, WAIT_S)
             head.start()
-            two = await sched.submit("u:b", "quick", params(tmp_path, "two"), CHAT)
+            selfie = (tmp_path / "data").resolve() / "users" / "u:b" / "selfie.txt"  # an input, sent as bytes
+            selfie.parent.mkdir(parents=True)
+            selfie.write_text("face bytes")
+            two = await sched.submit("u:b", "quick", params(tmp_path, "two", copy_from=str(selfie)), CHAT)
             await until(in_state(storage, [one.job_id, two.job_id], JobState.DELIVERED), 2 * WAIT_S)
             (second,) = [s for s in backend.slots if not s.gone]
     finally:
@@ -182,3 +185,5 @@ async def test_the_backend_works_through_ray_client(storage: Storage, tmp_path: 
     for job_id in (one.job_id, two.job_id):
         assert sink.deliver_calls[job_id] == 1
         assert (await storage.job(job_id)).result["meta"]["node"] == second.info.node
+    assert Path(sink.delivered[two.job_id][0].path).read_text() == "two\nface bytes"
+    assert backend.counters["inputs_sent"] == 1
