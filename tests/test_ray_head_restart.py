@@ -99,11 +99,32 @@ async def test_a_restarted_head_s_running_and_queued_jobs_go_on_and_are_delivere
     assert caplog.text.count("Ray head lost") == 1 and "Ray head back" in caplog.text
 
 
+async def test_a_bot_stopped_while_its_head_is_down_stops_at_once_and_its_jobs_go_on_after_a_restart(
+        storage: Storage, tmp_path: Path, head: RayHead) -> None:
+    head.start()
+    sink = RecordingSink()
+    async with bot_on(head, storage, tmp_path, sink) as (sched, backend, _):
+        running = await sched.submit("u:a", "quick", params(tmp_path, "running", steps=200, delay_s=0.05), CHAT)
+        queued = await sched.submit("u:b", "quick", params(tmp_path, "queued"), CHAT)
+        await until(lambda: len(sink.progress[running.job_id]) >= 2, WAIT_S)
+        head.kill()
+        await until(lambda: backend.head_losses == 1, WAIT_S)
+        stopping = asyncio.get_running_loop().time()
+    assert asyncio.get_running_loop().time() - stopping < 15  # no wait for a head that is not there
+    ids = [running.job_id, queued.job_id]
+    assert [(await storage.job(i)).state for i in ids] == [JobState.QUEUED] * 2
+    head.start()
+    sink = RecordingSink()
+    async with bot_on(head, storage, tmp_path, sink) as (sched, backend, _):  # the bot started again
+        await until(in_state(storage, ids, JobState.DELIVERED), 2 * WAIT_S)
+    assert all(sink.deliver_calls[i] == 1 for i in ids)
+    assert (await storage.job(running.job_id)).attempts == 1
+
+
 async def test_a_gpu_machine_outliving_its_head_stops_its_job_and_serves_the_restarted_head(
         storage: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Nothing fails on the node: the head's loss is seen by looking for nodes (every 5 s, each look 5 s at most).
+    # Nothing fails on the node: the head's loss is seen when looking for nodes (every 5 s).
     monkeypatch.setattr(ray_backend, "DISCOVER_EVERY_S", 1.0)
-    monkeypatch.setattr(ray_head, "GCS_TIMEOUT_S", 2)
     head = RayHead(tmp_path / "models", gpus=0)  # the GPU is on the other "machine"
     head.start()
     head.start_node()

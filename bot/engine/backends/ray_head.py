@@ -165,6 +165,8 @@ class HeadLink:
         gcs = self._gcs
         if gcs is None:
             raise HeadLost("not connected")
+        if not self._reachable():  # at once, where the query would wait out its timeout
+            raise HeadLost("its port refuses connections")
         try:
             infos = gcs.get_all_node_info(timeout=GCS_TIMEOUT_S)
         except Exception as exc:
