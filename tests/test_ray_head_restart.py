@@ -18,6 +18,7 @@ import pytest
 from bot.config import SchedulerSettings
 from bot.engine.backends import create_backend, ray_backend, ray_head
 from bot.engine.backends.ray_backend import RayBackend
+from bot.engine.backends.ray_head import HeadLink
 from bot.engine.scheduler import Scheduler
 from bot.storage import JobState, Storage
 from tests.fixtures.ray_cluster import GPU, NAMESPACE
@@ -97,6 +98,26 @@ async def test_a_restarted_head_s_running_and_queued_jobs_go_on_and_are_delivere
         assert job.result["meta"]["node"] == second.info.node and job.result["meta"]["actor"] == actor
     assert (await storage.job(running.job_id)).attempts == 1  # the head's loss used no try of the job
     assert caplog.text.count("Ray head lost") == 1 and "Ray head back" in caplog.text
+
+
+async def test_a_head_restarted_before_the_bot_noticed_is_told_by_its_cluster_id_and_joined_again(
+        head: RayHead) -> None:
+    import ray
+
+    head.start()
+    link = HeadLink(ray, head.address, NAMESPACE)
+    await asyncio.wait_for(link.connect(), WAIT_S)
+    (before,) = await asyncio.to_thread(link.nodes)
+    assert await link.lost() is None
+    head.kill()
+    head.start()  # back at the same address before anything asked: a new cluster
+    await until(lambda: _at_least(head, 1), WAIT_S)
+    why = await link.lost()
+    assert why is not None and "WrongClusterID" in why  # an error, not an abort of this process
+    await asyncio.wait_for(link.reconnect(), WAIT_S)
+    (after,) = await asyncio.to_thread(link.nodes)
+    assert after["NodeID"] != before["NodeID"] and after["Alive"] and after["Resources"][GPU] == 1
+    assert await link.lost() is None
 
 
 async def test_a_bot_stopped_while_its_head_is_down_stops_at_once_and_its_jobs_go_on_after_a_restart(

@@ -371,13 +371,14 @@ class RayBackend:
         pollers = [a.poller for a in self._actors if a.poller is not None and not a.poller.done()]
         if pollers:
             await asyncio.wait(pollers, timeout=RECOVER_WAIT_S)
-        await self._link.reconnect()
         while not self._stopping:
+            self._link.down = True
+            await self._link.reconnect()
             try:
                 await self._discover()
                 break
-            except Exception as exc:  # the head is back but answers slowly, or went again
-                log.warning("looking for the Ray nodes after a reconnect failed (%s)", type(exc).__name__)
+            except Exception as exc:  # the head went again, or answers too slowly yet: leave and join again
+                log.warning("looking for the Ray nodes after a reconnect failed (%s: %s)", type(exc).__name__, exc)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop_event.wait(), RECREATE_DELAYS_S[1])
         log.warning("Ray head back: %d worker(s) on its nodes so far (nodes joining later get theirs)",
