@@ -21,7 +21,7 @@ from bot.engine.backends.ray_backend import RayBackend
 from bot.engine.backends.ray_head import HeadLink
 from bot.engine.scheduler import Scheduler
 from bot.storage import JobState, Storage
-from tests.fixtures.ray_cluster import GPU, NAMESPACE
+from tests.fixtures.ray_cluster import GPU, NAMESPACE, ray_or_skip
 from tests.fixtures.ray_head import RayHead, own_driver  # noqa: F401
 from tests.test_scheduler import CHAT, RecordingSink, in_state, make_kinds, params, storage, until  # noqa: F401
 
@@ -64,6 +64,7 @@ def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
 def head(tmp_path: Path) -> Any:
     head = RayHead(tmp_path / "models")
     yield head
+    ray_or_skip().shutdown()  # while the head is up: later it waits for it (5 s)
     head.close()
 
 
@@ -102,10 +103,8 @@ async def test_a_restarted_head_s_running_and_queued_jobs_go_on_and_are_delivere
 
 async def test_a_head_restarted_before_the_bot_noticed_is_told_by_its_cluster_id_and_joined_again(
         head: RayHead) -> None:
-    import ray
-
     head.start()
-    link = HeadLink(ray, head.address, NAMESPACE)
+    link = HeadLink(ray_or_skip(), head.address, NAMESPACE)
     await asyncio.wait_for(link.connect(), WAIT_S)
     (before,) = await asyncio.to_thread(link.nodes)
     assert await link.lost() is None
@@ -125,7 +124,7 @@ async def test_a_bot_stopped_while_its_head_is_down_stops_at_once_and_its_jobs_g
     head.start()
     sink = RecordingSink()
     async with bot_on(head, storage, tmp_path, sink) as (sched, backend, _):
-        running = await sched.submit("u:a", "quick", params(tmp_path, "running", steps=200, delay_s=0.05), CHAT)
+        running = await sched.submit("u:a", "quick", params(tmp_path, "running", steps=120, delay_s=0.05), CHAT)
         queued = await sched.submit("u:b", "quick", params(tmp_path, "queued"), CHAT)
         await until(lambda: len(sink.progress[running.job_id]) >= 2, WAIT_S)
         head.kill()
@@ -154,7 +153,7 @@ async def test_a_gpu_machine_outliving_its_head_stops_its_job_and_serves_the_res
         await until(lambda: _at_least(head, 2), WAIT_S)  # the bot starts once a GPU is there
         async with bot_on(head, storage, tmp_path, sink) as (sched, backend, _):
             (first,) = backend.slots
-            running = await sched.submit("u:a", "quick", params(tmp_path, "running", steps=200, delay_s=0.05), CHAT)
+            running = await sched.submit("u:a", "quick", params(tmp_path, "running", steps=120, delay_s=0.05), CHAT)
             queued = await sched.submit("u:b", "quick", params(tmp_path, "queued"), CHAT)
             await until(lambda: len(sink.progress[running.job_id]) >= 2, WAIT_S)
             worker_pid = first.pid
@@ -170,6 +169,7 @@ async def test_a_gpu_machine_outliving_its_head_stops_its_job_and_serves_the_res
             await until(in_state(storage, ids, JobState.DELIVERED), 2 * WAIT_S)
             (second,) = [s for s in backend.slots if not s.gone]
     finally:
+        ray_or_skip().shutdown()  # while the head is up: later it waits for it (5 s)
         head.close()
     assert second.info.node != first.info.node
     for job_id in ids:
@@ -221,6 +221,7 @@ async def test_the_backend_works_through_ray_client(storage: Storage, tmp_path: 
             await until(in_state(storage, [one.job_id, two.job_id], JobState.DELIVERED), 2 * WAIT_S)
             (second,) = [s for s in backend.slots if not s.gone]
     finally:
+        ray_or_skip().shutdown()  # while the head is up: later it waits for it (5 s)
         head.close()
     assert max(sink.progress[long.job_id]) < 300
     assert second.info.node != first.info.node

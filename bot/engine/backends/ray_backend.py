@@ -112,6 +112,7 @@ class RayBackend:
         for task in (self._discoverer, self._recovery):
             if task is not None:
                 task.cancel()
+        await self._link.settle()
         for slot, actor in zip(self.slots, self._actors):
             slot.stopping = True
             if actor.handle is None or self._link.down:

@@ -75,6 +75,7 @@ class HeadLink:
         self._target = address  # what a reconnect joins ("" starts a local instance again)
         self._probe = address  # host:port that must accept a connection before ray.init is tried
         self._gcs: Any = None  # our GCS client, bound to the cluster we joined
+        self._leaving: asyncio.Future[None] | None = None  # a ray.shutdown() under way in a thread
         self.down = False  # a lost head is being reconnected to
         self.lost_count = 0  # head losses since the start (health, tests)
 
@@ -94,18 +95,35 @@ class HeadLink:
 
     async def reconnect(self) -> None:
         """Leaves the lost cluster and joins the head again once it is back."""
-        self._gcs = None
         try:
-            await asyncio.to_thread(self._ray.shutdown)
+            await self._leave()
         except Exception as exc:
             log.warning("leaving the lost Ray cluster failed (%s)", _reason(exc))
         await self.connect()
 
+    async def _leave(self) -> None:
+        # Shielded: a stop that cancels a reconnect still lets the shutdown end (see `settle`).
+        self._gcs = None
+        self._leaving = asyncio.ensure_future(asyncio.to_thread(self._ray.shutdown))
+        await asyncio.shield(self._leaving)
+
+    async def settle(self, timeout_s: float = 15.0) -> None:
+        """Waits for a shutdown that a cancelled reconnect left running."""
+        if self._leaving is not None and not self._leaving.done():
+            await asyncio.wait({self._leaving}, timeout=timeout_s)
+
     async def _try_connect(self) -> str | None:
         ray = self._ray
-        if ray.is_initialized():  # joined already (the process's own ray.init): adopt that cluster
-            await asyncio.to_thread(self._adopt, self._address or self._gcs_address())
-            return None
+        if ray.is_initialized():  # joined already (the process's own ray.init): adopt that cluster if it lives
+            target = self._address or self._gcs_address()
+            try:
+                await asyncio.to_thread(self._adopt, target)
+                await asyncio.to_thread(self.nodes)
+                return None
+            except Exception as exc:
+                with contextlib.suppress(Exception):
+                    await self._leave()
+                return f"the cluster joined before is gone ({_reason(exc)})"
         where = host_port(self._probe)
         if where is not None:
             try:
@@ -121,7 +139,7 @@ class HeadLink:
             await asyncio.to_thread(self._adopt, self._target)
         except Exception as exc:
             with contextlib.suppress(Exception):
-                await asyncio.to_thread(ray.shutdown)
+                await self._leave()
             return _reason(exc)
         return None
 
@@ -133,6 +151,8 @@ class HeadLink:
             self._probe = target
             return
         self._probe = self._gcs_address()
+        if not self._reachable():  # a GCS client of a closed port would wait 40 s
+            raise HeadLost("its port refuses connections")
         self._gcs = self._gcs_client()
 
     def _gcs_address(self) -> str:
