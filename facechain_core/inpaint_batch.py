@@ -5,10 +5,10 @@ the ControlNet weights and the working side are the operator's settings, the sam
 what differs per job and applies to the whole batch is the working size (from the picture's pixel size,
 which the handler stores as ``params["picture_size"]``), fast mode, a template's likeness (the identity
 weight) and the user's LoRA. Per sample the pass takes the job's picture, mask and control pictures, its
-prompt, identity and seed. A template's Vary (its own starting noise) and the worker's low-memory retry run
-alone, and so does a job queued without ``picture_size``. The worker checks again what the plan cannot
-know: a template whose pose is not found holds its openpose ControlNet at 0 and shares a pass only with
-others like it.
+ControlNet weights (a template whose pose is not found holds its openpose ControlNet at 0), its prompt,
+identity and seed. A template's Vary (its own starting noise) and the worker's low-memory retry run alone,
+and so does a job queued without ``picture_size``; the worker checks again what the plan cannot know (the
+pass key of each prepared job) and runs jobs that do not fit together in passes of their own.
 
 The plans run in the service process: this module imports no torch.
 """

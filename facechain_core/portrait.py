@@ -207,6 +207,11 @@ class PreparedPortrait:
                 self.plan.width, self.plan.height, self.plan.identity_weight,
                 tuple((r.slot, r.key, r.weight) for r in self.loras))
 
+    @property
+    def control_scales(self) -> tuple[float, ...]:
+        """Each ControlNet's weight for this job's samples (none: a shared pass of portraits has no ControlNet)."""
+        return ()
+
     def pass_call(self) -> dict[str, Any]:
         """The pipeline keywords the whole pass shares (besides guidance, seeds and the identity)."""
         sampler = self.style["sampler"]

@@ -3,10 +3,11 @@
 A pipeline that batches (portraits, try-on, templates) splits a job into ``prepare(params)`` (everything up to
 the denoising: a ``PassJob``), its own ``run_prepared(job, progress)`` and ``finish(job, images, progress,
 total)`` (rank, screen, write). Jobs share a pass when their ``pass_key()`` (what applies to the whole batch:
-base, sampler, size, LoRAs, identity scale, ControlNet weights) is equal. Per sample the pass takes the job's
-``sample_input()`` (prompt and negative prompt; for inpainting its picture, mask and control pictures), its
-FaceID embedding (and FaceID Plus face crop) and its own seeded generator, so each job gets the pictures it
-would get alone at the same seeds (up to float rounding).
+base, sampler, size, LoRAs, identity scale) is equal. Per sample the pass takes the job's ``sample_input()``
+(prompt and negative prompt; for inpainting its picture, mask and control pictures), its ControlNet weights
+(``control_scales``, through a pre-hook on each ControlNet), its FaceID embedding (and FaceID Plus face crop)
+and its own seeded generator, so each job gets the pictures it would get alone at the same seeds (up to float
+rounding).
 
 Per job: progress goes to its own callback; a job whose callback raises (cancelled) is dropped at that
 step: it ends at once, its rows finish the pass (diffusers' multistep schedulers keep per-row history)
@@ -41,6 +42,9 @@ class PassJob(Protocol):
 
     @property
     def guidance(self) -> float: ...
+
+    @property
+    def control_scales(self) -> tuple[float, ...]: ...
 
     def set_up(self) -> None: ...
 
@@ -154,11 +158,19 @@ def _denoise_together(pipeline: BatchingPipeline, members: list[_Member]) -> Non
     # diffusers repeats the FaceID embeddings it is given for every prompt of the batch (one identity per call):
     # it gets a placeholder of the right shape, and each UNet call gets each sample's own embedding instead.
     placeholder = torch.zeros_like(embeddings[0])
-    hook = pipe.unet.register_forward_pre_hook(_per_sample_embeds(ip_embeds), with_kwargs=True)
+    hooks = [pipe.unet.register_forward_pre_hook(_per_sample_embeds(ip_embeds), with_kwargs=True)]
+    call = first.pass_call()
+    if first.control_scales:  # each ControlNet weighs each sample by its own job's weight (diffusers: one per call)
+        call["controlnet_conditioning_scale"] = [1.0] * len(first.control_scales)
+        for net_index, net in enumerate(pipe.controlnet.nets):
+            weights = torch.tensor([m.job.control_scales[net_index] for m in members for _ in m.job.seeds])
+            weights = (torch.cat([weights, weights]) if cfg else weights).to(pipe.device, net.dtype)
+            hooks.append(net.register_forward_pre_hook(_per_sample_scale(weights.view(-1, 1, 1, 1)),
+                                                       with_kwargs=True))
     try:
         with fused_loras(pipe.unet, pipeline.fusing(base)):
             result = pipe(
-                **first.pass_call(), **batched_inputs(samples), guidance_scale=first.guidance,
+                **call, **batched_inputs(samples), guidance_scale=first.guidance,
                 num_images_per_prompt=1, generator=generators,
                 ip_adapter_image_embeds=[torch.cat([placeholder, placeholder]) if cfg else placeholder],
                 callback_on_step_end=on_step_end, output_type="np",
@@ -166,7 +178,8 @@ def _denoise_together(pipeline: BatchingPipeline, members: list[_Member]) -> Non
     except _AllDropped:
         return
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     images = _to_uint8(result.images)
     start = 0
     for member in members:
@@ -185,6 +198,16 @@ def _per_sample_embeds(ip_embeds: torch.Tensor) -> Any:
                 raise RuntimeError(f"batched FaceID embeddings {tuple(ip_embeds.shape)} do not fit {tuple(expected)}")
             kwargs = {**kwargs, "added_cond_kwargs": {**added, "image_embeds": [ip_embeds]}}
         return args, kwargs
+    return hook
+
+
+def _per_sample_scale(weights: torch.Tensor) -> Any:
+    """A ControlNet forward pre-hook that scales each sample's residuals by its own weight (negatives first)."""
+    def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        rows = kwargs["sample"].shape[0]
+        if rows != weights.shape[0]:
+            raise RuntimeError(f"batched ControlNet weights for {weights.shape[0]} rows do not fit {rows}")
+        return args, {**kwargs, "conditioning_scale": kwargs["conditioning_scale"] * weights}
     return hook
 
 

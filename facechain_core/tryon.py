@@ -38,9 +38,9 @@ from facechain_core.errors import ModelNotInstalled, UserFacingError
 from facechain_core.garment import ClothesParser, Parsing, control_map, feather_mask, parser_summary
 from facechain_core.garment import MIN_GARMENT_FRACTION, MIN_PERSON_FRACTION
 from facechain_core.identity import open_arcface, pull_command
+from facechain_core.inpaint_batch import working_size
 from facechain_core.pipeline import JobResult, PipelineContext, Progress
 from facechain_core.pose import Pose, PoseEstimator, draw_openpose, openpose_body, person_box
-from facechain_core.inpaint_batch import working_size
 from facechain_core.portrait import DEFAULTS, DTYPES, PortraitPipeline, PreparedPortrait, ResidentBase, StudioPlan, \
     attach_image_encoder, candidate_seeds, job_count
 from facechain_core.resident import SHARED_KEY, ResidentPipelines
@@ -73,15 +73,15 @@ class PreparedInpaint(PreparedPortrait):
     repaint: Image.Image  # white where the picture is repainted
     keep: np.ndarray  # float (h, w): the share of the picture put back over each generated pixel
     controls: tuple[Image.Image, Image.Image]  # the openpose and depth ControlNets' pictures
-    control_scales: tuple[float, float]
+    scales: tuple[float, float]  # their weights (a shared pass gives each sample its own)
     meta: dict[str, Any]  # what the result says beside the common meta
 
-    def pass_key(self) -> tuple[Any, ...] | None:
-        key = super().pass_key()
-        return None if key is None else (*key, self.control_scales)
+    @property
+    def control_scales(self) -> tuple[float, ...]:
+        return self.scales
 
     def pass_call(self) -> dict[str, Any]:
-        return {**super().pass_call(), "strength": 1.0, "controlnet_conditioning_scale": list(self.control_scales)}
+        return {**super().pass_call(), "strength": 1.0, "controlnet_conditioning_scale": list(self.scales)}
 
     def sample_input(self) -> dict[str, Any]:
         return {**super().sample_input(), "image": Image.fromarray(self.picture), "mask_image": self.repaint,
@@ -166,7 +166,7 @@ class TryOnPipeline(PortraitPipeline):
             self, params, {"sampler": cfg, "negative_prompt": cfg["negative_prompt"]}, count, seeds, self.base(),
             StudioPlan(width, height, weight, vary_seed=vary_seed), identity,
             user_loras + self.fast_loras("sd15", fast), prompt, fast, picture=picture, repaint=repaint, keep=keep,
-            controls=controls, control_scales=control_scales,
+            controls=controls, scales=control_scales,
             meta={"size": [width, height], **meta, "lora_used": bool(user_loras)})
 
     def _generate(self, job: PreparedPortrait, chunks: list[list[int]], progress: Progress, total: int

@@ -165,7 +165,14 @@ def _template_picture(tmp: Path, name: str) -> Path:
 
 
 def test_template_jobs_of_different_users_share_one_pass_and_get_their_pictures_alone(template, identities,
-                                                                                      tmp_path):
+                                                                                      tmp_path, monkeypatch):
+    # The tiny DWPose's random weights decide whether a template shows a body: one template is made to show none,
+    # so its openpose ControlNet weighs 0 for its samples while the others' weigh 1.
+    without_pose = working_image(_template_picture(tmp_path, "biden.jpg"), SIDE)
+    with_pose = template._pose_control
+    monkeypatch.setattr(template, "_pose_control", lambda picture: (
+        (Image.fromarray(np.zeros_like(picture)), 0.0) if np.array_equal(picture, without_pose)
+        else with_pose(picture)))
     jobs = [  # two templates of one size, three users with their own identities, seeds, subjects and hints
         {"template": str(_template_picture(tmp_path, "obama.jpg")), "template_id": "a", "identity": str(identities[0]),
          "seed": 11, "count": 2},
@@ -177,7 +184,7 @@ def test_template_jobs_of_different_users_share_one_pass_and_get_their_pictures_
     for n, job in enumerate(jobs):
         job["out_dir"] = str(tmp_path / f"job{n}")
     alone, alone_steps, per_pass = _alone(template, jobs)
-    assert len({r.meta["pose_found"] for r in alone}) == 1  # one ControlNet weight: one pass
+    assert [r.meta["pose_found"] for r in alone] == [True, False, True]  # each sample weighs its own pose
     recorders = [StepRecorder() for _ in jobs]
     outcomes, calls = _batched(template, jobs, recorders)
     assert calls.unet == [2 * 4] * per_pass
