@@ -153,6 +153,31 @@ def test_a_cancelled_tryon_is_dropped_and_a_failing_one_fails_alone(tryon, ident
     assert calls.unet == [2 * 2] * per_pass  # the two jobs that got to denoise shared the pass
 
 
+def test_faceid_plus_tryon_batch_gives_each_sample_its_own_face_crop(model_paths, tiny_models, tmp_path):  # noqa: F811
+    plus = TryOnPipeline()
+    plus.load(PipelineContext(models_dir=tmp_path, settings={
+        "face_filter": False, "oversample": 1, "image_encoder_path": str(tiny_models["image_encoder"]),
+        "model_paths": {**model_paths, "ip-adapter-faceid-sd15": str(tiny_models["ip_adapter_faceid_plus_sd15"])},
+        "tryon": {"side": SIDE, "steps": STEPS, "identity_weight": 10.0}}))  # the tiny CLIP path is faint at 1.0
+    try:
+        assert plus.base().plus
+        embedding = normalise(np.random.default_rng(4).standard_normal(512)).astype(np.float32)
+        outfit = _outfit(tmp_path, 10)
+        jobs = []
+        for n in range(2):  # one embedding, two face crops: only the crop tells the samples apart
+            crop = np.random.default_rng(n).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+            identity = save_identity(Identity(embedding, embedding[None], crop), tmp_path / f"id{n}.npz")
+            jobs.append({"outfit": str(outfit), "identity": str(identity), "seed": 8,
+                         "out_dir": str(tmp_path / str(n))})
+        alone, _, per_pass = _alone(plus, jobs)
+        outcomes, calls = _batched(plus, jobs, [StepRecorder(), StepRecorder()])
+    finally:
+        plus.close()
+    assert calls.unet == [2 * 2] * per_pass
+    _assert_as_alone(alone, outcomes)
+    assert np.abs(result_pixels(outcomes[0])[0] - result_pixels(outcomes[1])[0]).max() > 2
+
+
 def _template_picture(tmp: Path, name: str) -> Path:
     source = SHARED / "faces" / name
     if not source.is_file():
@@ -193,7 +218,8 @@ def test_template_jobs_of_different_users_share_one_pass_and_get_their_pictures_
         assert together.meta["mask_box"] == solo.meta["mask_box"] and together.meta["template"] == solo.meta["template"]
     for recorder, solo in zip(recorders, alone_steps, strict=True):
         assert recorder.steps == solo.steps
-    assert np.abs(result_pixels(outcomes[0])[0] - result_pixels(outcomes[2])[0]).max() > 2  # one template, two identities
+    # One template, two identities: two pictures.
+    assert np.abs(result_pixels(outcomes[0])[0] - result_pixels(outcomes[2])[0]).max() > 2
 
 
 def test_template_jobs_a_pass_cannot_share_run_apart_each_as_alone(template, identities, tmp_path):
