@@ -27,7 +27,7 @@
 
 ``run_batch`` runs several jobs' steps side by side (one sleep per step for the batch, as one denoising pass
 would); a job joins a batch when it has ``batch_key`` (``sleep_batch_plan``; ``samples``, default 1). Each job
-keeps its own failures, cancel and files; the meta's ``batch`` lists the tags that shared its pass.
+keeps its own failures, cancel, ``copy_from`` and files; the meta's ``batch`` lists the tags that shared its pass.
 
 The result's meta holds ``pid``, ``device``, ``dtype``, ``cuda_visible_devices``, ``loads`` (times
 ``load`` ran in this process), ``run_s`` (seconds inside ``run``) and ``steps_done``.
@@ -59,6 +59,13 @@ def _pause(folder: Path, tag: str) -> None:
     marker.with_suffix(".part").replace(marker)  # whole, or not there: a reader never sees it empty
     while not go.exists():
         time.sleep(0.01)
+
+
+def _write_output(params: dict[str, Any], tag: str) -> Path:
+    """The job's output file in its out_dir: its tag, then what ``copy_from`` holds."""
+    out = Path(params["out_dir"]) / f"{tag}{params.get('suffix', '.txt')}"
+    out.write_text(f"{tag}\n" + (Path(params["copy_from"]).read_text() if params.get("copy_from") else ""))
+    return out
 
 
 def _should_crash(params: dict[str, Any]) -> bool:
@@ -134,9 +141,7 @@ class SleepPipeline:
                     checkpoint.write_text(str(step))
                 progress.yield_point()
         # 3. Output and ledger.
-        out = Path(params["out_dir"]) / f"{tag}{params.get('suffix', '.txt')}"
-        out.write_text(f"{tag}\n" + (Path(params["copy_from"]).read_text() if params.get("copy_from") else ""))
-        files = [out]
+        files = [_write_output(params, tag)]
         if params.get("out"):
             Path(params["out"]).write_text(tag)
             files.append(Path(params["out"]))
@@ -185,8 +190,7 @@ class SleepPipeline:
         for i, (params, _) in enumerate(jobs):
             if outcomes[i] is not None:
                 continue
-            out = Path(params["out_dir"]) / f"{tags[i]}{params.get('suffix', '.txt')}"
-            out.write_text(f"{tags[i]}\n")
+            out = _write_output(params, tags[i])
             if params.get("ledger"):
                 append_ledger(params["ledger"], tags[i])
             outcomes[i] = JobResult(files=[out], meta={

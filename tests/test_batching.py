@@ -6,22 +6,25 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bot.config import SchedulerSettings
+from bot.engine.backends import create_backend
 from bot.engine.batching import batch_group
 from bot.engine.jobkinds import GENERATE, JobKind, JobKinds
 from bot.engine.scheduler import Scheduler
 from bot.ops.metrics import RATE_WINDOW_S, JobMetrics, PictureRate
 from bot.storage import JobState, Storage
 from facechain_core.devtools import read_ledger
-from tests.test_scheduler import CHAT, PIPELINE, RecordingSink, in_state, params, storage, until  # noqa: F401
+from tests.fixtures.ray_cluster import GPU, NAMESPACE
+from tests.test_scheduler import CHAT, PIPELINE, RecordingSink, backend, in_state, params, storage, until  # noqa: F401
 
 BATCHED = "sample"  # a kind whose jobs share passes (devtools.sleep_batch_plan)
+WAIT_S = 30.0  # Ray messages take a few hops more than a local worker's
 
 
 def make_kinds() -> JobKinds:
@@ -33,9 +36,17 @@ def make_kinds() -> JobKinds:
 
 
 @contextlib.asynccontextmanager
-async def running(storage: Storage, tmp_path: Path, sink: RecordingSink, **settings: Any) -> AsyncIterator[Scheduler]:
-    scheduler = Scheduler(storage, make_kinds(), SchedulerSettings(**settings), data_dir=tmp_path / "data",
-                          context={"models_dir": str(tmp_path)}, sink=sink)
+async def running(storage: Storage, tmp_path: Path, sink: RecordingSink, backend: str = "local",
+                  on_event: Callable[..., None] | None = None, **settings: Any) -> AsyncIterator[Scheduler]:
+    kinds, context = make_kinds(), {"models_dir": str(tmp_path)}
+    engine = None
+    if backend == "ray":  # one worker actor, on the head of tests/fixtures/ray_cluster.py
+        settings = {"backend": "ray", "ray_gpu_resource": GPU, "ray_namespace": NAMESPACE,
+                    "ray_node_labels": {"tier": "small"}, **settings}
+        engine = create_backend(SchedulerSettings(**settings), context, data_dir=tmp_path / "data", devices=["cpu"],
+                                kind_needs=kinds.needs())
+    scheduler = Scheduler(storage, kinds, SchedulerSettings(**settings), data_dir=tmp_path / "data",
+                          context=context, sink=sink, backend=engine, on_event=on_event)
     await scheduler.start()
     try:
         yield scheduler
@@ -47,11 +58,18 @@ def job(tmp_path: Path, tag: str, **extra: Any) -> dict[str, Any]:
     return params(tmp_path, tag, batch_key="studio", **extra)
 
 
-async def blocked(sched: Scheduler, sink: RecordingSink, tmp_path: Path) -> int:
-    """Starts an unbatched job and waits for its first step, so the next submits queue up behind it."""
-    blocker = await sched.submit("u:x", "quick", params(tmp_path, "blocker", steps=6, delay_s=0.05), CHAT)
-    await until(lambda: sink.progress[blocker.job_id])
-    return blocker.job_id
+@contextlib.asynccontextmanager
+async def blocked(sched: Scheduler, tmp_path: Path) -> AsyncIterator[int]:
+    """Holds the worker with an unbatched job (paused at its first step) until the block ends, so the jobs
+    submitted inside queue up behind it and the next pass takes them together."""
+    pause = tmp_path / "pause"
+    pause.mkdir(exist_ok=True)
+    blocker = await sched.submit("u:x", "quick", params(tmp_path, "blocker", pause_at=1, pause_dir=str(pause)), CHAT)
+    await until(lambda: (pause / "blocker.paused").exists(), WAIT_S)
+    try:
+        yield blocker.job_id
+    finally:
+        (pause / "blocker.go").touch()
 
 
 async def batches(storage: Storage, ids: list[int]) -> list[list[str]]:
@@ -96,10 +114,10 @@ async def test_lone_job_starts_at_once_without_waiting_for_partners(storage: Sto
 async def test_batches_are_fair_heads_of_the_round_robin(storage: Storage, tmp_path: Path) -> None:
     sink = RecordingSink()
     async with running(storage, tmp_path, sink, batch_max=2) as sched:
-        blocker = await blocked(sched, sink, tmp_path)
-        a = [(await sched.submit("u:a", BATCHED, job(tmp_path, f"a{i}"), CHAT)).job_id for i in (1, 2, 3)]
-        b = (await sched.submit("u:b", BATCHED, job(tmp_path, "b1"), CHAT)).job_id
-        c = (await sched.submit("u:c", BATCHED, job(tmp_path, "c1"), CHAT)).job_id
+        async with blocked(sched, tmp_path) as blocker:
+            a = [(await sched.submit("u:a", BATCHED, job(tmp_path, f"a{i}"), CHAT)).job_id for i in (1, 2, 3)]
+            b = (await sched.submit("u:b", BATCHED, job(tmp_path, "b1"), CHAT)).job_id
+            c = (await sched.submit("u:c", BATCHED, job(tmp_path, "c1"), CHAT)).job_id
         await until(in_state(storage, [blocker, *a, b, c], JobState.DELIVERED))
     # User a's three jobs do not crowd b and c out: each pass takes the next heads of the fair order.
     assert await batches(storage, [a[0], b, c, a[1], a[2]]) == [["a1", "b1"], ["a1", "b1"], ["c1", "a2"],
@@ -107,18 +125,52 @@ async def test_batches_are_fair_heads_of_the_round_robin(storage: Storage, tmp_p
     assert sorted(read_ledger(tmp_path / "ledger")) == sorted(["blocker", "a1", "a2", "a3", "b1", "c1"])
 
 
-async def test_cancel_one_job_of_a_running_batch(storage: Storage, tmp_path: Path) -> None:
+async def test_several_users_share_one_pass_each_with_its_own_inputs_and_pictures(
+        storage: Storage, tmp_path: Path, backend: str) -> None:
+    data = (tmp_path / "data").resolve()
+    selfies = {}
+    for user in "ab":
+        selfies[user] = data / "users" / f"u:{user}" / "selfie.txt"
+        selfies[user].parent.mkdir(parents=True)
+        selfies[user].write_text(f"face of {user}")
+    metrics = JobMetrics()
     sink = RecordingSink()
-    async with running(storage, tmp_path, sink) as sched:
+    async with running(storage, tmp_path, sink, backend, on_event=metrics.observe) as sched:
+        async with blocked(sched, tmp_path):
+            ids = [(await sched.submit(f"u:{tag[0]}", BATCHED, job(tmp_path, tag, copy_from=str(selfies[tag[0]])),
+                                       CHAT)).job_id for tag in ("a1", "b1", "a2")]
+        await until(in_state(storage, ids, JobState.DELIVERED), WAIT_S)
+        counters = dict(getattr(sched._backend, "counters", {}))
+    sample = metrics.registry.get_sample_value
+    assert sample("facechain_batch_size_count", {"kind": BATCHED}) == 1  # one pass of three jobs
+    assert sample("facechain_batch_size_sum", {"kind": BATCHED}) == 3
+    for job_id in ids:
+        row = await storage.job(job_id)
+        tag = row.params["tag"]
+        assert row.result["meta"]["batch"] == ["a1", "b1", "a2"] and row.attempts == 1
+        (artifact,) = sink.delivered[job_id]
+        assert artifact.owner_key == row.user_key
+        expected = data / "users" / row.user_key / "jobs" / str(job_id) / f"{tag}.txt"
+        assert Path(artifact.path) == expected and expected.read_text() == f"{tag}\nface of {tag[0]}"
+        if backend == "ray":
+            assert row.result["meta"]["actor"].startswith("facechain-worker-") and row.result["meta"]["node"]
+    if backend == "ray":  # a's selfie went once for her two jobs: one call (one look-up) for the batch
+        assert counters["inputs_sent"] == 2 and counters["inputs_cached"] == 0
+    assert sorted(read_ledger(tmp_path / "ledger")) == ["a1", "a2", "b1", "blocker"]
+
+
+async def test_cancel_one_job_of_a_running_batch(storage: Storage, tmp_path: Path, backend: str) -> None:
+    sink = RecordingSink()
+    async with running(storage, tmp_path, sink, backend) as sched:
         pid = sched.worker_pids()[0]
-        await blocked(sched, sink, tmp_path)
-        keep = await sched.submit("u:a", BATCHED, job(tmp_path, "keep", steps=40, delay_s=0.02), CHAT)
-        drop = await sched.submit("u:b", BATCHED, job(tmp_path, "drop", steps=40, delay_s=0.02), CHAT)
-        await until(lambda: len(sink.progress[drop.job_id]) >= 2 and sink.progress[keep.job_id])
+        async with blocked(sched, tmp_path):
+            keep = await sched.submit("u:a", BATCHED, job(tmp_path, "keep", steps=40, delay_s=0.05), CHAT)
+            drop = await sched.submit("u:b", BATCHED, job(tmp_path, "drop", steps=40, delay_s=0.05), CHAT)
+        await until(lambda: len(sink.progress[drop.job_id]) >= 2 and sink.progress[keep.job_id], WAIT_S)
         assert await sched.cancel("u:b", drop.job_id) == [drop.job_id]
-        await until(lambda: drop.job_id in sink.cancelled)
+        await until(lambda: drop.job_id in sink.cancelled, WAIT_S)
         assert (await sched.user_jobs("u:a"))[0].state == JobState.RUNNING  # its partner goes on
-        await until(in_state(storage, [keep.job_id], JobState.DELIVERED))
+        await until(in_state(storage, [keep.job_id], JobState.DELIVERED), WAIT_S)
         assert sched.worker_pids() == [pid]
     assert (await storage.job(drop.job_id)).state == JobState.CANCELLED
     assert max(sink.progress[drop.job_id]) < 40 and max(sink.progress[keep.job_id]) == 40
@@ -129,26 +181,27 @@ async def test_cancel_one_job_of_a_running_batch(storage: Storage, tmp_path: Pat
 async def test_one_failing_job_of_a_batch_fails_alone(storage: Storage, tmp_path: Path) -> None:
     sink = RecordingSink()
     async with running(storage, tmp_path, sink) as sched:
-        await blocked(sched, sink, tmp_path)
-        good = await sched.submit("u:a", BATCHED, job(tmp_path, "good"), CHAT)
-        bad = await sched.submit("u:b", BATCHED, job(tmp_path, "bad", fail_code="portrait.no_good_candidates"), CHAT)
+        async with blocked(sched, tmp_path):
+            good = await sched.submit("u:a", BATCHED, job(tmp_path, "good"), CHAT)
+            bad = await sched.submit("u:b", BATCHED, job(tmp_path, "bad", fail_code="portrait.no_good_candidates"),
+                                     CHAT)
         await until(lambda: good.job_id in sink.delivered and bad.job_id in sink.failed)
     assert sink.failed[bad.job_id]["code"] == "portrait.no_good_candidates"
     assert (await storage.job(bad.job_id)).attempts == 1  # a user-facing error: not retried
     assert (await storage.job(good.job_id)).state == JobState.DELIVERED
 
 
-async def test_sigkill_during_a_batch_retries_each_job_once(storage: Storage, tmp_path: Path) -> None:
+async def test_sigkill_during_a_batch_retries_each_job_once(storage: Storage, tmp_path: Path, backend: str) -> None:
     sink = RecordingSink()
-    async with running(storage, tmp_path, sink) as sched:
-        await blocked(sched, sink, tmp_path)
-        ids = [(await sched.submit(f"u:{tag}", BATCHED, job(tmp_path, tag, steps=30, delay_s=0.03), CHAT)).job_id
-               for tag in ("a", "b", "c")]
-        await until(lambda: all(len(sink.progress[i]) >= 2 for i in ids))
+    async with running(storage, tmp_path, sink, backend) as sched:
+        async with blocked(sched, tmp_path):
+            ids = [(await sched.submit(f"u:{tag}", BATCHED, job(tmp_path, tag, steps=30, delay_s=0.05), CHAT)).job_id
+                   for tag in ("a", "b", "c")]
+        await until(lambda: all(len(sink.progress[i]) >= 2 for i in ids), WAIT_S)
         pid = sched.worker_pids()[0]
         assert pid is not None
-        os.kill(pid, signal.SIGKILL)
-        await until(in_state(storage, ids, JobState.DELIVERED))
+        os.kill(pid, signal.SIGKILL)  # a Ray node's worker runs on this machine too
+        await until(in_state(storage, ids, JobState.DELIVERED), WAIT_S)
         health = sched.health()
     assert health["worker_deaths"] == 1 and health["retried"] == 3
     for job_id in ids:
@@ -162,15 +215,10 @@ async def test_sigkill_during_a_batch_retries_each_job_once(storage: Storage, tm
 async def test_metrics_count_batch_sizes_and_pictures_per_second(storage: Storage, tmp_path: Path) -> None:
     metrics = JobMetrics()
     sink = RecordingSink()
-    scheduler = Scheduler(storage, make_kinds(), SchedulerSettings(), data_dir=tmp_path / "data",
-                          context={"models_dir": str(tmp_path)}, sink=sink, on_event=metrics.observe)
-    await scheduler.start()
-    try:
-        await blocked(scheduler, sink, tmp_path)
-        ids = [(await scheduler.submit(f"u:{tag}", BATCHED, job(tmp_path, tag), CHAT)).job_id for tag in "abc"]
+    async with running(storage, tmp_path, sink, on_event=metrics.observe) as scheduler:
+        async with blocked(scheduler, tmp_path):
+            ids = [(await scheduler.submit(f"u:{tag}", BATCHED, job(tmp_path, tag), CHAT)).job_id for tag in "abc"]
         await until(in_state(storage, ids, JobState.DELIVERED))
-    finally:
-        await scheduler.stop(grace_s=0)
     sample = metrics.registry.get_sample_value
     assert sample("facechain_batch_size_count", {"kind": BATCHED}) == 1  # one pass of three jobs
     assert sample("facechain_batch_size_sum", {"kind": BATCHED}) == 3

@@ -586,7 +586,7 @@ class Scheduler(StartStop):
         kind = self._kinds[head.kind]
         batches = getattr(self._backend, "batches", False)
         if kind.batch is None or kind.preemptible or self.batch_max <= 1 or not batches:
-            return [head]  # the Ray backend runs jobs one by one: no batches for it yet
+            return [head]
         order = pick_order(self._queued.values(), self._last_served)
         if not order or order[0].id != head.id:
             return [head]

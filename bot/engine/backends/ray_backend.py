@@ -4,7 +4,8 @@ Every node that offers the GPU resource (``[scheduler] ray_gpu_resource``, "GPU"
 gets one actor per unit of it, pinned to that node and named after it, so a restarted bot finds and
 reuses its actors. Each actor runs the unchanged worker process and relays its protocol
 (``ray_host``). No shared filesystem is assumed: inputs under ``data_dir`` travel as content-addressed
-bytes (sent once per node), results and checkpoints come back as bytes and are written here.
+bytes (sent once per node), results and checkpoints come back as bytes and are written here. Jobs that
+share a pass (cross-user batching) go to an actor in one call, as one ``batch`` message for its worker.
 
 A lost actor (its node left, it crashed) is reported as a worker exit, so the scheduler retries its
 jobs elsewhere within ``max_tries``; the actor is created again while its node is alive, and nodes
@@ -19,14 +20,15 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from bot.config import ConfigError
 from bot.engine import worker_protocol as wp
-from bot.engine.backends.base import BackendEvents, JobOrder, Slot, SlotInfo, init_message
+from bot.engine.backends.base import BackendEvents, JobOrder, Slot, SlotInfo, batch_message, init_message
 from bot.engine.backends.ray_host import EXITED, WorkerHost
-from bot.engine.backends.shipping import Packer, read_blob, read_tree, write_tree
+from bot.engine.backends.shipping import Blob, Packer, read_blob, read_tree, write_tree
 from bot.engine.worker_env import worker_environment
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,8 @@ class _Actor:
 
 class RayBackend:
     """Worker processes in Ray actors, one per GPU resource unit of each alive node."""
+
+    batches = True  # dispatch sends several orders as one batch (one call, one pass)
 
     def __init__(self, context: Mapping[str, Any], *, data_dir: Path, address: str = "", namespace: str = "facechain",
                  gpu_resource: str = "GPU", node_labels: Mapping[str, str] | None = None, cache_mb: int = 2048, secrets: Iterable[str] = (),
@@ -142,19 +146,25 @@ class RayBackend:
 
     # -- the scheduler's calls ---------------------------------------------------------------
     async def dispatch(self, slot: Slot, orders: list[JobOrder]) -> None:
+        # Several orders are one batch: one call, the node's worker runs them in one pass (bot.engine.batching).
         actor = self._actors[slot.index]
-        for order in orders:
-            params, found, outputs = await asyncio.to_thread(self._packer.pack_params, order.params)
-            missing = await actor.handle.missing.remote(list(found))
-            self.counters["inputs_sent"] += len(missing)
-            self.counters["inputs_cached"] += len(found) - len(missing)
-            inputs = {d: await asyncio.to_thread(read_blob, found[d]) for d in missing}
+        packed = [await asyncio.to_thread(self._packer.pack_params, order.params) for order in orders]
+        found = {digest: path for _, inputs, _ in packed for digest, path in inputs.items()}
+        missing = await actor.handle.missing.remote(list(found))  # once for the whole batch
+        self.counters["inputs_sent"] += len(missing)
+        self.counters["inputs_cached"] += len(found) - len(missing)
+        inputs = {d: await asyncio.to_thread(read_blob, found[d]) for d in missing}
+        seeds: list[Blob] = []
+        for order, (_, _, outputs) in zip(orders, packed):
             out_dir = Path(order.params["out_dir"])
             self._out_dirs[order.job_id] = out_dir
             self._outputs[order.job_id] = outputs
-            seed = await asyncio.to_thread(read_tree, out_dir)  # an earlier try's checkpoint
-            message = {**order.message(), "params": params}
-            await actor.handle.run.remote(message, inputs, seed)
+            seeds.append(await asyncio.to_thread(read_tree, out_dir))  # an earlier try's checkpoint
+        shipped = [replace(order, params=params) for order, (params, _, _) in zip(orders, packed)]
+        if len(shipped) == 1:
+            await actor.handle.run.remote(shipped[0].message(), inputs, seeds[0])
+        else:
+            await actor.handle.run_batch.remote(batch_message(shipped), inputs, seeds)
 
     def cancel(self, slot: Slot, job_id: int) -> None:
         self._send(slot, {"op": wp.CANCEL, "job": job_id})

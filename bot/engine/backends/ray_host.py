@@ -4,7 +4,8 @@ It runs the unchanged ``python -m bot.engine.worker`` as its child (Ray cannot i
 in an actor; a child process can be cancelled at its next step and killed on a timeout) and relays the
 worker protocol: the service sends messages, and long-polls ``next`` for the worker's. Job inputs
 arrive as bytes into the node's ``InputCache``; each job runs in its own folder on the node, seeded
-with what the service holds of its ``out_dir`` (a training's checkpoint from an earlier try). Files
+with what the service holds of its ``out_dir`` (a training's checkpoint from an earlier try); the jobs of
+a batch each get their folder too, then go to the worker as one ``batch`` message. Files
 come back as bytes with ``done`` (the results) and with ``yield`` (a training's checkpoint).
 
 Imports nothing of Ray at module level: the service imports this module to hand it to Ray.
@@ -87,20 +88,19 @@ class WorkerHost:
 
     async def run(self, message: dict[str, Any], inputs: dict[str, Blob], seed: Blob) -> None:
         """Stores the inputs, prepares the job's folder (seeded with `seed`) and hands the job to the worker."""
-        for digest, blob in inputs.items():
-            await asyncio.to_thread(self._cache.put, digest, blob)
-        job_id = int(message["job"])
-        folder = self._jobs_dir / str(job_id)
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        seen: dict[str, tuple[int, int]] = {}
-        await asyncio.to_thread(write_tree, folder, seed)
-        read_tree(folder, seen)  # the seed need not come back
-        params, used = unpack_params(message["params"], self._cache, folder)
-        params["out_dir"] = str(folder)
-        self._jobs[job_id] = (folder, seen, used)
-        self._cache.evict(keep=set().union(*(u for _, _, u in self._jobs.values())))
+        await self._store(inputs)
+        params = await self._prepare(int(message["job"]), message["params"], seed)
+        self._evict()
         self._write({**message, "params": params})
+
+    async def run_batch(self, message: dict[str, Any], inputs: dict[str, Blob], seeds: list[Blob]) -> None:
+        """Like ``run`` for the jobs of a ``batch`` message (`seeds` in its jobs' order): each gets its own
+        folder, and the worker runs them in one pass."""
+        await self._store(inputs)
+        jobs = [{**job, "params": await self._prepare(int(job["job"]), job["params"], seed)}
+                for job, seed in zip(message["jobs"], seeds, strict=True)]
+        self._evict()
+        self._write({**message, "jobs": jobs})
 
     async def send(self, message: dict[str, Any]) -> None:
         """Relays a message to the worker (cancel, resume, ping)."""
@@ -129,6 +129,28 @@ class WorkerHost:
     async def cached(self) -> list[str]:
         """The input digests this node holds, least recently used first (tests, monitoring)."""
         return self._cache.digests()
+
+    # -- jobs' folders -------------------------------------------------------------------------
+    async def _store(self, inputs: dict[str, Blob]) -> None:
+        for digest, blob in inputs.items():
+            await asyncio.to_thread(self._cache.put, digest, blob)
+
+    async def _prepare(self, job_id: int, packed: dict[str, Any], seed: Blob) -> dict[str, Any]:
+        """Makes the job's folder (seeded with `seed`, which need not come back) and its params on this node."""
+        folder = self._jobs_dir / str(job_id)
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        seen: dict[str, tuple[int, int]] = {}
+        await asyncio.to_thread(write_tree, folder, seed)
+        read_tree(folder, seen)
+        params, used = unpack_params(packed, self._cache, folder)
+        params["out_dir"] = str(folder)
+        self._jobs[job_id] = (folder, seen, used)
+        return params
+
+    def _evict(self) -> None:
+        """Trims the input cache, keeping what the jobs on hand use."""
+        self._cache.evict(keep=set().union(*(u for _, _, u in self._jobs.values())))
 
     # -- the worker's side ---------------------------------------------------------------------
     def _write(self, message: dict[str, Any]) -> None:
