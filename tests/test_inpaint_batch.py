@@ -10,6 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bot.config import SchedulerSettings
+from bot.engine.jobkinds import GENERATE, JobKind, JobKinds
+from bot.engine.scheduler import Scheduler
+from bot.ops.metrics import JobMetrics
+from bot.storage import JobState, Storage
 from facechain_core.errors import JobCancelled, UserFacingError
 from facechain_core.identity import Identity, normalise, save_identity
 from facechain_core.inpaint_batch import template_batch_plan, tryon_batch_plan, working_size
@@ -21,6 +26,8 @@ from facechain_core.tryon import TryOnPipeline, working_image
 from tests.conftest import SHARED, find_asset
 from tests.fixtures.batch_pass import ForwardCalls, result_pixels
 from tests.fixtures.progress import StepRecorder
+from tests.test_batching import blocked
+from tests.test_scheduler import CHAT, PIPELINE, RecordingSink, in_state, storage, until  # noqa: F401
 from tests.fixtures.tiny_models import one_torch_thread, tiny_models, tiny_models_dir  # noqa: F401
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
@@ -38,10 +45,13 @@ def model_paths(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathF
             "arcface": str(tiny_models["arcface"]), "yunet": str(find_asset("models/yunet_s_640_640.onnx"))}
 
 
-def _load(pipeline: Any, model_paths: dict[str, str], root: Path) -> Any:
+def _settings(model_paths: dict[str, str]) -> dict[str, Any]:
     table = {"side": SIDE, "steps": STEPS}
-    pipeline.load(PipelineContext(models_dir=root, settings={
-        "face_filter": False, "oversample": 1, "model_paths": model_paths, "tryon": table, "template": table}))
+    return {"face_filter": False, "oversample": 1, "model_paths": model_paths, "tryon": table, "template": table}
+
+
+def _load(pipeline: Any, model_paths: dict[str, str], root: Path) -> Any:
+    pipeline.load(PipelineContext(models_dir=root, settings=_settings(model_paths)))
     return pipeline
 
 
@@ -131,6 +141,38 @@ def test_tryon_jobs_of_different_users_share_one_pass_and_get_their_pictures_alo
     # Each job got its own outfit and identity, not one job's repeated.
     assert np.abs(result_pixels(outcomes[0])[0] - result_pixels(outcomes[1])[0]).max() > 2
     assert outcomes[0].meta["safety"] == {"checked": 0, "dropped": 0}  # screened per job, like portraits
+
+
+@pytest.mark.timeout(300)
+async def test_the_scheduler_sends_two_users_tryons_to_the_worker_as_one_pass(
+        storage: Storage, tryon, model_paths, identities, tmp_path) -> None:  # noqa: F811
+    kinds = JobKinds(())
+    kinds.register(JobKinds()["tryon"])  # the real kind: its pipeline and its batch plan
+    kinds.register(JobKind("quick", PIPELINE, GENERATE, max_tries=2, timeout_s=30))  # the blocker
+    metrics, sink = JobMetrics(), RecordingSink()
+    scheduler = Scheduler(storage, kinds, SchedulerSettings(batch_max=8), data_dir=tmp_path / "data",
+                          context={"models_dir": str(tmp_path), "settings": _settings(model_paths)}, sink=sink,
+                          on_event=metrics.observe)
+    jobs = [{"outfit": str(_outfit(tmp_path, 20 + n)), "identity": str(identities[n]), "seed": 30 + n, "count": 1,
+             "picture_size": [128, 128]} for n in range(2)]
+    await scheduler.start()
+    try:
+        async with blocked(scheduler, tmp_path):
+            ids = [(await scheduler.submit(f"u:{n}", "tryon", job, CHAT)).job_id for n, job in enumerate(jobs)]
+        await until(in_state(storage, ids, JobState.DELIVERED), 240)
+    finally:
+        await scheduler.stop(grace_s=0)
+    sample = metrics.registry.get_sample_value
+    assert sample("facechain_batch_size_count", {"kind": "tryon"}) == 1  # one pass for both users
+    assert sample("facechain_batch_size_sum", {"kind": "tryon"}) == 2
+    for job_id, job in zip(ids, jobs, strict=True):
+        row = await storage.job(job_id)
+        alone = tryon.run({**job, "out_dir": str(tmp_path / f"alone{job_id}")}, StepRecorder())
+        (artifact,) = sink.delivered[job_id]
+        assert artifact.owner_key == row.user_key and row.attempts == 1
+        with Image.open(artifact.path) as img:
+            delivered = np.asarray(img.convert("RGB"), dtype=np.int16)
+        assert np.abs(delivered - result_pixels(alone)[0]).max() <= 2
 
 
 def test_a_cancelled_tryon_is_dropped_and_a_failing_one_fails_alone(tryon, identities, tmp_path):
