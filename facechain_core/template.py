@@ -93,8 +93,9 @@ class TemplatePipeline(TryOnPipeline):
                 "mask_box": [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1],
                 "identity_weight": weight, "pose_found": pose_weight > 0, "vary_of": vary_seed}
         repaint = Image.fromarray(((repaint_soft > 0) * 255).astype(np.uint8))
-        return self.inpaint_job(params, count, seeds, picture, repaint, 1.0 - repaint_soft, (pose, silhouette),
-                                (pose_weight, 0.0), weight, prompt, meta, vary_seed)
+        return self.inpaint_job(params, count, seeds, picture=picture, repaint=repaint, keep=1.0 - repaint_soft,
+                                controls=(pose, silhouette), control_scales=(pose_weight, 0.0), weight=weight,
+                                prompt=prompt, meta=meta, vary_seed=vary_seed)
 
     def _one_face(self, path: Path, shape: tuple[int, int]) -> Face:
         """The template's only face (found at up to DETECT_SIDE px, mapped to the working `shape`); none, or

@@ -145,13 +145,15 @@ class TryOnPipeline(PortraitPipeline):
         scale = max(outfit.shape[:2]) / REFERENCE_SIDE
         keep = feather_mask(parsing.garment, round(int(cfg["dilate_px"]) * scale),
                             round(int(cfg["feather_px"]) * scale))
-        return self.inpaint_job(params, count, seeds, outfit, Image.fromarray(((keep < 1.0) * 255).astype(np.uint8)),
-                                keep, (pose, Image.fromarray(control_map(parsing))),
-                                (float(cfg["pose_scale"]), float(cfg["silhouette_scale"])),
-                                float(cfg["identity_weight"]), str(params.get("prompt") or cfg["prompt"]),
-                                parser_summary(parsing))
+        # 3. The identity, LoRAs and fast mode on the resident base.
+        return self.inpaint_job(
+            params, count, seeds, picture=outfit, repaint=Image.fromarray(((keep < 1.0) * 255).astype(np.uint8)),
+            keep=keep, controls=(pose, Image.fromarray(control_map(parsing))),
+            control_scales=(float(cfg["pose_scale"]), float(cfg["silhouette_scale"])),
+            weight=float(cfg["identity_weight"]), prompt=str(params.get("prompt") or cfg["prompt"]),
+            meta=parser_summary(parsing))
 
-    def inpaint_job(self, params: dict[str, Any], count: int, seeds: list[int], picture: np.ndarray,
+    def inpaint_job(self, params: dict[str, Any], count: int, seeds: list[int], *, picture: np.ndarray,
                     repaint: Image.Image, keep: np.ndarray, controls: tuple[Image.Image, Image.Image],
                     control_scales: tuple[float, float], weight: float, prompt: str, meta: dict[str, Any],
                     vary_seed: int | None = None) -> PreparedInpaint:
