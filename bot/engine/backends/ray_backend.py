@@ -30,7 +30,7 @@ from bot.config import ConfigError
 from bot.engine import worker_protocol as wp
 from bot.engine.backends.base import BackendEvents, JobOrder, Slot, SlotInfo, batch_message, init_message
 from bot.engine.backends.ray_head import HeadLink, HeadLost
-from bot.engine.backends.ray_host import EXITED, WorkerHost
+from bot.engine.backends.ray_host import EXITED, HOST_PROTOCOL, WorkerHost
 from bot.engine.backends.shipping import Blob, Packer, read_blob, read_tree, write_tree
 from bot.engine.worker_env import worker_environment
 
@@ -42,6 +42,7 @@ RECOVER_WAIT_S = POLL_WAIT_S + POLL_GRACE_S + 5.0  # for the slots of a lost hea
 DISCOVER_EVERY_S = 5.0  # how often new nodes are looked for
 RECREATE_DELAYS_S = (0.5, 2.0, 5.0, 15.0)
 EXIT_WAIT_S = 5.0
+REPLACE_WAIT_S = 30.0
 ACTOR_PREFIX = "facechain-worker"
 
 
@@ -257,9 +258,13 @@ class RayBackend:
             options["num_gpus"] = 1
         cls = self._actor_class().options(**options)
         actor.handle = cls.remote(actor.name, self._cache_bytes, self._root)
-        settings = self._context.get("settings") or {}
-        described = await actor.handle.describe.remote(
-            self._kind_needs, str(self._context.get("models_dir", "models")), settings.get("model_paths"))
+        described = await self._describe(actor)
+        if described.get("protocol") != HOST_PROTOCOL:  # an actor of an older release, reattached: replace it
+            log.warning("Ray actor %s runs another version of the worker host (%s, here %s): replacing it",
+                        actor.name, described.get("protocol", 1), HOST_PROTOCOL)
+            await self._replace(actor)
+            actor.handle = cls.remote(actor.name, self._cache_bytes, self._root)
+            described = await self._describe(actor)
         memory = slot.info.gpu_memory_mb or described.get("gpu_memory_mb")
         kinds = frozenset(described["kinds"]) if self._kind_needs else None
         slot.info = SlotInfo(name=slot.info.name, device=slot.info.device, gpu_index=slot.info.gpu_index,
@@ -268,6 +273,23 @@ class RayBackend:
         if kinds is not None and missing:
             log.warning("Ray node %s lacks the models of %s: those kinds never run there", actor.node[:8],
                         ", ".join(missing))
+
+    async def _describe(self, actor: _Actor) -> dict[str, Any]:
+        settings = self._context.get("settings") or {}
+        return await actor.handle.describe.remote(
+            self._kind_needs, str(self._context.get("models_dir", "models")), settings.get("model_paths"))
+
+    async def _replace(self, actor: _Actor) -> None:
+        """Kills the actor and waits until its name is free (Ray releases it once the actor has died)."""
+        self._ray.kill(actor.handle, no_restart=True)
+        deadline = time.monotonic() + REPLACE_WAIT_S
+        while time.monotonic() < deadline:
+            try:
+                await asyncio.to_thread(self._ray.get_actor, actor.name, namespace=self._namespace)
+            except ValueError:
+                return
+            await asyncio.sleep(0.2)
+        raise RuntimeError(f"the old Ray actor {actor.name} did not end within {REPLACE_WAIT_S:.0f} s")
 
     def _node_alive(self, node_id: str) -> bool:
         return any(n["NodeID"] == node_id for n in self._nodes())
