@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from facechain_core.errors import UserFacingError
+from facechain_core.images import picture_size
 from facechain_core.templates import TemplateEntry, TemplateLibrary, load_templates
 from handlers import buttons, cartoon, registry, router, studio
 from handlers.portrait import user_lora
@@ -98,6 +99,7 @@ async def submit_template(services: Services, event: Event, channel: ReplyChanne
     identity = await services.storage.identity(key)
     params = {
         "template": template, "template_id": template_id, "hints": hints,
+        "picture_size": await asyncio.to_thread(picture_size, template),  # jobs of one working size share a pass
         "controls": controls.job_controls(),
         "identity": str((services.user_dir(key) / "identity.npz").resolve()),
         "selfies": [{"path": s.path, "face": s.face} for s in selfies],

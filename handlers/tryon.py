@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from facechain_core.errors import UserFacingError
+from facechain_core.images import picture_size
 from handlers import cartoon, registry, router
 from handlers.portrait import user_lora
 from handlers.cartoon import Source
@@ -71,6 +72,7 @@ async def submit_tryon(services: Services, event: Event, channel: ReplyChannel, 
     seed = services.settings.portrait_seed
     params = {
         "outfit": str(outfit.resolve()),
+        "picture_size": await asyncio.to_thread(picture_size, outfit),  # jobs of one working size share a pass
         "identity": str((services.user_dir(key) / "identity.npz").resolve()),
         "selfies": [{"path": s.path, "face": s.face} for s in selfies],
         "user_lora": await user_lora(identity, "sd15"),

@@ -303,6 +303,8 @@ async def test_template_keeps_the_picture_outside_the_face_and_refuses_what_it_m
     bob, _, _ = await _picture(studio, BOB, "/template Mona Lisa seed:5")
     assert sent.params["caption"].startswith(t("template.caption", "en", name="Mona Lisa"))
     assert cat.shape == template.shape
+    with Image.open(studio.template) as picture:
+        assert cat_job.params["picture_size"] == list(picture.size)  # planned into a shared pass by it
     x0, y0, x1, y1 = cat_job.result["meta"]["mask_box"]
     outside = np.ones(template.shape[:2], bool)
     outside[y0:y1, x0:x1] = False

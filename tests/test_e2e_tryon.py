@@ -92,6 +92,7 @@ async def test_tryon_asks_for_the_outfit_and_returns_one_picture(fake_telegram: 
         assert len(await service.storage.selfies(f"telegram:{ANN}")) == selfies_before
         (job,) = [j for j in await service.storage.user_jobs(f"telegram:{ANN}", ["delivered"]) if j.kind == "tryon"]
         assert not Path(job.params["outfit"]).exists()  # the outfit copy goes once delivered
+        assert job.params["picture_size"] == [outfit.shape[1], outfit.shape[0]]  # planned into a shared pass by it
         (artifact,) = await service.storage.job_artifacts(job.id)
         assert Path(artifact.path).is_file() and artifact.kind == "tryon"
 
