@@ -17,32 +17,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
 from bot.config import SchedulerSettings
 from bot.engine.jobkinds import BUILTIN_KINDS, JobKinds
 from bot.engine.scheduler import Scheduler
 from bot.storage import Storage
 from delivery_sink import DeliverySink
-from facechain_core.identity import ArcFace, Identity, save_identity
 from facechain_core.manifest import load_manifest
 from facechain_core.pipeline import PipelineContext, QuietProgress
 from facechain_core.portrait import PortraitPipeline
 from facechain_core.styles import load_styles
-from facechain_core.tiny import build_all
+from facechain_core.tiny import build_all, build_identity
 from handlers.protocols import Chat
 
 SETTINGS: dict[str, Any] = {"face_filter": False, "sampler_override": {"steps": 4, "width": 64, "height": 64},
                             "oversample": 1}
-
-
-def _identity(root: Path, models: Path) -> Path:
-    arcface = ArcFace(models / "insightface/w600k_r50.onnx")
-    crop = np.asarray(Image.new("RGB", (112, 112), (150, 120, 100)))
-    embedding = arcface.embed([crop])[0]
-    return save_identity(Identity(embedding, embedding[None], crop), root / "identity.npz")
 
 
 async def _measure(root: Path, models: Path, params: dict[str, Any], runs: int) -> tuple[list[float], list[float]]:
@@ -81,7 +71,7 @@ def main() -> None:
         models = root / "models"
         build_all(models)
         style = load_styles().get("hanfu").model_dump(mode="json")
-        params = {"style": style, "identity": str(_identity(root, models)), "count": 1, "out_dir": str(root / "out")}
+        params = {"style": style, "identity": str(build_identity(root / "identity.npz", 1)), "count": 1, "out_dir": str(root / "out")}
         bare, service = asyncio.run(_measure(root, models, params, args.runs))
     b, s = statistics.median(bare) * 1000, statistics.median(service) * 1000
     overhead = statistics.median(sv - bv for sv, bv in zip(service, bare)) * 1000
