@@ -353,7 +353,8 @@ async def test_imagine_refuses_with_a_reason_and_no_job_row(studio: Studio) -> N
     service, fake = studio.service, studio.telegram
     await _identity(studio, DAN, "obama.jpg")
     key = f"telegram:{DAN}"
-    jobs = await service.storage.user_jobs(key, ["queued", "running", "done", "delivered", "failed"])
+    # Ids only: the selfie's identity job may still move from done to delivered meanwhile.
+    jobs = {j.id for j in await service.storage.user_jobs(key, ["queued", "running", "done", "delivered", "failed"])}
     lists = PromptFilter.load()
     assert lists.check("me at a gorefest") is None  # only the classifier refuses this one
     for prompt, reason, lang in (("/imagine me n.a.k.e.d on a beach", "sexual", "en"),
@@ -367,7 +368,8 @@ async def test_imagine_refuses_with_a_reason_and_no_job_row(studio: Studio) -> N
         reply = await fake.wait_for_text(t(f"imagine.reason.{reason}", lang), since=mark)
         assert reply.params["text"] == t("imagine.refused", lang, reason=t(f"imagine.reason.{reason}", lang))
     await fake.wait_idle()
-    assert await service.storage.user_jobs(key, ["queued", "running", "done", "delivered", "failed"]) == jobs
+    after = {j.id for j in await service.storage.user_jobs(key, ["queued", "running", "done", "delivered", "failed"])}
+    assert after == jobs
     sent, job = await _result(studio, DAN, "/imagine 我在西湖边划船 比例:3:2", "sendMediaGroup")
     assert job.params["imagine"] == "我在西湖边划船" and job.params["controls"] == {"aspect": "3:2"}
     assert t("imagine.caption", "zh", scene="我在西湖边划船") in json.dumps(sent.params["media"], ensure_ascii=False)
