@@ -20,13 +20,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from facechain_core.duo import DuoPipeline  # noqa: E402
-from facechain_core.identity import Identity, normalise, save_identity  # noqa: E402
 from facechain_core.pipeline import PipelineContext  # noqa: E402
-from facechain_core.tiny import build_arcface, build_ip_adapter_faceid, build_sd15  # noqa: E402
+from facechain_core.tiny import build_arcface, build_identity, build_ip_adapter_faceid, build_sd15  # noqa: E402
 from facechain_core.tiny.duo import build_duo_models  # noqa: E402
 from facechain_core.tiny.tryon import build_controlnet  # noqa: E402
 
@@ -43,13 +41,6 @@ def build_models(root: Path, full_size: bool) -> dict[str, Path]:
         at = build_duo_models(root)
     at["arcface"] = build_arcface(root / "w600k_r50.onnx")
     return at
-
-
-def identity(path: Path, seed: int) -> Path:
-    rng = np.random.default_rng(seed)
-    vectors = normalise(rng.standard_normal((2, 512))).astype(np.float32)
-    return save_identity(Identity(normalise(vectors.mean(axis=0)), vectors,
-                                  rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)), path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         models = build_models(root / "models", args.full_size)
         print(f"built the models in {time.perf_counter() - started:.1f} s")
-        people = [str(identity(root / f"p{i}.npz", i)) for i in range(args.people)]
+        people = [str(build_identity(root / f"p{i}.npz", i)) for i in range(args.people)]
         settings = {"sd15_path": str(models["sd15"]), "ip_adapter_path": str(models["ip-adapter-faceid-sd15"]),
                     "arcface_path": str(models["arcface"]), "face_filter": False, "oversample": 1,
                     "duo_min_similarity": -1.0, "safe_mode": False,

@@ -24,15 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from facechain_core.enhance import EnhancePipeline, restore_faces  # noqa: E402
-from facechain_core.pipeline import PipelineContext  # noqa: E402
-
-
-class Quiet:
-    def __call__(self, step: int, total: int, text: str | None = None) -> None:
-        pass
-
-    def yield_point(self) -> None:
-        pass
+from facechain_core.pipeline import PipelineContext, QuietProgress  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -83,8 +75,8 @@ def main() -> None:
         times = {}
         for scale in (2, 4):
             params = {"image": str(source), "scale": scale, "max_bytes": 50_000_000, "out_dir": str(scratch)}
-            pipeline.run(params, Quiet())  # warm-up: sessions, allocations
-            times[scale] = timed(lambda p=params: pipeline.run(p, Quiet()), args.runs)
+            pipeline.run(params, QuietProgress())  # warm-up: sessions, allocations
+            times[scale] = timed(lambda p=params: pipeline.run(p, QuietProgress()), args.runs)
         restore = timed(lambda: restore_faces(rgb, faces, loaded.restorer), args.runs) if loaded.restorer else 0.0
         tiles = pipeline.upscaler(2).tiles(args.side, args.side)
         kind = "real models" if args.models else "tiny models (absolute times mean little: read the ratios)"

@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from facechain_core.identity import ArcFace, build_identity, save_identity  # noqa: E402
-from facechain_core.pipeline import JobResult, PipelineContext  # noqa: E402
+from facechain_core.pipeline import JobResult, PipelineContext, QuietProgress  # noqa: E402
 from facechain_core.styles import load_styles  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,16 +42,6 @@ DETECT_MAX_SIDE = 640
 PUBLISHED = (("PuLID", 0.733), ("InstantID", 0.725), ("IP-Adapter", 0.619))
 TINY_SAMPLER = {"steps": 2, "width": 64, "height": 64}
 TINY_TRAIN = {"steps_per_photo": 4, "max_steps": 8, "resolution": 32, "checkpoint_every": 4}
-
-
-class Quiet:
-    """Progress that reports nothing (the bench prints its figures only)."""
-
-    def __call__(self, step: int, total: int, text: str | None = None) -> None:
-        pass
-
-    def yield_point(self) -> None:
-        pass
 
 
 class SFaceScorer:
@@ -206,7 +196,7 @@ def train_loras(person: Person, families: set[str], context: PipelineContext, fo
     for family in sorted(families):
         trainer = TrainLoraPipeline() if family == "sd15" else SdxlTrainLoraPipeline()
         trainer.load(context)
-        result = trainer.run({"photos": person.selfies, "out_dir": str(folder / "lora")}, Quiet())
+        result = trainer.run({"photos": person.selfies, "out_dir": str(folder / "lora")}, QuietProgress())
         loras[family] = str(result.files[0])
         trainer.close()
     return loras
@@ -254,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     result: JobResult = portraits.run({
                         "style": style.model_dump(mode="json"), "identity": str(identity), "count": args.count,
                         "seed": args.seed, "out_dir": str(folder / style.id / mode),
-                        "user_lora": loras.get(style.family) if mode == "lora" else None}, Quiet())
+                        "user_lora": loras.get(style.family) if mode == "lora" else None}, QuietProgress())
                     tally = tallies.setdefault((style.id, mode), Tally())
                     for path in result.files:
                         feature, found = scorer.feature(path)

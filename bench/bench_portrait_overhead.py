@@ -17,62 +17,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
 from bot.config import SchedulerSettings
 from bot.engine.jobkinds import BUILTIN_KINDS, JobKinds
 from bot.engine.scheduler import Scheduler
-from bot.storage import Artifact, Job, Storage
-from facechain_core.identity import ArcFace, Identity, save_identity
+from bot.storage import Storage
+from delivery_sink import DeliverySink
 from facechain_core.manifest import load_manifest
-from facechain_core.pipeline import PipelineContext
+from facechain_core.pipeline import PipelineContext, QuietProgress
 from facechain_core.portrait import PortraitPipeline
 from facechain_core.styles import load_styles
-from facechain_core.tiny import build_all
+from facechain_core.tiny import build_all, build_identity
 from handlers.protocols import Chat
 
 SETTINGS: dict[str, Any] = {"face_filter": False, "sampler_override": {"steps": 4, "width": 64, "height": 64},
                             "oversample": 1}
-
-
-class _Progress:
-    def __call__(self, step: int, total: int, text: str | None = None) -> None:
-        pass
-
-    def yield_point(self) -> None:
-        pass
-
-
-class _Sink:
-    def __init__(self) -> None:
-        self.done: dict[int, asyncio.Future[float]] = {}
-
-    def waiter(self, job_id: int) -> asyncio.Future[float]:
-        return self.done.setdefault(job_id, asyncio.get_running_loop().create_future())
-
-    async def on_progress(self, job: Job, step: int, total: int, text: str | None) -> None:
-        pass
-
-    async def deliver(self, job: Job, artifacts: list[Artifact]) -> None:
-        self.waiter(job.id).set_result(time.perf_counter())
-
-    async def on_late(self, job: Job) -> None:
-        pass
-
-    async def on_failed(self, job: Job, error: dict[str, Any]) -> None:
-        raise RuntimeError(f"job {job.id} failed: {error}")
-
-    async def on_cancelled(self, job: Job) -> None:
-        pass
-
-
-def _identity(root: Path, models: Path) -> Path:
-    arcface = ArcFace(models / "insightface/w600k_r50.onnx")
-    crop = np.asarray(Image.new("RGB", (112, 112), (150, 120, 100)))
-    embedding = arcface.embed([crop])[0]
-    return save_identity(Identity(embedding, embedding[None], crop), root / "identity.npz")
 
 
 async def _measure(root: Path, models: Path, params: dict[str, Any], runs: int) -> tuple[list[float], list[float]]:
@@ -81,7 +41,7 @@ async def _measure(root: Path, models: Path, params: dict[str, Any], runs: int) 
     settings = {**SETTINGS, "model_paths": paths}
     pipeline = PortraitPipeline()
     pipeline.load(PipelineContext(models_dir=models, settings=settings))
-    sink = _Sink()
+    sink = DeliverySink()
     context = {"models_dir": str(models), "settings": settings, "log_level": "WARNING"}
     bare, service = [], []
     async with Storage(root / "bench.sqlite3") as storage, Scheduler(
@@ -89,11 +49,11 @@ async def _measure(root: Path, models: Path, params: dict[str, Any], runs: int) 
             sink=sink, devices=["cpu"]) as scheduler:
         for i in range(runs + 1):  # run 0 warms both up (the worker loads its pipeline)
             started = time.perf_counter()
-            pipeline.run(dict(params, seed=i), _Progress())
+            pipeline.run(dict(params, seed=i), QuietProgress())
             bare_s = time.perf_counter() - started
             started = time.perf_counter()
             submitted = await scheduler.submit("bench:1", "portrait", dict(params, seed=i), Chat("bench", "1", True))
-            finished = await sink.waiter(submitted.job_id)
+            finished = await sink.delivered_at(submitted.job_id)
             if i:
                 bare.append(bare_s)
                 service.append(finished - started)
@@ -111,7 +71,7 @@ def main() -> None:
         models = root / "models"
         build_all(models)
         style = load_styles().get("hanfu").model_dump(mode="json")
-        params = {"style": style, "identity": str(_identity(root, models)), "count": 1, "out_dir": str(root / "out")}
+        params = {"style": style, "identity": str(build_identity(root / "identity.npz", 1)), "count": 1, "out_dir": str(root / "out")}
         bare, service = asyncio.run(_measure(root, models, params, args.runs))
     b, s = statistics.median(bare) * 1000, statistics.median(service) * 1000
     overhead = statistics.median(sv - bv for sv, bv in zip(service, bare)) * 1000

@@ -15,13 +15,13 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from bot.config import SchedulerSettings
 from bot.engine.backends import create_backend
 from bot.engine.jobkinds import GENERATE, JobKind, JobKinds
 from bot.engine.scheduler import Scheduler
-from bot.storage import Artifact, Job, Storage
+from bot.storage import Storage
+from delivery_sink import DeliverySink
 from handlers.protocols import Chat
 
 PIPELINE = "facechain_core.devtools:SleepPipeline"
@@ -33,27 +33,7 @@ BURST_JOBS = 20
 USERS = 10
 
 
-class _Sink:
-    def __init__(self) -> None:
-        self.delivered: dict[int, float] = {}
-
-    async def on_progress(self, job: Job, step: int, total: int, text: str | None) -> None:
-        pass
-
-    async def deliver(self, job: Job, artifacts: list[Artifact]) -> None:
-        self.delivered[job.id] = time.perf_counter()
-
-    async def on_late(self, job: Job) -> None:
-        pass
-
-    async def on_failed(self, job: Job, error: dict[str, Any]) -> None:
-        raise RuntimeError(f"job {job.id} failed: {error}")
-
-    async def on_cancelled(self, job: Job) -> None:
-        pass
-
-
-def _scheduler(storage: Storage, root: Path, sink: _Sink, backend: str, labels: dict[str, str]) -> Scheduler:
+def _scheduler(storage: Storage, root: Path, sink: DeliverySink, backend: str, labels: dict[str, str]) -> Scheduler:
     kinds = JobKinds(())
     kinds.register(JobKind("bench", PIPELINE, GENERATE, 1, 60))
     settings = SchedulerSettings(queue_max=100_000, user_max_queued=100_000, backend=backend,  # type: ignore[arg-type]
@@ -63,14 +43,8 @@ def _scheduler(storage: Storage, root: Path, sink: _Sink, backend: str, labels: 
     return Scheduler(storage, kinds, settings, data_dir=root / "data", context=context, sink=sink, backend=engine)
 
 
-async def _until_delivered(sink: _Sink, job_id: int) -> float:
-    while job_id not in sink.delivered:
-        await asyncio.sleep(0.0005)
-    return sink.delivered[job_id]
-
-
 async def overhead_ms(root: Path, backend: str) -> list[float]:
-    sink = _Sink()
+    sink = DeliverySink()
     labels = {"bench": "a"} if backend == "ray" else {}
     async with Storage(root / f"overhead-{backend}.sqlite3") as storage, \
             _scheduler(storage, root, sink, backend, labels) as sched:
@@ -78,7 +52,7 @@ async def overhead_ms(root: Path, backend: str) -> list[float]:
         for i in range(SEQUENTIAL_JOBS + 5):
             started = time.perf_counter()
             submitted = await sched.submit(f"bench:{i % USERS}", "bench", {"steps": 0}, CHAT)
-            delivered = await _until_delivered(sink, submitted.job_id)
+            delivered = await sink.delivered_at(submitted.job_id)
             job = await storage.job(submitted.job_id)
             if i >= 5:  # the first jobs warm up the worker
                 overheads.append((delivered - started - job.result["meta"]["run_s"]) * 1000)
@@ -86,14 +60,13 @@ async def overhead_ms(root: Path, backend: str) -> list[float]:
 
 
 async def throughput(root: Path, labels: dict[str, str]) -> float:
-    sink = _Sink()
+    sink = DeliverySink()
     async with Storage(root / f"burst-{len(labels)}.sqlite3") as storage, \
             _scheduler(storage, root, sink, "ray", labels) as sched:
         started = time.perf_counter()
-        for i in range(BURST_JOBS):
-            await sched.submit(f"bench:{i % USERS}", "bench", {"steps": 1, "delay_s": WORK_S}, CHAT)
-        while len(sink.delivered) < BURST_JOBS:
-            await asyncio.sleep(0.005)
+        submitted = [await sched.submit(f"bench:{i % USERS}", "bench", {"steps": 1, "delay_s": WORK_S}, CHAT)
+                     for i in range(BURST_JOBS)]
+        await asyncio.gather(*(sink.delivered_at(s.job_id) for s in submitted))
         return BURST_JOBS / (time.perf_counter() - started)
 
 

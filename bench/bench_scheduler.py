@@ -14,12 +14,12 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from bot.config import SchedulerSettings
 from bot.engine.jobkinds import GENERATE, JobKind, JobKinds
 from bot.engine.scheduler import Scheduler
-from bot.storage import Artifact, Job, Storage
+from bot.storage import Storage
+from delivery_sink import DeliverySink
 from handlers.protocols import Chat
 
 PIPELINE = "facechain_core.devtools:SleepPipeline"
@@ -29,32 +29,7 @@ BURST_JOBS = 400
 USERS = 20
 
 
-class _Sink:
-    def __init__(self) -> None:
-        self.delivered: dict[int, float] = {}
-        self.waiters: dict[int, asyncio.Future[float]] = {}
-
-    async def on_progress(self, job: Job, step: int, total: int, text: str | None) -> None:
-        pass
-
-    async def deliver(self, job: Job, artifacts: list[Artifact]) -> None:
-        now = time.perf_counter()
-        self.delivered[job.id] = now
-        waiter = self.waiters.pop(job.id, None)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(now)
-
-    async def on_late(self, job: Job) -> None:
-        pass
-
-    async def on_failed(self, job: Job, error: dict[str, Any]) -> None:
-        raise RuntimeError(f"job {job.id} failed: {error}")
-
-    async def on_cancelled(self, job: Job) -> None:
-        pass
-
-
-def _scheduler(storage: Storage, root: Path, sink: _Sink, devices: list[str]) -> Scheduler:
+def _scheduler(storage: Storage, root: Path, sink: DeliverySink, devices: list[str]) -> Scheduler:
     kinds = JobKinds(())
     kinds.register(JobKind("bench", PIPELINE, GENERATE, 1, 60))
     settings = SchedulerSettings(queue_max=100_000, user_max_queued=100_000)
@@ -63,17 +38,13 @@ def _scheduler(storage: Storage, root: Path, sink: _Sink, devices: list[str]) ->
 
 
 async def bench_overhead(root: Path) -> None:
-    sink = _Sink()
+    sink = DeliverySink()
     async with Storage(root / "overhead.sqlite3") as storage, _scheduler(storage, root, sink, ["cpu"]) as sched:
         overheads = []
         for i in range(SEQUENTIAL_JOBS):
             started = time.perf_counter()
             submitted = await sched.submit(f"bench:{i % USERS}", "bench", {"steps": 0}, CHAT)
-            waiter = asyncio.get_running_loop().create_future()
-            sink.waiters[submitted.job_id] = waiter
-            if submitted.job_id in sink.delivered:
-                waiter.set_result(sink.delivered[submitted.job_id])
-            delivered = await waiter
+            delivered = await sink.delivered_at(submitted.job_id)
             job = await storage.job(submitted.job_id)
             overheads.append((delivered - started - job.result["meta"]["run_s"]) * 1000)
     overheads.sort()
@@ -83,15 +54,13 @@ async def bench_overhead(root: Path) -> None:
 
 
 async def bench_throughput(root: Path, work_s: float) -> None:
-    sink = _Sink()
+    sink = DeliverySink()
     name = f"burst-{work_s}.sqlite3"
     async with Storage(root / name) as storage, _scheduler(storage, root, sink, ["cpu", "cpu"]) as sched:
         started = time.perf_counter()
         params = {"steps": 1, "delay_s": work_s} if work_s else {"steps": 0}
-        for i in range(BURST_JOBS):
-            await sched.submit(f"bench:{i % USERS}", "bench", params, CHAT)
-        while len(sink.delivered) < BURST_JOBS:
-            await asyncio.sleep(0.005)
+        submitted = [await sched.submit(f"bench:{i % USERS}", "bench", params, CHAT) for i in range(BURST_JOBS)]
+        await asyncio.gather(*(sink.delivered_at(s.job_id) for s in submitted))
         elapsed = time.perf_counter() - started
     ideal = f" (ideal {2 / work_s:.0f} jobs/s)" if work_s else ""
     print(f"throughput, 2 workers, {BURST_JOBS} jobs of {work_s * 1000:.0f} ms work from {USERS} users: "

@@ -2,10 +2,13 @@
 
 Full-size architectures with random weights (built by facechain_core.tiny; the clothes parser and the
 pose model stay tiny: they run once per job and cost little beside the denoising). Prints the load
-time, the job time at --side with --steps, its share per denoising step, and the peak GPU memory.
+time, the job time at --side with --steps, its share per denoising step, and the peak GPU memory; with
+--users N, the pictures per second of N users' try-ons run one by one against one shared pass
+(``TryOnPipeline.run_batch``, as the scheduler batches them).
 
     python bench/bench_tryon.py --device cuda            # 512 px, 30 steps, full size, float16
     python bench/bench_tryon.py --tiny --steps 2         # quick CPU check of the bench itself
+    python bench/bench_tryon.py --tiny --users 4         # cross-user batching: one by one vs one pass
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -58,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--side", type=int, help="working size's longer side (default 512, tiny 64)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--runs", type=int, default=3, help="timed jobs after one warm-up")
+    parser.add_argument("--users", type=int, default=1, help="also time N users' try-ons one by one vs one pass")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     for name in ("diffusers", "transformers", "peft"):
@@ -69,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.disable_progress_bar()
     side = args.side or (64 if args.tiny else 512)
     cuda = args.device.startswith("cuda")
+    if not cuda:
+        torch.set_num_threads(1)  # steadier figures on a shared, loaded CPU
 
     def sync() -> None:
         if cuda:
@@ -102,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         warm = job(0)
         times = [job(1 + n) for n in range(args.runs)]
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+        shared = users_per_second(pipeline, root, args.users, args.runs, sync) if args.users > 1 else None
         pipeline.close()
 
     median = statistics.median(times)
@@ -114,7 +122,46 @@ def main(argv: list[str] | None = None) -> int:
     print(f"per denoising step (job / steps):    {median / args.steps * 1000:8.1f} ms")
     if cuda:
         print(f"peak GPU memory allocated:           {peak:8.2f} GiB")
+    if shared is not None:
+        alone, together = shared
+        print(f"{args.users} users, pictures/s one by one: {alone:8.2f}")
+        print(f"{args.users} users, pictures/s one pass:   {together:8.2f} ({together / alone:.2f}x)")
     return 0
+
+
+def users_per_second(pipeline: TryOnPipeline, root: Path, users: int, runs: int, sync: Any) -> tuple[float, float]:
+    """Pictures per second (medians of `runs`) of `users` try-ons, each user with their own identity and seed,
+    run one by one and then as one shared pass."""
+    jobs = []
+    for n in range(users):
+        vectors = normalise(np.random.default_rng(10 + n).standard_normal((1, 512))).astype(np.float32)
+        identity = save_identity(Identity(vectors[0], vectors, np.zeros((224, 224, 3), np.uint8)),
+                                 root / f"user{n}.npz")
+        jobs.append({"outfit": str(root / "outfit.png"), "identity": str(identity), "seed": 50 + n,
+                     "out_dir": str(root / "users" / str(n))})
+
+    def quiet(step: int, total: int, text: str | None = None) -> None:
+        pass
+
+    def timed(work: Any) -> float:
+        started = time.perf_counter()
+        work()
+        sync()
+        return time.perf_counter() - started
+
+    def one_by_one() -> None:
+        for job in jobs:
+            pipeline.run(job, quiet)
+
+    def one_pass() -> None:
+        outcomes = pipeline.run_batch([(job, quiet) for job in jobs])
+        failed = [o for o in outcomes if isinstance(o, BaseException)]
+        if failed:
+            raise failed[0]
+
+    one_pass()  # warm-up at the batch's shapes
+    rounds = [(timed(one_by_one), timed(one_pass)) for _ in range(runs)]  # interleaved: load drifts hit both
+    return users / statistics.median(a for a, _ in rounds), users / statistics.median(t for _, t in rounds)
 
 
 if __name__ == "__main__":

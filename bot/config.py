@@ -115,7 +115,7 @@ class SchedulerSettings(_Section):
     # Where worker processes run: "local" (children of the bot, one per GPU above) or "ray"
     # (one actor per GPU of a Ray cluster; `pip install '.[ray]'`).
     backend: Literal["local", "ray"] = "local"
-    # Ray: "auto" (the cluster this machine joined), "ray://head:10001", or empty for a local instance.
+    # Ray: "auto" (the cluster this machine joined), "HEAD_IP:6379", "ray://head:10001", or empty for a local instance.
     ray_address: str = ""
     # Ray: the resource each worker actor takes one unit of ("GPU" on a real cluster).
     ray_gpu_resource: str = "GPU"

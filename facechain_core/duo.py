@@ -30,9 +30,8 @@ from facechain_core.group_poses import DEFAULT_GROUPS_DIR, MAX_PEOPLE, MIN_PEOPL
     region_masks
 from facechain_core.group_ranking import GroupRanked, rank_group
 from facechain_core.identity import ARCFACE_SIZE, Identity, align_face, landmarks_of, load_identity
-from facechain_core.lora_fuse import fused_loras
 from facechain_core.pipeline import JobResult, PipelineContext, Progress
-from facechain_core.portrait import PortraitPipeline, ResidentBase, _style_dict, _to_uint8, _write_pngs, \
+from facechain_core.portrait import PortraitPipeline, ResidentBase, _style_dict, _write_pngs, \
     candidate_seeds, job_count
 from facechain_core.studio import size_multiple
 
@@ -89,9 +88,9 @@ class DuoPipeline(PortraitPipeline):
         total = int(sampler["steps"]) * len(chunks) + 1
         prompt = style["prompt"].replace("{subject}", SUBJECTS[len(paths)])
         runner = self.pose_pipeline(base)
-        candidates = self.denoise_group(
-            base, runner, identities, masks, chunks, progress, total, set_up,
-            float(sampler.get("guidance_scale", 7.0)), prompt=prompt,
+        candidates = self.denoise_chunks(
+            base, identities, chunks, progress, total, set_up, float(sampler.get("guidance_scale", 7.0)),
+            runner=runner, cross_attention_kwargs={"ip_adapter_masks": [ip_adapter_mask(masks)]}, prompt=prompt,
             negative_prompt=style.get("negative_prompt") or None, num_inference_steps=int(sampler["steps"]),
             width=width, height=height, image=pose,
             controlnet_conditioning_scale=float(settings["pose_scale"]))
@@ -136,51 +135,6 @@ class DuoPipeline(PortraitPipeline):
         pipe = base.pipe
         latent_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         return region_masks(layout, size, latent_factor, len(pipe.unet.config.block_out_channels))
-
-    def denoise_group(self, base: ResidentBase, runner: Any, identities: list[Identity], masks: np.ndarray,
-                      chunks: list[list[int]], progress: Progress, total: int, set_up: Any, guidance: float,
-                      **call: Any) -> list[np.ndarray]:
-        """Run `runner` once per chunk of seeds with every identity as one IP-Adapter image, each masked."""
-        pipe = base.pipe
-        cfg = guidance > 1.0
-        stacked = np.stack([i.embedding for i in identities])[None]  # (1, people, 512)
-        embedding = torch.from_numpy(stacked).to(pipe.device, pipe.unet.dtype)
-        ip_embeds = torch.cat([torch.zeros_like(embedding), embedding]) if cfg else embedding
-        mask_kwargs = {"ip_adapter_masks": [ip_adapter_mask(masks)]}
-        done = 0
-
-        def on_step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-            nonlocal done
-            done += 1
-            progress(done, total)
-            return kwargs
-
-        images: list[np.ndarray] = []
-        for index, chunk in enumerate(chunks):
-            if index:
-                yield_point = getattr(progress, "yield_point", None)
-                if yield_point is not None:
-                    yield_point()
-                    set_up()
-            if base.plus:
-                self._set_group_clip_embeds(base, identities, len(chunk), cfg)
-            with fused_loras(pipe.unet, self.fusing(base)):
-                result = runner(
-                    **call, guidance_scale=guidance, num_images_per_prompt=len(chunk),
-                    generator=[torch.Generator("cpu").manual_seed(s) for s in chunk],
-                    ip_adapter_image_embeds=[ip_embeds], cross_attention_kwargs=mask_kwargs,
-                    callback_on_step_end=on_step_end, output_type="np")
-            images.extend(_to_uint8(result.images))
-        return images
-
-    def _set_group_clip_embeds(self, base: ResidentBase, identities: list[Identity], n: int, cfg: bool) -> None:
-        """FaceID Plus: the CLIP hidden states of every person's face crop, one IP-Adapter image each."""
-        pipe = base.pipe
-        crops = [Image.fromarray(i.crop) for i in identities]
-        clip = pipe.prepare_ip_adapter_image_embeds([crops], None, pipe.device, n, cfg)[0]
-        layer = pipe.unet.encoder_hid_proj.image_projection_layers[0]
-        layer.clip_embeds = clip.to(dtype=pipe.unet.dtype)
-        layer.shortcut = bool(self._settings["plus_shortcut"])
 
     def rank(self, candidates: list[np.ndarray], identities: list[Identity], masks: np.ndarray,
              min_similarity: float) -> list[GroupRanked]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -100,6 +101,15 @@ def downscale(img: Image.Image, max_side: int) -> Image.Image:
     factor = max_side / long_side
     size = (max(1, round(width * factor)), max(1, round(height * factor)))
     return img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+def picture_size(path: str | Path) -> list[int] | None:
+    """A picture file's [width, height] as stored, read from its header; None when it is not a readable picture."""
+    try:
+        with Image.open(path) as img:
+            return [int(img.width), int(img.height)]
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:

@@ -20,6 +20,16 @@ class Progress(Protocol):
         """Lets the worker run waiting short jobs now (long jobs call this at checkpoints)."""
 
 
+class QuietProgress:
+    """The ``Progress`` of a run nobody watches (a bench, a script): reports nothing, lets no other job in."""
+
+    def __call__(self, step: int, total: int, text: str | None = None) -> None:
+        pass
+
+    def yield_point(self) -> None:
+        pass
+
+
 @dataclass
 class PipelineContext:
     """What a worker hands to ``Pipeline.load``: where models are, which device, shared caches."""

@@ -193,11 +193,42 @@ class PreparedPortrait:
         self.base.pipe.set_ip_adapter_scale(self.plan.identity_weight)
         use_sampler(self.base, self.fast, self.style["sampler"].get("scheduler"))
 
+    @property
+    def guidance(self) -> float:
+        return float(self.style["sampler"].get("guidance_scale", 7.0))
+
+    def pass_key(self) -> tuple[Any, ...] | None:
+        """What this job's pass applies to the whole batch: jobs with equal keys may share one (None: alone)."""
+        if self.plan.pose_image is not None or self.plan.vary_seed is not None:
+            return None
+        sampler = self.style["sampler"]
+        return (self.base.family, self.base.name, self.fast.id if self.fast is not None else None,
+                sampler.get("scheduler"), int(sampler["steps"]), self.guidance, sampler.get("eta"),
+                self.plan.width, self.plan.height, self.plan.identity_weight,
+                tuple((r.slot, r.key, r.weight) for r in self.loras))
+
+    @property
+    def control_scales(self) -> tuple[float, ...]:
+        """Each ControlNet's weight for this job's samples (none: a shared pass of portraits has no ControlNet)."""
+        return ()
+
+    def pass_call(self) -> dict[str, Any]:
+        """The pipeline keywords the whole pass shares (besides guidance, seeds and the identity)."""
+        sampler = self.style["sampler"]
+        return {"num_inference_steps": int(sampler["steps"]), "width": self.plan.width, "height": self.plan.height,
+                **eta_of(sampler)}
+
+    def sample_input(self) -> dict[str, Any]:
+        """The pipeline inputs of one of this job's samples (``batched_inputs`` stacks them)."""
+        # "" is what None means to diffusers, and a batch's list of negatives takes no None
+        return {"prompt": self.prompt, "negative_prompt": self.style.get("negative_prompt") or ""}
+
 
 class PortraitPipeline:
     """Job "portrait": identity + style -> ranked portraits (see the module docstring)."""
 
     kind = "portrait"
+    file_prefix = "portrait"  # result files are <prefix>_<rank>_<seed>.png
 
     def __init__(self, detector_factory: Callable[[str, Path], Any] | None = None) -> None:
         self._detector_factory = detector_factory
@@ -280,14 +311,16 @@ class PortraitPipeline:
 
     def run(self, params: dict[str, Any], progress: Progress) -> JobResult:
         """Generate, filter and rank portraits of the identity in the style; write PNGs."""
-        job = self.prepare(params)
+        return self.run_prepared(self.prepare(params), progress)
+
+    def run_prepared(self, job: PreparedPortrait, progress: Progress) -> JobResult:
+        """Steps 4-7 of a prepared job on its own."""
         job.set_up()
         # 4. Generate the candidates; progress raising JobCancelled stops between steps.
-        batch = 1 if params.get("low_memory") else max(1, int(self._settings["batch_size"]))  # the worker's OOM retry
+        batch = 1 if job.params.get("low_memory") else max(1, int(self._settings["batch_size"]))  # the OOM retry
         chunks = [job.seeds[i:i + batch] for i in range(0, len(job.seeds), batch)]
         total = int(job.style["sampler"]["steps"]) * len(chunks) + 1
-        candidates = self._generate(job.base, job.style, job.prompt, job.identity, chunks, progress, total,
-                                    job.set_up, job.plan)
+        candidates = self._generate(job, chunks, progress, total)
         return self.finish(job, candidates, progress, total)
 
     def prepare(self, params: dict[str, Any]) -> PreparedPortrait:
@@ -320,26 +353,15 @@ class PortraitPipeline:
         # 5. Keep one-face candidates, best identity match first.
         ranked = self._rank(candidates, job.identity, len(candidates))
         progress(total, total)
-        if not ranked:
-            raise UserFacingError("portrait.no_good_candidates", candidates=len(candidates))
-        # 6. Safe mode: the best `count` that the safety checker lets out.
-        screened = safety.screen(self._context, job.params, [candidates[r.index] for r in ranked], job.count)
-        ranked = [ranked[i] for i in screened.kept]
-        # 7. Restore their faces (auto_restore), write them labelled as AI-generated.
-        seeds = job.seeds
-        kept = [self.restore(candidates[r.index]) for r in ranked]
-        files = _write_pngs(Path(job.params["out_dir"]), kept, [seeds[r.index] for r in ranked],
-                            safety.service_name(self._context))
+        # 6-7. Safe mode keeps the best `count`; their faces restored (auto_restore), written labelled.
+        files, meta = self.keep_ranked(job, candidates, ranked, "portrait.no_good_candidates", self.restore)
         user_lora = any(r.slot == "user" for r in job.loras)
         meta = {
-            "seeds": [seeds[r.index] for r in ranked],
-            "similarity": [round(r.similarity, 4) for r in ranked],
+            **meta,
             "style": job.style.get("id"),
             "base": job.base.name or job.base.family,
             "lora_used": user_lora,
             "restored": self._restorer is not None,
-            "safety": safety.safety_meta(screened),
-            "file_meta": [{"seed": seeds[r.index]} for r in ranked],
             "fast": job.fast.id if job.fast is not None else None,
             "steps": int(job.style["sampler"]["steps"]),
             **job.plan.meta(job.base),
@@ -348,11 +370,26 @@ class PortraitPipeline:
                  len(candidates), user_lora)
         return JobResult(files=files, meta=meta)
 
-    def run_batch(self, jobs: list[tuple[dict[str, Any], Progress]]) -> list[JobResult | BaseException]:
-        """Several jobs' candidates in one denoising pass (``facechain_core.portrait_batch``); one outcome per job."""
-        from facechain_core.portrait_batch import run_portrait_batch
+    def keep_ranked(self, job: PreparedPortrait, candidates: list[np.ndarray], ranked: list[Ranked], code: str,
+                    restore: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[list[Path], dict[str, Any]]:
+        """Safe mode over the ranked candidates (best first; none: UserFacingError `code`), then the kept ones
+        (`restore`d) written as labelled PNGs: the files and the meta every ranked result carries."""
+        if not ranked:
+            raise UserFacingError(code, candidates=len(candidates))
+        screened = safety.screen(self._context, job.params, [candidates[r.index] for r in ranked], job.count)
+        ranked = [ranked[i] for i in screened.kept]
+        seeds = [job.seeds[r.index] for r in ranked]
+        kept = [candidates[r.index] for r in ranked]
+        files = _write_pngs(Path(job.params["out_dir"]), [restore(k) for k in kept] if restore else kept, seeds,
+                            safety.service_name(self._context), self.file_prefix)
+        return files, {"seeds": seeds, "similarity": [round(r.similarity, 4) for r in ranked],
+                       "safety": safety.safety_meta(screened), "file_meta": [{"seed": seed} for seed in seeds]}
 
-        return run_portrait_batch(self, jobs)
+    def run_batch(self, jobs: list[tuple[dict[str, Any], Progress]]) -> list[JobResult | BaseException]:
+        """Several jobs' candidates in one denoising pass (``facechain_core.shared_pass``); one outcome per job."""
+        from facechain_core.shared_pass import run_shared_passes
+
+        return run_shared_passes(self, jobs)
 
     def restore(self, image: np.ndarray) -> np.ndarray:
         """The picture with its faces restored when auto_restore runs (unchanged otherwise)."""
@@ -529,35 +566,36 @@ class PortraitPipeline:
         base.slots[req.slot] = req.key
         return True
 
-    def _generate(self, base: ResidentBase, style: dict[str, Any], prompt: str, identity: Identity,
-                  chunks: list[list[int]], progress: Progress, total: int,
-                  set_up: Callable[[], None], plan: StudioPlan) -> list[np.ndarray]:
+    def _generate(self, job: PreparedPortrait, chunks: list[list[int]], progress: Progress, total: int
+                  ) -> list[np.ndarray]:
         """Run the base once per chunk of seeds, one image per seed; report each denoising step."""
-        sampler = style["sampler"]
         call: dict[str, Any] = {}
         runner = None
-        if plan.pose_image is not None:
-            runner = self.pose_pipeline(base)
-            call = {"image": plan.pose_image, "controlnet_conditioning_scale": float(self._settings["pose_scale"])}
+        if job.plan.pose_image is not None:
+            runner = self.pose_pipeline(job.base)
+            call = {"image": job.plan.pose_image, "controlnet_conditioning_scale": float(self._settings["pose_scale"])}
         return self.denoise_chunks(
-            base, identity, chunks, progress, total, set_up, float(sampler.get("guidance_scale", 7.0)),
-            runner=runner, latents_for=plan.latents_for(base), prompt=prompt, **eta_of(sampler),
-            negative_prompt=style.get("negative_prompt") or None, num_inference_steps=int(sampler["steps"]),
-            width=plan.width, height=plan.height, **call)
+            job.base, job.identity, chunks, progress, total, job.set_up, job.guidance, runner=runner,
+            latents_for=job.plan.latents_for(job.base), **job.sample_input(), **job.pass_call(), **call)
 
-    def denoise_chunks(self, base: ResidentBase, identity: Identity, chunks: list[list[int]], progress: Progress,
-                       total: int, set_up: Callable[[], None], guidance: float, *, runner: Any = None,
-                       latents_for: Callable[[list[int]], torch.Tensor] | None = None,
-                       **call: Any) -> list[np.ndarray]:
+    def denoise_chunks(self, base: ResidentBase, identity: Identity | list[Identity], chunks: list[list[int]],
+                       progress: Progress, total: int, set_up: Callable[[], None], guidance: float, *,
+                       runner: Any = None, latents_for: Callable[[list[int]], torch.Tensor] | None = None,
+                       per_sample: dict[str, Any] | None = None, **call: Any) -> list[np.ndarray]:
         """Call the base's pipeline (or `runner`, one derived from it) with `call` once per chunk of seeds, one image
         per seed, with what every job shares: the identity's FaceID (Plus) embeddings, merged LoRAs, a step report,
         and between chunks a yield point after which `set_up` restores this job's adapters. `latents_for` gives a
-        chunk's starting noise where the seeds alone do not (Vary)."""
+        chunk's starting noise where the seeds alone do not (Vary). `per_sample`: one sample's inputs, given once
+        per row (as a shared pass gives them), so each row's result does not depend on the rows beside it.
+        A list of identities (a group portrait) makes one IP-Adapter image each; their region masks come in
+        `call`'s ``cross_attention_kwargs``."""
         cfg = guidance > 1.0
         done = 0
         pipe = base.pipe
         runner = runner or pipe
-        embedding = torch.from_numpy(identity.embedding).reshape(1, 1, -1).to(pipe.device, pipe.unet.dtype)
+        people = identity if isinstance(identity, list) else [identity]
+        stacked = np.stack([person.embedding for person in people])  # (people, 512)
+        embedding = torch.from_numpy(stacked).reshape(1, len(people), -1).to(pipe.device, pipe.unet.dtype)
         ip_embeds = torch.cat([torch.zeros_like(embedding), embedding]) if cfg else embedding
 
         def on_step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -576,9 +614,10 @@ class PortraitPipeline:
             if base.plus:
                 self._set_clip_embeds(base, identity, len(chunk), cfg)
             latents = latents_for(chunk) if latents_for is not None else None
+            rows = batched_inputs([per_sample] * len(chunk)) if per_sample is not None else {}
             with fused_loras(pipe.unet, self.fusing(base)):
                 result = runner(
-                    **call, guidance_scale=guidance, num_images_per_prompt=len(chunk),
+                    **call, **rows, guidance_scale=guidance, num_images_per_prompt=1 if rows else len(chunk),
                     generator=[torch.Generator("cpu").manual_seed(s) for s in chunk], latents=latents,
                     ip_adapter_image_embeds=[ip_embeds], callback_on_step_end=on_step_end, output_type="np",
                 )
@@ -589,11 +628,11 @@ class PortraitPipeline:
         """Whether this job's batches run with the active LoRAs merged (``fuse_loras`` on the base's device)."""
         return wants_fusing(self._settings.get("fuse_loras", "auto"), base.pipe.device)
 
-    def _set_clip_embeds(self, base: ResidentBase, identity: Identity, n: int, cfg: bool) -> None:
-        """Give FaceID Plus the CLIP hidden states of the identity's face crop."""
+    def _set_clip_embeds(self, base: ResidentBase, identity: Identity | list[Identity], n: int, cfg: bool) -> None:
+        """Give FaceID Plus the CLIP hidden states of the identity's face crop (of each person's, for a group)."""
         pipe = base.pipe
-        crop = Image.fromarray(identity.crop)
-        clip = pipe.prepare_ip_adapter_image_embeds([crop], None, pipe.device, n, cfg)[0]
+        crops = [Image.fromarray(person.crop) for person in (identity if isinstance(identity, list) else [identity])]
+        clip = pipe.prepare_ip_adapter_image_embeds([crops], None, pipe.device, n, cfg)[0]
         layer = pipe.unet.encoder_hid_proj.image_projection_layers[0]
         layer.clip_embeds = clip.to(dtype=pipe.unet.dtype)
         layer.shortcut = bool(self._settings["plus_shortcut"])
@@ -787,6 +826,21 @@ def _delete_adapter(pipe: Any, name: str) -> None:
         pipe.delete_adapters(name)
 
 
+def batched_inputs(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """One pipeline call's inputs from each sample's: a list per input; a tuple (one picture per ControlNet)
+    becomes one array of pictures per ControlNet (diffusers takes no nested lists for several ControlNets)."""
+    rows: dict[str, Any] = {}
+    for key in samples[0]:
+        values = [sample[key] for sample in samples]
+        rows[key] = [_picture_batch(v) for v in zip(*values, strict=True)] if isinstance(values[0], tuple) else values
+    return rows
+
+
+def _picture_batch(pictures: tuple[Image.Image, ...]) -> np.ndarray:
+    """Pictures as one (n, h, w, 3) float batch in [0, 1], the values diffusers reads from each PIL picture."""
+    return np.stack([np.asarray(p.convert("RGB"), dtype=np.float32) / 255.0 for p in pictures])
+
+
 def _to_uint8(images: np.ndarray) -> list[np.ndarray]:
     return [np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8) for img in images]
 
@@ -806,11 +860,12 @@ def candidate_seeds(params: dict[str, Any], count: int, oversample: Any) -> list
     return [first + i for i in range(count * max(1, int(oversample)))]
 
 
-def _write_pngs(out_dir: Path, images: list[np.ndarray], seeds: list[int], service: str) -> list[Path]:
+def _write_pngs(out_dir: Path, images: list[np.ndarray], seeds: list[int], service: str,
+                prefix: str = "portrait") -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     files = []
     for rank, (image, seed) in enumerate(zip(images, seeds, strict=True), start=1):
-        path = out_dir / f"portrait_{rank:02d}_{seed}.png"
+        path = out_dir / f"{prefix}_{rank:02d}_{seed}.png"
         safety.save_labelled(Image.fromarray(image), path, service)
         files.append(path.resolve())
     return files

@@ -24,19 +24,17 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from facechain_core import safety
 from facechain_core.errors import UserFacingError
 from facechain_core.faces import Face
 from facechain_core.garment import feather_mask
 from facechain_core.identity import open_arcface
-from facechain_core.pipeline import JobResult, PipelineContext, Progress
-from facechain_core.portrait import DEFAULTS, _write_pngs, candidate_seeds, eta_of, job_count, use_sampler, \
-    vary_latents
+from facechain_core.pipeline import PipelineContext
+from facechain_core.portrait import DEFAULTS, candidate_seeds, job_count
 from facechain_core.poses import has_pose, photo_skeleton, pose_map
 from facechain_core.pose import PoseEstimator
 from facechain_core.resident import SHARED_KEY, ResidentPipelines
 from facechain_core.studio import identity_weight
-from facechain_core.tryon import REFERENCE_SIDE, TryOnPipeline, composite, working_image
+from facechain_core.tryon import REFERENCE_SIDE, PreparedInpaint, TryOnPipeline, working_image
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +52,7 @@ class TemplatePipeline(TryOnPipeline):
     """Job "template": a template picture + identity -> the user in that picture (see the module docstring)."""
 
     kind = "template"
+    file_prefix = "portrait"
 
     def load(self, context: PipelineContext) -> None:
         """Open DWPose, ArcFace and the face detector; make the try-on's inpainting base resident."""
@@ -66,8 +65,8 @@ class TemplatePipeline(TryOnPipeline):
         self._detector = self._open_detector()  # the template's face is found whatever face_filter says
         self.base("sd15")
 
-    def run(self, params: dict[str, Any], progress: Progress) -> JobResult:
-        """Paint the identity into the template's face region; write ranked, labelled PNGs."""
+    def prepare(self, params: dict[str, Any]) -> PreparedInpaint:
+        """Steps 1-3 of a job: the template at the working size, its face region and pose, the identity, LoRAs."""
         if self._pose is None or self._arcface is None or self._detector is None:
             raise RuntimeError("TemplatePipeline.run called before load")
         cfg = self._tryon
@@ -81,61 +80,22 @@ class TemplatePipeline(TryOnPipeline):
         region = face_region(face, picture.shape[:2], float(cfg["face_grow"]))
         repaint_soft = feather_mask(region, round(int(cfg["dilate_px"]) * scale),
                                     round(int(cfg["feather_px"]) * scale))
-        keep = 1.0 - repaint_soft
-        repaint = Image.fromarray(((repaint_soft > 0) * 255).astype(np.uint8))
         pose, pose_weight = self._pose_control(picture)
         silhouette = Image.fromarray(np.zeros_like(picture))  # the try-on base's depth ControlNet: off
         # 3. Identity and LoRA on the resident base; the likeness control scales the identity weight.
-        identity = self._load_identity(params["identity"], params.get("selfies"))
-        base = self.base()
-        # Fast mode where the accelerator runs on the inpainting base with ControlNets (else normally).
-        fast = self.accelerator_for("sd15", params, inpainting=True, controlnet=True)
-        cfg = fast.sampler(cfg) if fast is not None else cfg
-        user_loras = self._lora_requests({}, params)
-        loras = user_loras + self.fast_loras("sd15", fast)
         controls = params.get("controls") or {}
         weight = identity_weight(float(cfg["identity_weight"]), controls.get("likeness"))
         vary_seed = int(controls["vary"]["seed"]) if controls.get("vary") else None
-
-        def set_up() -> None:
-            self.activate_loras(base, loras)
-            base.pipe.set_ip_adapter_scale(weight)
-            use_sampler(base, fast)
-
-        set_up()
-        # 4. Generate, then put the template back outside the repainted region.
-        batch = max(1, int(self._settings["batch_size"]))
-        chunks = [seeds[i:i + batch] for i in range(0, len(seeds), batch)]
-        total = int(cfg["steps"]) * len(chunks) + 1
         subject = str(params.get("subject") or self._settings["subject"])
         prompt = ", ".join(p for p in (str(cfg["prompt"]).replace("{subject}", subject), params.get("hints")) if p)
-        height, width = picture.shape[:2]
-        generated = self.denoise_chunks(
-            base, identity, chunks, progress, total, set_up, float(cfg["guidance_scale"]),
-            latents_for=vary_latents(base.pipe, vary_seed, width, height),
-            prompt=prompt, negative_prompt=cfg["negative_prompt"] or None, image=Image.fromarray(picture),
-            mask_image=repaint, control_image=[pose, silhouette], height=height, width=width, strength=1.0,
-            num_inference_steps=int(cfg["steps"]), controlnet_conditioning_scale=[pose_weight, 0.0], **eta_of(cfg))
-        candidates = [composite(picture, image, keep) for image in generated]
-        # 5. Rank by face similarity; safe mode; write labelled PNGs.
-        ranked = self._rank(candidates, identity, len(candidates))
-        progress(total, total)
-        if not ranked:
-            raise UserFacingError("template.no_good_candidates", candidates=len(candidates))
-        screened = safety.screen(self._context, params, [candidates[r.index] for r in ranked], count)
-        ranked = [ranked[i] for i in screened.kept]
-        files = _write_pngs(Path(params["out_dir"]), [candidates[r.index] for r in ranked],
-                            [seeds[r.index] for r in ranked], safety.service_name(self._context))
         ys, xs = np.nonzero(repaint_soft > 0)
-        meta = {"seeds": [seeds[r.index] for r in ranked], "similarity": [round(r.similarity, 4) for r in ranked],
-                "template": params.get("template_id") or "photo", "size": [width, height],
+        meta = {"template": params.get("template_id") or "photo",
                 "mask_box": [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1],
-                "identity_weight": weight, "pose_found": pose_weight > 0, "lora_used": bool(user_loras),
-                "vary_of": vary_seed,
-                "fast": fast.id if fast is not None else None, "steps": int(cfg["steps"]),
-                "safety": safety.safety_meta(screened), "file_meta": [{"seed": seeds[r.index]} for r in ranked]}
-        log.info("template %s kept %d of %d candidates", meta["template"], len(files), len(candidates))
-        return JobResult(files=files, meta=meta)
+                "identity_weight": weight, "pose_found": pose_weight > 0, "vary_of": vary_seed}
+        repaint = Image.fromarray(((repaint_soft > 0) * 255).astype(np.uint8))
+        return self.inpaint_job(params, count, seeds, picture=picture, repaint=repaint, keep=1.0 - repaint_soft,
+                                controls=(pose, silhouette), control_scales=(pose_weight, 0.0), weight=weight,
+                                prompt=prompt, meta=meta, vary_seed=vary_seed)
 
     def _one_face(self, path: Path, shape: tuple[int, int]) -> Face:
         """The template's only face (found at up to DETECT_SIDE px, mapped to the working `shape`); none, or

@@ -8,8 +8,12 @@ with the stock diffusers loaders): openpose on that skeleton, and depth on ``gar
 the person's silhouette, so arms and legs keep the garment's outline; conditioned on the user's
 IP-Adapter FaceID embedding (FaceID Plus also reads their face crop when ``ip_adapter_path`` names a
 Plus file; and their LoRA when trained); paste the original garment pixels back
-through the feathered mask so the garment stays faithful; rank the candidates by face similarity as
-portraits do. ``params["pose_image"]`` replaces the skeleton with a given OpenPose picture.
+through the feathered mask so the garment stays faithful; rank the candidates by face similarity, screen
+them by safe mode and write them labelled, as portraits do. ``params["pose_image"]`` replaces the skeleton
+with a given OpenPose picture. A job is prepared (``prepare``) up to its denoising, so several users' try-ons
+(and templates, on the same base) can share one pass (``facechain_core.shared_pass``,
+``facechain_core.inpaint_batch``): each row is given its own picture, mask and control pictures, alone too,
+so a row's result never depends on the rows beside it.
 
 Settings: the portrait's shared ones (``face_filter``, ``oversample``, ``batch_size``,
 ``detector_kind``) and a ``tryon`` table: ``side`` (512, the working size's longer side),
@@ -22,6 +26,7 @@ two ControlNets' weights, ``identity_weight`` (1.0), ``dilate_px`` (6), ``feathe
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +37,12 @@ from PIL import Image
 from facechain_core.errors import ModelNotInstalled, UserFacingError
 from facechain_core.garment import ClothesParser, Parsing, control_map, feather_mask, parser_summary
 from facechain_core.garment import MIN_GARMENT_FRACTION, MIN_PERSON_FRACTION
-from facechain_core.identity import Identity, open_arcface, pull_command
+from facechain_core.identity import open_arcface, pull_command
+from facechain_core.inpaint_batch import working_size
 from facechain_core.pipeline import JobResult, PipelineContext, Progress
 from facechain_core.pose import Pose, PoseEstimator, draw_openpose, openpose_body, person_box
-from facechain_core.portrait import DEFAULTS, DTYPES, PortraitPipeline, ResidentBase, attach_image_encoder, \
-    candidate_seeds, eta_of, job_count, use_sampler
+from facechain_core.portrait import DEFAULTS, DTYPES, PortraitPipeline, PreparedPortrait, ResidentBase, StudioPlan, \
+    attach_image_encoder, candidate_seeds, job_count
 from facechain_core.resident import SHARED_KEY, ResidentPipelines
 
 log = logging.getLogger(__name__)
@@ -55,14 +61,38 @@ TRYON_DEFAULTS: dict[str, Any] = {
     "negative_prompt": "lowres, blurry, deformed face, extra limbs, watermark",
 }
 REFERENCE_SIDE = 512  # dilate_px and feather_px are given at this side
-SIZE_MULTIPLE = 64  # latents of the real VAE (8x) must divide by the UNet's 8x downsampling
 MIN_POSE_POINTS = 4  # of OpenPose's 18 body points, below which there is no body pose to keep
+
+
+@dataclass(kw_only=True)
+class PreparedInpaint(PreparedPortrait):
+    """A try-on or template job resolved up to its denoising. Its `style` is the settings table (fast mode's
+    sampler applied), its plan the working size and identity weight."""
+
+    picture: np.ndarray  # the working picture (RGB)
+    repaint: Image.Image  # white where the picture is repainted
+    keep: np.ndarray  # float (h, w): the share of the picture put back over each generated pixel
+    controls: tuple[Image.Image, Image.Image]  # the openpose and depth ControlNets' pictures
+    scales: tuple[float, float]  # their weights (a shared pass gives each sample its own)
+    meta: dict[str, Any]  # what the result says beside the common meta
+
+    @property
+    def control_scales(self) -> tuple[float, ...]:
+        return self.scales
+
+    def pass_call(self) -> dict[str, Any]:
+        return {**super().pass_call(), "strength": 1.0, "controlnet_conditioning_scale": list(self.scales)}
+
+    def sample_input(self) -> dict[str, Any]:
+        return {**super().sample_input(), "image": Image.fromarray(self.picture), "mask_image": self.repaint,
+                "control_image": self.controls}
 
 
 class TryOnPipeline(PortraitPipeline):
     """Job "tryon": outfit photo + identity -> the outfit worn by the user (see the module docstring)."""
 
     kind = "tryon"
+    file_prefix = "tryon"
 
     def __init__(self, detector_factory: Any | None = None) -> None:
         super().__init__(detector_factory)
@@ -99,8 +129,8 @@ class TryOnPipeline(PortraitPipeline):
 
     # -- one job ---------------------------------------------------------------------------------
 
-    def run(self, params: dict[str, Any], progress: Progress) -> JobResult:
-        """Dress the user in the outfit photo's garment; write ranked PNGs."""
+    def prepare(self, params: dict[str, Any]) -> PreparedInpaint:
+        """Steps 1-3 of a job: the outfit at the working size, its garment, pose and masks, the identity, LoRAs."""
         if self._parser is None or self._pose is None or self._arcface is None:
             raise RuntimeError("TryOnPipeline.run called before load")
         cfg = self._tryon
@@ -112,67 +142,57 @@ class TryOnPipeline(PortraitPipeline):
         parsing = self._parser.parse(outfit)
         check_parsing(parsing)
         pose = pose_image(params.get("pose_image"), self._pose, outfit, parsing.person)
-        scale = outfit.shape[1] / REFERENCE_SIDE if outfit.shape[1] >= outfit.shape[0] else \
-            outfit.shape[0] / REFERENCE_SIDE
+        scale = max(outfit.shape[:2]) / REFERENCE_SIDE
         keep = feather_mask(parsing.garment, round(int(cfg["dilate_px"]) * scale),
                             round(int(cfg["feather_px"]) * scale))
-        repaint = Image.fromarray(((keep < 1.0) * 255).astype(np.uint8))
-        controls = [pose, Image.fromarray(control_map(parsing))]
-        # 3. Identity and LoRA on the resident base.
+        # 3. The identity, LoRAs and fast mode on the resident base.
+        return self.inpaint_job(
+            params, count, seeds, picture=outfit, repaint=Image.fromarray(((keep < 1.0) * 255).astype(np.uint8)),
+            keep=keep, controls=(pose, Image.fromarray(control_map(parsing))),
+            control_scales=(float(cfg["pose_scale"]), float(cfg["silhouette_scale"])),
+            weight=float(cfg["identity_weight"]), prompt=str(params.get("prompt") or cfg["prompt"]),
+            meta=parser_summary(parsing))
+
+    def inpaint_job(self, params: dict[str, Any], count: int, seeds: list[int], *, picture: np.ndarray,
+                    repaint: Image.Image, keep: np.ndarray, controls: tuple[Image.Image, Image.Image],
+                    control_scales: tuple[float, float], weight: float, prompt: str, meta: dict[str, Any],
+                    vary_seed: int | None = None) -> PreparedInpaint:
+        """Step 3 of a job: the identity and LoRAs on the resident base, fast mode where the accelerator runs on
+        the inpainting base with ControlNets (else normally); the job ready to denoise."""
         identity = self._load_identity(params["identity"], params.get("selfies"))
-        base = self.base()
-        # Fast mode where the accelerator runs on the inpainting base with ControlNets (else normally).
         fast = self.accelerator_for("sd15", params, inpainting=True, controlnet=True)
-        cfg = fast.sampler(cfg) if fast is not None else cfg
+        cfg = fast.sampler(self._tryon) if fast is not None else self._tryon
         user_loras = self._lora_requests({}, params)
-        loras = user_loras + self.fast_loras("sd15", fast)
+        height, width = picture.shape[:2]
+        return PreparedInpaint(
+            self, params, {"sampler": cfg, "negative_prompt": cfg["negative_prompt"]}, count, seeds, self.base(),
+            StudioPlan(width, height, weight, vary_seed=vary_seed), identity,
+            user_loras + self.fast_loras("sd15", fast), prompt, fast, picture=picture, repaint=repaint, keep=keep,
+            controls=controls, scales=control_scales,
+            meta={"size": [width, height], **meta, "lora_used": bool(user_loras)})
 
-        def set_up() -> None:
-            self.activate_loras(base, loras)
-            base.pipe.set_ip_adapter_scale(float(cfg["identity_weight"]))
-            use_sampler(base, fast)
+    def _generate(self, job: PreparedPortrait, chunks: list[list[int]], progress: Progress, total: int
+                  ) -> list[np.ndarray]:
+        """Run the ControlNet inpainting pipeline once per chunk of seeds, each row given the job's picture, mask
+        and control pictures as a shared pass gives them; report each step."""
+        assert isinstance(job, PreparedInpaint)
+        return self.denoise_chunks(job.base, job.identity, chunks, progress, total, job.set_up, job.guidance,
+                                   latents_for=job.plan.latents_for(job.base), per_sample=job.sample_input(),
+                                   **job.pass_call())
 
-        set_up()
-        # 4. Generate the candidates, then put the original garment back through the feathered mask.
-        batch = max(1, int(self._settings["batch_size"]))
-        chunks = [seeds[i:i + batch] for i in range(0, len(seeds), batch)]
-        total = int(cfg["steps"]) * len(chunks) + 1
-        generated = self._inpaint(base, outfit, repaint, controls, identity, chunks, progress, total,
-                                  set_up, str(params.get("prompt") or cfg["prompt"]), cfg)
-        candidates = [composite(outfit, image, keep) for image in generated]
-        # 5. Rank by face similarity to the identity.
-        ranked = self._rank(candidates, identity, count)
+    def finish(self, job: PreparedPortrait, candidates: list[np.ndarray], progress: Progress,
+               total: int) -> JobResult:
+        """Steps 4-6 of a job: put the picture back outside the repainted region, rank by face similarity,
+        screen and write the kept pictures labelled."""
+        assert isinstance(job, PreparedInpaint)
+        composed = [composite(job.picture, image, job.keep) for image in candidates]
+        ranked = self._rank(composed, job.identity, len(composed))
         progress(total, total)
-        if not ranked:
-            raise UserFacingError("tryon.no_good_candidates", candidates=len(candidates))
-        # 6. Write the kept pictures.
-        out_dir = Path(params["out_dir"])
-        out_dir.mkdir(parents=True, exist_ok=True)
-        files = []
-        for rank, r in enumerate(ranked, start=1):
-            path = out_dir / f"tryon_{rank:02d}_{seeds[r.index]}.png"
-            Image.fromarray(candidates[r.index]).save(path)
-            files.append(path.resolve())
-        meta = {"seeds": [seeds[r.index] for r in ranked], "similarity": [round(r.similarity, 4) for r in ranked],
-                "lora_used": bool(user_loras), "fast": fast.id if fast is not None else None,
-                "steps": int(cfg["steps"]), "size": [outfit.shape[1], outfit.shape[0]], **parser_summary(parsing)}
-        log.info("tryon kept %d of %d candidates, garment %.1f%%", len(files), len(candidates),
-                 100 * parsing.garment_fraction)
+        files, meta = self.keep_ranked(job, composed, ranked, f"{self.kind}.no_good_candidates")
+        meta = {**meta, **job.meta, "fast": job.fast.id if job.fast is not None else None,
+                "steps": int(job.style["sampler"]["steps"])}
+        log.info("%s kept %d of %d candidates", self.kind, len(files), len(composed))
         return JobResult(files=files, meta=meta)
-
-    def _inpaint(self, base: ResidentBase, outfit: np.ndarray, repaint: Image.Image, controls: list[Image.Image],
-                 identity: Identity, chunks: list[list[int]], progress: Progress, total: int,
-                 set_up: Any, prompt: str, cfg: dict[str, Any] | None = None) -> list[np.ndarray]:
-        """Run the ControlNet inpainting pipeline (pose, silhouette) once per chunk of seeds; report each step
-        (`cfg`: the try-on settings this job runs with, fast mode's steps and guidance in them)."""
-        cfg = cfg if cfg is not None else self._tryon
-        height, width = outfit.shape[:2]
-        return self.denoise_chunks(
-            base, identity, chunks, progress, total, set_up, float(cfg["guidance_scale"]),
-            prompt=prompt, negative_prompt=cfg["negative_prompt"] or None, image=Image.fromarray(outfit),
-            mask_image=repaint, control_image=controls, height=height, width=width, strength=1.0,
-            num_inference_steps=int(cfg["steps"]),
-            controlnet_conditioning_scale=[float(cfg["pose_scale"]), float(cfg["silhouette_scale"])], **eta_of(cfg))
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -220,13 +240,9 @@ class TryOnPipeline(PortraitPipeline):
 
 def working_image(path: Path, side: int) -> np.ndarray:
     """Read a picture as RGB, scaled so its longer side is `side`, both sides multiples of 64 (>= 64)."""
-    if side < SIZE_MULTIPLE:
-        raise ValueError(f"side must be at least {SIZE_MULTIPLE}, got {side}")
     with Image.open(path) as im:
         image = im.convert("RGB")
-    ratio = side / max(image.size)
-    size = tuple(max(SIZE_MULTIPLE, int(round(v * ratio / SIZE_MULTIPLE)) * SIZE_MULTIPLE) for v in image.size)
-    return np.asarray(image.resize(size, Image.LANCZOS))
+    return np.asarray(image.resize(working_size(*image.size, side), Image.LANCZOS))
 
 
 def check_parsing(parsing: Parsing) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from handlers.messages import t
-from handlers.protocols import Button, Event, ReplyChannel
+from handlers.protocols import Button, Event, MessageRef, ReplyChannel
 from handlers.services import Services
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,17 @@ async def _press_result_button(services: Services, event: Event, channel: ReplyC
     artifact = await owned_artifact(services, event, channel, artifact_id, spec.applies_to)
     if artifact is not None:
         await spec.handler(services, event, channel, artifact)
+
+
+async def answer_choice(event: Event, channel: ReplyChannel, text: str, question: str) -> None:
+    """Answers a settings press with `text`; in a private chat the question becomes the answer as well (in a
+    group it stays for the others to press). `question` (e.g. "/voice") names it in the log if that edit fails."""
+    await channel.answer_button(text)
+    if event.chat.is_private and event.message_id is not None:
+        try:
+            await channel.edit_text(MessageRef(event.chat, event.message_id), text, None)
+        except Exception:
+            log.warning("could not edit the %s question of %s", question, event.user.key, exc_info=True)
 
 
 async def owned_artifact(services: Services, event: Event, channel: ReplyChannel, artifact_id: str,

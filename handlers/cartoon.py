@@ -34,7 +34,7 @@ from facechain_core.errors import UserFacingError
 from facechain_core.images import decode_image, encode_jpeg
 from handlers import buttons, registry, router
 from handlers.messages import t
-from handlers.progress import present_default, register_presenter, submit_with_progress
+from handlers.progress import present_default, register_presenter, submit_staged
 from handlers.protocols import Attachment, Button, Event, ReplyChannel
 from handlers.selfie import is_image
 from handlers.services import MB, Services
@@ -106,20 +106,13 @@ async def submit_cartoon(services: Services, event: Event, channel: ReplyChannel
     image = await asyncio.to_thread(_stage, source, folder / "input.jpg", services.max_upload_bytes,
                                     int(limits.max_pixels))
     params = {"image": str(image.resolve()), "style": style.id, "out_dir": str(folder.resolve())}
-    try:
-        await submit_with_progress(services, event, channel, KIND, params)
-    except BaseException:
-        await asyncio.to_thread(shutil.rmtree, folder, True)
-        raise
+    await submit_staged(services, event, channel, KIND, params, folder)
     log.info("cartoon %s queued for %s", style.id, event.user.key)
 
 
 def offered_styles(services: Services) -> tuple[CartoonBook, list[CartoonStyle]]:
     """The style data and the styles whose models are installed; refuses when none is."""
-    if FEATURE not in services.features_installed:
-        log.warning("cartoon requested but its models are not installed: run `facechain-bot models pull %s`",
-                    FEATURE)
-        raise UserFacingError("feature.not_installed", feature=FEATURE)
+    services.require_feature(FEATURE)
     book = load_cartoon_styles()
     styles = book.available(services.features_installed)
     if not styles:
@@ -135,12 +128,27 @@ def style_keyboard(styles: list[CartoonStyle], ref: str, lang: str) -> list[list
 
 
 # -- where the picture comes from ---------------------------------------------------------------
+# What command_source refuses; a feature using it has its own wording of each ("<feature>.not_yours").
+SOURCE_REFUSALS = ("not_yours", "reply_no_photo", "photo_gone")
+
+
 async def command_source(services: Services, event: Event) -> Source | None:
     """The picture sent with the command, else the one it replies to (checked to be the user's)."""
     own = [a for a in event.attachments if is_image(a)]
     if own:
         return Source(data=await fetch_image(services, own[0]))
     return await reply_source(services, event)
+
+
+async def command_source_for(services: Services, event: Event, feature: str) -> Source | None:
+    """``command_source`` for another feature: its refusals come worded by that feature ("tryon.not_yours")."""
+    try:
+        return await command_source(services, event)
+    except UserFacingError as exc:
+        kind, _, refusal = exc.code.partition(".")
+        if kind == "cartoon" and refusal in SOURCE_REFUSALS:
+            raise UserFacingError(f"{feature}.{refusal}", **exc.details) from None
+        raise
 
 
 async def reply_source(services: Services, event: Event) -> Source | None:

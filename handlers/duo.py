@@ -89,8 +89,7 @@ def group_look(services: Services, name: str, people: int, lang: str) -> Any:
     """A library template showing exactly `people` faces named `name`, else an SD1.5 style (or a refusal)."""
     entry = template.library().with_faces(people).find(name)
     if entry is not None:
-        if template.FEATURE not in services.features_installed:
-            raise UserFacingError("feature.not_installed", feature=template.FEATURE)
+        services.require_feature(template.FEATURE)
         overrides = {k: str(v) for k, v in (getattr(services.settings, "model_paths", {}) or {}).items()}
         if TemplateLibrary.picture(entry, Path(services.settings.models_dir), overrides) is None:
             raise UserFacingError("template.not_installed", name=entry.display_name(lang))

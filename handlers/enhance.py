@@ -9,7 +9,6 @@ metadata: a PNG when it fits the platform's upload limit, else a JPEG at quality
 from __future__ import annotations
 
 import asyncio
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +18,6 @@ from handlers.messages import t
 from handlers.progress import register_presenter, submit_with_progress
 from handlers.protocols import Button, Event, Media, ReplyChannel
 from handlers.services import Services
-
-log = logging.getLogger(__name__)
 
 FEATURE = "enhance"
 ENHANCE_ACTION = "enhance"  # enhance:<artifact id>, under each picture result: asks for the scale
@@ -54,7 +51,7 @@ async def press_enhance(services: Services, event: Event, channel: ReplyChannel,
     if artifact is None:
         return
     lang = event.language
-    _require(services)
+    services.require_feature(FEATURE)
     siblings = await services.storage.job_artifacts(artifact.job_id) if artifact.job_id is not None else []
     pictures = [a for a in siblings if a.kind in ENHANCED_KINDS and a.media_type.startswith("image/")
                 and a.owned_by(event.user.key)] or [artifact]
@@ -77,7 +74,7 @@ async def press_scale(services: Services, event: Event, channel: ReplyChannel, a
     artifact = await buttons.owned_artifact(services, event, channel, artifact_id, ENHANCED_KINDS)
     if artifact is None:
         return
-    _require(services)
+    services.require_feature(FEATURE)
     if not await asyncio.to_thread(Path(artifact.path).is_file):
         raise UserFacingError("enhance.source_gone")
     scale = int(scale_text)
@@ -114,12 +111,6 @@ def upload_limit(services: Services, platform: str) -> int:
     if platform == "discord":
         return int(settings.discord.upload_limit_mib * 2**20)
     return DEFAULT_UPLOAD_LIMIT
-
-
-def _require(services: Services) -> None:
-    if FEATURE not in services.features_installed:
-        log.warning("Enhance pressed but its models are not installed: run `facechain-bot models pull %s`", FEATURE)
-        raise UserFacingError("feature.not_installed", feature=FEATURE)
 
 
 buttons.register_core_button(ENHANCE_ACTION, press_enhance)

@@ -20,7 +20,7 @@ from facechain_core.errors import ModelNotInstalled, UserFacingError
 from facechain_core.manifest import resolve
 from facechain_core.prompt_filter import PromptFilter
 from facechain_core.styles import Style
-from handlers import portrait, registry, studio
+from handlers import cartoon, portrait, registry, studio
 from handlers.messages import t
 from handlers.protocols import Event, ReplyChannel
 from handlers.services import Services
@@ -102,9 +102,11 @@ async def make_imagine(services: Services, event: Event, channel: ReplyChannel) 
         await channel.send_text(t("imagine.refused", event.language,
                                   reason=t(f"imagine.reason.{category}", event.language)))
         return
-    pose_photo = await portrait.pose_source(services, event) if controls.pose == studio.POSE_PHOTO else None
-    if controls.pose == studio.POSE_PHOTO and pose_photo is None:
-        raise UserFacingError("pose.send_photo")
+    pose_photo = None
+    if controls.pose == studio.POSE_PHOTO:
+        pose_photo = await cartoon.command_source_for(services, event, "pose")
+        if pose_photo is None:
+            raise UserFacingError("pose.send_photo")
     await portrait.submit_portrait(services, event, channel, imagine_style(scene), COUNT, controls, pose_photo,
                                    extra={"imagine": scene})
 

@@ -11,7 +11,7 @@ import logging
 
 from handlers import buttons, registry
 from handlers.messages import LANGUAGES, t
-from handlers.protocols import Button, Event, MessageRef, ReplyChannel
+from handlers.protocols import Button, Event, ReplyChannel
 from handlers.services import Services
 
 log = logging.getLogger(__name__)
@@ -67,13 +67,7 @@ async def press_language(services: Services, event: Event, channel: ReplyChannel
         await channel.answer_button(t("button.stale", event.language))
         return
     await _store(services, event, code)
-    text = t("language.set", code)
-    await channel.answer_button(text)
-    if event.chat.is_private and event.message_id is not None:
-        try:
-            await channel.edit_text(MessageRef(event.chat, event.message_id), text, None)
-        except Exception:
-            log.warning("could not edit the /language question of %s", event.user.key, exc_info=True)
+    await buttons.answer_choice(event, channel, t("language.set", code), "/language")
 
 
 async def _store(services: Services, event: Event, code: str) -> None:

@@ -153,8 +153,7 @@ async def train_style(services: Services, event: Event, channel: ReplyChannel) -
     examples = sorted((folder / EXAMPLES).glob("*.jpg"))
     if len(examples) < settings.min_examples:
         raise UserFacingError("makestyle.too_few", count=len(examples), low=settings.min_examples)
-    if FEATURE not in services.features_installed:
-        raise UserFacingError("feature.not_installed", feature=FEATURE)
+    services.require_feature(FEATURE)
     style = build_style(meta["name"], meta["description"], meta["trigger"])
     caption = f"{meta['trigger']}, {meta['description']}"
     params: dict[str, Any] = {

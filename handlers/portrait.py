@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from facechain_core.styles import LOCAL_SOURCE, StyleCatalog, find_preview, lora
 from handlers import buttons, cartoon, registry, studio, style_sources
 from handlers.cartoon import Source
 from handlers.messages import t
-from handlers.progress import present_default, register_presenter, submit_with_progress
+from handlers.progress import present_default, register_presenter, submit_staged, submit_with_progress
 from handlers.protocols import Button, Event, Gallery, Media, MessageRef, ReplyChannel
 from handlers.services import Services
 
@@ -58,20 +57,10 @@ async def make_portrait(services: Services, event: Event, channel: ReplyChannel)
         return
     pose_photo = None
     if controls.pose in (None, studio.POSE_PHOTO):
-        pose_photo = await pose_source(services, event)
+        pose_photo = await cartoon.command_source_for(services, event, "pose")
         if pose_photo is None and controls.pose == studio.POSE_PHOTO:
             raise UserFacingError("pose.send_photo")
     await submit_portrait(services, event, channel, style, count, controls, pose_photo)
-
-
-async def pose_source(services: Services, event: Event) -> Source | None:
-    """The photo the command carries or replies to, when it is the requester's own (try-on's rules)."""
-    try:
-        return await cartoon.command_source(services, event)
-    except UserFacingError as exc:
-        if exc.code in ("cartoon.not_yours", "cartoon.reply_no_photo", "cartoon.photo_gone"):
-            raise UserFacingError("pose." + exc.code.partition(".")[2], **exc.details) from None
-        raise
 
 
 async def show_styles(services: Services, event: Event, channel: ReplyChannel) -> None:
@@ -107,7 +96,7 @@ async def train_lora(services: Services, event: Event, channel: ReplyChannel) ->
     for family in sorted(set(wanted) - set(families)):
         log.warning("/train for %s skipped: run `facechain-bot models pull %s`", family, TRAIN_FEATURES[family])
     if not families:
-        _require(services, TRAIN_FEATURES[wanted[0]])
+        services.require_feature(TRAIN_FEATURES[wanted[0]])
     key = event.user.key
     selfies = await services.storage.selfies(key)
     if len(selfies) < MIN_TRAIN_SELFIES:
@@ -143,9 +132,9 @@ async def submit_portrait(services: Services, event: Event, channel: ReplyChanne
 
     Without a seed in `controls`, the seed is ``portrait_seed`` when the operator fixed one, unless
     `new_seed` (More like this) asks for a fresh draw: the fixed seed would only reproduce the first result."""
-    _require(services, FEATURE)
+    services.require_feature(FEATURE)
     if style.family == "sdxl":
-        _require(services, SDXL_FEATURE)
+        services.require_feature(SDXL_FEATURE)
     controls = controls or studio.Controls()
     wants_pose = pose_photo is not None or controls.pose not in (None, studio.POSE_PHOTO)
     if wants_pose and POSE_FEATURES[style.family] not in services.features_installed:
@@ -183,12 +172,7 @@ async def submit_portrait(services: Services, event: Event, channel: ReplyChanne
     made_lora = style_sources.local_lora(services, style, key)  # a style made with /makestyle
     if made_lora is not None:
         params["style_lora"] = made_lora
-    try:
-        await submit_with_progress(services, event, channel, "portrait", params)
-    except BaseException:
-        if folder is not None:
-            await asyncio.to_thread(shutil.rmtree, folder, True)
-        raise
+    await submit_staged(services, event, channel, "portrait", params, folder)
 
 
 def _split_count(args: list[str]) -> tuple[list[str], int]:
@@ -199,13 +183,6 @@ def _split_count(args: list[str]) -> tuple[list[str], int]:
             raise UserFacingError("portrait.bad_count", max=MAX_COUNT)
         return args[:-1], count
     return args, DEFAULT_COUNT
-
-
-def _require(services: Services, feature: str) -> None:
-    if feature not in services.features_installed:
-        log.warning("feature %s requested but its models are not installed: run `facechain-bot models pull %s`",
-                    feature, feature)
-        raise UserFacingError("feature.not_installed", feature=feature)
 
 
 def _catalogue(services: Services) -> Any:

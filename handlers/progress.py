@@ -9,7 +9,9 @@ to every job (quota and group checks, the AI note, Report buttons) comes through
 """
 from __future__ import annotations
 
+import asyncio
 import logging
+import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -129,6 +131,18 @@ async def submit_with_progress(services: Services, event: Event, channel: ReplyC
         return submitted
     await services.jobs.attach_progress(submitted.job_id, ref)
     return submitted
+
+
+async def submit_staged(services: Services, event: Event, channel: ReplyChannel, kind: str, params: dict[str, Any],
+                        folder: Path | None) -> Submitted:
+    """``submit_with_progress`` for a job whose inputs were copied into its own `folder` (None: it has none);
+    when submitting fails, the folder goes too, so a refused job leaves nothing behind."""
+    try:
+        return await submit_with_progress(services, event, channel, kind, params)
+    except BaseException:
+        if folder is not None:
+            await asyncio.to_thread(shutil.rmtree, folder, True)
+        raise
 
 
 async def submit_job(services: Services, event: Event, kind: str, params: dict[str, Any]) -> Submitted:

@@ -7,6 +7,7 @@ never in module globals, so two services in one process (tests) never share it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import weakref
 from collections import deque
@@ -15,9 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from facechain_core.errors import UserFacingError
 from handlers.protocols import Chat, JobQueue, MessageRef, ReplyChannel, User
 from handlers.selfie_check import MB, lazy_selfie_checker
 
+log = logging.getLogger(__name__)
 
 
 class StorageLike(Protocol):
@@ -167,6 +170,13 @@ class Services:
         return cls(settings=settings, storage=storage, jobs=jobs or _NoQueue(), data_dir=Path(settings.data_dir),
                    check_selfie=check_selfie, channel_for=channel_for, private_chat=private_chat or same_id_private_chat,
                    features_installed=set(features_installed), styles=styles)
+
+    def require_feature(self, feature: str) -> None:
+        """Refuses with ``feature.not_installed`` unless `feature`'s models are installed; logs how to pull them."""
+        if feature not in self.features_installed:
+            log.warning("%s requested but its models are not installed: run `facechain-bot models pull %s`",
+                        feature, feature)
+            raise UserFacingError("feature.not_installed", feature=feature)
 
     def user_dir(self, user_key: str) -> Path:
         """Returns ``data_dir/users/<user key>``, refusing keys that could escape it."""

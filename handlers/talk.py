@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +31,8 @@ from facechain_core.tts import MAX_TEXT_CHARS  # noqa: F401  (re-exported: the D
 from facechain_core.tts import OFFLINE_VOICE, EdgeTTS, check_text_length, edge_enabled, edge_voice_language
 from handlers import buttons, cartoon, hooks, registry, router
 from handlers.messages import t
-from handlers.progress import register_presenter, submit_with_progress
-from handlers.protocols import Attachment, Button, Event, Media, MessageRef, NotSupported, ReplyChannel
+from handlers.progress import register_presenter, submit_staged, submit_with_progress
+from handlers.protocols import Attachment, Button, Event, Media, NotSupported, ReplyChannel
 from handlers.services import MB, Services
 
 log = logging.getLogger(__name__)
@@ -50,8 +49,6 @@ MOTION_FLAGS = {"--still": "still", "--natural": "natural", "--lively": "lively"
 INPUT_TTL_S = 24 * 3600.0
 AUDIO_KINDS = ("voice", "audio")
 DONE_STATES = ("delivered", "done")
-_CARTOON_CODES = {"cartoon.not_yours": "talk.not_yours", "cartoon.reply_no_photo": "talk.reply_no_photo",
-                  "cartoon.photo_gone": "talk.photo_gone"}
 
 
 async def make_talk(services: Services, event: Event, channel: ReplyChannel) -> None:
@@ -108,11 +105,7 @@ async def submit_talk(services: Services, event: Event, channel: ReplyChannel, f
     """Queues the "talk" job on the staged portrait and speech."""
     params = {"image": str((folder / "input.jpg").resolve()), **speech, "round": round_video,
               "out_dir": str(folder.resolve())}
-    try:
-        await submit_with_progress(services, event, channel, KIND, params)
-    except BaseException:
-        await asyncio.to_thread(shutil.rmtree, folder, True)
-        raise
+    await submit_staged(services, event, channel, KIND, params, folder)
     log.info("talk queued for %s (%s%s)", event.user.key, "audio" if "audio" in speech else "text",
              ", round" if round_video else "")
 
@@ -188,13 +181,7 @@ async def press_voice(services: Services, event: Event, channel: ReplyChannel, a
         return
     await services.storage.set_voice(event.user.key, argument)  # type: ignore[attr-defined]
     log.info("%s chose the voice %s", event.user.key, argument)
-    text = t("talk.voice_set", lang, voice=voice_label(argument, lang))
-    await channel.answer_button(text)
-    if event.chat.is_private and event.message_id is not None:
-        try:
-            await channel.edit_text(MessageRef(event.chat, event.message_id), text, None)
-        except Exception:
-            log.warning("could not edit the /voice question of %s", event.user.key, exc_info=True)
+    await buttons.answer_choice(event, channel, t("talk.voice_set", lang, voice=voice_label(argument, lang)), "/voice")
 
 
 async def press_sample(services: Services, event: Event, channel: ReplyChannel, argument: str) -> None:
@@ -231,12 +218,7 @@ def is_audio(attachment: Attachment) -> bool:
 # -- the portrait --------------------------------------------------------------------------------
 async def portrait_source(services: Services, event: Event) -> cartoon.Source:
     """The picture to animate (see the module docstring); refuses someone else's."""
-    try:
-        source = await cartoon.command_source(services, event)
-    except UserFacingError as exc:
-        if exc.code in _CARTOON_CODES:
-            raise UserFacingError(_CARTOON_CODES[exc.code]) from None
-        raise
+    source = await cartoon.command_source_for(services, event, "talk")
     if source is None:
         source = await latest_result(services, event.user.key)
     if source is None:

@@ -12,18 +12,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import shutil
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 from facechain_core.errors import UserFacingError
+from facechain_core.images import picture_size
 from facechain_core.templates import TemplateEntry, TemplateLibrary, load_templates
 from handlers import buttons, cartoon, registry, router, studio
 from handlers.portrait import user_lora
 from handlers.cartoon import Source
 from handlers.messages import t
-from handlers.progress import present_default, register_presenter, submit_with_progress
+from handlers.progress import present_default, register_presenter, submit_staged
 from handlers.protocols import Button, Event, ReplyChannel
 from handlers.selfie import is_image
 from handlers.services import Services
@@ -53,10 +53,10 @@ def installed(services: Services) -> TemplateLibrary:
 # -- the command --------------------------------------------------------------------------------
 async def make_template(services: Services, event: Event, channel: ReplyChannel) -> None:
     """Paints the user into a library template or their own photo (neither: shows the library, waits for a photo)."""
-    _require_feature(services)
+    services.require_feature(FEATURE)
     await _require_identity(services, event)
     controls = studio.parse_controls(event.args)
-    source = await template_source(services, event)
+    source = await cartoon.command_source_for(services, event, "template")
     if source is not None:
         await submit_template(services, event, channel, controls, photo=source)
         return
@@ -69,16 +69,6 @@ async def make_template(services: Services, event: Event, channel: ReplyChannel)
         return
     await router.expect_input(services, event, KIND, {"likeness": controls.likeness})
     await channel.send_text(t("template.pick", event.language), _keyboard(services, event.language))
-
-
-async def template_source(services: Services, event: Event) -> Source | None:
-    """The photo sent with the command, else the replied-to one when it is the requester's own."""
-    try:
-        return await cartoon.command_source(services, event)
-    except UserFacingError as exc:
-        if exc.code in ("cartoon.not_yours", "cartoon.reply_no_photo", "cartoon.photo_gone"):
-            raise UserFacingError("template." + exc.code.partition(".")[2], **exc.details) from None
-        raise
 
 
 async def submit_template(services: Services, event: Event, channel: ReplyChannel, controls: studio.Controls, *,
@@ -109,6 +99,7 @@ async def submit_template(services: Services, event: Event, channel: ReplyChanne
     identity = await services.storage.identity(key)
     params = {
         "template": template, "template_id": template_id, "hints": hints,
+        "picture_size": await asyncio.to_thread(picture_size, template),  # jobs of one working size share a pass
         "controls": controls.job_controls(),
         "identity": str((services.user_dir(key) / "identity.npz").resolve()),
         "selfies": [{"path": s.path, "face": s.face} for s in selfies],
@@ -116,12 +107,7 @@ async def submit_template(services: Services, event: Event, channel: ReplyChanne
         "count": COUNT,
         "seed": controls.seed if controls.seed is not None else studio.new_seed(services),
     }
-    try:
-        await submit_with_progress(services, event, channel, KIND, params)
-    except BaseException:
-        if folder is not None:
-            await asyncio.to_thread(shutil.rmtree, folder, True)
-        raise
+    await submit_staged(services, event, channel, KIND, params, folder)
 
 
 def _keyboard(services: Services, lang: str) -> list[list[Button]]:
@@ -136,7 +122,7 @@ async def press_template(services: Services, event: Event, channel: ReplyChannel
     if entry is None:
         await channel.answer_button(t("button.stale", event.language))
         return
-    _require_feature(services)
+    services.require_feature(FEATURE)
     await _require_identity(services, event)
     await channel.answer_button(t("template.chosen", event.language, name=entry.display_name(event.language)))
     await submit_template(services, event, channel, studio.Controls(), entry=entry)
@@ -147,7 +133,7 @@ async def receive_photo(services: Services, event: Event, channel: ReplyChannel,
     images = [a for a in event.attachments if is_image(a)]
     if not images:
         raise UserFacingError("template.not_a_photo")
-    _require_feature(services)
+    services.require_feature(FEATURE)
     await _require_identity(services, event)
     controls = studio.Controls(likeness=(pending.payload or {}).get("likeness"))
     await submit_template(services, event, channel, controls,
@@ -161,13 +147,6 @@ async def present_template(services: Services, job: Any, artifacts: list[Any], c
     caption = t("template.caption", lang, name=entry.display_name(lang)) if entry else t("template.caption_photo", lang)
     seeds = studio.seeds_line(job, lang)
     await present_default(services, job, artifacts, channel, lang, caption=f"{caption}\n{seeds}" if seeds else caption)
-
-
-def _require_feature(services: Services) -> None:
-    if FEATURE not in services.features_installed:
-        log.warning("template requested but its models are not installed: run `facechain-bot models pull %s`",
-                    FEATURE)
-        raise UserFacingError("feature.not_installed", feature=FEATURE)
 
 
 async def _require_identity(services: Services, event: Event) -> None:

@@ -12,16 +12,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import shutil
 from pathlib import Path
 from typing import Any
 
 from facechain_core.errors import UserFacingError
+from facechain_core.images import picture_size
 from handlers import cartoon, registry, router
 from handlers.portrait import user_lora
 from handlers.cartoon import Source
 from handlers.messages import t
-from handlers.progress import present_default, register_presenter, submit_with_progress
+from handlers.progress import present_default, register_presenter, submit_staged
 from handlers.protocols import Event, ReplyChannel
 from handlers.selfie import is_image
 from handlers.services import Services
@@ -38,9 +38,9 @@ COUNT = 1
 # -- the command --------------------------------------------------------------------------------
 async def make_tryon(services: Services, event: Event, channel: ReplyChannel) -> None:
     """Dresses the user in the outfit photo the command carries or replies to (else asks for it)."""
-    _require_feature(services)
+    services.require_feature(FEATURE)
     await _require_identity(services, event)
-    source = await outfit_source(services, event)
+    source = await cartoon.command_source_for(services, event, "tryon")
     if source is None:
         await router.expect_input(services, event, KIND)
         await channel.send_text(t("tryon.send_photo", event.language))
@@ -53,20 +53,9 @@ async def receive_photo(services: Services, event: Event, channel: ReplyChannel,
     images = [a for a in event.attachments if is_image(a)]
     if not images:
         raise UserFacingError("tryon.not_a_photo")
-    _require_feature(services)
+    services.require_feature(FEATURE)
     await _require_identity(services, event)
     await submit_tryon(services, event, channel, Source(data=await cartoon.fetch_image(services, images[0])))
-
-
-async def outfit_source(services: Services, event: Event) -> Source | None:
-    """The photo sent with the command, else the replied-to one when it is the requester's own."""
-    try:
-        return await cartoon.command_source(services, event)
-    except UserFacingError as exc:
-        # Same checks as cartoons; the words name try-on.
-        if exc.code in ("cartoon.not_yours", "cartoon.reply_no_photo", "cartoon.photo_gone"):
-            raise UserFacingError("tryon." + exc.code.partition(".")[2], **exc.details) from None
-        raise
 
 
 async def submit_tryon(services: Services, event: Event, channel: ReplyChannel, source: Source) -> None:
@@ -83,6 +72,7 @@ async def submit_tryon(services: Services, event: Event, channel: ReplyChannel, 
     seed = services.settings.portrait_seed
     params = {
         "outfit": str(outfit.resolve()),
+        "picture_size": await asyncio.to_thread(picture_size, outfit),  # jobs of one working size share a pass
         "identity": str((services.user_dir(key) / "identity.npz").resolve()),
         "selfies": [{"path": s.path, "face": s.face} for s in selfies],
         "user_lora": await user_lora(identity, "sd15"),
@@ -90,11 +80,7 @@ async def submit_tryon(services: Services, event: Event, channel: ReplyChannel, 
         "seed": seed if seed is not None else secrets.randbelow(2**31),
         "out_dir": str(folder.resolve()),
     }
-    try:
-        await submit_with_progress(services, event, channel, KIND, params)
-    except BaseException:
-        await asyncio.to_thread(shutil.rmtree, folder, True)
-        raise
+    await submit_staged(services, event, channel, KIND, params, folder)
     log.info("tryon queued for %s", key)
 
 
@@ -106,12 +92,6 @@ async def present_tryon(services: Services, job: Any, artifacts: list[Any], chan
     outfit = job.params.get("outfit")
     if outfit and Path(outfit).name == OUTFIT_NAME and FOLDER in Path(outfit).parts:
         await asyncio.to_thread(Path(outfit).unlink, True)
-
-
-def _require_feature(services: Services) -> None:
-    if FEATURE not in services.features_installed:
-        log.warning("tryon requested but its models are not installed: run `facechain-bot models pull %s`", FEATURE)
-        raise UserFacingError("feature.not_installed", feature=FEATURE)
 
 
 async def _require_identity(services: Services, event: Event) -> None:

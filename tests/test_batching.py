@@ -91,12 +91,15 @@ def test_batch_group_takes_the_heads_and_never_skips() -> None:
 
 
 def test_planning_a_batch_keeps_torch_out_of_the_service() -> None:
-    code = ("import sys; from bot.engine.batching import plan_function; "
-            "plan = plan_function('facechain_core.portrait_batch:batch_plan'); "
-            "print(plan({'style': {'family': 'sd15', 'sampler': {'steps': 4}}, 'count': 1}, {})[1], "
+    code = ("import sys; from bot.engine.batching import plan_function; from bot.engine.jobkinds import JobKinds; "
+            "kinds = JobKinds(); "
+            "print(plan_function(kinds['portrait'].batch)("
+            "{'style': {'family': 'sd15', 'sampler': {'steps': 4}}, 'count': 1}, {})[1], "
+            "plan_function(kinds['tryon'].batch)({'picture_size': [600, 800], 'count': 1}, {})[1], "
+            "plan_function(kinds['template'].batch)({'picture_size': [512, 512], 'count': 2}, {'oversample': 3})[1], "
             "'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
-    assert out.stdout.split() == ["2", "False"]
+    assert out.stdout.split() == ["2", "2", "6", "False"]
 
 
 async def test_lone_job_starts_at_once_without_waiting_for_partners(storage: Storage, tmp_path: Path) -> None:

@@ -477,6 +477,21 @@ async def test_someone_elses_photo_or_result_is_refused(world: World) -> None:
     assert world.jobs.submitted == []
 
 
+@pytest.mark.parametrize("feature", ["pose", "template", "talk", "tryon"])
+async def test_another_features_photo_refusals_are_worded_by_that_feature(world: World, feature: str) -> None:
+    from handlers.cartoon import command_source_for
+    from handlers.messages import catalogue
+
+    photo = _jpeg(_astronaut(320, 240))
+    for replied, code in ((RepliedMessage("50", "telegram:1", _image(photo)), "not_yours"),
+                          (RepliedMessage("52", "telegram:1", None), "reply_no_photo")):
+        with pytest.raises(UserFacingError) as refused:
+            await command_source_for(world.services, _event(BOB, GROUP, f"/{feature}", replied), feature)
+        assert refused.value.code == f"{feature}.{code}"
+        assert {"en", "zh"} <= catalogue()[refused.value.code].keys()  # each feature words it in both languages
+    assert await command_source_for(world.services, _event(BOB, GROUP, f"/{feature}"), feature) is None
+
+
 async def test_own_result_is_found_by_file_id_or_by_picture(world: World) -> None:
     rgb = _astronaut(200, 260)
     mine = await _result(world, "telegram:1", rgb, "RESULT-1")

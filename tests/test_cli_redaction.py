@@ -10,6 +10,7 @@ import pytest
 from aiohttp import web
 
 from bot import cli
+from tests.fixtures.local_server import serve_locally
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "7654321098:AAE-secret-half-of-the-cli-token-xyz"
@@ -25,11 +26,7 @@ async def _bot_api(status: int) -> tuple[web.AppRunner, str]:
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", refuse)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await serve_locally(app)
     return runner, f"http://127.0.0.1:{port}/bot"
 
 

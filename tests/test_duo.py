@@ -14,10 +14,10 @@ from facechain_core.duo import DuoPipeline
 from facechain_core.errors import UserFacingError
 from facechain_core.group_poses import column_bounds, load_groups, region_masks
 from facechain_core.group_ranking import best_assignment, rank_group
-from facechain_core.identity import Identity, load_identity, normalise, save_identity
+from facechain_core.identity import Identity, load_identity, save_identity
 from facechain_core.pipeline import PipelineContext
 from facechain_core.safety import read_label
-from facechain_core.tiny import build_arcface, build_lora
+from facechain_core.tiny import build_arcface, build_identity, build_lora
 from facechain_core.tiny.duo import build_duo_models
 from tests.fixtures.progress import StepRecorder
 from tests.fixtures.tiny_models import one_torch_thread  # noqa: F401
@@ -31,13 +31,6 @@ def _style(**changes: Any) -> dict[str, Any]:
              "sampler": {"scheduler": "ddim", "steps": 2, "guidance_scale": 5.0, "width": SIDE, "height": SIDE}}
     style.update(changes)
     return style
-
-
-def _identity(path: Path, seed: int) -> Path:
-    rng = np.random.default_rng(seed)
-    vectors = normalise(rng.standard_normal((2, 512))).astype(np.float32)
-    return save_identity(Identity(normalise(vectors.mean(axis=0)), vectors,
-                                  rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)), path)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +49,7 @@ def duo(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> tup
 @pytest.fixture(scope="module")
 def people(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     root = tmp_path_factory.mktemp("people")
-    return [_identity(root / f"{name}.npz", seed) for seed, name in enumerate("abcd", start=1)]
+    return [build_identity(root / f"{name}.npz", seed) for seed, name in enumerate("abcd", start=1)]
 
 
 def _run(pipeline: DuoPipeline, out: Path, identities: list[Path], **params: Any) -> Any:

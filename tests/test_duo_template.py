@@ -10,8 +10,8 @@ from PIL import Image
 
 from facechain_core.duo_template import DuoTemplatePipeline
 from facechain_core.errors import UserFacingError
-from facechain_core.identity import Identity, normalise, save_identity
 from facechain_core.pipeline import PipelineContext
+from facechain_core.tiny import build_identity
 from facechain_core.tiny.pose import build_pose
 from facechain_core.tiny.tryon import TRYON_LAYOUT, build_controlnet, build_sd15_inpaint
 from facechain_core.tryon import working_image
@@ -42,13 +42,6 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Pa
     return duo
 
 
-def _identity(path: Path, seed: int) -> Path:
-    rng = np.random.default_rng(seed)
-    vectors = normalise(rng.standard_normal((2, 512))).astype(np.float32)
-    return save_identity(Identity(normalise(vectors.mean(axis=0)), vectors,
-                                  rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)), path)
-
-
 def _run(pipeline: DuoTemplatePipeline, template: Path, identities: list[Path], out: Path) -> Any:
     return pipeline.run({"template": str(template), "template_id": "two", "identities": [str(p) for p in identities],
                          "count": 1, "seed": 5, "out_dir": str(out)}, StepRecorder())
@@ -58,7 +51,7 @@ def test_each_face_is_repainted_and_the_rest_kept(pipeline: DuoTemplatePipeline,
     template = SHARED / "faces" / "two_people.jpg"
     if not template.is_file():
         pytest.skip(f"{template} not present")
-    people = [_identity(tmp_path / f"{n}.npz", s) for s, n in enumerate("ab", start=1)]
+    people = [build_identity(tmp_path / f"{n}.npz", s) for s, n in enumerate("ab", start=1)]
     result = _run(pipeline, template, people, tmp_path / "out")
     assert result.meta["people"] == 2 and result.meta["lora_used"] is False
     boxes = result.meta["face_boxes"]
@@ -80,7 +73,7 @@ def test_a_template_must_show_one_face_per_person(pipeline: DuoTemplatePipeline,
     single = SHARED / "faces" / "obama.jpg"
     if not single.is_file():
         pytest.skip(f"{single} not present")
-    people = [_identity(tmp_path / f"{n}.npz", s) for s, n in enumerate("ab", start=1)]
+    people = [build_identity(tmp_path / f"{n}.npz", s) for s, n in enumerate("ab", start=1)]
     with pytest.raises(UserFacingError) as refused:
         _run(pipeline, single, people, tmp_path / "out")
     assert refused.value.code == "duo.template_faces" and refused.value.details == {"faces": 1, "people": 2}

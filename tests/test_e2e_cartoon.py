@@ -18,7 +18,7 @@ from bot.platforms.telegram_adapter import TelegramAdapter
 from facechain_core.tiny.cartoon import build_cartoon_models
 from handlers.messages import t
 from handlers.protocols import Chat, Event, Media, ReplyChannel
-from tests.fixtures.fake_telegram import FakeTelegram
+from tests.fixtures.fake_telegram import FakeTelegram, button_payloads
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -54,11 +54,6 @@ def _decode(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
 
 
-def _payloads(message: dict[str, Any]) -> list[str]:
-    rows = (message.get("reply_markup") or {}).get("inline_keyboard", [])
-    return [button["callback_data"] for row in rows for button in row]
-
-
 async def _reply(fake: FakeTelegram, user: int, chat: int | None, text: str, to: dict[str, Any],
                  method: str = "sendPhoto", timeout: float = 30.0) -> Any:
     mark = fake.mark()
@@ -86,15 +81,15 @@ async def test_reply_cartoon_to_a_photo_gets_a_stylised_image(fake_telegram: Fak
         cartoon, original = _decode(picture), _decode(face_jpeg)
         assert cartoon.shape == original.shape
         assert np.abs(cartoon - original).mean() > 10  # stylised, not the photo sent back
-        cartoon_button = next(p for p in _payloads(sent.result) if p.startswith("cartoon:"))
+        cartoon_button = next(p for p in button_payloads(sent.result) if p.startswith("cartoon:"))
 
         # An unknown style answers with the styles as buttons bound to that photo; a tap runs one.
         listing = await _reply(fake, ANN, None, "/cartoon vaporwave", photo, method="sendMessage")
         assert listing.params["text"] == t("cartoon.unknown_style", "en", style="vaporwave")
-        styles = {p.split(":")[1].split(".")[0] for p in _payloads(listing.result)}
+        styles = {p.split(":")[1].split(".")[0] for p in button_payloads(listing.result)}
         assert styles == {"anime", "shinkai", "hayao", "sketch"}
         mark = fake.mark()
-        fake.press_button(listing.result, next(p for p in _payloads(listing.result) if p.startswith("toon:hayao.")))
+        fake.press_button(listing.result, next(p for p in button_payloads(listing.result) if p.startswith("toon:hayao.")))
         hayao = await fake.wait_for("sendPhoto", since=mark, timeout=30)
         assert "Hayao" in hayao.params["caption"]
 
@@ -104,7 +99,7 @@ async def test_reply_cartoon_to_a_photo_gets_a_stylised_image(fake_telegram: Fak
         mark = fake.mark()
         fake.press_button(sent.result, cartoon_button)
         offer = await fake.wait_for("sendMessage", since=mark, timeout=10)
-        assert any(p.startswith("toon:anime.a") for p in _payloads(offer.result))
+        assert any(p.startswith("toon:anime.a") for p in button_payloads(offer.result))
         await fake.wait_idle()
 
         jobs = await service.storage.user_jobs(f"telegram:{ANN}", ["delivered"])
@@ -130,7 +125,7 @@ async def test_only_the_requesters_own_photo_or_result(fake_telegram: FakeTelegr
         refused = await _reply(fake, BOB, GROUP, "/cartoon hayao", ann_cartoon.result, method="sendMessage")
         assert refused.params["text"] == t("cartoon.not_yours", "en")
         mark = fake.mark()
-        fake.press_button(ann_cartoon.result, next(p for p in _payloads(ann_cartoon.result)
+        fake.press_button(ann_cartoon.result, next(p for p in button_payloads(ann_cartoon.result)
                                                    if p.startswith("cartoon:")), user=BOB)
         await fake.wait_for("answerCallbackQuery", since=mark, timeout=10)
         await fake.wait_idle()

@@ -15,12 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import pytest_asyncio
 
 from bot.app import open_service
-from facechain_core.identity import Identity, normalise, save_identity
+from facechain_core.tiny import build_identity
 from facechain_core.tiny.duo import build_duo_models
 from facechain_core.tiny.pose import build_pose
 from facechain_core.tiny.tryon import build_controlnet, build_sd15_inpaint
@@ -28,6 +27,7 @@ from handlers.messages import t
 from tests.conftest import SHARED, find_asset
 from tests.fixtures.fake_discord import FakeDiscord
 from tests.fixtures.fake_discord import FakeUser as DiscordUser
+from tests.fixtures.fake_platforms import fake_platforms
 from tests.fixtures.fake_telegram import FakeTelegram, FakeUser
 from tests.fixtures.portrait_service import TINY_PIPELINE, tiny_model_paths
 from tests.fixtures.privacy import user_traces
@@ -65,12 +65,7 @@ async def world(tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path,
              "controlnet-openpose-sd15": duo["controlnet-openpose-sd15"],
              "sd15-inpainting": inpaint / "sd15-inpainting", "controlnet-depth-sd15": inpaint / "depth",
              "dwpose-wholebody": inpaint / "dwpose.onnx", "template-two_sisters": SHARED / "faces" / "two_people.jpg"}
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")
-        telegram = await FakeTelegram().start()
-        discord = FakeDiscord()
-        await discord.start()
-        discord.install(patch)
+    async with fake_platforms() as (telegram, discord):
         settings = telegram.bot_settings(
             discord=discord.discord_settings(), data_dir=tmp_path_factory.mktemp("duo_data"),
             models_dir=tiny_models_dir, model_paths=paths, selfie={"detector_model": str(yunet)},
@@ -80,12 +75,8 @@ async def world(tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path,
             duo={"consent_timeout_s": TIMEOUT_S},
             # Every test talks in one group: Telegram's 20 messages a minute per group would hold sends back.
             telegram={"group_max_rate": 1000})
-        try:
-            async with open_service(settings) as service:
-                yield World(service, telegram, discord)
-        finally:
-            await telegram.close()
-            await discord.close()
+        async with open_service(settings) as service:
+            yield World(service, telegram, discord)
 
 
 async def _with_identity(world: World, key: str, seed: int) -> None:
@@ -93,11 +84,7 @@ async def _with_identity(world: World, key: str, seed: int) -> None:
     storage = world.service.storage
     platform = key.partition(":")[0]
     await storage.ensure_user(key, platform, "en")
-    rng = np.random.default_rng(seed)
-    vectors = normalise(rng.standard_normal((2, 512))).astype(np.float32)
-    path = world.service.services.user_dir(key) / "identity.npz"
-    save_identity(Identity(normalise(vectors.mean(axis=0)), vectors,
-                           rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)), path)
+    path = build_identity(world.service.services.user_dir(key) / "identity.npz", seed)
     await storage.set_identity(key, str(path), 1)
 
 
@@ -105,11 +92,6 @@ def _duo_jobs(world: World) -> list[sqlite3.Row]:
     with sqlite3.connect(world.db) as db:
         db.row_factory = sqlite3.Row
         return db.execute("SELECT * FROM jobs WHERE kind = 'duo'").fetchall()
-
-
-def _buttons(call: Any) -> list[str]:
-    markup = call.params.get("reply_markup") or {}
-    return [b["callback_data"] for row in markup.get("inline_keyboard", []) for b in row]
 
 
 def _in_chat(chat: int, text: str | None = None) -> Any:
@@ -124,9 +106,9 @@ async def _ask(world: World, requester: FakeUser, partner: FakeUser, command: st
     said = fake.send_message(partner, GROUP, "hello")
     mark = fake.mark()
     fake.send_message(requester, GROUP, command, reply_to_message=said)
-    request = await fake.wait_for("sendMessage", lambda c: any(b.startswith("duoyes:") for b in _buttons(c)),
+    request = await fake.wait_for("sendMessage", lambda c: any(b.startswith("duoyes:") for b in c.buttons),
                                   since=mark, timeout=15)
-    return _buttons(request)[0].partition(":")[2], request
+    return request.buttons[0].partition(":")[2], request
 
 
 async def _press(world: World, call: Any, payload: str, user: FakeUser) -> Any:
@@ -148,8 +130,8 @@ async def test_yes_makes_the_picture_for_both_and_a_third_member_cannot_answer(w
     text = request.params["text"]
     assert "Bob" in text and "Ann" in text and "/delete" in text  # names both, says what will happen
     # Bob also gets the request privately, with the same buttons.
-    private = await fake.wait_for("sendMessage", lambda c: _in_chat(bob.id)(c) and _buttons(c), since=mark)
-    assert _buttons(private) == [f"duoyes:{request_id}", f"duono:{request_id}"]
+    private = await fake.wait_for("sendMessage", lambda c: _in_chat(bob.id)(c) and c.buttons, since=mark)
+    assert private.buttons == [f"duoyes:{request_id}", f"duono:{request_id}"]
     # A third member's press is refused and changes nothing.
     refused = await _press(world, request, f"duoyes:{request_id}", cat)
     assert refused.params["text"] == t("duo.not_for_you", "en") and refused.params["show_alert"]
@@ -186,8 +168,8 @@ async def test_yes_makes_the_picture_for_both_and_a_third_member_cannot_answer(w
     # One person's /delete removes it for everyone; the other is told; the proof holds for both.
     mark = fake.mark()
     fake.send_message(bob, None, "/delete")
-    confirm = await fake.wait_for("sendMessage", lambda c: _in_chat(bob.id)(c) and _buttons(c), since=mark)
-    fake.press_button(confirm.result, _buttons(confirm)[0], bob)
+    confirm = await fake.wait_for("sendMessage", lambda c: _in_chat(bob.id)(c) and c.buttons, since=mark)
+    fake.press_button(confirm.result, confirm.buttons[0], bob)
     await fake.wait_for("sendMessage", _in_chat(ann.id, t("duo.deleted_by_other", "en")), since=mark, timeout=15)
     for artifact in artifacts:
         assert await world.service.storage.artifact(artifact.id) is None
@@ -196,8 +178,8 @@ async def test_yes_makes_the_picture_for_both_and_a_third_member_cannot_answer(w
     assert user_traces(data_dir, world.db, [f"telegram:{bob.id}"]) == []
     mark = fake.mark()
     fake.send_message(ann, None, "/delete")
-    confirm = await fake.wait_for("sendMessage", lambda c: _in_chat(ann.id)(c) and _buttons(c), since=mark)
-    fake.press_button(confirm.result, _buttons(confirm)[0], ann)
+    confirm = await fake.wait_for("sendMessage", lambda c: _in_chat(ann.id)(c) and c.buttons, since=mark)
+    fake.press_button(confirm.result, confirm.buttons[0], ann)
     await fake.wait_for("editMessageText", _in_chat(ann.id, t("delete.done", "en")), since=mark, timeout=15)
     assert user_traces(data_dir, world.db, [f"telegram:{ann.id}", f"telegram:{bob.id}"]) == []
 
@@ -270,7 +252,7 @@ async def test_a_blocked_requester_cannot_ask(world: World) -> None:
                                                                     "first_name": "Bob"}}])
     await fake.wait_for("sendMessage", _in_chat(GROUP, t("duo.blocked", "en", name="Bob")), since=mark)
     await fake.wait_idle()
-    assert not any(b.startswith("duoyes:") for c in fake.calls[mark:] for b in _buttons(c))
+    assert not any(b.startswith("duoyes:") for c in fake.calls[mark:] for b in c.buttons)
     assert [j for j in _duo_jobs(world) if j["user_key"] == f"telegram:{ann.id}"] == []
 
 
@@ -294,7 +276,7 @@ async def test_a_group_can_switch_duo_off(world: World) -> None:
     fake.set_admins(group, [ann])
     mark = fake.mark()
     fake.send_message(ann, group, "/settings")
-    panel = await fake.wait_for("sendMessage", lambda c: _in_chat(group)(c) and _buttons(c), since=mark)
+    panel = await fake.wait_for("sendMessage", lambda c: _in_chat(group)(c) and c.buttons, since=mark)
     mark = fake.mark()
     fake.press_button(panel.result, "cset:cmd.duo", ann)
     await fake.wait_for("answerCallbackQuery", since=mark)
@@ -303,7 +285,7 @@ async def test_a_group_can_switch_duo_off(world: World) -> None:
     fake.send_message(bob, group, "/duo hanfu", reply_to_message=ann_said)
     await fake.wait_for("sendMessage", _in_chat(group, t("duo.off_here", "en", command="duo")), since=mark)
     await fake.wait_idle()
-    assert not any(b.startswith("duoyes:") for c in fake.calls[mark:] for b in _buttons(c))
+    assert not any(b.startswith("duoyes:") for c in fake.calls[mark:] for b in c.buttons)
 
 
 async def test_duo_asked_in_a_private_chat_is_refused(world: World) -> None:

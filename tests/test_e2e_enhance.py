@@ -15,7 +15,7 @@ from facechain_core import safety
 from facechain_core.tiny.restore import build_restorer
 from facechain_core.tiny.upscale import build_upscaler
 from handlers.messages import t
-from tests.fixtures.fake_telegram import BOT_USERNAME, FakeTelegram
+from tests.fixtures.fake_telegram import BOT_USERNAME, FakeTelegram, button_payloads
 from tests.test_groups_telegram import (
     ANN,
     BOB,
@@ -24,7 +24,6 @@ from tests.test_groups_telegram import (
     IDENTITY,
     PORTRAIT,
     in_chat,
-    payloads,
     private_selfie,
     settings_for,
 )
@@ -53,7 +52,7 @@ async def test_enhance_under_a_group_portrait(fake_telegram: FakeTelegram, tmp_p
         fake.send_message(ANN, GROUP, f"/style@{BOT_USERNAME} hanfu 1")
         result = await fake.wait_for("sendPhoto", in_chat(GROUP), since=mark, timeout=30)
         await fake.wait_idle()
-        enhance = next(p for p in payloads(result.result) if p.startswith("enhance:"))
+        enhance = next(p for p in button_payloads(result.result) if p.startswith("enhance:"))
         artifact_id = enhance.partition(":")[2]
         portrait = await service.storage.artifact(artifact_id)
         with Image.open(portrait.path) as image:
@@ -68,7 +67,7 @@ async def test_enhance_under_a_group_portrait(fake_telegram: FakeTelegram, tmp_p
         fake.press_button(result.result, enhance, user=ANN)
         pick = await fake.wait_for("sendMessage", lambda c: c.params.get("text") == t("enhance.pick", "en"),
                                    since=mark, timeout=10)
-        assert payloads(pick.result) == [f"enhx:{artifact_id}.2", f"enhx:{artifact_id}.4"]
+        assert button_payloads(pick.result) == [f"enhx:{artifact_id}.2", f"enhx:{artifact_id}.4"]
         mark = fake.mark()
         fake.press_button(pick.result, f"enhx:{artifact_id}.2", user=BOB)
         refusal = await fake.wait_for("answerCallbackQuery", since=mark, timeout=10)

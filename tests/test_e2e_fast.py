@@ -3,7 +3,6 @@ both languages, the Telegram options panel, Discord's option) reach the job, and
 normally and says so. The real python-telegram-bot and discord.py clients run against their fakes."""
 from __future__ import annotations
 
-import asyncio
 import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -19,8 +18,10 @@ from facechain_core.tiny import build_lora
 from handlers.messages import t
 from tests.conftest import SHARED, find_asset
 from tests.fixtures.fake_discord import FakeDiscord
+from tests.fixtures.fake_platforms import fake_platforms
 from tests.fixtures.fake_telegram import FakeTelegram, FakeUser
 from tests.fixtures.portrait_service import TINY_PIPELINE, tiny_model_paths
+from tests.fixtures.service_waits import delivered_job_ids, wait_for_delivered_job, wait_for_identity
 from tests.fixtures.tiny_models import one_torch_thread, tiny_models_dir  # noqa: F401
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.asyncio(loop_scope="module")]
@@ -61,12 +62,7 @@ async def world(tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path)
     yunet = find_asset("models/yunet_s_640_640.onnx")
     folder = tmp_path_factory.mktemp("fast")
     accelerator = build_lora(tiny_models_dir / "sd15", folder / "lcm.safetensors", seed=41)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")
-        telegram = await FakeTelegram().start()
-        discord = FakeDiscord()
-        await discord.start()
-        discord.install(patch)
+    async with fake_platforms() as (telegram, discord):
         settings = telegram.bot_settings(
             discord=discord.discord_settings(), data_dir=folder / "data", models_dir=tiny_models_dir,
             styles_dir=_styles(folder / "styles"),
@@ -74,12 +70,8 @@ async def world(tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path)
             selfie={"detector_model": str(yunet)}, scheduler={"progress_interval_s": 0},
             limits={"commands_per_minute": 0},
             pipeline={**TINY_PIPELINE, "oversample": 1, "fast_mode": "on"}, portrait_seed=1234)
-        try:
-            async with open_service(settings) as service:
-                yield World(service, telegram, discord, faces)
-        finally:
-            await telegram.close()
-            await discord.close()
+        async with open_service(settings) as service:
+            yield World(service, telegram, discord, faces)
 
 
 async def _identity(world: World, user: int | FakeUser, photo: str) -> None:
@@ -87,39 +79,18 @@ async def _identity(world: World, user: int | FakeUser, photo: str) -> None:
     if await world.service.storage.identity(f"telegram:{uid}") is not None:
         return
     world.telegram.send_photo(user, None, (world.faces / photo).read_bytes())
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 60
-    while await world.service.storage.identity(f"telegram:{uid}") is None:
-        assert loop.time() < deadline, "no identity"
-        await asyncio.sleep(0.1)
-
-
-async def _delivered(service: Any, user_key: str, before: set[int]) -> Any:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 60
-    while True:
-        jobs = [j for j in await service.storage.user_jobs(user_key, ["delivered"])
-                if j.id not in before and j.kind == "portrait"]  # the selfie's identity job may end late
-        if jobs:
-            return min(jobs, key=lambda j: j.id)
-        assert loop.time() < deadline, "the job was never marked delivered"
-        await asyncio.sleep(0.05)
+    await wait_for_identity(world.service, f"telegram:{uid}")
 
 
 async def _portrait(world: World, user: int | FakeUser, command: str) -> tuple[Any, Any]:
     """Sends `command`; returns the picture's send call and the delivered job."""
     uid = user.id if isinstance(user, FakeUser) else user
     service, fake = world.service, world.telegram
-    before = {j.id for j in await service.storage.user_jobs(f"telegram:{uid}", ["delivered"])}
+    before = await delivered_job_ids(service, f"telegram:{uid}")
     mark = fake.mark()
     fake.send_message(user, None, command)
     sent = await fake.wait_for("sendPhoto", since=mark, timeout=90)
-    return sent, await _delivered(service, f"telegram:{uid}", before)
-
-
-def _buttons(call: Any) -> list[str]:
-    markup = call.params.get("reply_markup") or {}
-    return [b["callback_data"] for row in markup.get("inline_keyboard", []) for b in row]
+    return sent, await wait_for_delivered_job(service, f"telegram:{uid}", before, kind="portrait")
 
 
 async def test_the_operators_default_reaches_the_job_and_it_runs_fast(world: World) -> None:
@@ -160,20 +131,20 @@ async def test_the_panels_speed_row_reaches_the_job(world: World) -> None:
     await _identity(world, CAT, "obama.jpg")
     mark = fake.mark()
     fake.send_message(CAT, None, "/style hanfu options")
-    panel = await fake.wait_for("sendMessage", lambda c: any(p.startswith("optgo:") for p in _buttons(c)), 10,
+    panel = await fake.wait_for("sendMessage", lambda c: any(p.startswith("optgo:") for p in c.buttons), 10,
                                 since=mark)
-    panel_id = next(p for p in _buttons(panel) if p.startswith("optgo:")).partition(":")[2]
+    panel_id = next(p for p in panel.buttons if p.startswith("optgo:")).partition(":")[2]
     assert t("panel.fast", "en", value=t("panel.fast_default", "en")) in panel.params["text"]
     for choice in ("fast.off", "count.1"):
         mark = fake.mark()
         fake.press_button(panel.result, f"opt:{panel_id}.{choice}", user=CAT)
         edit = await fake.wait_for("editMessageText", since=mark, timeout=10)
     assert t("panel.fast", "en", value=t("panel.fast_off", "en")) in edit.params["text"]
-    before = {j.id for j in await service.storage.user_jobs(f"telegram:{CAT}", ["delivered"])}
+    before = await delivered_job_ids(service, f"telegram:{CAT}")
     mark = fake.mark()
     fake.press_button(panel.result, f"optgo:{panel_id}", user=CAT)
     await fake.wait_for("sendPhoto", since=mark, timeout=90)
-    job = await _delivered(service, f"telegram:{CAT}", before)
+    job = await wait_for_delivered_job(service, f"telegram:{CAT}", before, kind="portrait")
     assert job.params["controls"] == {"fast": "off"} and job.params["fast"] is False
 
 
@@ -181,11 +152,7 @@ async def test_discords_fast_option_reaches_the_job(world: World) -> None:
     service, fake = world.service, world.discord
     user = DISCORD_USER
     fake.slash(user, "selfie", photo1=(world.faces / "obama.jpg").read_bytes())
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 60
-    while await service.storage.identity(f"discord:{user}") is None:
-        assert loop.time() < deadline
-        await asyncio.sleep(0.1)
+    await wait_for_identity(service, f"discord:{user}")
     posts = rf"/channels/{fake.dm_channel(user)['id']}/messages"
     mark = fake.mark()
     fake.slash(user, "style", style="hanfu", count=1, fast="off")

@@ -3,7 +3,6 @@ style LoRA trained with its loss going down, previews, private to the maker, pub
 run at once by another user, a one-person set refused, /delete, backup and restore of the published style."""
 from __future__ import annotations
 
-import asyncio
 import io
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from facechain_core.styles import load_styles
 from handlers.messages import t
 from tests.fixtures.portrait_service import TINY_PIPELINE, portrait_settings
 from tests.fixtures.privacy import user_traces
+from tests.fixtures.service_waits import wait_for_latest_job
 from tests.fixtures.tiny_models import one_torch_thread, tiny_models_dir  # noqa: F401
 
 MAKER, OTHER, ADMIN = 5101, 5102, 5103
@@ -45,22 +45,6 @@ def same_face_on(face_photo: Path, seed: int) -> bytes:
     out = io.BytesIO()
     canvas.save(out, "JPEG", quality=92)
     return out.getvalue()
-
-
-def _buttons(call) -> list[str]:
-    markup = call.params.get("reply_markup") or {}
-    return [b["callback_data"] for row in markup.get("inline_keyboard", []) for b in row]
-
-
-async def _job(service, key: str, kind: str, states: list[str], timeout: float = 240.0):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        jobs = [j for j in await service.storage.user_jobs(key, states) if j.kind == kind]
-        if jobs:
-            return jobs[-1]
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"no {kind} job of {key} reached {states}")
 
 
 async def _say(fake, user: int, text: str, timeout: float = 15.0) -> str:
@@ -98,7 +82,7 @@ async def test_make_train_preview_publish_use_delete(fake_telegram, settings, fa
         mark = fake.mark()
         fake.send_photo(MAKER, None, look(0))
         first = await fake.wait_for("sendMessage", since=mark, timeout=15)
-        assert "1 example(s) kept" in first.params["text"] and _buttons(first) == []
+        assert "1 example(s) kept" in first.params["text"] and first.buttons == []
         mark = fake.mark()
         fake.send_photo(MAKER, None, look(0))
         dup = await fake.wait_for("sendMessage", since=mark, timeout=15)
@@ -115,18 +99,18 @@ async def test_make_train_preview_publish_use_delete(fake_telegram, settings, fa
             fake.send_photo(MAKER, None, look(seed))
             got = await fake.wait_for("sendMessage", since=mark, timeout=15)
         assert "5 example(s) kept" in got.params["text"]
-        train = next(b for b in _buttons(got) if b.startswith("mkstyle_train:"))
+        train = next(b for b in got.buttons if b.startswith("mkstyle_train:"))
 
         # Train: progress, then previews (the reference identity and the maker's own) with the loss.
         mark = fake.mark()
         fake.press_button(got.result, train, user=MAKER)
-        queued = await fake.wait_for("sendMessage", lambda c: any(b.startswith("cancel:") for b in _buttons(c)),
+        queued = await fake.wait_for("sendMessage", lambda c: any(b.startswith("cancel:") for b in c.buttons),
                                      since=mark, timeout=15)
         album = await fake.wait_for("sendMediaGroup", since=mark, timeout=300)
         assert len(album.params["media"]) == 2 and "Style \"stripes\" is trained" in album.params["media"][0]["caption"]
         edits = [c for c in fake.calls_of("editMessageText") if c.params["message_id"] == queued.result["message_id"]]
         assert any("%" in c.params["text"] for c in edits)
-        job = await _job(service, MAKER_KEY, "style_train", ["delivered"])
+        job = await wait_for_latest_job(service, MAKER_KEY, "style_train", ["delivered"], timeout=240)
         curve = job.result["meta"]["loss_curve"]
         assert job.result["meta"]["steps"] == 40 and curve[-1] < curve[0], curve
         assert job.result["meta"]["previews"] == ["reference", "maker"]
@@ -136,12 +120,12 @@ async def test_make_train_preview_publish_use_delete(fake_telegram, settings, fa
         mark = fake.mark()
         fake.send_message(MAKER, None, "/style stripes 1")
         await fake.wait_for("sendPhoto", since=mark, timeout=120)
-        mine = await _job(service, MAKER_KEY, "portrait", ["delivered"])
+        mine = await wait_for_latest_job(service, MAKER_KEY, "portrait", ["delivered"], timeout=240)
         assert mine.params["style_id"] == "stripes" and Path(mine.params["style_lora"]).is_file()
         # "More like this" under it runs the private style again.
-        result = next(c for c in fake.calls[mark:] if any(b.startswith("more:") for b in _buttons(c)))
+        result = next(c for c in fake.calls[mark:] if any(b.startswith("more:") for b in c.buttons))
         mark = fake.mark()
-        fake.press_button(result.result, next(b for b in _buttons(result) if b.startswith("more:")), user=MAKER)
+        fake.press_button(result.result, next(b for b in result.buttons if b.startswith("more:")), user=MAKER)
         await fake.wait_for("sendPhoto", since=mark, timeout=120)
         await _selfie(fake, OTHER, faces_dir / "obama2.jpg")
         assert "stripes" in await _say(fake, OTHER, "/style stripes 1")
@@ -157,7 +141,7 @@ async def test_make_train_preview_publish_use_delete(fake_telegram, settings, fa
         fake.send_message(OTHER, None, "/style Bold stripes 1")
         photo = await fake.wait_for("sendPhoto", since=mark, timeout=120)
         assert "Bold stripes" in photo.params["caption"]
-        theirs = await _job(service, OTHER_KEY, "portrait", ["delivered"])
+        theirs = await wait_for_latest_job(service, OTHER_KEY, "portrait", ["delivered"], timeout=240)
         assert Path(theirs.params["style_lora"]) == (settings.data_dir / "styles" / "stripes.safetensors").resolve()
 
         # A set that is really one person is refused by the training job. (The admin has no face of their
@@ -181,12 +165,7 @@ async def test_make_train_preview_publish_use_delete(fake_telegram, settings, fa
         fake.send_photo(MAKER, None, look(7))
         await fake.wait_for("sendMessage", since=mark, timeout=15)
         assert list((settings.data_dir / "users" / MAKER_KEY / "makestyle" / "second" / "examples").glob("*.jpg"))
-        mark = fake.mark()
-        fake.send_message(MAKER, None, "/delete")
-        ask = await fake.wait_for("sendMessage", since=mark, timeout=10)
-        mark = fake.mark()
-        fake.press_button(ask.result, next(b for b in _buttons(ask) if b.startswith("delete:")), user=MAKER)
-        await fake.wait_for("editMessageText", since=mark, timeout=10)
+        await fake.delete_everything(MAKER)
         await fake.wait_idle()
         archive = tmp_path / "backup.tar.gz"
         await backup(settings.data_dir, settings.db_path, archive)

@@ -2,7 +2,6 @@
 and tapping, /train -> progress -> LoRA -> /style uses it."""
 from __future__ import annotations
 
-import asyncio
 
 import pytest
 
@@ -10,6 +9,7 @@ from bot.app import open_service
 from bot.ops.logsetup import configure_logging
 from tests.fixtures.portrait_service import TINY_PIPELINE, portrait_settings
 from tests.fixtures.privacy import user_traces
+from tests.fixtures.service_waits import wait_for_latest_job
 from tests.fixtures.tiny_models import one_torch_thread, tiny_models_dir  # noqa: F401
 
 USER = 4242
@@ -24,24 +24,8 @@ def settings(fake_telegram, tmp_path, tiny_models_dir, yunet_path):  # noqa: F81
     return settings
 
 
-def _buttons(call) -> list[str]:
-    markup = call.params.get("reply_markup") or {}
-    return [b["callback_data"] for row in markup.get("inline_keyboard", []) for b in row]
-
-
 async def _album(fake, since: int, timeout: float = 90.0):
     return await fake.wait_for("sendMediaGroup", since=since, timeout=timeout)
-
-
-async def _wait_job(service, kind: str, state: str, timeout: float = 90.0):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        jobs = [j for j in await service.storage.user_jobs(KEY, [state]) if j.kind == kind]
-        if jobs:
-            return jobs[-1]
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"no {kind} job reached {state}")
 
 
 async def test_selfie_style_styles_train_and_style_again(fake_telegram, settings, faces_dir, one_torch_thread):  # noqa: F811
@@ -59,42 +43,42 @@ async def test_selfie_style_styles_train_and_style_again(fake_telegram, settings
         mark = fake.mark()
         fake.send_message(USER, None, "/style hanfu 2")
         queued = await fake.wait_for("sendMessage", since=mark, timeout=10)
-        assert any(b.startswith("cancel:") for b in _buttons(queued))
+        assert any(b.startswith("cancel:") for b in queued.buttons)
         album = await _album(fake, mark)
         assert len(album.params["media"]) == 2 and "Hanfu" in album.params["media"][0]["caption"]
         free_images = fake.uploads(album)
         edits = [c for c in fake.calls_of("editMessageText") if c.params["message_id"] == queued.result["message_id"]]
         assert any("%" in c.params["text"] for c in edits)
-        more = await fake.wait_for("sendMessage", lambda c: any(b.startswith("more:") for b in _buttons(c)),
+        more = await fake.wait_for("sendMessage", lambda c: any(b.startswith("more:") for b in c.buttons),
                                    since=mark, timeout=10)
-        free_job = await _wait_job(service, "portrait", "delivered")
+        free_job = await wait_for_latest_job(service, KEY, "portrait", ["delivered"])
         assert free_job.result["meta"]["lora_used"] is False
 
         # /styles pages through the catalogue; tapping a style runs it for the presser.
         mark = fake.mark()
         fake.send_message(USER, None, "/styles")
         menu = await fake.wait_for("sendMessage", since=mark, timeout=10)
-        payloads = _buttons(menu)
+        payloads = menu.buttons
         assert "styles:1" in payloads and sum(p.startswith("style:") for p in payloads) == 8, payloads
         mark = fake.mark()
         fake.press_button(menu.result, "styles:1", user=USER)
         page2 = await fake.wait_for("editMessageText", since=mark, timeout=10)
-        assert "page 2" in page2.params["text"] and "styles:0" in _buttons(page2)
-        tapped = next(p for p in _buttons(page2) if p.startswith("style:"))
+        assert "page 2" in page2.params["text"] and "styles:0" in page2.buttons
+        tapped = next(p for p in page2.buttons if p.startswith("style:"))
         mark = fake.mark()
         fake.press_button(page2.result if isinstance(page2.result, dict) else menu.result, tapped, user=USER)
         assert len((await _album(fake, mark)).params["media"]) == 2
 
         # "More like this" under the first album queues the same style again.
         mark = fake.mark()
-        fake.press_button(more.result, next(b for b in _buttons(more) if b.startswith("more:")), user=USER)
+        fake.press_button(more.result, next(b for b in more.buttons if b.startswith("more:")), user=USER)
         assert len((await _album(fake, mark)).params["media"]) == 2
 
         # /train: progress edits, then the LoRA is recorded and announced.
         mark = fake.mark()
         fake.send_message(USER, None, "/train")
         await fake.wait_for("sendMessage", lambda c: "trained" in c.params["text"], since=mark, timeout=120)
-        trained = await _wait_job(service, "train", "delivered")
+        trained = await wait_for_latest_job(service, KEY, "train", ["delivered"])
         assert trained.result["meta"]["steps"] == 4  # one selfie x steps_per_photo
         identity = await service.storage.identity(KEY)
         assert identity.lora_path and identity.lora_path.endswith(".safetensors")
@@ -112,12 +96,7 @@ async def test_selfie_style_styles_train_and_style_again(fake_telegram, settings
 
         # /delete removes the selfies, identity, LoRA, results and every row.
         assert (service.services.user_dir(KEY) / "lora" / "pytorch_lora_weights.safetensors").is_file()
-        mark = fake.mark()
-        fake.send_message(USER, None, "/delete")
-        ask = await fake.wait_for("sendMessage", since=mark, timeout=10)
-        mark = fake.mark()
-        fake.press_button(ask.result, next(b for b in _buttons(ask) if b.startswith("delete:")), user=USER)
-        await fake.wait_for("editMessageText", since=mark, timeout=10)
+        await fake.delete_everything(USER)
         await fake.wait_idle()
     assert user_traces(settings.data_dir, settings.db_path, [KEY, str(USER)]) == []
 
@@ -143,7 +122,7 @@ async def test_style_during_training_finishes_first(fake_telegram, tmp_path, tin
         trained_msg = [c for c in fake.calls[mark:] if c.method == "sendMessage" and "trained" in c.params["text"]]
         assert album_or_photo and not trained_msg, "the portrait waited for the whole training"
         await fake.wait_for("sendMessage", lambda c: "trained" in c.params["text"], since=mark, timeout=180)
-        trained = await _wait_job(service, "train", "delivered")
+        trained = await wait_for_latest_job(service, KEY, "train", ["delivered"])
         assert trained.result["meta"]["steps"] == 60 and trained.attempts == 1
 
 

@@ -30,8 +30,10 @@ from facechain_core.tryon import working_image
 from handlers.messages import t
 from tests.conftest import SHARED, find_asset
 from tests.fixtures.fake_discord import APP_ID, FakeDiscord
+from tests.fixtures.fake_platforms import fake_platforms
 from tests.fixtures.fake_telegram import FakeTelegram
 from tests.fixtures.portrait_service import TINY_PIPELINE, tiny_model_paths
+from tests.fixtures.service_waits import delivered_job_ids, wait_for_delivered_job, wait_for_identity
 from tests.fixtures.tiny_models import one_torch_thread, prompt_classifier_dir, tiny_models_dir  # noqa: F401
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.asyncio(loop_scope="module")]
@@ -73,12 +75,7 @@ async def studio(tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path
     if not faces.is_dir():
         pytest.skip(f"{faces} not present (a fresh clone has no ../shared/)")
     yunet = find_asset("models/yunet_s_640_640.onnx")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")  # the worker process's torch: tiny models run fastest on one
-        telegram = await FakeTelegram().start()
-        discord = FakeDiscord()
-        await discord.start()
-        discord.install(patch)
+    async with fake_platforms() as (telegram, discord):
         settings = telegram.bot_settings(
             discord=discord.discord_settings(), data_dir=tmp_path_factory.mktemp("studio_data"),
             models_dir=tiny_models_dir,
@@ -87,12 +84,8 @@ async def studio(tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path
             limits={"commands_per_minute": 0},  # one user presses many buttons across the module's tests
             pipeline={**TINY_PIPELINE, "oversample": 1, "template": {"side": TEMPLATE_SIDE, "steps": 2}},
             portrait_seed=1234)
-        try:
-            async with open_service(settings) as service:
-                yield Studio(service, telegram, discord, faces, studio_models["template-mona_lisa"])
-        finally:
-            await telegram.close()
-            await discord.close()
+        async with open_service(settings) as service:
+            yield Studio(service, telegram, discord, faces, studio_models["template-mona_lisa"])
 
 
 def _jpeg(image: Image.Image) -> bytes:
@@ -105,60 +98,23 @@ def _pixels(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(np.int16)
 
 
-def _buttons(call: Any) -> list[str]:
-    markup = call.params.get("reply_markup") or {}
-    return [b["callback_data"] for row in markup.get("inline_keyboard", []) for b in row]
-
-
-async def _said(fake: FakeTelegram, text: str, since: int, timeout: float = 30.0) -> Any:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        for call in fake.calls[since:]:
-            if call.method in ("sendMessage", "editMessageText") and text in str(call.params.get("text", "")):
-                return call
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"the bot never said {text!r}")
-
-
 async def _identity(studio: Studio, user: int, photo: str) -> None:
     """Gives the user an identity from a selfie (once: a user another test made keeps theirs)."""
     service, fake = studio.service, studio.telegram
     if await service.storage.identity(f"telegram:{user}") is not None:
         return
     fake.send_photo(user, None, (studio.faces / photo).read_bytes())
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 60
-    while await service.storage.identity(f"telegram:{user}") is None:
-        assert loop.time() < deadline, "no identity"
-        await asyncio.sleep(0.1)
-
-
-async def _delivered(service: Any, user_key: str, before: set[int]) -> Any:
-    """The user's first job delivered since `before` (job ids)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 30
-    while True:
-        jobs = [j for j in await service.storage.user_jobs(user_key, ["delivered"])
-                if j.id not in before and j.kind != "identity"]  # the selfie's identity job may end late
-        if jobs:
-            return min(jobs, key=lambda j: j.id)
-        assert loop.time() < deadline, "the job was never marked delivered"
-        await asyncio.sleep(0.05)
-
-
-async def _job_ids(service: Any, user_key: str) -> set[int]:
-    return {j.id for j in await service.storage.user_jobs(user_key, ["delivered"])}
+    await wait_for_identity(service, f"telegram:{user}")
 
 
 async def _result(studio: Studio, user: int, command: str, method: str = "sendPhoto", **send: Any) -> tuple[Any, Any]:
     """Sends `command`, waits for the picture(s); returns the send call and the delivered job."""
     service, fake = studio.service, studio.telegram
     mark = fake.mark()
-    before = await _job_ids(service, f"telegram:{user}")
+    before = await delivered_job_ids(service, f"telegram:{user}")
     fake.send_message(user, send.pop("chat", None), command, **send)
     sent = await fake.wait_for(method, since=mark, timeout=90)
-    return sent, await _delivered(service, f"telegram:{user}", before)
+    return sent, await wait_for_delivered_job(service, f"telegram:{user}", before)
 
 
 async def _pressed(studio: Studio, user: int, message: dict[str, Any], payload: str,
@@ -166,10 +122,10 @@ async def _pressed(studio: Studio, user: int, message: dict[str, Any], payload: 
     """Presses a result button, waits for the new picture(s); returns the send call and the delivered job."""
     service, fake = studio.service, studio.telegram
     mark = fake.mark()
-    before = await _job_ids(service, f"telegram:{user}")
+    before = await delivered_job_ids(service, f"telegram:{user}")
     fake.press_button(message, payload, user=user)
     sent = await fake.wait_for(method, since=mark, timeout=90)
-    return sent, await _delivered(service, f"telegram:{user}", before)
+    return sent, await wait_for_delivered_job(service, f"telegram:{user}", before)
 
 
 def _distinct_identity(path: Path, seed: int) -> None:
@@ -233,10 +189,10 @@ async def test_controls_change_one_thing_each_at_the_same_seed(studio: Studio) -
     old_copy.write_bytes(b"an expired copy")
     os.utime(old_copy, (time.time() - 2 * DAY_S, time.time() - 2 * DAY_S))
     mark = fake.mark()
-    before = await _job_ids(service, f"telegram:{ANN}")
+    before = await delivered_job_ids(service, f"telegram:{ANN}")
     fake.send_photo(ANN, None, (studio.faces / "obama2.jpg").read_bytes(), caption="/style hanfu 1 seed:77 pose:photo")
     await fake.wait_for("sendPhoto", since=mark, timeout=90)
-    posed = await _delivered(service, f"telegram:{ANN}", before)
+    posed = await wait_for_delivered_job(service, f"telegram:{ANN}", before)
     copy = Path(posed.params["controls"]["pose"]["image"])
     assert copy.is_file() and copy.is_relative_to(pose_dir.resolve()) and posed.result["meta"]["pose"] == "photo"
     assert not old_copy.exists() and not old_copy.parent.exists()
@@ -245,10 +201,10 @@ async def test_controls_change_one_thing_each_at_the_same_seed(studio: Studio) -
     count = await _active_jobs(service, ANN)
     mark = fake.mark()
     fake.send_message(ANN, None, "/style hanfu aspect:5:4")
-    await _said(fake, t("studio.bad_aspect", "en", value="5:4", choices="2:3, 3:2, 9:16, square"), mark)
+    await fake.wait_for_text(t("studio.bad_aspect", "en", value="5:4", choices="2:3, 3:2, 9:16, square"), since=mark)
     mark = fake.mark()
     fake.send_message(ANN, None, "/style hanfu pose:handstand")
-    await _said(fake, "handstand", mark)
+    await fake.wait_for_text("handstand", since=mark)
     assert count == await _active_jobs(service, ANN)
 
 
@@ -260,17 +216,17 @@ async def test_options_panel_buttons_reach_the_job_and_only_its_owner_presses_th
     # "⚙ Options" under a page of /styles lists the styles again; a tap opens that style's panel.
     mark = fake.mark()
     fake.send_message(ANN, GROUP, "/styles")
-    catalogue = await fake.wait_for("sendMessage", lambda c: "optlist:0" in _buttons(c), 10, since=mark)
+    catalogue = await fake.wait_for("sendMessage", lambda c: "optlist:0" in c.buttons, 10, since=mark)
     mark = fake.mark()
     fake.press_button(catalogue.result, "optlist:0", user=ANN)
-    listing = await fake.wait_for("sendMessage", lambda c: "optstyle:hanfu" in _buttons(c), 10, since=mark)
+    listing = await fake.wait_for("sendMessage", lambda c: "optstyle:hanfu" in c.buttons, 10, since=mark)
     mark = fake.mark()
     fake.press_button(listing.result, "optstyle:hanfu", user=ANN)
-    panel = await _said(fake, t("panel.title", "en", style="Hanfu"), mark, timeout=10)
+    panel = await fake.wait_for_text(t("panel.title", "en", style="Hanfu"), since=mark, timeout=10)
     message = panel.result
-    panel_id = next(p for p in _buttons(panel) if p.startswith("optgo:")).partition(":")[2]
-    assert all(len(p.encode()) <= 64 for p in _buttons(panel))
-    assert f"opt:{panel_id}.pose.seated" in _buttons(panel)  # pose is installed for SD1.5
+    panel_id = next(p for p in panel.buttons if p.startswith("optgo:")).partition(":")[2]
+    assert all(len(p.encode()) <= 64 for p in panel.buttons)
+    assert f"opt:{panel_id}.pose.seated" in panel.buttons  # pose is installed for SD1.5
 
     # Another member's press changes nothing and is told so.
     mark = fake.mark()
@@ -290,17 +246,17 @@ async def test_options_panel_buttons_reach_the_job_and_only_its_owner_presses_th
     for line in (t("panel.aspect", "en", value="9:16"), t("panel.likeness", "en", value="Low"),
                  t("panel.pose", "en", value="Seated"), t("panel.count", "en", value="1")):
         assert line in text
-    assert f"opt:{panel_id}.aspect.9:16" in _buttons(edit)
+    assert f"opt:{panel_id}.aspect.9:16" in edit.buttons
     ticked = [b["text"] for row in edit.params["reply_markup"]["inline_keyboard"] for b in row
               if b["text"].startswith("✓")]
     assert ticked == ["✓ 9:16", "✓ Low", "✓ Seated", "✓ 1", "✓ " + t("panel.fast_default", "en")]  # Speed: untouched
 
     # ... and "Go" queues exactly them; the panel is gone after, so another press of Go queues nothing.
     mark = fake.mark()
-    before = await _job_ids(service, ann)
+    before = await delivered_job_ids(service, ann)
     fake.press_button(message, f"optgo:{panel_id}", user=ANN)
     sent = await fake.wait_for("sendPhoto", since=mark, timeout=90)
-    job = await _delivered(service, ann, before)
+    job = await wait_for_delivered_job(service, ann, before)
     assert job.kind == "portrait" and job.params["style_id"] == "hanfu" and job.params["count"] == 1
     assert job.params["controls"] == {"aspect": "9:16", "likeness": "low", "pose": {"id": "seated"}}
     meta = job.result["meta"]
@@ -316,17 +272,17 @@ async def test_options_panel_buttons_reach_the_job_and_only_its_owner_presses_th
 
     # "⚙ Options" under the result opens a panel with that job's choices; only its owner may open it.
     (artifact,) = await service.storage.job_artifacts(job.id)
-    assert f"optres:{artifact.id}" in _buttons(sent)
+    assert f"optres:{artifact.id}" in sent.buttons
     mark = fake.mark()
     fake.press_button(sent.result, f"optres:{artifact.id}", user=BOB)
     refusal = await fake.wait_for("answerCallbackQuery", since=mark, timeout=10)
     assert refusal.params.get("text") == t("button.not_yours", "en")
     mark = fake.mark()
     fake.press_button(sent.result, f"optres:{artifact.id}", user=ANN)
-    prefilled = await _said(fake, t("panel.title", "en", style="Hanfu"), mark, timeout=10)
+    prefilled = await fake.wait_for_text(t("panel.title", "en", style="Hanfu"), since=mark, timeout=10)
     assert t("panel.aspect", "en", value="9:16") in prefilled.params["text"]
     assert t("panel.pose", "en", value="Seated") in prefilled.params["text"]
-    again_id = next(p for p in _buttons(prefilled) if p.startswith("optx:")).partition(":")[2]
+    again_id = next(p for p in prefilled.buttons if p.startswith("optx:")).partition(":")[2]
     mark = fake.mark()
     fake.press_button(prefilled.result, f"optx:{again_id}", user=ANN)
     closed = await fake.wait_for("editMessageText", since=mark, timeout=10)
@@ -347,6 +303,8 @@ async def test_template_keeps_the_picture_outside_the_face_and_refuses_what_it_m
     bob, _, _ = await _picture(studio, BOB, "/template Mona Lisa seed:5")
     assert sent.params["caption"].startswith(t("template.caption", "en", name="Mona Lisa"))
     assert cat.shape == template.shape
+    with Image.open(studio.template) as picture:
+        assert cat_job.params["picture_size"] == list(picture.size)  # planned into a shared pass by it
     x0, y0, x1, y1 = cat_job.result["meta"]["mask_box"]
     outside = np.ones(template.shape[:2], bool)
     outside[y0:y1, x0:x1] = False
@@ -371,12 +329,12 @@ async def test_template_keeps_the_picture_outside_the_face_and_refuses_what_it_m
     jobs_before = len(await service.storage.user_jobs(f"telegram:{CAT}", ["queued", "done", "delivered"]))
     mark = fake.mark()
     fake.send_message(CAT, None, "/template arnolfini")  # a library template of two faces
-    await _said(fake, t("template.many_faces", "en", faces=2), mark)
+    await fake.wait_for_text(t("template.many_faces", "en", faces=2), since=mark)
     assert len(await service.storage.user_jobs(f"telegram:{CAT}", ["queued", "done", "delivered"])) == jobs_before
     # The user's own photo of two people: the job says the same.
     mark = fake.mark()
     fake.send_photo(CAT, None, (studio.faces / "two_people.jpg").read_bytes(), caption="/template")
-    await _said(fake, t("template.many_faces", "en", faces=2), mark, timeout=90)
+    await fake.wait_for_text(t("template.many_faces", "en", faces=2), since=mark, timeout=90)
 
     # Someone else's photo can lend neither a template nor a pose.
     mark = fake.mark()
@@ -385,7 +343,7 @@ async def test_template_keeps_the_picture_outside_the_face_and_refuses_what_it_m
     for command, code in (("/template", "template.not_yours"), ("/style hanfu pose:photo", "pose.not_yours")):
         mark = fake.mark()
         fake.send_message(BOB, GROUP, command, reply_to_message=cat_photo)
-        await _said(fake, t(code, "en"), mark)
+        await fake.wait_for_text(t(code, "en"), since=mark)
     await fake.wait_idle()
     bob_jobs = await service.storage.user_jobs(f"telegram:{BOB}", ["queued", "running", "done", "delivered"])
     assert [j.kind for j in bob_jobs] == ["identity", "template"]
@@ -395,7 +353,8 @@ async def test_imagine_refuses_with_a_reason_and_no_job_row(studio: Studio) -> N
     service, fake = studio.service, studio.telegram
     await _identity(studio, DAN, "obama.jpg")
     key = f"telegram:{DAN}"
-    jobs = await service.storage.user_jobs(key, ["queued", "running", "done", "delivered", "failed"])
+    # Ids only: the selfie's identity job may still move from done to delivered meanwhile.
+    jobs = {j.id for j in await service.storage.user_jobs(key, ["queued", "running", "done", "delivered", "failed"])}
     lists = PromptFilter.load()
     assert lists.check("me at a gorefest") is None  # only the classifier refuses this one
     for prompt, reason, lang in (("/imagine me n.a.k.e.d on a beach", "sexual", "en"),
@@ -406,10 +365,11 @@ async def test_imagine_refuses_with_a_reason_and_no_job_row(studio: Studio) -> N
             await fake.wait_idle()
         mark = fake.mark()
         fake.send_message(DAN, None, prompt)
-        reply = await _said(fake, t(f"imagine.reason.{reason}", lang), mark)
+        reply = await fake.wait_for_text(t(f"imagine.reason.{reason}", lang), since=mark)
         assert reply.params["text"] == t("imagine.refused", lang, reason=t(f"imagine.reason.{reason}", lang))
     await fake.wait_idle()
-    assert await service.storage.user_jobs(key, ["queued", "running", "done", "delivered", "failed"]) == jobs
+    after = {j.id for j in await service.storage.user_jobs(key, ["queued", "running", "done", "delivered", "failed"])}
+    assert after == jobs
     sent, job = await _result(studio, DAN, "/imagine 我在西湖边划船 比例:3:2", "sendMediaGroup")
     assert job.params["imagine"] == "我在西湖边划船" and job.params["controls"] == {"aspect": "3:2"}
     assert t("imagine.caption", "zh", scene="我在西湖边划船") in json.dumps(sent.params["media"], ensure_ascii=False)
@@ -419,11 +379,7 @@ async def test_discord_options_reach_the_jobs(studio: Studio) -> None:
     service, fake = studio.service, studio.discord
     user = DISCORD_USER
     fake.slash(user, "selfie", photo1=(studio.faces / "obama.jpg").read_bytes())
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 60
-    while await service.storage.identity(f"discord:{user}") is None:
-        assert loop.time() < deadline
-        await asyncio.sleep(0.1)
+    await wait_for_identity(service, f"discord:{user}")
     posts = rf"/channels/{fake.dm_channel(user)['id']}/messages"
     mark = fake.mark()
     fake.slash(user, "style", style="hanfu", count=1, aspect="9:16", likeness="low", pose="closeup", seed=9)

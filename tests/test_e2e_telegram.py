@@ -117,14 +117,7 @@ async def test_conversation_start_to_delete(fake_telegram, settings, faces_dir, 
         assert "1" in status
 
         # /delete asks first; the confirm button removes every row and file of the user.
-        mark = fake.mark()
-        fake.send_message(USER, None, "/delete")
-        ask = await fake.wait_for("sendMessage", since=mark, timeout=10)
-        buttons = [b["callback_data"] for row in ask.params["reply_markup"]["inline_keyboard"] for b in row]
-        confirm = next(b for b in buttons if b.startswith("delete:"))
-        mark = fake.mark()
-        fake.press_button(ask.result, confirm, user=USER)
-        await fake.wait_for("editMessageText", since=mark, timeout=10)
+        await fake.delete_everything(USER)
         await fake.wait_idle()
 
     traces = user_traces(settings.data_dir, settings.db_path, [f"telegram:{USER}", str(USER)])

@@ -2,7 +2,6 @@
 Application) against the fake Bot API, on tiny models of the real formats."""
 from __future__ import annotations
 
-import asyncio
 import io
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from facechain_core.tiny.tryon import PALETTE, build_tryon_models, draw_outfit
 from handlers.messages import t
 from tests.fixtures.fake_telegram import FakeTelegram
 from tests.fixtures.portrait_service import TINY_PIPELINE, tiny_model_paths
+from tests.fixtures.service_waits import wait_for_identity
 from tests.fixtures.tiny_models import one_torch_thread, tiny_models_dir  # noqa: F401
 
 pytestmark = pytest.mark.timeout(180)
@@ -51,27 +51,11 @@ def selfie_jpeg(faces_dir: Path) -> bytes:
     return _jpeg(image.resize((image.width // 2, image.height // 2)))
 
 
-async def _said(fake: FakeTelegram, text: str, since: int, timeout: float = 60.0) -> Any:
-    """The first sendMessage or editMessageText from `since` whose text contains `text`."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        for call in fake.calls[since:]:
-            if call.method in ("sendMessage", "editMessageText") and text in str(call.params.get("text", "")):
-                return call
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"the bot never said {text!r}")
-
-
 async def _selfie(fake: FakeTelegram, service: Any, user: int, data: bytes) -> None:
     mark = fake.mark()
     fake.send_photo(user, None, data)
     await fake.wait_for("sendMessage", since=mark, timeout=15)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 60
-    while await service.storage.identity(f"telegram:{user}") is None:
-        assert loop.time() < deadline, "no identity"
-        await asyncio.sleep(0.1)
+    await wait_for_identity(service, f"telegram:{user}")
 
 
 async def test_tryon_asks_for_the_outfit_and_returns_one_picture(fake_telegram: FakeTelegram, settings: Any,
@@ -82,17 +66,17 @@ async def test_tryon_asks_for_the_outfit_and_returns_one_picture(fake_telegram: 
         assert "tryon" in service.services.features_installed
         mark = fake.mark()
         fake.send_message(ANN, None, "/tryon")
-        await _said(fake, t("tryon.no_identity", "en"), mark, timeout=10)
+        await fake.wait_for_text(t("tryon.no_identity", "en"), since=mark, timeout=10)
         await _selfie(fake, service, ANN, selfie_jpeg)
 
         # /tryon alone asks for the outfit; the next photo is the outfit, not a selfie.
         mark = fake.mark()
         fake.send_message(ANN, None, "/tryon")
-        await _said(fake, t("tryon.send_photo", "en"), mark, timeout=10)
+        await fake.wait_for_text(t("tryon.send_photo", "en"), since=mark, timeout=10)
         selfies_before = len(await service.storage.selfies(f"telegram:{ANN}"))
         mark = fake.mark()
         fake.send_photo(ANN, None, _jpeg(outfit))
-        await _said(fake, t("job.kind.tryon", "en"), mark, timeout=10)
+        await fake.wait_for_text(t("job.kind.tryon", "en"), since=mark, timeout=10)
         sent = await fake.wait_for("sendPhoto", since=mark, timeout=90)
         assert sent.params["caption"].startswith(t("tryon.caption", "en"))
         (picture,) = fake.uploads(sent)
@@ -108,6 +92,7 @@ async def test_tryon_asks_for_the_outfit_and_returns_one_picture(fake_telegram: 
         assert len(await service.storage.selfies(f"telegram:{ANN}")) == selfies_before
         (job,) = [j for j in await service.storage.user_jobs(f"telegram:{ANN}", ["delivered"]) if j.kind == "tryon"]
         assert not Path(job.params["outfit"]).exists()  # the outfit copy goes once delivered
+        assert job.params["picture_size"] == [outfit.shape[1], outfit.shape[0]]  # planned into a shared pass by it
         (artifact,) = await service.storage.job_artifacts(job.id)
         assert Path(artifact.path).is_file() and artifact.kind == "tryon"
 
@@ -122,7 +107,7 @@ async def test_tryon_errors_and_other_peoples_photos(fake_telegram: FakeTelegram
         empty = np.full((96, 96, 3), PALETTE["background"][0], np.uint8)
         mark = fake.mark()
         fake.send_photo(ANN, None, _jpeg(empty), caption="/tryon")
-        await _said(fake, t("tryon.no_person", "en"), mark)
+        await fake.wait_for_text(t("tryon.no_person", "en"), since=mark, timeout=60)
 
         # In a group, Bob cannot dress up Ann's photo; Ann can.
         mark = fake.mark()
@@ -130,7 +115,7 @@ async def test_tryon_errors_and_other_peoples_photos(fake_telegram: FakeTelegram
         await fake.wait_for("sendMessage", since=mark, timeout=10)
         mark = fake.mark()
         fake.send_message(BOB, GROUP, "/tryon", reply_to_message=ann_photo)
-        await _said(fake, t("tryon.not_yours", "en"), mark, timeout=10)
+        await fake.wait_for_text(t("tryon.not_yours", "en"), since=mark, timeout=10)
         mark = fake.mark()
         fake.send_message(ANN, GROUP, "/tryon", reply_to_message=ann_photo)
         sent = await fake.wait_for("sendPhoto", since=mark, timeout=90)

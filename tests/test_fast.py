@@ -11,10 +11,10 @@ from facechain_core import portrait as portrait_module
 from facechain_core.accelerators import Accelerators, accelerators
 from facechain_core.pipeline import PipelineContext
 from facechain_core.portrait import PortraitPipeline
-from facechain_core.tiny import build_lora
+from facechain_core.tiny import build_identity, build_lora
 from tests.fixtures.progress import StepRecorder
 from tests.fixtures.tiny_models import one_torch_thread, tiny_models, tiny_models_dir  # noqa: F401
-from tests.test_portrait import _identity, _pixels, _settings, _style
+from tests.test_portrait import _pixels, _settings, _style
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -41,7 +41,7 @@ def pipeline(tiny_models, accelerator_lora, tmp_path_factory) -> PortraitPipelin
 
 @pytest.fixture(scope="module")
 def identity(tmp_path_factory) -> Path:
-    return _identity(tmp_path_factory.mktemp("user") / "identity.npz", 1)
+    return build_identity(tmp_path_factory.mktemp("user") / "identity.npz", 1)
 
 
 def _run(pipeline: PortraitPipeline, out: Path, identity: Path, progress: StepRecorder | None = None,

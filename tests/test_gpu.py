@@ -23,8 +23,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from facechain_core.errors import JobCancelled, UserFacingError
-from facechain_core.identity import Identity, normalise, save_identity
 from facechain_core.pipeline import PipelineContext
+from facechain_core.tiny import build_identity
 from tests.fixtures.progress import StepRecorder
 from tests.fixtures.tiny_models import tiny_models, tiny_models_dir  # noqa: F401
 from tests.test_portrait import _settings as portrait_settings
@@ -86,13 +86,6 @@ class _FloatImages:
         for batch in self.batches:
             assert np.isfinite(batch).all(), f"non-finite pixels on {DEVICE} in {DTYPE}"
         self.batches.clear()
-
-
-def _identity(path: Path, seed: int) -> Path:
-    rng = np.random.default_rng(seed)
-    vectors = normalise(rng.standard_normal((2, 512))).astype(np.float32)
-    crop = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)
-    return save_identity(Identity(normalise(vectors.mean(axis=0)), vectors, crop), path)
 
 
 def _pixels(path: Path) -> np.ndarray:
@@ -158,7 +151,7 @@ def test_portraits_on_the_device_with_faceid_a_user_lora_and_safe_mode(
         base = pipeline.base(family)
         assert base.plus is plus
         assert base.pipe.device.type == torch.device(DEVICE).type and base.pipe.unet.dtype == TORCH_DTYPE
-        ids = _identity(tmp_path / "a.npz", 1), _identity(tmp_path / "b.npz", 2)
+        ids = build_identity(tmp_path / "a.npz", 1), build_identity(tmp_path / "b.npz", 2)
         result = _portrait_job(pipeline, tmp_path / "lora", ids[0], family, count=2,
                                user_lora=str(tiny_models[lora]), user_lora_scale=0.8)
         floats.check()
@@ -187,7 +180,7 @@ def test_safe_mode_flags_on_the_device(tiny_models: dict[str, Path], safety_chec
     pipeline = _portrait(tiny_models, tmp_path, safety_checker_path=str(safety_checkers["all"]))
     try:
         with pytest.raises(UserFacingError) as info:
-            _portrait_job(pipeline, tmp_path / "out", _identity(tmp_path / "a.npz", 1))
+            _portrait_job(pipeline, tmp_path / "out", build_identity(tmp_path / "a.npz", 1))
         assert info.value.code == "safety.flagged"
         checker = pipeline._context.shared["safety"]
         assert next(checker.model.parameters()).device.type == torch.device(DEVICE).type
@@ -265,7 +258,7 @@ def test_trained_lora_loads_into_the_portrait_pipeline_and_acts(
     pipeline = _portrait(tiny_models, tmp_path)
     floats = _FloatImages(monkeypatch, facechain_core.portrait)
     try:
-        identity = _identity(tmp_path / "a.npz", 1)
+        identity = build_identity(tmp_path / "a.npz", 1)
         plain = _pixels(_portrait_job(pipeline, tmp_path / "plain", identity).files[0])
         result = _portrait_job(pipeline, tmp_path / "lora", identity, user_lora=str(trained["result"].files[0]))
         floats.check()
@@ -299,7 +292,8 @@ def test_tryon_on_the_device_keeps_the_garment_and_repaints_the_rest(
         assert pipeline.base().pipe.unet.dtype == TORCH_DTYPE
         outfit = tmp_path / "outfit.png"
         Image.fromarray(draw_outfit(128, arm_angle=0.3, seed=5)).save(outfit)
-        result = pipeline.run({"outfit": str(outfit), "identity": str(_identity(tmp_path / "id.npz", 1)), "seed": 7,
+        identity = build_identity(tmp_path / "id.npz", 1)
+        result = pipeline.run({"outfit": str(outfit), "identity": str(identity), "seed": 7,
                                "out_dir": str(tmp_path / "out")}, StepRecorder())
         floats.check()
         output = _pixels(result.files[0])

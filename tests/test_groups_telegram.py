@@ -23,7 +23,7 @@ from handlers.messages import t
 from handlers.progress import submit_with_progress
 from handlers.protocols import Chat, Event, ReplyChannel
 from handlers.services import Services
-from tests.fixtures.fake_telegram import BOT_USERNAME, ApiCall, FakeTelegram, FakeUser
+from tests.fixtures.fake_telegram import BOT_USERNAME, ApiCall, FakeTelegram, FakeUser, button_payloads
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -72,11 +72,6 @@ def settings_for(fake: FakeTelegram, tmp_path: Path, yunet_path: Path, **fields:
                                  selfie={"detector_model": yunet_path.name}, **fields)
     configure_logging(settings)
     return settings
-
-
-def payloads(message: dict[str, Any]) -> list[str]:
-    rows = (message.get("reply_markup") or {}).get("inline_keyboard", [])
-    return [b["callback_data"] for row in rows for b in row if "callback_data" in b]
 
 
 def replied_id(call: ApiCall) -> int | None:
@@ -142,7 +137,7 @@ async def test_every_member_is_only_themselves(fake_telegram: FakeTelegram, tmp_
         assert result.result["reply_to_message"]["from"]["id"] == ANN.id
         (ann_job,) = await jobs_of(service, ANN, "portrait")
         assert f"telegram:{ANN.id}" in ann_job.params["identity"]
-        more = next(p for p in payloads(result.result) if p.startswith("more:"))
+        more = next(p for p in button_payloads(result.result) if p.startswith("more:"))
 
         # Bob pressing Ann's button is refused, and nothing is queued for him.
         mark = fake.mark()
@@ -184,7 +179,7 @@ async def test_group_admins_set_the_rules(fake_telegram: FakeTelegram, tmp_path:
         assert answer.params["text"] == t("groups.settings_private", "en")
         _, panel = await say(fake, ANN, GROUP, f"/settings@{BOT_USERNAME}")
         assert t("groups.title", "en") in panel.params["text"]
-        assert {"cset:safe", "cset:limit.1", "cset:cmds"} <= set(payloads(panel.result))
+        assert {"cset:safe", "cset:limit.1", "cset:cmds"} <= set(button_payloads(panel.result))
 
         # A member who is no admin cannot press the panel's buttons.
         mark = fake.mark()
@@ -199,7 +194,7 @@ async def test_group_admins_set_the_rules(fake_telegram: FakeTelegram, tmp_path:
             mark = fake.mark()
             fake.press_button(panel.result, payload, user=ANN)
             edits[payload] = edit = await fake.wait_for("editMessageText", since=mark, timeout=10)
-        assert "cset:all" in payloads(edit.result)
+        assert "cset:all" in button_payloads(edit.result)
         # No safety checker is installed here: the panel says pictures will be refused in this group.
         assert t("groups.safe_no_checker", "en") not in panel.params["text"]
         assert t("groups.safe_no_checker", "en") in edits["cset:safe"].params["text"]

@@ -732,3 +732,18 @@ async def test_help_explains_duo_and_group(world: World) -> None:
     for user_id, lang in ((11, "en"), (12, "zh")):
         text = (await world.send(make_event(user_id, text="/help", lang=lang))).said[-1]
         assert t("help.duo", lang) in text and t("help.group", lang) in text
+
+
+async def test_a_command_whose_models_are_missing_refuses_and_logs_the_pull(
+        world: World, caplog: pytest.LogCaptureFixture) -> None:
+    import handlers.features  # noqa: F401  (every command registered, as in the service)
+
+    for user_id, (command, feature) in enumerate((("/tryon", "tryon"), ("/template", "template"),
+                                                  ("/cartoon", "cartoon")), start=21):
+        for lang in ("en", "zh"):
+            with caplog.at_level(logging.WARNING, logger="handlers.services"):
+                said = (await world.send(make_event(user_id, text=command, lang=lang))).said[-1]
+            assert said == t("feature.not_installed", lang, feature=feature)
+            assert f"run `facechain-bot models pull {feature}`" in caplog.text
+            caplog.clear()
+    assert world.jobs.submitted == []

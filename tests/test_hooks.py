@@ -10,7 +10,7 @@ from bot.storage import Artifact, new_artifact_id
 from facechain_core.errors import UserFacingError
 from handlers import buttons, chat_settings, hooks
 from handlers.messages import t
-from handlers.progress import present_default, submit_with_progress
+from handlers.progress import present_default, submit_staged, submit_with_progress
 from handlers.protocols import Chat
 from tests.fixtures.safety_world import event, make_world, private  # noqa: F401
 
@@ -77,6 +77,19 @@ async def test_a_failed_submission_gives_back_what_the_checks_took(make_world, n
     with pytest.raises(RuntimeError):
         await submit_with_progress(world.services, event(1), world.channel(private(1)), "demo", {})
     assert given_back == ["demo"]
+
+
+async def test_a_refused_staged_job_leaves_no_inputs_and_a_queued_one_keeps_them(make_world) -> None:  # noqa: ANN001
+    world = await make_world(quotas={"demo": 1})
+    folders = [world.services.user_dir("telegram:1") / "demo" / name for name in ("first", "second")]
+    for folder in folders:
+        folder.mkdir(parents=True)
+        (folder / "input.jpg").write_bytes(b"staged")
+    await submit_staged(world.services, event(1), world.channel(private(1)), "demo", {}, folders[0])
+    with pytest.raises(UserFacingError) as refused:
+        await submit_staged(world.services, event(1), world.channel(private(1)), "demo", {}, folders[1])
+    assert refused.value.code == "quota.exceeded"
+    assert (folders[0] / "input.jpg").is_file() and not folders[1].exists()
 
 
 async def test_without_features_jobs_run_plainly(make_world, no_hooks) -> None:  # noqa: ANN001, F811

@@ -11,8 +11,9 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 
 from facechain_core.lora_fuse import fused_loras, wants_fusing
+from facechain_core.tiny import build_identity
 from tests.fixtures.tiny_models import one_torch_thread, tiny_models, tiny_models_dir  # noqa: F401
-from tests.test_portrait import _identity, _load, _pixels, _run
+from tests.test_portrait import _load, _pixels, _run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -83,7 +84,7 @@ def test_an_unknown_fuse_loras_setting_is_refused() -> None:
 
 
 def test_portraits_with_merged_loras_match_and_leave_the_base_untouched(tiny_models, tmp_path: Path) -> None:
-    identity = _identity(tmp_path / "id.npz", 3)
+    identity = build_identity(tmp_path / "id.npz", 3)
     plain = _load(tiny_models, tmp_path / "m1", fuse_loras=False)
     fused = _load(tiny_models, tmp_path / "m2", fuse_loras=True)
     lora = {"user_lora": str(tiny_models["lora_sd15_a"]), "user_lora_scale": 0.9}

@@ -14,7 +14,7 @@ from facechain_core.identity import Identity, normalise, save_identity
 from facechain_core.pipeline import PipelineContext
 from facechain_core.portrait import PortraitPipeline
 from facechain_core.resident import ResidentPipelines
-from facechain_core.tiny import build_lora
+from facechain_core.tiny import build_identity, build_lora
 from tests.fixtures.progress import StepRecorder
 from tests.fixtures.tiny_models import one_torch_thread, tiny_models, tiny_models_dir  # noqa: F401
 
@@ -48,13 +48,6 @@ def _load(models: dict[str, Path], tmp: Path, budget_mb: int = 0, **changes: Any
     return pipeline
 
 
-def _identity(path: Path, seed: int) -> Path:
-    rng = np.random.default_rng(seed)
-    vectors = normalise(rng.standard_normal((2, 512))).astype(np.float32)
-    crop = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)
-    return save_identity(Identity(normalise(vectors.mean(axis=0)), vectors, crop), path)
-
-
 def _pixels(path: Path) -> np.ndarray:
     with Image.open(path) as img:
         return np.asarray(img.convert("RGB"), dtype=np.int16)
@@ -68,7 +61,7 @@ def pipeline(tiny_models, tmp_path_factory, one_torch_thread) -> PortraitPipelin
 @pytest.fixture(scope="module")
 def identities(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("users")
-    return _identity(root / "a" / "identity.npz", 1), _identity(root / "b" / "identity.npz", 2)
+    return build_identity(root / "a" / "identity.npz", 1), build_identity(root / "b" / "identity.npz", 2)
 
 
 def _run(pipeline: PortraitPipeline, out: Path, identity: Path, progress: StepRecorder | None = None,

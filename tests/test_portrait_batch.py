@@ -6,13 +6,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from facechain_core.errors import JobCancelled, UserFacingError
 from facechain_core.identity import Identity, normalise, save_identity
 from facechain_core.pipeline import JobResult, PipelineContext
 from facechain_core.portrait import PortraitPipeline
 from facechain_core.portrait_batch import batch_plan
+from tests.fixtures.batch_pass import ForwardCalls, result_pixels
 from tests.fixtures.progress import StepRecorder
 from tests.fixtures.tiny_models import one_torch_thread, tiny_models, tiny_models_dir  # noqa: F401
 
@@ -59,26 +59,6 @@ def _job(out: Path, identity: Path, **changes: Any) -> dict[str, Any]:
     return job
 
 
-def _pixels(result: JobResult) -> list[np.ndarray]:
-    pictures = []
-    for path in result.files:
-        with Image.open(path) as img:
-            pictures.append(np.asarray(img.convert("RGB"), dtype=np.int16))
-    return pictures
-
-
-class UnetCalls:
-    """Counts the UNet's forward calls and the batch each one took."""
-
-    def __init__(self, pipeline: PortraitPipeline) -> None:
-        self.batches: list[int] = []
-        self._handle = pipeline.base("sd15").pipe.unet.register_forward_hook(
-            lambda module, args, kwargs, output: self.batches.append(int(args[0].shape[0])), with_kwargs=True)
-
-    def close(self) -> None:
-        self._handle.remove()
-
-
 def test_batched_jobs_of_different_users_match_their_pictures_alone(pipeline, identities, tmp_path):
     jobs = [  # three users: different identities, subjects, negative prompts, seeds and counts
         _job(tmp_path / "a", identities[0], count=2, seed=7),
@@ -86,22 +66,22 @@ def test_batched_jobs_of_different_users_match_their_pictures_alone(pipeline, id
         _job(tmp_path / "c", identities[2], seed=99, style=_style(negative_prompt=None)),
     ]
     alone = [pipeline.run({**job, "out_dir": f"{job['out_dir']}-alone"}, StepRecorder()) for job in jobs]
-    calls = UnetCalls(pipeline)
+    calls = ForwardCalls(pipeline.base("sd15").pipe)
     recorders = [StepRecorder() for _ in jobs]
     try:
         outcomes = pipeline.run_batch(list(zip(jobs, recorders, strict=True)))
     finally:
         calls.close()
     # One UNet call per step for all four candidates (classifier-free guidance doubles the rows).
-    assert calls.batches == [2 * 4] * STEPS
+    assert calls.unet == [2 * 4] * STEPS
     for solo, batched, recorder in zip(alone, outcomes, recorders, strict=True):
         assert isinstance(batched, JobResult)
         assert batched.meta["seeds"] == solo.meta["seeds"]
-        for a, b in zip(_pixels(solo), _pixels(batched), strict=True):
+        for a, b in zip(result_pixels(solo), result_pixels(batched), strict=True):
             assert np.abs(a - b).max() <= 2
         assert [s for s, _ in recorder.steps] == list(range(1, STEPS + 2))  # each job's own progress
     # The pictures differ per job: per-sample identity and prompt, not one job's repeated.
-    assert np.abs(_pixels(outcomes[0])[0] - _pixels(outcomes[1])[0]).max() > 2
+    assert np.abs(result_pixels(outcomes[0])[0] - result_pixels(outcomes[1])[0]).max() > 2
 
 
 def test_cancelled_job_is_dropped_and_a_failing_one_fails_alone(pipeline, identities, tmp_path):
@@ -112,7 +92,7 @@ def test_cancelled_job_is_dropped_and_a_failing_one_fails_alone(pipeline, identi
     recorders = [StepRecorder(), StepRecorder(cancel_at=2), StepRecorder()]
     outcomes = pipeline.run_batch(list(zip([keep, cancelled, missing], recorders, strict=True)))
     assert isinstance(outcomes[0], JobResult)
-    assert np.abs(_pixels(outcomes[0])[0] - _pixels(alone)[0]).max() <= 2
+    assert np.abs(result_pixels(outcomes[0])[0] - result_pixels(alone)[0]).max() <= 2
     assert isinstance(outcomes[1], JobCancelled)
     assert [s for s, _ in recorders[1].steps] == [1, 2]  # no step after its cancel
     assert not (tmp_path / "cancel").exists() or not any((tmp_path / "cancel").iterdir())
@@ -120,14 +100,14 @@ def test_cancelled_job_is_dropped_and_a_failing_one_fails_alone(pipeline, identi
 
 
 def test_every_job_cancelled_stops_the_pass(pipeline, identities, tmp_path):
-    calls = UnetCalls(pipeline)
+    calls = ForwardCalls(pipeline.base("sd15").pipe)
     try:
         outcomes = pipeline.run_batch([(_job(tmp_path / n, identities[i]), StepRecorder(cancel_at=1))
                                        for i, n in enumerate("xy")])
     finally:
         calls.close()
     assert all(isinstance(o, JobCancelled) for o in outcomes)
-    assert len(calls.batches) == 1
+    assert len(calls.unet) == 1
 
 
 def test_faceid_plus_batch_gives_each_job_its_own_face_crop(tiny_models, identities, tmp_path):
@@ -145,7 +125,7 @@ def test_faceid_plus_batch_gives_each_job_its_own_face_crop(tiny_models, identit
         plus.close()
     for solo, together in zip(alone, batched, strict=True):
         assert isinstance(together, JobResult)
-        assert np.abs(_pixels(solo)[0] - _pixels(together)[0]).max() <= 2
+        assert np.abs(result_pixels(solo)[0] - result_pixels(together)[0]).max() <= 2
 
 
 def test_batch_plan_groups_what_a_pass_shares() -> None:

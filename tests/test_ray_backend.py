@@ -15,7 +15,9 @@ import pytest
 
 from bot.config import PlacementRule, SchedulerSettings
 from bot.engine.backends import create_backend
+from bot.engine.backends import ray_backend
 from bot.engine.backends.ray_backend import RayBackend
+from bot.engine.backends.ray_host import HOST_PROTOCOL
 from bot.engine.jobkinds import GENERATE, JobKind, JobKinds
 from bot.engine.scheduler import Scheduler
 from bot.storage import JobState, Storage
@@ -144,7 +146,7 @@ async def test_cancel_reaches_a_remote_job(storage: Storage, tmp_path: Path, ray
 
 
 async def test_a_killed_actor_is_recreated_and_a_restarted_bot_reattaches(
-        storage: Storage, tmp_path: Path, ray_world: RayWorld) -> None:
+        storage: Storage, tmp_path: Path, ray_world: RayWorld, monkeypatch: pytest.MonkeyPatch) -> None:
     import ray
 
     sink = RecordingSink()
@@ -166,6 +168,13 @@ async def test_a_killed_actor_is_recreated_and_a_restarted_bot_reattaches(
         assert ray.get_actor(name, namespace=NAMESPACE)._actor_id.hex() == recreated  # the same actor, found again
     assert (await storage.job(after.job_id)).result["meta"]["actor"] == name
     assert read_ledger(tmp_path / "ledger") == ["victim", "after"]
+    monkeypatch.setattr(ray_backend, "HOST_PROTOCOL", HOST_PROTOCOL + 1)  # the bot was upgraded, its actors were not
+    sink = RecordingSink()
+    async with ray_running(storage, tmp_path, sink) as (sched, backend):
+        upgraded = await sched.submit("u:a", "big_only", params(tmp_path, "upgraded"), CHAT)
+        await until(in_state(storage, [upgraded.job_id], JobState.DELIVERED), TIMEOUT_S)
+        assert ray.get_actor(name, namespace=NAMESPACE)._actor_id.hex() != recreated  # replaced, not reattached
+    assert read_ledger(tmp_path / "ledger") == ["victim", "after", "upgraded"]
 
 
 async def test_a_removed_node_s_job_resumes_from_its_checkpoint_on_the_other_node_once(

@@ -20,7 +20,7 @@ from facechain_core.pipeline import PipelineContext
 from facechain_core.tiny.cartoon import build_cartoon_models
 from facechain_core.tiny.safety import build_safety_checker
 from handlers.messages import t
-from tests.fixtures.fake_telegram import FakeTelegram
+from tests.fixtures.fake_telegram import FakeTelegram, button_payloads
 from tests.fixtures.safety_world import make_world  # noqa: F401
 from tests.fixtures.tiny_models import one_torch_thread  # noqa: F401
 
@@ -185,13 +185,10 @@ def test_the_cartoon_pipeline_screens_and_labels_its_output(tmp_path: Path, chec
 def test_the_portrait_pipeline_screens_and_labels_every_png(tmp_path: Path, checkers: dict[str, Path],
                                                             tiny_models: dict[str, Path],
                                                             one_torch_thread: None) -> None:
-    from facechain_core.identity import Identity, normalise, save_identity
     from facechain_core.portrait import PortraitPipeline
+    from facechain_core.tiny import build_identity
 
-    rng = np.random.default_rng(3)
-    vectors = normalise(rng.standard_normal((2, 512))).astype(np.float32)
-    identity = save_identity(Identity(normalise(vectors.mean(axis=0)), vectors,
-                                      rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)), tmp_path / "identity.npz")
+    identity = build_identity(tmp_path / "identity.npz", 3)
     pipeline = PortraitPipeline()
     pipeline.load(PipelineContext(models_dir=tmp_path, settings={
         "sd15_path": str(tiny_models["sd15"]), "ip_adapter_path": str(tiny_models["ip_adapter_faceid_sd15"]),
@@ -246,11 +243,6 @@ def _settings(fake: FakeTelegram, root: Path, yunet: Path, models: dict[str, Pat
     )
 
 
-def _payloads(message: dict[str, Any]) -> list[str]:
-    rows = (message.get("reply_markup") or {}).get("inline_keyboard", [])
-    return [button["callback_data"] for row in rows for button in row]
-
-
 def _face(faces_dir: Path) -> bytes:
     image = Image.open(faces_dir / "obama.jpg").convert("RGB")
     buf = io.BytesIO()
@@ -302,7 +294,7 @@ async def test_clean_results_are_labelled_and_reports_reach_the_admin(fake_teleg
         (job,) = await service.storage.user_jobs(f"telegram:{ANN}", ["delivered", "done"])
         (artifact,) = await service.storage.job_artifacts(job.id)
         _assert_labelled(Path(artifact.path))
-        report = next(p for p in _payloads(sent.result) if p.startswith("report:"))
+        report = next(p for p in button_payloads(sent.result) if p.startswith("report:"))
         assert report == f"report:{artifact.id}"
 
         # Bob (not the owner) reports it: he is thanked; the admin gets the picture and Ann's key.
@@ -321,7 +313,7 @@ async def test_clean_results_are_labelled_and_reports_reach_the_admin(fake_teleg
         assert not [c for c in fake.calls[mark:] if c.params.get("chat_id") == ADMIN]
 
         # The admin's button bans Ann at once.
-        ban = next(p for p in _payloads(notice.result) if p.startswith("rban:"))
+        ban = next(p for p in button_payloads(notice.result) if p.startswith("rban:"))
         mark = fake.mark()
         fake.press_button(notice.result, ban, user=BOB)  # not an admin: refused
         refused = await fake.wait_for("answerCallbackQuery", since=mark, timeout=10)

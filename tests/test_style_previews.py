@@ -67,11 +67,6 @@ def test_previews_are_rendered_once_per_style_hash_and_skip_styles_whose_models_
     assert sorted(p.name for p in (settings.data_dir / "previews").iterdir()) == sorted([fresh.name, cinematic.name])
 
 
-def _buttons(call) -> list[str]:
-    markup = call.params.get("reply_markup") or {}
-    return [b["callback_data"] for row in markup.get("inline_keyboard", []) for b in row]
-
-
 async def test_styles_shows_the_previews_of_a_page_as_an_album_then_its_buttons(
         fake_telegram, tmp_path, tiny_models_dir, yunet_path, one_torch_thread):  # noqa: F811
     ids = sorted(p.stem for p in DEFAULT_STYLES_DIR.glob("*.toml") if "family = \"sd15\"" in p.read_text()
@@ -85,26 +80,26 @@ async def test_styles_shows_the_previews_of_a_page_as_an_album_then_its_buttons(
     async with open_service(settings):
         mark = fake.mark()
         fake.send_message(USER, None, "/styles")
-        menu = await fake.wait_for("sendMessage", lambda c: "styles:1" in _buttons(c), since=mark, timeout=10)
+        menu = await fake.wait_for("sendMessage", lambda c: "styles:1" in c.buttons, since=mark, timeout=10)
         album = await fake.wait_for("sendMediaGroup", since=mark, timeout=10)
         assert fake.calls.index(album) < fake.calls.index(menu)  # the pictures first, then the buttons
         assert [m["caption"] for m in album.params["media"]] == [s.display_name("en") for s in first_page]
         uploads = fake.uploads(album)
         assert uploads == [preview_path(settings.data_dir, s).read_bytes() for s in first_page]
-        assert sum(p.startswith("style:") for p in _buttons(menu)) == STYLES_PER_PAGE
+        assert sum(p.startswith("style:") for p in menu.buttons) == STYLES_PER_PAGE
 
         # Page 2 has no previews: the menu message turns its page in place, as before.
         mark = fake.mark()
         fake.press_button(menu.result, "styles:1", user=USER)
         page2 = await fake.wait_for("editMessageText", since=mark, timeout=10)
-        assert "styles:0" in _buttons(page2) and not fake.calls_of("sendMediaGroup")[1:]
+        assert "styles:0" in page2.buttons and not fake.calls_of("sendMediaGroup")[1:]
 
         # Back to page 1: its album comes again, with a new message for the buttons.
         mark = fake.mark()
         fake.press_button(menu.result, "styles:0", user=USER)
         again = await fake.wait_for("sendMediaGroup", since=mark, timeout=10)
         assert len(again.params["media"]) == STYLES_PER_PAGE
-        await fake.wait_for("sendMessage", lambda c: "styles:1" in _buttons(c), since=mark, timeout=10)
+        await fake.wait_for("sendMessage", lambda c: "styles:1" in c.buttons, since=mark, timeout=10)
 
 
 async def test_discord_shows_a_page_of_previews_as_an_embed_gallery(fake_discord: FakeDiscord,  # noqa: F811

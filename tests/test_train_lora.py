@@ -1,13 +1,7 @@
 """Identity LoRA training on a tiny SD1.5 (random weights, 32-64 px, CPU): crops, learning, resume, yield."""
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import textwrap
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,8 +30,8 @@ from facechain_core.train_lora import (
     checkpoint_path,
     weights_variant,
 )
+from tests.fixtures.training_child import kill_at_first_checkpoint
 
-ROOT = Path(__file__).resolve().parent.parent
 TRIGGER = "a photo of sks person"
 RES = 32  # the tiny VAE halves it: 16x16 latents keep every step a few tens of ms
 
@@ -407,54 +401,14 @@ def test_yield_point_sees_the_base_unet_and_training_continues(
     assert not has_peft_layers(unet)
 
 
-_KILL_SCRIPT = textwrap.dedent("""
-    import json, sys
-    from pathlib import Path
-    import torch
-    torch.set_num_threads(1)
-    from facechain_core.pipeline import PipelineContext
-    from facechain_core.train_lora import TrainLoraPipeline
-
-    sd15, params = sys.argv[1], json.loads(sys.argv[2])
-
-    class Progress:
-        def __call__(self, step, total, text=None):
-            pass
-        def yield_point(self):
-            pass
-
-    pipe = TrainLoraPipeline()
-    pipe.load(PipelineContext(models_dir=Path(sd15).parent, settings={"model_paths": {"sd15": sd15}}))
-    pipe.run(params, Progress())
-""")
-
-
 @pytest.mark.slow
 def test_sigkill_mid_training_resumes_from_last_checkpoint(pipeline: TrainLoraPipeline, sd15_dir: Path,
                                                            photos: list[dict[str, Any]], tmp_path: Path) -> None:
-    import json
-
     params = job(photos, tmp_path / "out", steps_per_photo=20, max_steps=40, checkpoint_every=3)
-    script = tmp_path / "train_child.py"
-    script.write_text(_KILL_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    child = subprocess.Popen([sys.executable, str(script), str(sd15_dir), json.dumps(params)], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpt = checkpoint_path(tmp_path / "out")
-    try:
-        deadline = time.monotonic() + 200
-        while not ckpt.exists():
-            if child.poll() is not None:
-                pytest.fail(f"training child exited early: {child.stderr.read().decode()[-2000:]}")
-            assert time.monotonic() < deadline, "no checkpoint within 200 s"
-            time.sleep(0.01)
-        child.send_signal(signal.SIGKILL)
-    finally:
-        child.kill()
-        child.wait()
-    assert child.returncode == -signal.SIGKILL
+    saved_step = kill_at_first_checkpoint("facechain_core.train_lora:TrainLoraPipeline", "sd15", sd15_dir, params,
+                                          ckpt)
     assert not (tmp_path / "out" / WEIGHT_NAME).exists()
-    saved_step = torch.load(ckpt, weights_only=True)["step"]
     assert saved_step % 3 == 0 and 3 <= saved_step < 40
 
     result = pipeline.run(params, RecordingProgress())

@@ -2,35 +2,29 @@
 loss goes down, a SIGKILL resumes from the last checkpoint, and the LoRA loads into SDXL portraits."""
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from safetensors.torch import load_file
 
 from facechain_core.errors import ModelNotInstalled
 from facechain_core.pipeline import PipelineContext
 from facechain_core.portrait import PortraitPipeline
+from facechain_core.tiny import build_identity
 from facechain_core.train_lora import CHECKPOINT_DIR, WEIGHT_NAME, adapter_names, checkpoint_path
 from facechain_core.train_lora_sdxl import CHECKPOINT_DIR as SDXL_CHECKPOINT_DIR
 from facechain_core.train_lora_sdxl import WEIGHT_NAME as SDXL_WEIGHT_NAME
 from facechain_core.train_lora_sdxl import SdxlTrainLoraPipeline, add_time_ids
 from tests.fixtures.tiny_models import one_torch_thread, tiny_models, tiny_models_dir  # noqa: F401
-from tests.test_portrait import _identity, _settings, _style
+from tests.fixtures.training_child import kill_at_first_checkpoint
+from tests.test_portrait import _settings, _style
 from tests.test_train_lora import RES, TRIGGER, RecordingProgress, job, synthetic_photo
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300), pytest.mark.usefixtures("one_torch_thread")]
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +80,7 @@ def test_sdxl_lora_changes_sdxl_portraits_at_the_same_seed(trained: dict[str, An
                                                            tmp_path: Path) -> None:
     portraits = PortraitPipeline()
     portraits.load(PipelineContext(models_dir=tmp_path, settings=_settings(tiny_models)))
-    identity = _identity(tmp_path / "identity.npz", 1)
+    identity = build_identity(tmp_path / "identity.npz", 1)
 
     def picture(lora: Path | None, name: str) -> np.ndarray:
         params = {"style": _style(family="sdxl"), "identity": str(identity), "count": 1, "seed": 42,
@@ -114,53 +108,15 @@ def test_sdxl_refuses_uncached_inputs(pipeline: SdxlTrainLoraPipeline, photos: l
         pipeline.run(job(photos, tmp_path, cache_latents=False), RecordingProgress())
 
 
-_KILL_SCRIPT = textwrap.dedent("""
-    import json, sys
-    from pathlib import Path
-    import torch
-    torch.set_num_threads(1)
-    from facechain_core.pipeline import PipelineContext
-    from facechain_core.train_lora_sdxl import SdxlTrainLoraPipeline
-
-    sdxl, params = sys.argv[1], json.loads(sys.argv[2])
-
-    class Progress:
-        def __call__(self, step, total, text=None):
-            pass
-        def yield_point(self):
-            pass
-
-    pipe = SdxlTrainLoraPipeline()
-    pipe.load(PipelineContext(models_dir=Path(sdxl).parent, settings={"model_paths": {"sdxl": sdxl}}))
-    pipe.run(params, Progress())
-""")
-
-
 def test_sigkill_mid_sdxl_training_resumes_from_last_checkpoint(pipeline: SdxlTrainLoraPipeline,
                                                                 tiny_models: dict[str, Path],  # noqa: F811
                                                                 photos: list[dict[str, Any]], tmp_path: Path) -> None:
     out = tmp_path / "out"
     params = job(photos, out, steps_per_photo=20, max_steps=40, checkpoint_every=3)
-    script = tmp_path / "train_child.py"
-    script.write_text(_KILL_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    child = subprocess.Popen([sys.executable, str(script), str(tiny_models["sdxl"]), json.dumps(params)], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpt = checkpoint_path(out, SDXL_CHECKPOINT_DIR)
-    try:
-        deadline = time.monotonic() + 200
-        while not ckpt.exists():
-            if child.poll() is not None:
-                pytest.fail(f"training child exited early: {child.stderr.read().decode()[-2000:]}")
-            assert time.monotonic() < deadline, "no checkpoint within 200 s"
-            time.sleep(0.01)
-        child.send_signal(signal.SIGKILL)
-    finally:
-        child.kill()
-        child.wait()
-    assert child.returncode == -signal.SIGKILL
+    saved_step = kill_at_first_checkpoint("facechain_core.train_lora_sdxl:SdxlTrainLoraPipeline", "sdxl",
+                                          tiny_models["sdxl"], params, ckpt)
     assert not (out / SDXL_WEIGHT_NAME).exists()
-    saved_step = torch.load(ckpt, weights_only=True)["step"]
     assert saved_step % 3 == 0 and 3 <= saved_step < 40
     # An SD1.5 LoRA trained into the same folder keeps its own checkpoint and weights apart.
     assert not (out / CHECKPOINT_DIR).exists() and not (out / WEIGHT_NAME).exists()

@@ -40,8 +40,10 @@ BUILTIN_KINDS: tuple[JobKind, ...] = (
             needs=(("sd15", "portrait"), ("ip-adapter-faceid-sd15", "portrait"), ("arcface", "portrait"))),
     JobKind("talk", "facechain_core.talk:TalkPipeline", GENERATE, 2, 600, needs=(("wav2lip-gan-onnx", "talk"),)),
     JobKind("tryon", "facechain_core.tryon:TryOnPipeline", GENERATE, 2, 900,
+            batch="facechain_core.inpaint_batch:tryon_batch_plan",
             needs=(("sd15-inpainting", "tryon"), ("segformer-clothes", "tryon"))),
     JobKind("template", "facechain_core.template:TemplatePipeline", GENERATE, 2, 900,
+            batch="facechain_core.inpaint_batch:template_batch_plan",
             needs=(("sd15-inpainting", "template"),)),
     # Enhance / Upscale under a result: face restoration, then x2 or x4 super-resolution.
     JobKind("enhance", "facechain_core.enhance:EnhancePipeline", GENERATE, 2, 600,

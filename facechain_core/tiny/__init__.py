@@ -12,6 +12,7 @@ from pathlib import Path
 
 from facechain_core.tiny.arcface import build_arcface
 from facechain_core.tiny.clip_vision import build_clip_vision
+from facechain_core.tiny.identity import build_identity
 from facechain_core.tiny.ip_adapter import build_ip_adapter_faceid
 from facechain_core.tiny.lora import build_lora, unet_config_of
 from facechain_core.tiny.sd import build_sd15, build_sdxl, sd15_unet_config, sdxl_unet_config
@@ -20,8 +21,8 @@ from facechain_core.tiny.upscale import build_upscaler
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "TINY_LAYOUT", "build_all", "build_arcface", "build_clip_vision", "build_ip_adapter_faceid", "build_lora",
-    "build_sd15", "build_sdxl", "build_upscaler", "sd15_unet_config", "sdxl_unet_config", "unet_config_of",
+    "TINY_LAYOUT", "build_all", "build_arcface", "build_clip_vision", "build_identity", "build_ip_adapter_faceid",
+    "build_lora", "build_sd15", "build_sdxl", "build_upscaler", "sd15_unet_config", "sdxl_unet_config", "unet_config_of",
 ]
 
 CLIP_VISION_HIDDEN = 32

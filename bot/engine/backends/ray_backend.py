@@ -9,7 +9,9 @@ share a pass (cross-user batching) go to an actor in one call, as one ``batch`` 
 
 A lost actor (its node left, it crashed) is reported as a worker exit, so the scheduler retries its
 jobs elsewhere within ``max_tries``; the actor is created again while its node is alive, and nodes
-that join later get actors of their own.
+that join later get actors of their own. A lost head (``ray_head``) ends every slot of that cluster
+with its jobs put back in the queue (no try used: no job's fault); the bot leaves the cluster, waits
+for the head, joins it again and creates actors on the nodes that joined the restarted head.
 """
 from __future__ import annotations
 
@@ -27,16 +29,20 @@ from typing import Any
 from bot.config import ConfigError
 from bot.engine import worker_protocol as wp
 from bot.engine.backends.base import BackendEvents, JobOrder, Slot, SlotInfo, batch_message, init_message
-from bot.engine.backends.ray_host import EXITED, WorkerHost
+from bot.engine.backends.ray_head import HeadLink, HeadLost
+from bot.engine.backends.ray_host import EXITED, HOST_PROTOCOL, WorkerHost
 from bot.engine.backends.shipping import Blob, Packer, read_blob, read_tree, write_tree
 from bot.engine.worker_env import worker_environment
 
 log = logging.getLogger(__name__)
 
 POLL_WAIT_S = 1.0  # how long one long-poll of an actor waits for the worker's messages
+POLL_GRACE_S = 30.0  # a poll unanswered this long after POLL_WAIT_S: the actor counts as lost
+RECOVER_WAIT_S = POLL_WAIT_S + POLL_GRACE_S + 5.0  # for the slots of a lost head to report their jobs
 DISCOVER_EVERY_S = 5.0  # how often new nodes are looked for
 RECREATE_DELAYS_S = (0.5, 2.0, 5.0, 15.0)
 EXIT_WAIT_S = 5.0
+REPLACE_WAIT_S = 30.0
 ACTOR_PREFIX = "facechain-worker"
 
 
@@ -69,8 +75,9 @@ class RayBackend:
                  kind_needs: Mapping[str, list[list[str]]] | None = None, memory_budget_mb: int = 0) -> None:
         self._ray = require_ray()
         self._context = dict(context)
-        self._address = address
         self._namespace = namespace
+        self._link = HeadLink(self._ray, address, namespace)
+        self._recovery: asyncio.Task[None] | None = None
         self._resource = gpu_resource
         self._node_labels = dict(node_labels or {})
         self._cache_bytes = cache_mb * 2**20
@@ -92,11 +99,8 @@ class RayBackend:
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self, events: BackendEvents) -> None:
-        ray = self._ray
         self._events = events
-        if not ray.is_initialized():
-            await asyncio.to_thread(ray.init, address=self._address or None, namespace=self._namespace,
-                                    log_to_driver=False)
+        await self._link.connect()
         await self._discover()
         if not self.slots:
             raise RuntimeError(f"the Ray cluster offers no {self._resource!r} resource: no worker can start")
@@ -106,11 +110,13 @@ class RayBackend:
     async def stop(self) -> None:
         self._stopping = True
         self._stop_event.set()
-        if self._discoverer is not None:
-            self._discoverer.cancel()
+        for task in (self._discoverer, self._recovery):
+            if task is not None:
+                task.cancel()
+        await self._link.settle()
         for slot, actor in zip(self.slots, self._actors):
             slot.stopping = True
-            if actor.handle is None:
+            if actor.handle is None or self._link.down:
                 continue
             call = actor.handle.kill if slot.jobs else actor.handle.close
             with contextlib.suppress(Exception):
@@ -125,9 +131,11 @@ class RayBackend:
     def abort(self) -> None:
         self._stopping = True
         self._stop_event.set()
+        if self._recovery is not None:
+            self._recovery.cancel()
         for slot, actor in zip(self.slots, self._actors):
             slot.stopping = True
-            if actor.handle is not None:
+            if actor.handle is not None and not self._link.down:
                 with contextlib.suppress(Exception):
                     actor.handle.kill.remote()
             if actor.poller is not None:
@@ -143,6 +151,11 @@ class RayBackend:
     def actor_name(self, slot: Slot) -> str:
         """The named actor that hosts the slot's worker (``ray.get_actor(name, namespace=...)``)."""
         return self._actors[slot.index].name
+
+    @property
+    def head_losses(self) -> int:
+        """How often the Ray head was lost (and reconnected to) since the start."""
+        return self._link.lost_count
 
     # -- the scheduler's calls ---------------------------------------------------------------
     async def dispatch(self, slot: Slot, orders: list[JobOrder]) -> None:
@@ -174,7 +187,7 @@ class RayBackend:
 
     def kill(self, slot: Slot) -> None:
         actor = self._actors[slot.index]
-        if actor.handle is not None:
+        if actor.handle is not None and not self._link.down:
             with contextlib.suppress(Exception):
                 actor.handle.kill.remote()
 
@@ -184,18 +197,19 @@ class RayBackend:
 
     def _send(self, slot: Slot, message: dict[str, Any]) -> None:
         actor = self._actors[slot.index]
-        if actor.handle is not None:
+        if actor.handle is not None and not self._link.down:
             with contextlib.suppress(Exception):
                 actor.handle.send.remote(message)
 
     # -- actors ------------------------------------------------------------------------------
     def _nodes(self) -> list[dict[str, Any]]:
-        return [n for n in self._ray.nodes() if n.get("Alive") and n.get("Resources", {}).get(self._resource, 0) >= 1
+        return [n for n in self._link.nodes() if n.get("Alive") and n.get("Resources", {}).get(self._resource, 0) >= 1
                 and all((n.get("Labels") or {}).get(k) == v for k, v in self._node_labels.items())]
 
     async def _discover(self) -> None:
         """Adds a slot for each GPU resource unit of every alive node not seen yet, and starts it."""
-        known = {a.name for a in self._actors}
+        # A retired slot's actor comes back only if its node does (a head that kept its cluster: GCS fault tolerance).
+        known = {a.name for a, s in zip(self._actors, self.slots) if not s.gone}
         for node in await asyncio.to_thread(self._nodes):
             node_id = node["NodeID"]
             labels = {k: v for k, v in (node.get("Labels") or {}).items() if not k.startswith("ray.io/")}
@@ -218,10 +232,12 @@ class RayBackend:
         while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop_event.wait(), DISCOVER_EVERY_S)
-            if self._stopping:
-                return
+            if self._stopping or self._link.down:
+                continue
             try:
                 await self._discover()
+            except HeadLost as exc:
+                self._head_lost(str(exc))
             except Exception:
                 log.warning("looking for new Ray nodes failed", exc_info=True)
 
@@ -242,9 +258,13 @@ class RayBackend:
             options["num_gpus"] = 1
         cls = self._actor_class().options(**options)
         actor.handle = cls.remote(actor.name, self._cache_bytes, self._root)
-        settings = self._context.get("settings") or {}
-        described = await actor.handle.describe.remote(
-            self._kind_needs, str(self._context.get("models_dir", "models")), settings.get("model_paths"))
+        described = await self._describe(actor)
+        if described.get("protocol") != HOST_PROTOCOL:  # an actor of an older release, reattached: replace it
+            log.warning("Ray actor %s runs another version of the worker host (%s, here %s): replacing it",
+                        actor.name, described.get("protocol", 1), HOST_PROTOCOL)
+            await self._replace(actor)
+            actor.handle = cls.remote(actor.name, self._cache_bytes, self._root)
+            described = await self._describe(actor)
         memory = slot.info.gpu_memory_mb or described.get("gpu_memory_mb")
         kinds = frozenset(described["kinds"]) if self._kind_needs else None
         slot.info = SlotInfo(name=slot.info.name, device=slot.info.device, gpu_index=slot.info.gpu_index,
@@ -254,6 +274,23 @@ class RayBackend:
             log.warning("Ray node %s lacks the models of %s: those kinds never run there", actor.node[:8],
                         ", ".join(missing))
 
+    async def _describe(self, actor: _Actor) -> dict[str, Any]:
+        settings = self._context.get("settings") or {}
+        return await actor.handle.describe.remote(
+            self._kind_needs, str(self._context.get("models_dir", "models")), settings.get("model_paths"))
+
+    async def _replace(self, actor: _Actor) -> None:
+        """Kills the actor and waits until its name is free (Ray releases it once the actor has died)."""
+        self._ray.kill(actor.handle, no_restart=True)
+        deadline = time.monotonic() + REPLACE_WAIT_S
+        while time.monotonic() < deadline:
+            try:
+                await asyncio.to_thread(self._ray.get_actor, actor.name, namespace=self._namespace)
+            except ValueError:
+                return
+            await asyncio.sleep(0.2)
+        raise RuntimeError(f"the old Ray actor {actor.name} did not end within {REPLACE_WAIT_S:.0f} s")
+
     def _node_alive(self, node_id: str) -> bool:
         return any(n["NodeID"] == node_id for n in self._nodes())
 
@@ -262,6 +299,9 @@ class RayBackend:
         assert self._events is not None
         failures = 0
         while not (self._stopping or slot.stopping):
+            if self._link.down:  # the cluster this actor lived in is gone with its head
+                self._retire(slot, actor)
+                return
             try:
                 if actor.handle is None:
                     await self._create(slot, actor)
@@ -280,7 +320,9 @@ class RayBackend:
                 log.warning("Ray worker %s lost (%s)", actor.name, type(exc).__name__)
             slot.ready = False
             slot.pid = None
-            killed_by_us = bool(slot.doom) or slot.stopping
+            head_lost = lost and await self._head_gone()
+            # A lost head is no job's fault: its jobs go back to the queue without a try used.
+            killed_by_us = bool(slot.doom) or slot.stopping or head_lost
             if not killed_by_us:
                 log.warning("Ray worker %s ended (exit %s) while running %s", actor.name, code, slot.jobs or "nothing")
             ended = list(slot.jobs)
@@ -288,6 +330,12 @@ class RayBackend:
             self._forget(ended)
             slot.doom = {}
             if self._stopping or slot.stopping:
+                return
+            if head_lost:
+                if actor.handle is not None:  # a node that outlives its head for a while: stop the work there
+                    with contextlib.suppress(Exception):
+                        actor.handle.kill.remote()
+                self._retire(slot, actor)
                 return
             if lost:
                 actor.handle = None
@@ -298,9 +346,7 @@ class RayBackend:
                     alive = True
                 if not alive:
                     log.warning("Ray node %s left: its worker %s is gone", actor.node[:8], actor.name)
-                    slot.gone = True
-                    slot.ready_event.set()  # nobody waits for it any more
-                    self._events.wake()
+                    self._retire(slot, actor)
                     return
             if lost or not (slot.was_ready or killed_by_us):  # lost, or died before ready: back off
                 failures += 1
@@ -310,11 +356,65 @@ class RayBackend:
             else:
                 failures = 0
 
+    def _retire(self, slot: Slot, actor: _Actor) -> None:
+        """The slot's node (or its whole cluster) is gone: the slot is never used again."""
+        assert self._events is not None
+        actor.handle = None
+        slot.ready = False
+        slot.gone = True
+        slot.ready_event.set()  # nobody waits for it any more
+        self._events.wake()
+
+    # -- the head ----------------------------------------------------------------------------
+    async def _head_gone(self) -> bool:
+        """After an actor was lost: whether its head was lost too (then a reconnect is under way)."""
+        if not self._link.down:
+            why = await self._link.lost()
+            if why is None:
+                return False
+            self._head_lost(why)
+        return True
+
+    def _head_lost(self, why: str) -> None:
+        """Starts leaving the lost cluster (once): every slot stops, reports its jobs and retires."""
+        if self._link.down or self._stopping:
+            return
+        self._link.down = True
+        self._link.lost_count += 1
+        log.warning("Ray head lost (%s): the jobs of its %d worker(s) go back to the queue; reconnecting",
+                    why, sum(1 for s in self.slots if not s.gone))
+        for slot in self.slots:
+            slot.ready = False
+        self._recovery = asyncio.ensure_future(self._recover())
+        self._recovery.set_name("ray-recover")
+
+    async def _recover(self) -> None:
+        """Waits for the old slots to report their jobs, reconnects, and puts actors on the new nodes."""
+        assert self._events is not None
+        pollers = [a.poller for a in self._actors if a.poller is not None and not a.poller.done()]
+        if pollers:
+            await asyncio.wait(pollers, timeout=RECOVER_WAIT_S)
+        while not self._stopping:
+            self._link.down = True
+            await self._link.reconnect()
+            try:
+                await self._discover()
+                break
+            except Exception as exc:  # the head went again, or answers too slowly yet: leave and join again
+                log.warning("looking for the Ray nodes after a reconnect failed (%s: %s)", type(exc).__name__, exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop_event.wait(), RECREATE_DELAYS_S[1])
+        log.warning("Ray head back: %d worker(s) on its nodes so far (nodes joining later get theirs)",
+                    sum(1 for s in self.slots if not s.gone))
+        self._events.wake()
+
     async def _relay(self, slot: Slot, actor: _Actor) -> int | None:
         """Handles the worker's messages until its process ends; returns its exit code."""
         assert self._events is not None
         while True:
-            for message in await actor.handle.next.remote(POLL_WAIT_S):
+            poll = _awaited(actor.handle.next.remote(POLL_WAIT_S))
+            messages = await asyncio.wait_for(poll, POLL_WAIT_S + POLL_GRACE_S)
+            for message in messages:
                 op = message["op"]
                 if op == EXITED:
                     return message.get("code")
@@ -334,6 +434,8 @@ class RayBackend:
                         log.exception("handling %r from %s failed", op, actor.name)
                     if op in (wp.DONE, wp.ERROR, wp.CRASH, wp.CANCELLED):
                         self._forget([int(message["job"])])
+            if self._link.down:  # a result that came back before is kept; the rest go back to the queue
+                raise HeadLost("reconnecting")
 
     async def _take_files(self, slot: Slot, message: dict[str, Any]) -> None:
         """Writes the files a message brought under the job's out_dir; a result then names them there."""
@@ -359,3 +461,7 @@ class RayBackend:
         for job_id in job_ids:
             self._out_dirs.pop(job_id, None)
             self._outputs.pop(job_id, None)
+
+
+async def _awaited(ref: Any) -> Any:
+    return await ref

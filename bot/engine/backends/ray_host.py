@@ -30,6 +30,9 @@ from bot.engine.worker_env import worker_environment
 
 EXITED = "_exited"  # relay-only message: the worker process ended, with its exit code
 NODE_MODELS_ENV = "FACECHAIN_MODELS_DIR"  # a node's own models_dir, when it has one
+# Bumped whenever WorkerHost's methods change: a detached actor outlives the bot, so one reattached after an
+# upgrade may run older code (version 1 had no run_batch) and is replaced.
+HOST_PROTOCOL = 2
 
 
 class WorkerHost:
@@ -53,7 +56,7 @@ class WorkerHost:
         import ray
 
         local_models = os.environ.get(NODE_MODELS_ENV) or models_dir
-        return {"node": ray.get_runtime_context().get_node_id(), "models_dir": local_models,
+        return {"protocol": HOST_PROTOCOL, "node": ray.get_runtime_context().get_node_id(), "models_dir": local_models,
                 "kinds": kinds_with_models(Path(local_models), kind_needs, model_paths),
                 "gpu_memory_mb": query_gpu_memory_mb(os.environ.get("CUDA_VISIBLE_DEVICES", ""))}
 
