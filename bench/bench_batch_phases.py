@@ -31,7 +31,7 @@ from PIL import Image  # noqa: E402
 
 from facechain_core.identity import ArcFace, Identity, save_identity  # noqa: E402
 from facechain_core.manifest import load_manifest  # noqa: E402
-from facechain_core.pipeline import PipelineContext  # noqa: E402
+from facechain_core.pipeline import PipelineContext, QuietProgress  # noqa: E402
 from facechain_core.portrait import PortraitPipeline  # noqa: E402
 from facechain_core.styles import load_styles  # noqa: E402
 from facechain_core.tiny import build_all  # noqa: E402
@@ -53,10 +53,6 @@ def _timed(seconds: dict[str, float], owner: Any, name: str, phase: str) -> None
     setattr(owner, name, wrapper)
 
 
-def _no_progress(step: int, total: int, text: str | None = None) -> None:
-    pass
-
-
 def _measure(root: Path, models: Path, size: int, jobs: int, runs: int) -> dict[str, tuple[float, dict[str, float]]]:
     """Per way of running ("one by one", "one pass", "one job", "alone"): (fastest total s, its phases)."""
     paths = {e.name: str(models / e.path) for e in load_manifest().entries if (models / e.path).exists()}
@@ -73,7 +69,8 @@ def _measure(root: Path, models: Path, size: int, jobs: int, runs: int) -> dict[
         identities.append(str(save_identity(Identity(embedding, embedding[None], crop), root / f"u{i}/identity.npz")))
 
     def job(i: int, count: int = 1) -> dict[str, Any]:
-        return {"style": style, "identity": identities[i], "count": count, "seed": 100 + i, "out_dir": str(root / f"o{i}")}
+        return {"style": style, "identity": identities[i], "count": count, "seed": 100 + i,
+                "out_dir": str(root / f"o{i}")}
 
     seconds: dict[str, float] = defaultdict(float)
     pipe = portrait.base("sd15").pipe
@@ -83,10 +80,10 @@ def _measure(root: Path, models: Path, size: int, jobs: int, runs: int) -> dict[
     _timed(seconds, pipe, "prepare_ip_adapter_image_embeds", "image encoder")
     _timed(seconds, portrait, "finish", "finish")
     ways: dict[str, Callable[[], Any]] = {
-        "one by one": lambda: [portrait.run(job(i), _no_progress) for i in range(jobs)],
-        "one pass": lambda: portrait.run_batch([(job(i), _no_progress) for i in range(jobs)]),
-        "one job": lambda: portrait.run(job(0, jobs), _no_progress),
-        "alone": lambda: portrait.run(job(0), _no_progress),
+        "one by one": lambda: [portrait.run(job(i), QuietProgress()) for i in range(jobs)],
+        "one pass": lambda: portrait.run_batch([(job(i), QuietProgress()) for i in range(jobs)]),
+        "one job": lambda: portrait.run(job(0, jobs), QuietProgress()),
+        "alone": lambda: portrait.run(job(0), QuietProgress()),
     }
     best: dict[str, tuple[float, dict[str, float]]] = {}
     for run in range(runs + 1):  # run 0 warms every shape up

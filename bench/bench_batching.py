@@ -129,7 +129,8 @@ def _table(rows: dict[str, list[tuple[float, float, float]]], size: int, args: a
         rate_one = users / median(f"one job={users}", 0)
         print(f"  {users:>5}  {rate_off:>14.2f}  {rate_on:<6.2f} {rate_on / rate_off:>5.2f}x  "
               f"{median(f'on users={users}', 1) / alone:>27.2f}x  "
-              f"{median(f'on users={users}', 2) / median(f'off users={users}', 2):>24.2f}x  {rate_on / rate_one:>31.2f}")
+              f"{median(f'on users={users}', 2) / median(f'off users={users}', 2):>24.2f}x  "
+              f"{rate_on / rate_one:>31.2f}")
 
 
 def main() -> None:

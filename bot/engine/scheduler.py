@@ -703,7 +703,9 @@ class Scheduler(StartStop):
         """Whether jobs arriving now could join the head's pass: batching is on and a bigger pass of its kind was
         seen to cost about what the head's costs alone (``_first_pass_cap``)."""
         spec = self._kinds[head.kind]
-        if spec.batch is None or spec.preemptible or self.batch_max <= 1 or not getattr(self._backend, "batches", False):
+        if spec.batch is None or spec.preemptible or self.batch_max <= 1:
+            return False
+        if not getattr(self._backend, "batches", False):
             return False
         plan = safe_plan(plan_function(spec.batch), head.params, self._context.get("settings") or {}, head.id)
         return plan is not None and self._first_pass_cap(head.kind, plan[1]) > plan[1]
