@@ -25,16 +25,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 
-from facechain_core.identity import ArcFace, Identity, save_identity  # noqa: E402
 from facechain_core.manifest import load_manifest  # noqa: E402
 from facechain_core.pipeline import PipelineContext, QuietProgress  # noqa: E402
 from facechain_core.portrait import PortraitPipeline  # noqa: E402
 from facechain_core.styles import load_styles  # noqa: E402
-from facechain_core.tiny import build_all  # noqa: E402
+from facechain_core.tiny import build_all, build_identity  # noqa: E402
 
 PHASES = ("unet", "vae decode", "text encoder", "image encoder", "finish")
 
@@ -61,12 +58,7 @@ def _measure(root: Path, models: Path, size: int, jobs: int, runs: int) -> dict[
     portrait = PortraitPipeline()
     portrait.load(PipelineContext(models_dir=models, settings=settings))
     style = load_styles().get("hanfu").model_dump(mode="json")
-    arcface = ArcFace(models / "insightface/w600k_r50.onnx")
-    identities = []
-    for i in range(jobs):
-        crop = np.asarray(Image.new("RGB", (112, 112), (150, 120, 60 + 20 * i)))
-        embedding = arcface.embed([crop])[0]
-        identities.append(str(save_identity(Identity(embedding, embedding[None], crop), root / f"u{i}/identity.npz")))
+    identities = [str(build_identity(root / f"u{i}/identity.npz", seed=i)) for i in range(jobs)]
 
     def job(i: int, count: int = 1) -> dict[str, Any]:
         return {"style": style, "identity": identities[i], "count": count, "seed": 100 + i,

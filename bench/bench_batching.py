@@ -26,63 +26,32 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# Read when the libraries are imported, here and in the workers: no bars or notices between the figures.
+os.environ.update(TQDM_DISABLE="1", TRANSFORMERS_VERBOSITY="error", DIFFUSERS_VERBOSITY="error")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from bot.config import SchedulerSettings  # noqa: E402
 from bot.engine.jobkinds import BUILTIN_KINDS, JobKinds  # noqa: E402
 from bot.engine.scheduler import Scheduler  # noqa: E402
-from bot.storage import Artifact, Job, Storage  # noqa: E402
-from facechain_core.identity import ArcFace, Identity, save_identity  # noqa: E402
+from bot.storage import Storage  # noqa: E402
 from facechain_core.manifest import load_manifest  # noqa: E402
 from facechain_core.styles import load_styles  # noqa: E402
-from facechain_core.tiny import build_all  # noqa: E402
+from facechain_core.tiny import build_all, build_identity  # noqa: E402
 from handlers.protocols import Chat  # noqa: E402
+
+from delivery_sink import DeliverySink  # noqa: E402
 
 USERS = (1, 2, 4, 8)
 
 
-class _Sink:
-    """Resolves a future per job when its result is delivered."""
-
-    def __init__(self) -> None:
-        self.done: dict[int, asyncio.Future[float]] = {}
-
-    def waiter(self, job_id: int) -> asyncio.Future[float]:
-        return self.done.setdefault(job_id, asyncio.get_running_loop().create_future())
-
-    async def on_progress(self, job: Job, step: int, total: int, text: str | None) -> None:
-        pass
-
-    async def deliver(self, job: Job, artifacts: list[Artifact]) -> None:
-        self.waiter(job.id).set_result(time.perf_counter())
-
-    async def on_late(self, job: Job) -> None:
-        pass
-
-    async def on_failed(self, job: Job, error: dict[str, Any]) -> None:
-        self.waiter(job.id).set_exception(RuntimeError(f"job {job.id} failed: {error}"))
-
-    async def on_cancelled(self, job: Job) -> None:
-        pass
-
-
-def _identity(path: Path, models: Path, shade: int) -> Path:
-    arcface = ArcFace(models / "insightface/w600k_r50.onnx")
-    crop = np.asarray(Image.new("RGB", (112, 112), (150, 120, shade)))
-    embedding = arcface.embed([crop])[0]
-    return save_identity(Identity(embedding, embedding[None], crop), path)
-
-
-async def _round(scheduler: Scheduler, sink: _Sink, jobs: list[dict[str, Any]]) -> tuple[float, float, float]:
+async def _round(scheduler: Scheduler, sink: DeliverySink, jobs: list[dict[str, Any]]) -> tuple[float, float, float]:
     """Submits the jobs at once (one user each); returns seconds until all are delivered, until the first user's
     is, and the users' mean."""
     started = time.perf_counter()
     submitted = await asyncio.gather(*(scheduler.submit(f"bench:{i}", "portrait", params, Chat("bench", str(i), True))
                                        for i, params in enumerate(jobs)))
-    finished = [await sink.waiter(s.job_id) - started for s in submitted]
+    finished = [await sink.delivered_at(s.job_id) - started for s in submitted]
     return max(finished), finished[0], statistics.mean(finished)
 
 
@@ -93,7 +62,7 @@ async def _measure(root: Path, models: Path, settings: dict[str, Any], batch_max
     One scheduler and one warm worker for all rounds, batching switched off and on between them, so a change
     in the machine's load hits both alike."""
     root.mkdir(parents=True, exist_ok=True)
-    sink = _Sink()
+    sink = DeliverySink()
     context = {"models_dir": str(models), "settings": settings, "log_level": "ERROR"}
     rows: dict[str, list[tuple[float, float, float]]] = {}
     async with Storage(root / "bench.sqlite3") as storage, Scheduler(
@@ -135,7 +104,7 @@ def _table(rows: dict[str, list[tuple[float, float, float]]], size: int, args: a
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=3, choices=range(1, 100), metavar="N")
     parser.add_argument("--sizes", type=int, nargs="+", default=[64], help="picture sides in pixels (a table each)")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch-max", type=int, default=16, help="samples per pass with batching on")
@@ -145,21 +114,15 @@ def main() -> None:
                         help="how runs are summed up (a table each)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
-    os.environ.update(TRANSFORMERS_VERBOSITY="error", DIFFUSERS_VERBOSITY="error")  # workers inherit it: quiet
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read by torch when the worker starts
-    from diffusers.utils import logging as diffusers_logging
-    from huggingface_hub.utils import disable_progress_bars
-
-    diffusers_logging.disable_progress_bar()
-    disable_progress_bars()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         models = root / "models"
         build_all(models)
         paths = {e.name: str(models / e.path) for e in load_manifest().entries if (models / e.path).exists()}
         style = load_styles().get("hanfu").model_dump(mode="json")
-        identities = [str(_identity(root / f"user{i}" / "identity.npz", models, 60 + 20 * i)) for i in range(8)]
+        identities = [str(build_identity(root / f"user{i}" / "identity.npz", seed=i)) for i in range(8)]
 
         def jobs_for(users: int, count: int) -> list[dict[str, Any]]:
             return [{"style": style, "identity": identities[i], "count": count, "seed": 100 + i} for i in range(users)]

@@ -11,6 +11,9 @@ import re
 from collections.abc import Iterable, Mapping
 
 SECRET_NAME = re.compile(r"FACECHAIN_\w*(TOKEN|SECRET|PASSWORD|KEY)", re.IGNORECASE)
+# Set for every worker: its messages are not held in a buffer, and no library draws tqdm bars
+# ("Loading pipeline components...") into the service's log; users see progress through the protocol.
+WORKER_SETTINGS = {"PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
 
 
 def worker_environment(base: Mapping[str, str], secrets: Iterable[str] = ()) -> dict[str, str]:

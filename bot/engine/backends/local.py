@@ -22,7 +22,7 @@ from typing import Any
 
 from bot.engine import worker_protocol as wp
 from bot.engine.backends.base import BackendEvents, JobOrder, Slot, SlotInfo, batch_message, init_message
-from bot.engine.worker_env import worker_environment
+from bot.engine.worker_env import WORKER_SETTINGS, worker_environment
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class LocalBackend:
         secrets = list(secrets)
         for index, configured in enumerate(devices):
             device, extra = device_env(configured)
-            env = {**worker_environment(os.environ, secrets), **extra, "PYTHONUNBUFFERED": "1"}
+            env = {**worker_environment(os.environ, secrets), **extra, **WORKER_SETTINGS}
             env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
             gpu = int(extra["CUDA_VISIBLE_DEVICES"]) if extra["CUDA_VISIBLE_DEVICES"] else None
             info = infos[index] if infos else SlotInfo(name=configured if gpu is not None else "cpu", device=device,

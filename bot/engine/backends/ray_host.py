@@ -26,7 +26,7 @@ from typing import Any
 from bot.engine import worker_protocol as wp
 from bot.engine.backends.base import query_gpu_memory_mb
 from bot.engine.backends.shipping import Blob, InputCache, read_tree, unpack_params, write_tree
-from bot.engine.worker_env import worker_environment
+from bot.engine.worker_env import WORKER_SETTINGS, worker_environment
 
 EXITED = "_exited"  # relay-only message: the worker process ended, with its exit code
 NODE_MODELS_ENV = "FACECHAIN_MODELS_DIR"  # a node's own models_dir, when it has one
@@ -72,7 +72,7 @@ class WorkerHost:
         shutil.rmtree(self._jobs_dir, ignore_errors=True)
         self._jobs.clear()
         env = {k: v for k, v in worker_environment(os.environ).items() if k not in set(drop_env)}
-        env["PYTHONUNBUFFERED"] = "1"
+        env.update(WORKER_SETTINGS)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (self._root, os.environ.get("PYTHONPATH")) if p)
         if init["device"] == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""  # Ray set it for a GPU actor; a CPU slot sees none
