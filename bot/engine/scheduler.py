@@ -611,21 +611,17 @@ class Scheduler(StartStop):
         """The head and the queued jobs right behind it in the fair order that share its pass on `worker`, and the
         pass's samples (0: the head's kind does not batch). Jobs in `arrived` (they landed while the pump waited
         for submits under way) join only within ``_first_pass_cap``."""
-        settings = self._context.get("settings") or {}
         plans: dict[int, Plan] = {}
 
         def plan_of(job: Job) -> Plan:
             if job.id not in plans:
-                spec = self._kinds[job.kind]
-                plan = None
-                if spec.batch is not None and not spec.preemptible and self._fits(job, worker):
-                    plan = safe_plan(plan_function(spec.batch), job.params, settings, job.id)
+                plan = self._batch_plan(job) if self._fits(job, worker) else None
                 plans[job.id] = None if plan is None else ((job.kind, plan[0]), plan[1])
             return plans[job.id]
 
         head_plan = plan_of(head)
         alone = ([head], head_plan[1] if head_plan else 0)
-        if head_plan is None or self.batch_max <= 1 or not getattr(self._backend, "batches", False):
+        if head_plan is None or not self._batching_on():
             return alone
         order = pick_order(self._queued.values(), self._last_served)
         if not order or order[0].id != head.id:
@@ -640,6 +636,16 @@ class Scheduler(StartStop):
             group.append(job)
             samples += more
         return group, samples
+
+    def _batching_on(self) -> bool:
+        return self.batch_max > 1 and getattr(self._backend, "batches", False)
+
+    def _batch_plan(self, job: Job) -> Plan:
+        """The job's plan (its pass key and samples), or None when its kind never shares a pass."""
+        spec = self._kinds[job.kind]
+        if spec.batch is None or spec.preemptible:
+            return None
+        return safe_plan(plan_function(spec.batch), job.params, self._context.get("settings") or {}, job.id)
 
     def _first_pass_cap(self, kind: str, samples: int) -> int:
         """Most samples a pass of `kind` headed by a job of `samples` may hold with partners that arrived with it:
@@ -702,12 +708,7 @@ class Scheduler(StartStop):
     def _may_share(self, head: Job) -> bool:
         """Whether jobs arriving now could join the head's pass: batching is on and a bigger pass of its kind was
         seen to cost about what the head's costs alone (``_first_pass_cap``)."""
-        spec = self._kinds[head.kind]
-        if spec.batch is None or spec.preemptible or self.batch_max <= 1:
-            return False
-        if not getattr(self._backend, "batches", False):
-            return False
-        plan = safe_plan(plan_function(spec.batch), head.params, self._context.get("settings") or {}, head.id)
+        plan = self._batch_plan(head) if self._batching_on() else None
         return plan is not None and self._first_pass_cap(head.kind, plan[1]) > plan[1]
 
     async def _await_arrivals(self) -> None:
