@@ -8,13 +8,12 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bot.config import SchedulerSettings
-from bot.engine.backends import create_backend
 from bot.engine.batching import batch_group
 from bot.engine.jobkinds import GENERATE, JobKind, JobKinds
 import bot.engine.scheduler as scheduler_module
@@ -22,8 +21,8 @@ from bot.engine.scheduler import Scheduler
 from bot.ops.metrics import RATE_WINDOW_S, JobMetrics, PictureRate
 from bot.storage import JobState, Storage
 from facechain_core.devtools import read_ledger
-from tests.fixtures.ray_cluster import GPU, NAMESPACE
 from tests.test_scheduler import CHAT, PIPELINE, RecordingSink, backend, in_state, params, storage, until  # noqa: F401
+from tests.test_scheduler import running as scheduler_running
 
 BATCHED = "sample"  # a kind whose jobs share passes (devtools.sleep_batch_plan)
 WAIT_S = 30.0  # Ray messages take a few hops more than a local worker's
@@ -37,23 +36,11 @@ def make_kinds() -> JobKinds:
     return kinds
 
 
-@contextlib.asynccontextmanager
-async def running(storage: Storage, tmp_path: Path, sink: RecordingSink, backend: str = "local",
-                  on_event: Callable[..., None] | None = None, **settings: Any) -> AsyncIterator[Scheduler]:
-    kinds, context = make_kinds(), {"models_dir": str(tmp_path)}
-    engine = None
-    if backend == "ray":  # one worker actor, on the head of tests/fixtures/ray_cluster.py
-        settings = {"backend": "ray", "ray_gpu_resource": GPU, "ray_namespace": NAMESPACE,
-                    "ray_node_labels": {"tier": "small"}, **settings}
-        engine = create_backend(SchedulerSettings(**settings), context, data_dir=tmp_path / "data", devices=["cpu"],
-                                kind_needs=kinds.needs())
-    scheduler = Scheduler(storage, kinds, SchedulerSettings(**settings), data_dir=tmp_path / "data",
-                          context=context, sink=sink, backend=engine, on_event=on_event)
-    await scheduler.start()
-    try:
-        yield scheduler
-    finally:
-        await scheduler.stop(grace_s=0)
+def running(storage: Storage, tmp_path: Path, sink: RecordingSink, backend: str = "local",
+            on_event: Callable[..., None] | None = None, **settings: Any) -> AbstractAsyncContextManager[Scheduler]:
+    """tests/test_scheduler.py's running scheduler, with this file's kinds."""
+    return scheduler_running(storage, tmp_path, sink, backend=backend, kinds=make_kinds(), on_event=on_event,
+                             **settings)
 
 
 def job(tmp_path: Path, tag: str, **extra: Any) -> dict[str, Any]:

@@ -113,8 +113,9 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 @contextlib.asynccontextmanager
 async def running(storage: Storage, tmp_path: Path, sink: RecordingSink, devices: list[str] | None = None,
-                  backend: str = "local", **settings: Any) -> AsyncIterator[Scheduler]:
-    kinds, context = make_kinds(), {"models_dir": str(tmp_path)}
+                  backend: str = "local", kinds: JobKinds | None = None, on_event: Callable[..., None] | None = None,
+                  **settings: Any) -> AsyncIterator[Scheduler]:
+    kinds, context = kinds or make_kinds(), {"models_dir": str(tmp_path)}
     engine = None
     if backend == "ray":
         from tests.fixtures.ray_cluster import GPU, NAMESPACE
@@ -124,7 +125,7 @@ async def running(storage: Storage, tmp_path: Path, sink: RecordingSink, devices
         engine = create_backend(SchedulerSettings(**settings), context, data_dir=tmp_path / "data", devices=["cpu"],
                                 kind_needs=kinds.needs())
     scheduler = Scheduler(storage, kinds, SchedulerSettings(**settings), data_dir=tmp_path / "data",
-                          context=context, sink=sink, devices=devices, backend=engine)
+                          context=context, sink=sink, devices=devices, backend=engine, on_event=on_event)
     await scheduler.start()
     try:
         yield scheduler
